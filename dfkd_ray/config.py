@@ -1,0 +1,593 @@
+"""One typed, validated configuration for a whole job.
+
+A job's config is a YAML file under ``jobs/configs/`` plus dotted ``section.key=value`` overrides
+from the command line (``teachers.0.path=...`` indexes lists). :func:`load_config` validates
+everything at once, before Ray starts, and raises one :class:`ConfigError` listing every problem
+with its field path and the fix: unknown keys (with the nearest valid name), wrong types,
+out-of-range values, missing model directories, teacher directories without ``id2label``, label
+names that clash after normalisation, and an output directory holding another job's results.
+
+Checks that read the filesystem run when ``check_paths=True`` (the default); tests of the schema
+alone pass ``check_paths=False``. Pure pydantic + PyYAML: importing this module imports neither
+torch, transformers nor Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
+
+from dfkd_ray.labels import label_clashes, normalize_label, ordered_labels
+
+JOB_MARKER = "dfkd_job.json"
+"""File in ``output.dir`` recording which job owns the directory."""
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_paths(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("check_paths", False))
+
+
+def _fail(kind: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(kind, message)
+
+
+def read_model_config(path: Path) -> dict:
+    """The ``config.json`` of a Hugging Face model directory, or a clear error."""
+    cfg_file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise _fail("missing_dir", f"directory {str(path)!r} does not exist; point it at a local Hugging Face "
+                                   "model directory (download hub models first, e.g. `hf download NAME --local-dir DIR`)")
+    if not cfg_file.is_file():
+        raise _fail("not_a_model", f"{str(path)!r} has no config.json; it is not a Hugging Face model directory "
+                                   "(save one with `model.save_pretrained(DIR)`)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise _fail("bad_model_config", f"{cfg_file} is not valid JSON ({e}); re-save the model") from e
+
+
+# --------------------------------------------------------------------------------------------
+# teachers
+
+
+class TeacherConfig(_Section):
+    """One fine-tuned teacher: a local ``AutoModelForSequenceClassification`` directory."""
+
+    name: Annotated[str, Field(pattern=_NAME, description="short id used in the transfer set and logs")]
+    path: Path = Field(description="local HF model directory with config.json (id2label) and tokenizer files")
+    trust_remote_code: bool = Field(False, description="allow the directory's own modelling code; off by default")
+    max_length: int = Field(128, ge=8, le=8192, description="teacher tokenizer truncation length")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU")
+
+    @field_validator("path")
+    @classmethod
+    def _teacher_dir(cls, path: Path, info: ValidationInfo) -> Path:
+        if not _check_paths(info):
+            return path
+        cfg = read_model_config(path)
+        id2label = cfg.get("id2label")
+        if not id2label:
+            raise _fail("no_id2label", f"{path}/config.json has no id2label; a teacher must name its classes: set "
+                                       "model.config.id2label = {0: 'name', ...} and save_pretrained again")
+        try:
+            labels = ordered_labels(id2label)
+        except ValueError as e:
+            raise _fail("bad_id2label", f"{path}/config.json: {e}") from e
+        if all(lbl.upper().startswith("LABEL_") for lbl in labels):
+            raise _fail("generic_id2label", f"{path}/config.json id2label only has placeholder names {labels}; "
+                                            "give the classes their real names so teachers' labels can be merged")
+        clashes = label_clashes(labels)
+        if clashes:
+            a, b = clashes[0]
+            raise _fail("label_clash", f"labels {a!r} and {b!r} in {path}/config.json are the same label after "
+                                       "normalisation (case, spaces, '_' and '-' are ignored); rename one")
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# transfer set and its sources
+
+
+class RandomWordsConfig(_Section):
+    """StrataNet Table 3 baseline 'R': texts of random words from a teacher's vocabulary."""
+
+    min_words: int = Field(8, ge=1, le=4096)
+    max_words: int = Field(48, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _order(self) -> "RandomWordsConfig":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        return self
+
+
+class CorpusConfig(_Section):
+    """StrataNet Table 3 baseline 'CD': cross-domain documents from a text file.
+
+    One document per line; ``.txt``, ``.txt.gz``, ``.txt.xz`` and ``.txt.bz2`` are read.
+    """
+
+    path: Optional[Path] = Field(None, description="text file, one document per line")
+    max_words: int = Field(128, ge=1, le=100_000, description="documents are cut to this many words")
+    min_words: int = Field(4, ge=1, description="shorter lines are skipped")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if path is not None and _check_paths(info) and not path.is_file():
+            raise _fail("missing_file", f"corpus file {str(path)!r} does not exist; give a text file with one document per line")
+        return path
+
+
+class SteeredConfig(_Section):
+    """StrataNet section 4.2: a base LM whose top-m next tokens a teacher reweights (Eq. 1)."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers (CPU reference, any GPU); vllm: GPU only")
+    lm_path: Optional[Path] = Field(None, description="local causal-LM directory (the base PLM)")
+    control_strength: float = Field(8.0, ge=0.0, le=1000.0, description="lambda in Eq. 1; 0 = plain LM sampling")
+    lambda_schedule: Literal["constant", "decay"] = Field(
+        "constant", description="decay: lambda_t = lambda * max(lambda_floor, decay_rate**t), stronger early (Gu et al. 2022)")
+    decay_rate: float = Field(0.97, gt=0.0, le=1.0)
+    lambda_floor: float = Field(0.25, ge=0.0, le=1.0)
+    top_m: int = Field(50, ge=1, le=1_000_000, description="candidates the teacher scores per step")
+    top_k: int = Field(50, ge=1, description="sampled from the reweighted top-m; must be <= top_m")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus threshold after reweighting (paper appendix: 0.9)")
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    min_new_tokens: int = Field(8, ge=0, le=8192)
+    prompt: str = Field("", description="prefix template; '{label}' becomes the target class name, e.g. 'Category: {label}'")
+    batch_size: int = Field(32, ge=1, le=65536, description="requests decoded together by one engine")
+
+    @field_validator("lm_path")
+    @classmethod
+    def _lm_dir(cls, path: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if path is not None and _check_paths(info):
+            read_model_config(path)
+        return path
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SteeredConfig":
+        if self.top_k > self.top_m:
+            raise ValueError(f"top_k ({self.top_k}) must be <= top_m ({self.top_m}): top-k samples among the teacher-scored top-m")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
+SourceName = Literal["random_words", "corpus", "steered", "prompt_tuned", "embedding_guessing"]
+IMPLEMENTED_SOURCES = ("random_words", "corpus")
+"""Sources with an implementation in :mod:`dfkd_ray.transfer.sources`; others are planned."""
+
+
+class TransferConfig(_Section):
+    """The transfer set: which source writes it, how many samples per class, filters, sharding."""
+
+    source: SourceName = Field(description="which transfer source writes the set; see IMPLEMENTED_SOURCES")
+    samples_per_class: int = Field(200, ge=1, le=10_000_000, description="requests per (teacher, class)")
+    class_weights: dict[str, float] = Field(
+        default_factory=dict, description="label name -> multiplier of samples_per_class (default 1.0 each)")
+    shard_size: int = Field(256, ge=1, le=10_000_000, description="requests per Parquet shard")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="drop rows whose teacher confidence is below")
+    dedup: Literal["none", "exact", "near"] = "exact"
+    near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Jaccard of word 3-grams, with dedup=near")
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of each teacher's rows kept for confidence statistics")
+    random_words: RandomWordsConfig = RandomWordsConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    steered: SteeredConfig = SteeredConfig()
+
+    @field_validator("class_weights")
+    @classmethod
+    def _weights(cls, w: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in w.items() if not (v >= 0)}
+        if bad:
+            raise ValueError(f"class weights must be >= 0, got {bad}")
+        return w
+
+    @model_validator(mode="after")
+    def _source_ready(self) -> "TransferConfig":
+        if self.source not in IMPLEMENTED_SOURCES:
+            raise _fail("not_implemented", f"transfer source {self.source!r} is not implemented yet; "
+                                           f"choose one of {list(IMPLEMENTED_SOURCES)}")
+        if self.source == "corpus" and self.corpus.path is None:
+            raise _fail("missing_corpus", "source 'corpus' needs transfer.corpus.path (a text file, one document per line)")
+        if self.source == "steered" and self.steered.lm_path is None:
+            raise _fail("missing_lm", "source 'steered' needs transfer.steered.lm_path (a local causal-LM directory)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# amalgamation, student, training, evaluation, tune, resources, output
+
+
+class AmalgamationConfig(_Section):
+    """StrataNet sections 4.3-5: confidence estimation, block fusion and the loss weights (Eq. 8)."""
+
+    confidence: Literal["rmd", "md", "msp"] = Field("rmd", description="rmd (Ren et al. 2021), md, or max softmax probability")
+    fusion: Literal["st", "mul", "no_st"] = Field("st", description="st: Selective Transformer; mul and no_st: paper ablations")
+    shrinkage: float = Field(0.1, ge=0.0, le=1.0, description="covariance shrinkage toward a scaled identity (few samples, wide features)")
+    amalg_dim: int = Field(256, ge=8, le=8192, description="width of the amalgamated block space")
+    amalg_heads: int = Field(4, ge=1, le=64)
+    alpha: float = Field(1.0, ge=0.0, description="weight of the block L2 loss")
+    beta: float = Field(1.0, ge=0.0, description="weight of the KL loss")
+    temperature: float = Field(0.75, gt=0.0, le=100.0, description="KD temperature (paper appendix: 0.75)")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "AmalgamationConfig":
+        if self.amalg_dim % self.amalg_heads:
+            raise ValueError(f"amalg_dim ({self.amalg_dim}) must be divisible by amalg_heads ({self.amalg_heads})")
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("alpha and beta are both 0: nothing would be learned; set beta > 0 (KL) and/or alpha > 0 (blocks)")
+        return self
+
+
+class StudentConfig(_Section):
+    """The compact student: a pretrained encoder directory, optionally with a subset of its layers."""
+
+    path: Optional[Path] = Field(None, description="local HF encoder directory the student starts from")
+    layers: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, description="which layers to keep, e.g. [0, 2, 4]")
+    num_layers: Optional[int] = Field(None, ge=1, le=256, description="keep this many layers, evenly spaced")
+    max_length: int = Field(128, ge=8, le=8192)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="classifier dropout (paper appendix: 0.2)")
+
+    @field_validator("path")
+    @classmethod
+    def _student_dir(cls, path: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if path is not None and _check_paths(info):
+            read_model_config(path)
+        return path
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "StudentConfig":
+        if self.layers is not None and self.num_layers is not None:
+            raise ValueError("set either layers or num_layers, not both")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise ValueError(f"layers must be a non-empty list of distinct layer indices, got {self.layers}")
+        return self
+
+
+class TrainConfig(_Section):
+    """Distillation schedule; defaults are StrataNet's appendix (Table 4)."""
+
+    learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
+    batch_size: int = Field(16, ge=1, le=65536, description="per worker")
+    epochs: float = Field(10, gt=0.0, le=10_000)
+    warmup_epochs: float = Field(2, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    report_every_steps: int = Field(20, ge=1)
+    checkpoint_every_steps: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "TrainConfig":
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
+        return self
+
+
+class EvalConfig(_Section):
+    """A labelled file (CSV, JSONL or Parquet) scored after training; never used for training."""
+
+    path: Optional[Path] = None
+    text_column: str = "text"
+    label_column: str = "label"
+    label_map: dict[str, str] = Field(default_factory=dict, description="raw label value -> label name, e.g. {'1': 'World'}")
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if path is not None and _check_paths(info):
+            if not path.is_file():
+                raise _fail("missing_file", f"eval file {str(path)!r} does not exist")
+            if not any(str(path).endswith(s) for s in (".csv", ".jsonl", ".json", ".parquet", ".tsv")):
+                raise _fail("bad_format", f"eval file {str(path)!r} must be .csv, .tsv, .jsonl or .parquet")
+        return path
+
+
+class SearchDim(_Section):
+    """One dimension of a Tune search space: a grid of values or a range."""
+
+    values: Optional[list[Any]] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> "SearchDim":
+        if (self.values is None) == (self.low is None or self.high is None):
+            raise ValueError("give either values: [...] or both low and high")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError("log-uniform ranges need low > 0")
+        return self
+
+
+class TuneConfig(_Section):
+    """Ray Tune sweep over dotted config keys (e.g. ``transfer.steered.control_strength``)."""
+
+    search_space: dict[str, SearchDim] = Field(default_factory=dict)
+    num_samples: int = Field(1, ge=1)
+    metric: str = "eval_accuracy"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+class RayConfig(_Section):
+    """Where the job runs and how much of the cluster each stage takes."""
+
+    address: Optional[str] = Field(None, description="None: local Ray, or the cluster under `ray job submit`")
+    num_generation_actors: int = Field(1, ge=1)
+    gpus_per_generation_actor: float = Field(0.0, ge=0.0, le=8.0, description="fractional allowed")
+    cpus_per_generation_actor: float = Field(1.0, gt=0.0)
+    num_train_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_train_worker: float = Field(1.0, gt=0.0)
+
+
+class OutputConfig(_Section):
+    dir: Path = Field(description="everything the job writes lands here; one job per directory")
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+class JobConfig(_Section):
+    """A whole job: teachers -> transfer set -> amalgamation -> student -> evaluation -> export."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    transfer: TransferConfig
+    amalgamation: AmalgamationConfig = AmalgamationConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
+    ray: RayConfig = RayConfig()
+    output: OutputConfig
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        names = [t.name for t in teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teacher names must be unique, {dup} repeat")
+        return teachers
+
+    @model_validator(mode="after")
+    def _cross(self, info: ValidationInfo) -> "JobConfig":
+        problems: list[str] = []
+        for key in self.tune.search_space:
+            if not _is_field_path(key):
+                problems.append(f"tune.search_space key {key!r} is not a config field "
+                                f"(e.g. 'transfer.steered.control_strength')")
+        if _check_paths(info):
+            names = sorted({name for labels in self.teacher_labels().values() for name in labels})
+            known = {normalize_label(n) for n in names}
+            unknown = [k for k in self.transfer.class_weights if normalize_label(k) not in known]
+            if unknown:
+                problems.append(f"transfer.class_weights names labels no teacher has: {unknown}; known: {names}")
+            marker = self.output.dir / JOB_MARKER
+            if marker.is_file():
+                try:
+                    owner = json.loads(marker.read_text()).get("name")
+                except json.JSONDecodeError:
+                    owner = "<unreadable>"
+                if owner != self.name:
+                    problems.append(f"output.dir {str(self.output.dir)!r} holds the results of job {owner!r}; "
+                                    f"give job {self.name!r} its own output.dir (nothing there was touched)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def teacher_labels(self) -> dict[str, list[str]]:
+        """Each teacher's class names in id order, read from its config.json."""
+        return {t.name: ordered_labels(read_model_config(t.path)["id2label"]) for t in self.teachers}
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named top-level sections (all when none), for stage outputs."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# loading, overrides and error reporting
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, each as ``(field path, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        lines = [f"{len(problems)} problem(s) in {source}:"] + [f"  - {p}: {m}" for p, m in problems]
+        super().__init__("\n".join(lines))
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside Optional[...], list[...], dict[str, ...], Annotated[...]."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (list, tuple):
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is dict:
+        return _unwrap(typing.get_args(annotation)[1])
+    if origin is not None:  # Union / Optional
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                found = _unwrap(arg)
+                if isinstance(found, type) and issubclass(found, BaseModel):
+                    return found
+    return annotation
+
+
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    model: Any = JobConfig
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            # dict keys (e.g. tune.search_space.<key>) keep the value model
+            continue
+        model = _unwrap(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _is_field_path(dotted: str) -> bool:
+    model: Any = JobConfig
+    for part in dotted.split("."):
+        if part.isdigit():
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return False
+        model = _unwrap(model.model_fields[part].annotation)
+    return True
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            msg = f"unknown key {str(loc[-1])!r}" + (f"; did you mean {near[0]!r}?" if near else "") + \
+                  (f" Valid keys: {', '.join(valid)}" if valid else "")
+        elif e["type"] == "missing":
+            msg = "required field is missing; add it"
+        elif e["type"] in ("literal_error", "enum"):
+            msg = f"{msg}, got {e.get('input')!r}"
+        elif isinstance(e.get("input"), (str, int, float, bool)) and "got" not in msg:
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append((_format_loc(loc), msg))
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'a.b.c=value'`` -> (['a','b','c'], parsed value). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError([(text, "override must look like section.key=value")], "overrides")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError([(key, "empty key segment in override")], "overrides")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([(key, f"value {raw!r} is not valid YAML: {e}")], "overrides") from e
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data, default=str))  # deep copy, plain types
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError([(".".join(parts[:i + 1]), f"no list element {part} (the list has {len(node)})")],
+                                      "overrides")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError([(".".join(parts[:i + 1]), "is a value, not a section")], "overrides")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError([(".".join(parts), f"no list element {last} (the list has {len(node)})")], "overrides")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _resolve_paths(data: Any, base: Path) -> Any:
+    """Relative ``path``/``dir``/``lm_path`` values in the YAML are relative to the working directory
+    (where ``ray job submit --working-dir .`` runs); ``~`` and ``$VARS`` are expanded."""
+    if isinstance(data, dict):
+        return {k: (os.path.expandvars(os.path.expanduser(v)) if isinstance(v, str) and k in ("path", "dir", "lm_path") else _resolve_paths(v, base))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [_resolve_paths(v, base) for v in data]
+    return data
+
+
+def validate_config(data: dict, *, check_paths: bool = True, source: str = "config") -> JobConfig:
+    """Validate a plain dict; raise :class:`ConfigError` listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([("<root>", f"a config must be a mapping of sections, got {type(data).__name__}")], source)
+    try:
+        return JobConfig.model_validate(_resolve_paths(data, Path.cwd()), context={"check_paths": check_paths})
+    except ValidationError as e:
+        raise ConfigError(_problems(e), source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True) -> JobConfig:
+    """Load a YAML config, apply ``section.key=value`` overrides and validate everything at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([("--config", f"file {str(path)!r} does not exist")], str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([("<yaml>", f"not valid YAML: {e}")], str(path)) from None
+    return validate_config(apply_overrides(data, list(overrides)), check_paths=check_paths, source=str(path))
+
+
+def claim_output_dir(cfg: JobConfig) -> Path:
+    """Create ``output.dir`` and record that this job owns it (idempotent for the same job)."""
+    out = cfg.output.dir
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / JOB_MARKER
+    if marker.is_file():
+        owner = json.loads(marker.read_text()).get("name")
+        if owner != cfg.name:
+            raise ConfigError([("output.dir", f"{out} holds the results of job {owner!r}")])
+    else:
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"name": cfg.name}, indent=2))
+        os.replace(tmp, marker)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return out

@@ -1,0 +1,1 @@
+"""Pure math: imports ``torch`` only (no transformers, vLLM or Ray), tested on hand-made tensors."""

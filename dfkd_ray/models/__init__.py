@@ -1,0 +1,1 @@
+"""Engines and models: the teacher contract and student construction (transformers imported here)."""

@@ -1,0 +1,128 @@
+"""The teacher contract: any HF sequence classifier -> :class:`~dfkd_ray.math.blocks.TeacherOutput`.
+
+Amalgamation and losses see only ``TeacherOutput`` (logits over the teacher's own labels,
+mean-pooled states per layer block, mask), never a model class: a BERT, a DistilBERT or a
+RoBERTa teacher with its own tokenizer all look the same (the adaptor idea of TextBrewer).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dfkd_ray.labels import ordered_labels
+from dfkd_ray.math.blocks import TeacherOutput, partition_layers, pool_blocks
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+
+
+@dataclass
+class Teacher:
+    """A frozen fine-tuned classifier with its own tokenizer and label names.
+
+    Build with :meth:`from_pretrained`; call with raw texts.
+    """
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    labels: list[str]
+    num_blocks: int
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        cfg = self.model.config
+        self.num_layers = int(getattr(cfg, "num_hidden_layers"))
+        self.hidden_size = int(getattr(cfg, "hidden_size"))
+        self.blocks = partition_layers(self.num_layers, self.num_blocks)
+        self.model.eval().requires_grad_(False)
+        # Models without token type embeddings (DistilBERT, RoBERTa-likes with type_vocab_size 1) take none.
+        self._accepts_token_types = getattr(cfg, "type_vocab_size", 1) > 1
+
+    @classmethod
+    def from_pretrained(cls, name: str, path: str | Path, *, num_blocks: int, max_length: int = 128,
+                        device: str | torch.device = "cpu", dtype: str = "auto",
+                        trust_remote_code: bool = False) -> "Teacher":
+        """Load ``AutoModelForSequenceClassification`` + ``AutoTokenizer`` from a local directory.
+
+        Safetensors weights are loaded when present; a directory with only pickled weights
+        (``pytorch_model.bin``) still loads, with a warning. ``trust_remote_code`` stays off unless
+        the config turns it on.
+        """
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        labels = ordered_labels(config.id2label)
+        safetensors = _has_safetensors(path)
+        if not safetensors:
+            log.warning("teacher %s: %s has no safetensors weights; loading pickled weights", name, path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=resolve_dtype(dtype, device), use_safetensors=safetensors or None,
+            trust_remote_code=trust_remote_code).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return cls(name=name, model=model, tokenizer=tokenizer, labels=labels, num_blocks=num_blocks,
+                   max_length=max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        keep = ("input_ids", "attention_mask") + (("token_type_ids",) if self._accepts_token_types else ())
+        return {k: v.to(self.device) for k, v in enc.items() if k in keep}
+
+    @torch.no_grad()
+    def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                    with_blocks: bool = True, **extra) -> TeacherOutput:
+        """The contract on already-tokenized inputs. ``input_ids``, ``attention_mask``: (B, T)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         output_hidden_states=with_blocks, **extra)
+        logits = out.logits.float()  # (B, C_k)
+        if with_blocks:
+            states = out.hidden_states[1:]  # L x (B, T, H); [0] is the embedding output
+            block_states = pool_blocks(states, attention_mask, self.blocks)  # (B, N, H)
+        else:
+            block_states = logits.new_zeros(logits.shape[0], self.num_blocks, self.hidden_size)
+        return TeacherOutput(logits=logits, block_states=block_states, mask=attention_mask)
+
+    def __call__(self, texts: list[str], *, with_blocks: bool = True) -> TeacherOutput:
+        """Logits, block states and mask for a batch of raw texts."""
+        if not texts:
+            raise ValueError(f"teacher {self.name}: empty batch of texts")
+        enc = self.tokenize(texts)
+        return self.forward_ids(enc.pop("input_ids"), enc.pop("attention_mask"), with_blocks=with_blocks, **enc)
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities ``(B, C_k)`` and predicted class ``(B,)``, in batches."""
+        probs = []
+        for i in range(0, len(texts), batch_size):
+            probs.append(self(texts[i:i + batch_size], with_blocks=False).logits.softmax(-1).cpu())
+        p = torch.cat(probs) if probs else torch.zeros(0, self.num_labels)
+        return p, p.argmax(-1)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text under this teacher's tokenizer, special tokens excluded."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]

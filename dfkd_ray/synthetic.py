@@ -1,0 +1,230 @@
+"""A synthetic topic task with tiny real models, built offline in seconds.
+
+Four topics with distinct vocabularies. Teacher ``alpha`` (BERT, WordPiece tokenizer, 2 layers)
+is trained on ``sports`` and ``cooking``; teacher ``beta`` (DistilBERT, byte-level BPE tokenizer,
+3 layers, wider) on ``space`` and ``finance``. A tiny GPT-2 (its own byte-level BPE) is trained on
+single-topic sentences of all four topics, so a teacher can steer it. Every tokenizer is trained
+with ``tokenizers`` on a few KB of generated text; nothing is downloaded.
+
+Tests build this once per session (``tests/conftest.py``); the smoke preset builds its demo
+teachers, LM, corpus and labelled eval file with the same :func:`build_synthetic_task`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILDER_VERSION = 1
+
+TOPICS: dict[str, list[str]] = {
+    "sports": "goal match team coach player league season score striker referee stadium tournament cup final "
+              "keeper defender medal race sprint champion victory fans pitch tennis soccer hockey".split(),
+    "cooking": "recipe oven flour butter garlic onion simmer bake roast sauce pepper kitchen chef salad soup "
+               "pasta dough spice tomato basil grill whisk dessert cheese skillet".split(),
+    "space": "rocket orbit planet galaxy telescope astronaut satellite comet nebula launch moon mars lunar "
+             "asteroid cosmic star solar gravity probe spacecraft jupiter eclipse meteor crater module".split(),
+    "finance": "stock market bank shares investor profit revenue dividend bond inflation interest trading "
+               "earnings credit loan budget merger quarterly fund equity currency debt audit portfolio tax".split(),
+}
+FILLER = ("the a of and to in on with for this that was is it at by from new after about over "
+          "today week said they we one more than").split()
+TEACHER_TOPICS = {"alpha": ["sports", "cooking"], "beta": ["space", "finance"]}
+
+
+@dataclass(frozen=True)
+class SyntheticTask:
+    """Paths of everything :func:`build_synthetic_task` made."""
+
+    root: Path
+    teachers: dict[str, Path]
+    lm: Path
+    student: Path
+    corpus: Path
+    eval_file: Path
+
+    @property
+    def labels(self) -> list[str]:
+        return list(TOPICS)
+
+
+def topic_sentence(rng: random.Random, topic: str, min_words: int = 8, max_words: int = 18,
+                   topic_share: float = 0.6) -> str:
+    """One sentence: topic words with probability ``topic_share``, filler words otherwise."""
+    n = rng.randint(min_words, max_words)
+    words = [rng.choice(TOPICS[topic]) if rng.random() < topic_share else rng.choice(FILLER) for _ in range(n)]
+    return " ".join(words)
+
+
+def labelled_sentences(n_per_topic: int, seed: int, topics: list[str] | None = None) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = [(topic_sentence(rng, t), t) for t in (topics or list(TOPICS)) for _ in range(n_per_topic)]
+    rng.shuffle(rows)
+    return rows
+
+
+def _train_tokenizer(kind: str, texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "wordpiece":  # BERT style
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        tok.decoder = decoders.WordPiece()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    if kind == "roberta_bpe":  # RoBERTa style byte-level BPE
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))])
+        tok.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                       pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+    if kind == "gpt2_bpe":  # GPT-2 style byte-level BPE, one special token
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")
+    raise ValueError(f"unknown tokenizer kind {kind!r}")
+
+
+def _fit_classifier(model, tokenizer, rows: list[tuple[str, int]], epochs: int, lr: float, seed: int) -> float:
+    """Fine-tune a tiny classifier on (text, class) rows; returns final training accuracy."""
+    import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(rows), generator=g).tolist()
+        for i in range(0, len(order), 32):
+            batch = [rows[j] for j in order[i:i + 32]]
+            enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            enc.pop("token_type_ids", None)
+            out = model(**enc, labels=torch.tensor([c for _, c in batch]))
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        enc = tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        enc.pop("token_type_ids", None)
+        pred = model(**enc).logits.argmax(-1)
+    return (pred == torch.tensor([c for _, c in rows])).float().mean().item()
+
+
+def _fit_lm(model, tokenizer, texts: list[str], steps: int, lr: float, seed: int) -> float:
+    import torch
+
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token
+    ids = [tokenizer(eos + t + eos)["input_ids"] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    loss = float("nan")
+    for _ in range(steps):
+        pick = torch.randint(len(ids), (32,), generator=g).tolist()
+        width = max(len(ids[j]) for j in pick)
+        x = torch.full((32, width), tokenizer.eos_token_id)
+        labels = torch.full((32, width), -100)
+        for r, j in enumerate(pick):
+            x[r, :len(ids[j])] = torch.tensor(ids[j])
+            labels[r, :len(ids[j])] = torch.tensor(ids[j])
+        out = model(input_ids=x, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        loss = out.loss.item()
+    model.eval()
+    return loss
+
+
+def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
+    """Build (or reuse, when already built by this builder version) the synthetic task under ``root``."""
+    import torch
+    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel)
+
+    root = Path(root)
+    task = SyntheticTask(root=root, teachers={name: root / f"teacher_{name}" for name in TEACHER_TOPICS},
+                         lm=root / "lm", student=root / "student", corpus=root / "corpus.txt",
+                         eval_file=root / "eval.csv")
+    stamp = root / "BUILT.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("version") == BUILDER_VERSION:
+        return task
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    tok_text = [s for s, _ in labelled_sentences(60, seed + 1)]
+    # Teacher alpha: BERT, WordPiece, 2 layers x 32.
+    tok_a = _train_tokenizer("wordpiece", tok_text, 400)
+    # Teacher beta: DistilBERT, RoBERTa-style byte-level BPE, 3 layers x 48.
+    tok_b = _train_tokenizer("roberta_bpe", tok_text, 450)
+    specs = {
+        "alpha": (tok_a, BertForSequenceClassification, BertConfig(
+            vocab_size=len(tok_a), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128, pad_token_id=tok_a.pad_token_id)),
+        "beta": (tok_b, DistilBertForSequenceClassification, DistilBertConfig(
+            vocab_size=len(tok_b), dim=48, n_layers=3, n_heads=2, hidden_dim=96, max_position_embeddings=128,
+            pad_token_id=tok_b.pad_token_id)),
+    }
+    accuracies = {}
+    for k, (name, (tok, cls, cfg)) in enumerate(specs.items()):
+        topics = TEACHER_TOPICS[name]
+        cfg.num_labels = len(topics)
+        cfg.id2label = dict(enumerate(topics))
+        cfg.label2id = {t: i for i, t in enumerate(topics)}
+        model = cls(cfg)
+        rows = [(s, topics.index(t)) for s, t in labelled_sentences(150, seed + 10 + k, topics)]
+        accuracies[name] = _fit_classifier(model, tok, rows, epochs=4, lr=2e-3, seed=seed + k)
+        model.save_pretrained(task.teachers[name])
+        tok.save_pretrained(task.teachers[name])
+
+    # Base LM: GPT-2, its own byte-level BPE, trained on single-topic sentences of all topics.
+    lm_text = [s for s, _ in labelled_sentences(200, seed + 20)]
+    tok_lm = _train_tokenizer("gpt2_bpe", lm_text, 380)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok_lm), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                                    bos_token_id=tok_lm.bos_token_id, eos_token_id=tok_lm.eos_token_id))
+    lm_loss = _fit_lm(lm, tok_lm, lm_text, steps=300, lr=3e-3, seed=seed + 30)
+    lm.save_pretrained(task.lm)
+    tok_lm.save_pretrained(task.lm)
+
+    # Student starting point: an untrained 4-layer BERT encoder with teacher alpha's tokenizer.
+    student = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tok_a), hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, pad_token_id=tok_a.pad_token_id))
+    student.base_model.save_pretrained(task.student)
+    tok_a.save_pretrained(task.student)
+
+    # A "general-domain" corpus (mixed topics, more filler) and a labelled eval file.
+    rng = random.Random(seed + 40)
+    corpus = [topic_sentence(rng, rng.choice(list(TOPICS)), 6, 30, topic_share=0.35) for _ in range(400)]
+    task.corpus.write_text("\n".join(corpus) + "\n")
+    with task.eval_file.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(labelled_sentences(50, seed + 50))
+
+    stamp.write_text(json.dumps({"version": BUILDER_VERSION, "seed": seed, "teacher_train_accuracy": accuracies,
+                                 "lm_final_loss": lm_loss}, indent=2))
+    return task

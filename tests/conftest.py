@@ -1,0 +1,63 @@
+"""Session fixtures: the synthetic topic task (tiny tokenizers, teachers and LM trained offline),
+loaded teachers, and one local Ray instance.
+
+Set ``DFKD_TEST_CACHE=/some/dir`` to reuse the built task across pytest sessions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def synthetic_task(tmp_path_factory):
+    """Two teachers (alpha: BERT/WordPiece/2 layers on sports+cooking; beta: DistilBERT/byte-BPE/3 layers
+    on space+finance), a tiny GPT-2 LM on all four topics, a student encoder, a corpus and an eval CSV."""
+    from dfkd_ray.synthetic import build_synthetic_task
+
+    root = os.environ.get("DFKD_TEST_CACHE")
+    root = Path(root) / "synthetic" if root else tmp_path_factory.mktemp("synthetic")
+    return build_synthetic_task(root, seed=0)
+
+
+@pytest.fixture(scope="session")
+def teachers(synthetic_task):
+    """The two fixture teachers, loaded with 3 blocks each."""
+    from dfkd_ray.models.teacher import Teacher
+
+    return {name: Teacher.from_pretrained(name, path, num_blocks=3) for name, path in synthetic_task.teachers.items()}
+
+
+@pytest.fixture
+def job_dict(synthetic_task, tmp_path):
+    """A valid job config (as a plain dict) over the fixture teachers; tests edit a copy."""
+    return {
+        "name": "test-job",
+        "seed": 0,
+        "teachers": [{"name": n, "path": str(p)} for n, p in synthetic_task.teachers.items()],
+        "transfer": {"source": "corpus", "samples_per_class": 8, "shard_size": 8,
+                     "corpus": {"path": str(synthetic_task.corpus)}},
+        "student": {"path": str(synthetic_task.student)},
+        "eval": {"path": str(synthetic_task.eval_file)},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session: more logical CPUs than workers (see ../shared/notes/ray.md)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
