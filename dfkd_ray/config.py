@@ -227,6 +227,15 @@ class AmalgamationConfig(_Section):
     alpha: float = Field(1.0, ge=0.0, description="weight of the block L2 loss")
     beta: float = Field(1.0, ge=0.0, description="weight of the KL loss")
     temperature: float = Field(0.75, gt=0.0, le=100.0, description="KD temperature (paper appendix: 0.75)")
+    confidence_transform: Literal["logistic", "ecdf"] = Field(
+        "logistic", description="OOD score -> confidence in [0, 1], calibrated on held-out in-distribution scores: "
+                                "logistic centred at confidence_quantile, or ecdf (conformal p-value)")
+    confidence_quantile: float = Field(0.95, gt=0.0, lt=1.0, description="logistic only: the held-out in-distribution "
+                                                                          "score quantile that maps to confidence 0.5")
+    calibration_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of each teacher's held-out pseudo-data "
+                                                                           "that calibrates the transform; the rest fits the Gaussians")
+    share_st_layer: bool = Field(False, description="one ST-amalg Transformer layer for all blocks (default: one per block)")
+    amalg_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside the ST-amalg Transformer layer")
 
     @model_validator(mode="after")
     def _heads(self) -> "AmalgamationConfig":

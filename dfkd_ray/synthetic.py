@@ -228,3 +228,21 @@ def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
     stamp.write_text(json.dumps({"version": BUILDER_VERSION, "seed": seed, "teacher_train_accuracy": accuracies,
                                  "lm_final_loss": lm_loss}, indent=2))
     return task
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dfkd_ray.synthetic DIR``: build the demo task (teachers, LM, corpus, eval file)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the offline synthetic topic task (demo teachers, LM, data).")
+    parser.add_argument("root", nargs="?", default=".cache/demo")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    task = build_synthetic_task(args.root, seed=args.seed)
+    print(f"synthetic task in {task.root}: teachers {sorted(task.teachers)}, LM {task.lm.name}, "
+          f"corpus {task.corpus.name}, eval file {task.eval_file.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,8 +45,9 @@ def build_requests(teacher_labels: dict[str, list[str]], label_space: UnionLabel
         for c, name in enumerate(labels):
             n = round(samples_per_class * weights.get(normalize_label(name), 1.0))
             g = label_space.teacher_to_global[teacher][c]
-            requests.extend(Request(teacher, c, g, label_space.names[g], i, request_seed(job_seed, teacher, c, i),
-                                    ordinal=len(requests) + i) for i in range(n))
+            base = len(requests)
+            requests.extend([Request(teacher, c, g, label_space.names[g], i, request_seed(job_seed, teacher, c, i),
+                                     ordinal=base + i) for i in range(n)])
     return requests
 
 

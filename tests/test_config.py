@@ -1,0 +1,179 @@
+"""Config validation: every problem reported at once, each naming its field and the fix."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dfkd_ray.config import JOB_MARKER, ConfigError, apply_overrides, claim_output_dir, load_config, validate_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+def _edit(d: dict, dotted: str, value):
+    node = d
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    if value is _DELETE:
+        del node[parts[-1]]
+    else:
+        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
+
+
+_DELETE = object()
+
+
+def _teacher_dir(tmp_path: Path, id2label, name="t") -> str:
+    d = tmp_path / name
+    d.mkdir()
+    cfg = {"model_type": "bert"}
+    if id2label is not None:
+        cfg["id2label"] = id2label
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+# (edit to a valid config, field path expected in the message, words expected in the message)
+BAD = [
+    ("transfer.smaples_per_class", 5, "transfer.smaples_per_class", "did you mean 'samples_per_class'"),
+    ("tranfser", {}, "tranfser", "did you mean 'transfer'"),
+    ("transfer.samples_per_class", 0, "transfer.samples_per_class", "greater than or equal to 1"),
+    ("transfer.samples_per_class", "many", "transfer.samples_per_class", "valid integer"),
+    ("transfer.min_confidence", 1.5, "transfer.min_confidence", "less than or equal to 1"),
+    ("transfer.source", "gan", "transfer.source", "'random_words'"),
+    ("transfer.source", "embedding_guessing", "transfer", "not implemented yet"),
+    ("transfer.corpus.path", "/nonexistent/corpus.txt", "transfer.corpus.path", "does not exist"),
+    ("teachers.0.path", "/nonexistent/teacher", "teachers[0].path", "does not exist"),
+    ("teachers.1.name", "alpha", "teachers", "unique"),
+    ("teachers.0.name", "has space", "teachers[0].name", "pattern"),
+    ("teachers.0.max_length", 4, "teachers[0].max_length", "greater than or equal to 8"),
+    ("teachers", [], "teachers", "at least 1"),
+    ("name", _DELETE, "name", "required field is missing"),
+    ("output", _DELETE, "output", "required field is missing"),
+    ("amalgamation.confidence", "entropy", "amalgamation.confidence", "'rmd'"),
+    ("amalgamation.amalg_dim", 102, "amalgamation", "divisible by amalg_heads"),
+    ("amalgamation.temperature", 0, "amalgamation.temperature", "greater than 0"),
+    ("student.num_layers", 2, "student", "either layers or num_layers"),
+    ("train.warmup_epochs", 20, "train", "warmup_epochs (20.0) must be <= epochs"),
+    ("train.learning_rate", -1, "train.learning_rate", "greater than 0"),
+    ("eval.path", "/nonexistent/eval.csv", "eval.path", "does not exist"),
+    ("tune.search_space", {"transfer.steered.strength": {"values": [1, 2]}}, "<root>", "is not a config field"),
+    ("tune.search_space", {"transfer.seed": {"low": 2, "high": 1}}, "tune.search_space.transfer.seed", "low (2.0) must be < high"),
+    ("transfer.class_weights", {"sprots": 2.0}, "<root>", "labels no teacher has"),
+    ("ray.gpus_per_generation_actor", -1, "ray.gpus_per_generation_actor", "greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize("dotted,value,field,words", BAD, ids=[f"{b[0]}={b[1]!r}"[:60] for b in BAD])
+def test_bad_config_names_field(job_dict, dotted, value, field, words):
+    d = copy.deepcopy(job_dict)
+    if dotted == "student.num_layers":
+        d["student"]["layers"] = [0, 1]
+    _edit(d, dotted, value)
+    with pytest.raises(ConfigError) as err:
+        validate_config(d)
+    problems = dict(err.value.problems)
+    assert field in problems, f"{field!r} not among {problems}"
+    assert words in problems[field], problems[field]
+    assert field in str(err.value)
+
+
+def test_teacher_dir_problems(job_dict, tmp_path):
+    """No id2label, placeholder labels, labels clashing after normalisation, no config.json."""
+    d = copy.deepcopy(job_dict)
+    d["teachers"] = [
+        {"name": "a", "path": _teacher_dir(tmp_path, None, "a")},
+        {"name": "b", "path": _teacher_dir(tmp_path, {"0": "LABEL_0", "1": "LABEL_1"}, "b")},
+        {"name": "c", "path": _teacher_dir(tmp_path, {"0": "Sci/Tech", "1": "sci/tech "}, "c")},
+        {"name": "d", "path": str(tmp_path)},  # a directory, but no config.json
+    ]
+    with pytest.raises(ConfigError) as err:
+        validate_config(d)
+    problems = dict(err.value.problems)
+    assert "no id2label" in problems["teachers[0].path"]
+    assert "placeholder" in problems["teachers[1].path"]
+    assert "same label after normalisation" in problems["teachers[2].path"]
+    assert "no config.json" in problems["teachers[3].path"]
+
+
+def test_all_problems_reported_at_once(job_dict):
+    d = copy.deepcopy(job_dict)
+    d["transfer"]["samples_per_class"] = -3
+    d["train"] = {"epochs": "ten"}
+    d["amalgamation"] = {"fusoin": "st"}
+    d["teachers"][0]["path"] = "/nope"
+    with pytest.raises(ConfigError) as err:
+        validate_config(d)
+    fields = {p for p, _ in err.value.problems}
+    assert {"transfer.samples_per_class", "train.epochs", "amalgamation.fusoin", "teachers[0].path"} <= fields
+    assert "did you mean 'fusion'" in dict(err.value.problems)["amalgamation.fusoin"]
+
+
+def test_output_dir_of_another_job_is_refused(job_dict):
+    cfg = validate_config(job_dict)
+    claim_output_dir(cfg)
+    other = copy.deepcopy(job_dict)
+    other["name"] = "another-job"
+    with pytest.raises(ConfigError) as err:
+        validate_config(other)
+    assert "holds the results of job 'test-job'" in str(err.value)
+    # the same job may come back to its directory (resume)
+    assert validate_config(job_dict).name == "test-job"
+    assert json.loads((cfg.output.dir / JOB_MARKER).read_text())["name"] == "test-job"
+
+
+def test_valid_config_is_frozen_and_typed(job_dict):
+    cfg = validate_config(job_dict)
+    assert isinstance(cfg.teachers[0].path, Path)
+    assert cfg.transfer.steered.top_p == 0.9 and cfg.amalgamation.temperature == 0.75
+    with pytest.raises(Exception):
+        cfg.seed = 3  # frozen
+    assert cfg.fingerprint("transfer") == validate_config(job_dict).fingerprint("transfer")
+
+
+def test_overrides(job_dict, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict))
+    cfg = load_config(path, ["transfer.samples_per_class=17", "teachers.1.max_length=64",
+                             "transfer.class_weights={sports: 2.0}", "amalgamation.fusion=mul"])
+    assert cfg.transfer.samples_per_class == 17
+    assert cfg.teachers[1].max_length == 64
+    assert cfg.transfer.class_weights == {"sports": 2.0}
+    assert cfg.amalgamation.fusion == "mul"
+    with pytest.raises(ConfigError, match="no list element 5"):
+        apply_overrides(job_dict, ["teachers.5.path=x"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides(job_dict, ["transfer.samples_per_class"])
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["transfer.sample_per_class=3"])
+    assert "did you mean 'samples_per_class'" in str(err.value)
+
+
+def test_missing_or_broken_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_job_yaml_loads(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("python" in first or "ray job submit" in first), \
+        f"{path.name} must start with the command that runs it"
+    cfg = load_config(path, check_paths=False)
+    assert cfg.name
+
+
+def test_there_are_job_yamls():
+    assert len(CONFIGS) >= 2
