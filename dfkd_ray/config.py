@@ -185,7 +185,10 @@ class TransferConfig(_Section):
         default_factory=dict, description="label name -> multiplier of samples_per_class (default 1.0 each)")
     shard_size: int = Field(256, ge=1, le=10_000_000, description="requests per Parquet shard")
     min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="drop rows whose teacher confidence is below")
-    dedup: Literal["none", "exact", "near"] = "exact"
+    max_attempts: int = Field(3, ge=1, le=100, description="tries per request (new seed each) before a rejected "
+                                                          "request is given up; rejects are reported by reason")
+    dedup: Literal["none", "exact", "near"] = Field("exact", description="exact: same normalised text; near: also MinHash "
+                                                                          "Jaccard of word 3-grams >= near_duplicate_threshold")
     near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Jaccard of word 3-grams, with dedup=near")
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of each teacher's rows kept for confidence statistics")
     random_words: RandomWordsConfig = RandomWordsConfig()

@@ -9,7 +9,7 @@ rerun makes it. Pure Python.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dfkd_ray.labels import UnionLabelSpace, normalize_label
 
@@ -24,6 +24,8 @@ class Request:
     seed: int
     ordinal: int = 0
     """Position in the full requests table (untargeted sources use it to spread over their pool)."""
+    attempt: int = 0
+    """0 for the first try; retries of a rejected request count up (and carry a new seed)."""
 
     @property
     def sample_id(self) -> str:
@@ -52,5 +54,17 @@ def build_requests(teacher_labels: dict[str, list[str]], label_space: UnionLabel
 
 
 def is_heldout(request: Request, heldout_fraction: float) -> bool:
-    """Deterministic per-request split for fitting confidence statistics (StrataNet 4.4.1)."""
-    return (request.seed % 10_000) < heldout_fraction * 10_000
+    """Deterministic per-request split for fitting confidence statistics (StrataNet 4.4.1).
+
+    Depends on the request's identity only, not on the seed of the attempt that made the row.
+    """
+    digest = hashlib.blake2b(request.sample_id.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % 10_000 < heldout_fraction * 10_000
+
+
+def retry_request(request: Request, attempt: int) -> Request:
+    """The same request with the seed of its ``attempt``-th retry (attempt 0 is the request itself)."""
+    if attempt == 0:
+        return request
+    return replace(request, seed=request_seed(request.seed, request.teacher, request.teacher_class, attempt),
+                   attempt=attempt)

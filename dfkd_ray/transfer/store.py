@@ -88,6 +88,23 @@ def read_transfer_table(directory: str | Path, *, require_complete: bool = True)
     return pa.concat_tables(pq.read_table(f, schema=TRANSFER_SCHEMA) for f in files)
 
 
+def write_shard_file(directory: str | Path, index: int, table: pa.Table) -> Path:
+    """Write a shard under a hidden temporary name, flush it, then rename it into place.
+
+    Safe to call from any process (a Ray actor on any node of a shared filesystem); only the
+    driver updates the manifest (:meth:`TransferSetStore.commit_shard`).
+    """
+    validate_table(table)
+    directory = Path(directory)
+    final = directory / shard_name(index)
+    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
 class TransferSetStore:
     """Writer side of a transfer-set directory."""
 
@@ -149,18 +166,26 @@ class TransferSetStore:
 
     def write_shard(self, index: int, table: pa.Table, stats: dict | None = None) -> Path:
         """Write shard ``index`` whole, then make it visible (file rename, then manifest)."""
+        self._check_index(index)
+        final = write_shard_file(self.directory, index, table)
+        self.commit_shard(index, len(table), stats)
+        return final
+
+    def commit_shard(self, index: int, rows: int, stats: dict | None = None) -> None:
+        """List a shard whose file :func:`write_shard_file` already made visible (driver side)."""
+        self._check_index(index)
+        self.manifest["shards"][f"{index:05d}"] = {"file": shard_name(index), "rows": rows, **(stats or {})}
+        self._save()
+
+    def replace_shard(self, index: int, table: pa.Table) -> None:
+        """Atomically replace a listed shard's content (used to drop duplicates found across shards)."""
+        write_shard_file(self.directory, index, table)
+        self.manifest["shards"][f"{index:05d}"]["rows"] = len(table)
+        self._save()
+
+    def _check_index(self, index: int) -> None:
         if not 0 <= index < self.manifest["num_shards"]:
             raise IndexError(f"shard {index} out of range 0..{self.manifest['num_shards'] - 1}")
-        validate_table(table)
-        final = self.directory / shard_name(index)
-        tmp = self.directory / f".{final.name}.{os.getpid()}.tmp"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        self.manifest["shards"][f"{index:05d}"] = {"file": final.name, "rows": len(table), **(stats or {})}
-        self._save()
-        return final
 
     def finish(self, summary: dict | None = None) -> None:
         missing = sorted(set(range(self.manifest["num_shards"])) - self.done)

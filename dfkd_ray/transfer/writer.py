@@ -15,11 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.compute as pc
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dfkd_ray.config import JobConfig, load_config
 from dfkd_ray.labels import UnionLabelSpace
-from dfkd_ray.transfer.requests import Request, build_requests
+from dfkd_ray.transfer.filters import Deduplicator
+from dfkd_ray.transfer.requests import Request, build_requests, retry_request
 from dfkd_ray.transfer.schema import rows_to_table
 from dfkd_ray.transfer.store import TransferSetStore
 
@@ -66,9 +70,126 @@ def fingerprint_of(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class TransferSetEmpty(ValueError):
+    """Filtering left a class (or the whole set) without rows: never hand that to training."""
+
+
+def make_shard(source, requests: list[Request], cfg: JobConfig) -> tuple[pa.Table, dict]:
+    """Make one shard: generate, drop rows under ``min_confidence`` or duplicated within the shard,
+    and retry those requests with new seeds up to ``max_attempts`` times.
+
+    Returns the table (rows in request order) and stats: requests, rows, generated, given_up,
+    rejects by reason, the confidences of rejected rows (rounded) and seconds.
+    """
+    t = cfg.transfer
+    start = time.perf_counter()
+    dedup = Deduplicator(t.dedup, t.near_duplicate_threshold)
+    kept: dict[int, dict] = {}
+    pending = list(enumerate(requests))
+    rejects: Counter = Counter()
+    rejected_confidence: list[float] = []
+    generated = 0
+    for attempt in range(t.max_attempts):
+        if not pending:
+            break
+        rows = source.generate([retry_request(r, attempt) for _, r in pending])
+        generated += len(rows)
+        still = []
+        for (pos, r), row in zip(pending, rows):
+            if row["confidence"] < t.min_confidence:
+                rejects["low_confidence"] += 1
+                rejected_confidence.append(round(row["confidence"], 4))
+                still.append((pos, r))
+            elif dedup.is_duplicate(row["text"]):
+                rejects["duplicate"] += 1
+                still.append((pos, r))
+            else:
+                kept[pos] = row
+        pending = still
+    table = rows_to_table([kept[p] for p in sorted(kept)])
+    stats = {"requests": len(requests), "rows": len(table), "generated": generated, "given_up": len(pending),
+             "rejects": dict(rejects), "rejected_confidence": rejected_confidence,
+             "seconds": round(time.perf_counter() - start, 4)}
+    return table, stats
+
+
+def finalize_transfer_set(store: TransferSetStore, cfg: JobConfig, *, wall_seconds: float | None = None,
+                          generated_now: int = 0) -> dict:
+    """Drop duplicates across shards (first occurrence wins), summarise, refuse empty classes, finish.
+
+    Idempotent: after a kill anywhere in here, running it again gives the same set.
+    """
+    from dfkd_ray.transfer.sources import get_source_class
+    from dfkd_ray.transfer.summary import SummaryAccumulator, format_table, write_summary
+
+    t = cfg.transfer
+    dedup = Deduplicator(t.dedup, t.near_duplicate_threshold)
+    acc = SummaryAccumulator()
+    across = 0
+    for key in sorted(store.manifest["shards"]):
+        path = store.directory / store.manifest["shards"][key]["file"]
+        table = pq.read_table(path)
+        keep = [not dedup.is_duplicate(text) for text in table.column("text").to_pylist()]
+        if not all(keep):
+            across += keep.count(False)
+            table = table.filter(pa.array(keep))
+            store.replace_shard(int(key), table)
+        acc.add(table)
+    shards = store.manifest["shards"].values()
+    rejects: Counter = Counter()
+    for s in shards:
+        rejects.update(s.get("rejects", {}))
+    if across:
+        rejects["duplicate_across_shards"] += across
+    rejected_conf = sorted(c for s in shards for c in s.get("rejected_confidence", []))
+    summary = acc.result()
+    summary.update({
+        "rejects": dict(rejects),
+        "requests": sum(s.get("requests", 0) for s in shards),
+        "given_up": sum(s.get("given_up", 0) for s in shards),
+        "generator_seconds": round(sum(s.get("seconds", 0.0) for s in shards), 3),
+        "samples_per_s": round(generated_now / wall_seconds, 3) if wall_seconds and generated_now else None,
+        "source": t.source,
+    })
+    _check_not_empty(summary, cfg, rejected_conf, targeted=get_source_class(t.source).targeted)
+    write_summary(summary, store.directory)
+    store.finish(summary)
+    print(format_table(summary))
+    return summary
+
+
+def _check_not_empty(summary: dict, cfg: JobConfig, rejected_conf: list[float], *, targeted: bool) -> None:
+    t = cfg.transfer
+
+    def observed() -> str:
+        if not rejected_conf:
+            return "no rows were rejected for confidence"
+        q = lambda f: rejected_conf[min(int(f * len(rejected_conf)), len(rejected_conf) - 1)]  # noqa: E731
+        return (f"rejected confidences: min {rejected_conf[0]:.3f}, median {q(0.5):.3f}, "
+                f"max {rejected_conf[-1]:.3f} over {len(rejected_conf)} tries")
+
+    if summary["rows"] == 0:
+        raise TransferSetEmpty(f"every sample was rejected (transfer.min_confidence={t.min_confidence}, "
+                               f"rejects {summary['rejects']}); {observed()}. Lower transfer.min_confidence, raise "
+                               "transfer.max_attempts or strengthen the source; the set was not marked complete")
+    if targeted:
+        have = {(r["teacher"], r["label"]) for r in summary["per_class"] if r["rows"] > 0}
+        empty = [f"{tc.name}:{lbl}" for tc in cfg.teachers for lbl in cfg.teacher_labels()[tc.name]
+                 if (tc.name, _global_name(cfg, tc.name, lbl)) not in have]
+        if empty:
+            raise TransferSetEmpty(f"classes {empty} have no rows after filtering (transfer.min_confidence="
+                                   f"{t.min_confidence}); {observed()}. Lower transfer.min_confidence or raise "
+                                   "transfer.max_attempts; the set was not marked complete")
+
+
+def _global_name(cfg: JobConfig, teacher: str, label: str) -> str:
+    space = UnionLabelSpace.from_teachers(cfg.teacher_labels())
+    return space.names[space.teacher_to_global[teacher][cfg.teacher_labels()[teacher].index(label)]]
+
+
 def write_transfer_set(cfg: JobConfig, directory: str | Path | None = None, *, device: str = "cpu",
                        progress: bool = True) -> Path:
-    """Make (or finish) the transfer set of ``cfg``; returns its directory."""
+    """Make (or finish) the transfer set of ``cfg`` in this process; returns its directory."""
     from tqdm.auto import tqdm
 
     from dfkd_ray.transfer.sources import get_source_class
@@ -77,23 +198,30 @@ def write_transfer_set(cfg: JobConfig, directory: str | Path | None = None, *, d
     space, shards, description = plan_transfer_set(cfg)
     store = TransferSetStore.open(directory, fingerprint=fingerprint_of(description), description=description,
                                   num_shards=len(shards))
+    if store.complete:
+        return directory
     todo = [i for i in range(len(shards)) if i not in store.done]
+    start, generated = time.perf_counter(), 0
     if todo:
         teachers = load_teachers(cfg, device=device)
         source = get_source_class(cfg.transfer.source)(cfg, teachers, space)
-        start, made, kept = time.perf_counter(), 0, 0
         bar = tqdm(todo, desc=f"transfer set ({cfg.transfer.source})", unit="shard", disable=not progress)
         for i in bar:
-            table = rows_to_table(source.generate(shards[i]))
-            made += len(table)
-            rejected = len(table)
-            table = table.filter(pc.greater_equal(table["confidence"], cfg.transfer.min_confidence))
-            rejected -= len(table)
-            kept += len(table)
-            store.write_shard(i, table, {"requests": len(shards[i]), "rejected_low_confidence": rejected})
-            bar.set_postfix(rows=kept, per_s=f"{made / (time.perf_counter() - start):.1f}")
-    store.finish()
+            table, stats = make_shard(source, shards[i], cfg)
+            store.write_shard(i, table, stats)
+            generated += stats["generated"]
+            bar.set_postfix(per_s=f"{generated / (time.perf_counter() - start):.1f}")
+    summary = finalize_transfer_set(store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated)
+    print(final_line(summary, directory))
     return directory
+
+
+def final_line(summary: dict, directory: Path) -> str:
+    rej = sum(summary["rejects"].values())
+    rate = f", {summary['samples_per_s']:.1f} samples/s" if summary.get("samples_per_s") else ""
+    return (f"transfer set: {summary['rows']} rows from {summary['requests']} requests, {rej} rejected "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(summary['rejects'].items())) or 'none'}), "
+            f"{summary['given_up']} given up{rate} -> {directory}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def read_documents(path: str | Path, *, min_words: int, max_words: int) -> list[
 class CorpusSource(TransferSource):
     """Request ``ordinal`` picks document ``perm[ordinal % n]`` of a seeded permutation, so a set of
     up to ``n`` requests uses distinct documents and any request maps to the same document on any
-    worker."""
+    worker; a retry (``attempt > 0``) draws a document from the retry's seed."""
 
     name = "corpus"
     targeted = False
@@ -48,6 +48,7 @@ class CorpusSource(TransferSource):
     def texts(self, requests: list[Request]) -> list[tuple[str, dict]]:
         out = []
         for r in requests:
-            doc = self.order[r.ordinal % len(self.documents)]
+            n = len(self.documents)
+            doc = self.order[r.ordinal % n] if r.attempt == 0 else random.Random(r.seed).randrange(n)
             out.append((self.documents[doc], {"document": doc}))
         return out
