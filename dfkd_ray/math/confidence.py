@@ -1,0 +1,423 @@
+"""Teacher-specific OOD confidence per block: RMD (default), MD and MSP (StrataNet section 4.4, Eq. 2-4).
+
+For teacher ``k`` and block ``b`` (block feature ``z = h_k^b``, the mean-pooled states of the block's
+layers, :mod:`dfkd_ray.math.blocks`), fitted on a held-out slice ``D_k'`` of that teacher's
+pseudo-data (section 5.1):
+
+- Eq. 2, Mahalanobis distance to class ``c`` with a covariance shared by the classes:
+  ``MD_c(z) = (z - mu_c)^T Sigma^-1 (z - mu_c)``.
+- Eq. 3, Relative Mahalanobis distance (Ren et al. 2021): ``RMD_c(z) = MD_c(z) - MD_0(z)``, where
+  ``MD_0`` is the distance to one background Gaussian ``N(mu_0, Sigma_0)`` fitted on all classes.
+- Eq. 4, OOD score ``s(z) = min_c RMD_c(z)`` (Ren et al.'s confidence is ``-s``); higher = more OOD.
+
+Ablations (StrataNet section 7.1.1): ``md`` scores ``min_c MD_c(z)``; ``msp`` scores
+``-max softmax(logits)`` of the final layer, broadcast to every block.
+
+Choices the paper leaves open, made here:
+
+- **Fitting** is in float64. Both covariances are shrunk toward a scaled identity,
+  ``(1 - lam) Sigma + lam (tr(Sigma)/H) I`` (``shrinkage`` = lam), and eigenvalues are floored at
+  ``1e-6 * tr(Sigma_0)/H`` so that fewer samples than dimensions (or lam = 0) still gives a finite,
+  positive-definite precision.
+- **Class labels** for the class-conditional Gaussians are the classes the pseudo-data were made
+  for (the transfer set's ``teacher_class``); callers without them may pass the teacher's argmax.
+  Classes with no fitting sample are left out of the ``min_c``.
+- **Score -> confidence** ``c in [0, 1]``: the paper says only that higher OOD scores give lower
+  confidence. Raw Mahalanobis scores have no fixed scale (they grow with the width ``H``), so each
+  block is calibrated on held-out in-distribution scores that the Gaussians were *not* fitted on
+  (``calibration_fraction`` of ``D_k'``; in-sample scores are optimistically small when samples are
+  few). Two transforms (``AmalgamationConfig.confidence_transform``):
+
+  * ``logistic`` (default): ``c = sigmoid((t_b - s) / tau_b)`` with ``t_b`` the ``quantile``
+    (default 0.95) of the held-out scores and ``tau_b`` their robust spread (IQR / 1.349). A
+    typical in-distribution input gets ~0.84, one at the 95th percentile 0.5, and confidence decays
+    smoothly (never exactly 0) with the distance beyond the in-distribution range.
+  * ``ecdf``: the conformal p-value ``c = (1 + #{held-out scores >= s}) / (M + 1)``: scale free, in
+    ``(0, 1]``, uniform for in-distribution inputs, ``1/(M+1)`` beyond every held-out score.
+
+  Both are monotone decreasing in ``s``, so the ordering (and the AUROC) of the raw score is kept.
+- **MSP** has nothing to fit; all of ``D_k'`` calibrates it.
+
+Statistics are saved as safetensors plus a JSON sidecar (:meth:`ConfidenceEstimator.save`), never
+pickled. Imports torch (and safetensors, a file format) only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from dfkd_ray.math.blocks import TeacherOutput
+
+METHODS = ("rmd", "md", "msp")
+TRANSFORMS = ("logistic", "ecdf")
+FORMAT_VERSION = 1
+_EIG_FLOOR = 1e-6  # relative to the mean background variance tr(Sigma_0)/H
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian statistics (float64)
+
+
+def shrink_covariance(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``(1 - lam) Sigma + lam (tr(Sigma)/H) I``. ``cov`` (H, H) -> (H, H)."""
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1], got {shrinkage}")
+    h = cov.shape[-1]
+    target = torch.diagonal(cov).mean() * torch.eye(h, dtype=cov.dtype, device=cov.device)
+    return (1.0 - shrinkage) * cov + shrinkage * target
+
+
+def precision_from_covariance(cov: torch.Tensor, floor: float) -> torch.Tensor:
+    """Inverse of a symmetric PSD matrix with eigenvalues clamped to ``>= floor``. (H, H) -> (H, H)."""
+    cov = 0.5 * (cov + cov.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(floor)
+    return (evecs / evals) @ evecs.T
+
+
+def fit_gaussians(z: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  shrinkage: float) -> dict[str, torch.Tensor]:
+    """Class-conditional Gaussians with a shared covariance, plus one background Gaussian (Eq. 2-3).
+
+    Args:
+        z: ``(M, H)`` features of one block (any float dtype; fitted in float64).
+        labels: ``(M,)`` class ids in ``[0, num_classes)``.
+        num_classes: ``C``.
+        shrinkage: ``lam`` in ``[0, 1]``.
+
+    Returns:
+        ``means`` (C, H) (zeros for absent classes), ``present`` (C,) bool, ``precision`` (H, H)
+        = ``Sigma^-1``, ``bg_mean`` (H,) = ``mu_0``, ``bg_precision`` (H, H) = ``Sigma_0^-1``.
+    """
+    if z.ndim != 2 or labels.shape != (z.shape[0],):
+        raise ValueError(f"expected z (M, H) and labels (M,), got {tuple(z.shape)} and {tuple(labels.shape)}")
+    if z.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples to fit Gaussians, got {z.shape[0]}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+    z = z.to(torch.float64)
+    labels = labels.to(z.device, torch.long)
+    m, h = z.shape
+    counts = torch.bincount(labels, minlength=num_classes).to(z.dtype)  # (C,)
+    sums = torch.zeros(num_classes, h, dtype=z.dtype, device=z.device).index_add_(0, labels, z)
+    present = counts > 0  # (C,)
+    means = sums / counts.clamp_min(1.0)[:, None]  # (C, H) mu_c
+    centred = z - means[labels]  # (M, H)
+    cov = centred.T @ centred / m  # (H, H) shared Sigma
+    bg_mean = z.mean(0)  # (H,) mu_0
+    bg_centred = z - bg_mean
+    bg_cov = bg_centred.T @ bg_centred / m  # (H, H) Sigma_0
+    floor = _EIG_FLOOR * max(torch.diagonal(bg_cov).mean().item(), 1e-12)
+    return {
+        "means": means,
+        "present": present,
+        "precision": precision_from_covariance(shrink_covariance(cov, shrinkage), floor),
+        "bg_mean": bg_mean,
+        "bg_precision": precision_from_covariance(shrink_covariance(bg_cov, shrinkage), floor),
+    }
+
+
+def mahalanobis_sq(z: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distance (Eq. 2). ``z`` (B, H), ``means`` (C, H), ``precision`` (H, H) -> (B, C)."""
+    d = z[:, None, :] - means[None]  # (B, C, H)
+    return torch.einsum("bch,hg,bcg->bc", d, precision, d)
+
+
+# --------------------------------------------------------------------------------------------
+# calibration: OOD score -> confidence in [0, 1]
+
+
+def _robust_scale(scores: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """IQR / 1.349 (the std of a Gaussian), falling back to the std, floored. (N, M) -> (N,)."""
+    q = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=scores.dtype, device=scores.device), dim=1)
+    scale = (q[1] - q[0]) / 1.349
+    std = scores.std(dim=1, unbiased=False) if scores.shape[1] > 1 else torch.zeros_like(scale)
+    scale = torch.where(scale > 0, scale, std)
+    return torch.maximum(scale, 1e-6 * center.abs().clamp_min(1.0))
+
+
+def scores_to_confidence(scores: torch.Tensor, calib_scores: torch.Tensor, center: torch.Tensor,
+                         scale: torch.Tensor, transform: str) -> torch.Tensor:
+    """Map OOD scores to confidences with the held-out calibration of each block.
+
+    Args:
+        scores: ``(B, N)`` OOD scores ``s`` (higher = more OOD).
+        calib_scores: ``(N, M)`` sorted held-out in-distribution scores.
+        center: ``(N,)`` ``t_b``, scale: ``(N,)`` ``tau_b`` (logistic).
+        transform: ``logistic`` or ``ecdf``.
+
+    Returns:
+        ``(B, N)`` float32 confidences in ``[0, 1]``.
+    """
+    if transform == "logistic":
+        conf = torch.sigmoid((center[None] - scores) / scale[None])  # (B, N)
+    elif transform == "ecdf":
+        m = calib_scores.shape[1]
+        # #{held-out >= s} = M - #{held-out < s}; searchsorted wants one row per block.
+        below = torch.searchsorted(calib_scores.contiguous(), scores.T.contiguous(), side="left")  # (N, B)
+        conf = ((1 + (m - below)).to(scores.dtype) / (m + 1)).T  # (B, N)
+    else:
+        raise ValueError(f"unknown confidence transform {transform!r}; choose one of {TRANSFORMS}")
+    return conf.float()
+
+
+# --------------------------------------------------------------------------------------------
+# the estimator
+
+
+def _check_method(method: str, transform: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown confidence method {method!r}; choose one of {METHODS}")
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown confidence transform {transform!r}; choose one of {TRANSFORMS}")
+
+
+@dataclass(frozen=True, eq=False)
+class ConfidenceEstimator:
+    """Fitted per-block OOD statistics of ONE teacher; call it on that teacher's outputs.
+
+    Build with :meth:`fit` (or :meth:`fit_outputs`), use with ``estimator(teacher_output)`` ->
+    ``(B, N)`` confidences in ``[0, 1]``, persist with :meth:`save` / :meth:`load`.
+
+    Attributes:
+        method: ``rmd`` | ``md`` | ``msp``.
+        transform: ``logistic`` | ``ecdf`` (score -> confidence, see the module docstring).
+        num_blocks: ``N`` the statistics were fitted for (1 for ``msp``: one score, broadcast).
+        num_classes: ``C_k``, the teacher's classes.
+        hidden_size: ``H_k`` (0 for ``msp``).
+        tensors: ``means`` (N, C, H), ``present`` (C,), ``precision`` (N, H, H),
+            ``bg_mean`` (N, H), ``bg_precision`` (N, H, H) [rmd/md only]; ``calib_scores`` (N, M)
+            sorted, ``calib_center`` (N,), ``calib_scale`` (N,) [all methods].
+        meta: JSON-able facts about the fit (sample counts, shrinkage, quantile, seed).
+    """
+
+    method: str
+    transform: str
+    num_blocks: int
+    num_classes: int
+    hidden_size: int
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    meta: dict = field(default_factory=dict)
+
+    # ---- fitting -----------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, block_states: torch.Tensor, logits: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+            method: str = "rmd", shrinkage: float = 0.1, transform: str = "logistic", quantile: float = 0.95,
+            calibration_fraction: float = 0.25, seed: int = 0) -> "ConfidenceEstimator":
+        """Fit on a teacher's held-out pseudo-data ``D_k'`` (StrataNet section 5.1).
+
+        A seeded random ``calibration_fraction`` of the ``M`` samples calibrates the score ->
+        confidence transform; the rest fits the Gaussians (rmd/md). MSP calibrates on all ``M``.
+
+        Args:
+            block_states: ``(M, N, H)`` block features ``h_k^b``.
+            logits: ``(M, C)`` the teacher's logits (for MSP, and for labels when none are given).
+            labels: ``(M,)`` the teacher's class of each sample (the class it was generated for);
+                ``None`` uses ``logits.argmax(-1)``.
+            method, shrinkage, transform, quantile, calibration_fraction, seed: see the module
+                docstring and :class:`~dfkd_ray.config.AmalgamationConfig`.
+        """
+        _check_method(method, transform)
+        if block_states.ndim != 3:
+            raise ValueError(f"block_states must be (M, N, H), got shape {tuple(block_states.shape)}")
+        if logits.ndim != 2 or logits.shape[0] != block_states.shape[0]:
+            raise ValueError(f"logits must be (M, C) with M = {block_states.shape[0]}, got {tuple(logits.shape)}")
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+        if not 0.0 < calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+        m, n, h = block_states.shape
+        c = logits.shape[1]
+        if labels is None:
+            labels = logits.argmax(-1)
+        labels = torch.as_tensor(labels, device=block_states.device).long()
+        if labels.shape != (m,):
+            raise ValueError(f"labels must be (M,) = ({m},), got {tuple(labels.shape)}")
+        if m and (labels.min() < 0 or labels.max() >= c):
+            raise ValueError(f"labels must be class ids in [0, {c}), got range [{labels.min()}, {labels.max()}]")
+        if not (torch.isfinite(block_states).all() and torch.isfinite(logits).all()):
+            raise ValueError("block_states and logits must be finite")
+        meta = {"shrinkage": float(shrinkage), "quantile": float(quantile),
+                "calibration_fraction": float(calibration_fraction), "seed": int(seed), "num_samples": m}
+
+        if method == "msp":
+            if m < 2:
+                raise ValueError(f"need at least 2 held-out samples to calibrate MSP, got {m}")
+            est = cls(method, transform, 1, c, 0, {}, {**meta, "num_fit": 0, "num_calib": m})
+            calib = est._scores(block_states, logits)  # (M, 1)
+            return est._calibrated(calib, quantile)
+
+        n_cal = max(2, int(round(calibration_fraction * m)))
+        if m - n_cal < 2:
+            raise ValueError(f"need at least {n_cal + 2} held-out samples ({n_cal} to calibrate and 2 to fit), got {m}")
+        perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).to(block_states.device)
+        cal_idx, fit_idx = perm[:n_cal], perm[n_cal:]
+        stats = [fit_gaussians(block_states[fit_idx, b], labels[fit_idx], c, shrinkage) for b in range(n)]
+        tensors = {
+            "means": torch.stack([s["means"] for s in stats]),  # (N, C, H)
+            "present": stats[0]["present"],  # (C,)
+            "precision": torch.stack([s["precision"] for s in stats]),  # (N, H, H)
+            "bg_mean": torch.stack([s["bg_mean"] for s in stats]),  # (N, H)
+            "bg_precision": torch.stack([s["bg_precision"] for s in stats]),  # (N, H, H)
+        }
+        meta.update(num_fit=int(fit_idx.numel()), num_calib=n_cal,
+                    class_counts=torch.bincount(labels[fit_idx], minlength=c).tolist())
+        est = cls(method, transform, n, c, h, tensors, meta)
+        calib = est._scores(block_states[cal_idx], logits[cal_idx])  # (M_cal, N)
+        return est._calibrated(calib, quantile)
+
+    @classmethod
+    def fit_outputs(cls, outputs: Sequence[TeacherOutput], labels: Optional[torch.Tensor] = None,
+                    **kwargs) -> "ConfidenceEstimator":
+        """:meth:`fit` on a list of batches of :class:`TeacherOutput` (masks are not needed)."""
+        if not outputs:
+            raise ValueError("no teacher outputs to fit confidence statistics on")
+        return cls.fit(torch.cat([o.block_states for o in outputs]), torch.cat([o.logits for o in outputs]),
+                       labels, **kwargs)
+
+    def _calibrated(self, calib: torch.Tensor, quantile: float) -> "ConfidenceEstimator":
+        calib = calib.T.to(torch.float64).sort(dim=1).values  # (N, M_cal)
+        center = torch.quantile(calib, quantile, dim=1)  # (N,) t_b
+        scale = _robust_scale(calib, center)  # (N,) tau_b
+        tensors = {**self.tensors, "calib_scores": calib, "calib_center": center, "calib_scale": scale}
+        return replace(self, tensors=tensors)
+
+    # ---- scoring -----------------------------------------------------------------------------
+
+    def _check_inputs(self, block_states: torch.Tensor, logits: torch.Tensor) -> None:
+        if block_states.ndim != 3 or logits.ndim != 2 or block_states.shape[0] != logits.shape[0]:
+            raise ValueError(f"expected block_states (B, N, H) and logits (B, C) with one B, got "
+                             f"{tuple(block_states.shape)} and {tuple(logits.shape)}")
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"estimator was fitted for {self.num_classes} classes, logits have {logits.shape[1]}")
+        if self.method != "msp":
+            if block_states.shape[1] != self.num_blocks:
+                raise ValueError(f"estimator was fitted for N = {self.num_blocks} blocks, got {block_states.shape[1]}")
+            if block_states.shape[2] != self.hidden_size:
+                raise ValueError(f"estimator was fitted for hidden size {self.hidden_size}, got {block_states.shape[2]}")
+
+    def _scores(self, block_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.method == "msp":
+            return -logits.double().softmax(-1).amax(-1, keepdim=True)  # (B, 1)
+        t = self.tensors
+        z = block_states.to(t["means"].device, torch.float64)  # (B, N, H)
+        absent = ~t["present"]  # (C,)
+        out = []
+        for b in range(self.num_blocks):
+            md = mahalanobis_sq(z[:, b], t["means"][b], t["precision"][b])  # (B, C) MD_c, Eq. 2
+            md = md.masked_fill(absent[None], float("inf")).amin(-1)  # (B,) min_c MD_c
+            if self.method == "rmd":
+                md0 = mahalanobis_sq(z[:, b], t["bg_mean"][b][None], t["bg_precision"][b])[:, 0]  # (B,) MD_0
+                md = md - md0  # min_c RMD_c = min_c MD_c - MD_0, Eq. 3-4
+            out.append(md)
+        return torch.stack(out, dim=1)  # (B, N)
+
+    def scores(self, block_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Raw OOD scores ``s`` (Eq. 4; higher = more OOD), float64 ``(B, N)`` (``(B, 1)`` for msp)."""
+        self._check_inputs(block_states, logits)
+        return self._scores(block_states, logits)
+
+    def confidence(self, block_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """In-distribution confidence ``c_k^b`` in ``[0, 1]``.
+
+        Args:
+            block_states: ``(B, N, H_k)``; for ``msp`` only ``N`` is read.
+            logits: ``(B, C_k)``.
+
+        Returns:
+            ``(B, N)`` float32 on ``block_states``'s device (msp: the final-layer score on every block).
+        """
+        self._check_inputs(block_states, logits)
+        t = self.tensors
+        with torch.no_grad():
+            s = self._scores(block_states, logits).to(t["calib_scores"].device)  # (B, N) or (B, 1)
+            conf = scores_to_confidence(s, t["calib_scores"], t["calib_center"], t["calib_scale"], self.transform)
+        if self.method == "msp":
+            conf = conf.expand(-1, block_states.shape[1])  # (B, N)
+        return conf.to(block_states.device).contiguous()
+
+    def __call__(self, output: TeacherOutput) -> torch.Tensor:
+        """``(B, N)`` confidences for one batch of this teacher's :class:`TeacherOutput`."""
+        return self.confidence(output.block_states, output.logits)
+
+    def to(self, device: torch.device | str) -> "ConfidenceEstimator":
+        return replace(self, tensors={k: v.to(device) for k, v in self.tensors.items()})
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, name: str = "confidence") -> Path:
+        """Write ``<name>.safetensors`` (the statistics) and ``<name>.json`` (method, sizes, fit facts)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        header = {"format_version": FORMAT_VERSION, "method": self.method, "transform": self.transform,
+                  "num_blocks": self.num_blocks, "num_classes": self.num_classes, "hidden_size": self.hidden_size,
+                  "meta": self.meta}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        save_file(tensors, str(directory / f"{name}.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
+        (directory / f"{name}.json").write_text(json.dumps(header, indent=2))
+        return directory / f"{name}.json"
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str = "confidence",
+             device: torch.device | str = "cpu") -> "ConfidenceEstimator":
+        """Read what :meth:`save` wrote."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        header_file, tensor_file = directory / f"{name}.json", directory / f"{name}.safetensors"
+        for f in (header_file, tensor_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"confidence statistics {f} are missing; fit them first")
+        header = json.loads(header_file.read_text())
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{header_file}: format_version {header.get('format_version')} is not {FORMAT_VERSION}")
+        _check_method(header["method"], header["transform"])
+        tensors = load_file(str(tensor_file), device=str(device))
+        needed = {"calib_scores", "calib_center", "calib_scale"}
+        if header["method"] != "msp":
+            needed |= {"means", "present", "precision", "bg_mean", "bg_precision"}
+        if needed - set(tensors):
+            raise ValueError(f"{tensor_file} lacks tensors {sorted(needed - set(tensors))}")
+        return cls(header["method"], header["transform"], int(header["num_blocks"]), int(header["num_classes"]),
+                   int(header["hidden_size"]), tensors, header.get("meta", {}))
+
+
+def save_estimators(directory: str | Path, estimators: dict[str, ConfidenceEstimator]) -> Path:
+    """All teachers' statistics in one directory: ``<teacher>.safetensors`` + ``<teacher>.json`` + ``index.json``."""
+    directory = Path(directory)
+    for name, est in estimators.items():
+        est.save(directory, name)
+    index = directory / "index.json"
+    index.write_text(json.dumps({"teachers": list(estimators)}, indent=2))
+    return index
+
+
+def load_estimators(directory: str | Path, device: torch.device | str = "cpu") -> dict[str, ConfidenceEstimator]:
+    """Read what :func:`save_estimators` wrote, in the saved teacher order."""
+    index = Path(directory) / "index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} is missing; fit the confidence statistics first")
+    names = json.loads(index.read_text())["teachers"]
+    return {name: ConfidenceEstimator.load(directory, name, device) for name in names}
+
+
+def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """Probability that a random OOD score exceeds a random in-distribution score (ties count 1/2).
+
+    A dependency-free diagnostic for logs; tests cross-check it against scikit-learn.
+    """
+    a, b = in_scores.flatten().double(), out_scores.flatten().double()
+    if not a.numel() or not b.numel():
+        return math.nan
+    greater = (b[:, None] > a[None]).double().mean()
+    ties = (b[:, None] == a[None]).double().mean()
+    return float(greater + 0.5 * ties)
