@@ -153,7 +153,16 @@ class SteeredConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     min_new_tokens: int = Field(8, ge=0, le=8192)
     prompt: str = Field("", description="prefix template; '{label}' becomes the target class name, e.g. 'Category: {label}'")
+    keep_prompt: bool = Field(False, description="false: the teacher scores and the set keeps only the continuation "
+                                                 "(a prompt naming the class would hand the student its label)")
     batch_size: int = Field(32, ge=1, le=65536, description="requests decoded together by one engine")
+    teacher_chunk_tokens: int = Field(262_144, ge=1, description="padded teacher tokens per forward; bounds memory "
+                                                                 "(candidates are sorted by length before chunking)")
+    token_map: Literal["auto", "exact"] = Field(
+        "auto", description="auto: incremental cross-tokenizer ids, exact path when it cannot be proven exact; "
+                            "exact: re-tokenize every candidate's full text (slow reference)")
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
+        "auto", description="LM dtype; auto: bfloat16 on GPU, float32 on CPU; float64 for a reference run")
 
     @field_validator("lm_path")
     @classmethod
@@ -168,11 +177,14 @@ class SteeredConfig(_Section):
             raise ValueError(f"top_k ({self.top_k}) must be <= top_m ({self.top_m}): top-k samples among the teacher-scored top-m")
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
+        if self.engine == "vllm":
+            raise ValueError("engine 'vllm' is not implemented yet; use engine: hf (CPU or GPU). The vLLM engine will "
+                             "need a GPU node with the extra installed: pip install 'dfkd-ray[vllm]'")
         return self
 
 
 SourceName = Literal["random_words", "corpus", "steered", "prompt_tuned", "embedding_guessing"]
-IMPLEMENTED_SOURCES = ("random_words", "corpus")
+IMPLEMENTED_SOURCES = ("random_words", "corpus", "steered")
 """Sources with an implementation in :mod:`dfkd_ray.transfer.sources`; others are planned."""
 
 

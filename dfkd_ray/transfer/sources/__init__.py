@@ -14,6 +14,7 @@ from dfkd_ray.transfer.sources.base import TransferSource
 SOURCES: dict[str, str] = {
     "random_words": "dfkd_ray.transfer.sources.random_words:RandomWordsSource",
     "corpus": "dfkd_ray.transfer.sources.corpus:CorpusSource",
+    "steered": "dfkd_ray.transfer.sources.steered:SteeredSource",
 }
 
 

@@ -1,0 +1,502 @@
+"""The steerable generator of StrataNet section 4.2 on Hugging Face transformers.
+
+A general-domain causal LM writes text of a chosen class because a teacher reweights its next-token
+choices (Eq. 1, :mod:`dfkd_ray.math.decoding`). This engine is the CPU reference and the GPU
+workhorse wherever vLLM is absent:
+
+- many requests decode together with the LM's KV cache (left padding, explicit position ids);
+  each request has its own teacher, target class, seed, prompt and control strength; rows stop at
+  EOS or ``max_new_tokens`` (EOS is banned before ``min_new_tokens``) and leave the batch;
+- each step, for each teacher, the ``B_k * m`` candidate continuations of its rows are scored in one
+  batched teacher forward (no grad, dynamic padding, sequences sorted by length and cut into chunks
+  of at most ``teacher_chunk_tokens`` padded tokens; the teacher's own dtype, bf16 on GPU);
+- the teacher's ids come from :mod:`dfkd_ray.generation.token_map` (incremental, exact);
+- a request's draws come from its own generator, so its output does not depend on the batch. Stock
+  BLAS kernels are not batch-invariant (a row's logits change in the last bits with the batch
+  size: MKL's sgemm does, cuBLAS does), so bitwise equality across batch compositions holds when
+  those last bits cannot move a decision; run the LM and teachers in float64 (``dtype``) for a
+  reference where they practically never can. See ``tests/test_steered.py``.
+
+The teacher's confidence in the target is recorded for every sample. It is what the teacher
+believes, not evidence that the text is of the class: the reweighting can find text that fools a
+teacher. Never report it as quality.
+
+Choices the paper leaves open (fields of :class:`SteeredParams` / ``SteeredConfig``): the teacher
+scores, and the transfer set keeps, the continuation only (``keep_prompt=False``; a prompt such as
+``Category: {label}`` would otherwise hand the student its label); the text is exactly what the
+teacher scored (no stripping); special tokens other than EOS are never sampled; a row whose text
+already fills the teacher's ``max_length`` continues without guidance (every candidate would give
+the teacher the same truncated input).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from dfkd_ray.generation.token_map import LmVocabulary, TeacherInputs, TeacherRows, TeacherTokenMap
+from dfkd_ray.math.decoding import (SCHEDULES, control_weights, reweight, row_uniforms, sample_candidates,
+                                    sample_top_k, select_top_m)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SteeredParams:
+    """Decoding parameters; mirrors ``SteeredConfig`` without pydantic (see there for each field)."""
+
+    control_strength: float = 8.0
+    lambda_schedule: str = "constant"
+    decay_rate: float = 0.97
+    lambda_floor: float = 0.25
+    top_m: int = 50
+    top_k: int = 50
+    top_p: float = 0.9
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    min_new_tokens: int = 8
+    prompt: str = ""
+    keep_prompt: bool = False
+    batch_size: int = 32
+    teacher_chunk_tokens: int = 262_144
+    token_map: str = "auto"
+    dtype: str = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "SteeredParams":
+        """From a ``SteeredConfig`` (or anything with the same attribute names)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming every bad field."""
+        bad = []
+        if not (math.isfinite(self.control_strength) and self.control_strength >= 0):
+            bad.append(f"control_strength (lambda) must be a finite number >= 0, got {self.control_strength}")
+        if self.lambda_schedule not in SCHEDULES:
+            bad.append(f"lambda_schedule must be one of {SCHEDULES}, got {self.lambda_schedule!r}")
+        if not 0 < self.decay_rate <= 1:
+            bad.append(f"decay_rate must be in (0, 1], got {self.decay_rate}")
+        if not 0 <= self.lambda_floor <= 1:
+            bad.append(f"lambda_floor must be in [0, 1], got {self.lambda_floor}")
+        if self.top_m < 1:
+            bad.append(f"top_m must be >= 1, got {self.top_m}")
+        if self.top_k < 1:
+            bad.append(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k > self.top_m:
+            bad.append(f"top_k ({self.top_k}) must be <= top_m ({self.top_m}): top-k samples among the teacher-scored top-m")
+        if not 0 < self.top_p <= 1:
+            bad.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            bad.append(f"temperature must be > 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            bad.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            bad.append(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
+        if self.batch_size < 1:
+            bad.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.teacher_chunk_tokens < 1:
+            bad.append(f"teacher_chunk_tokens must be >= 1, got {self.teacher_chunk_tokens}")
+        if self.token_map not in ("auto", "exact"):
+            bad.append(f"token_map must be 'auto' or 'exact', got {self.token_map!r}")
+        if self.dtype not in ("auto", *_DTYPES):
+            bad.append(f"dtype must be one of {('auto', *_DTYPES)}, got {self.dtype!r}")
+        if bad:
+            raise ValueError("bad steered-generation parameters: " + "; ".join(bad))
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One text to write.
+
+    Attributes:
+        teacher: name of the teacher that steers it.
+        target: the teacher's class id ``c`` to steer towards.
+        seed: the request's seed; the same seed gives the same text whatever else is in the batch.
+        prompt: ``None``: the engine's ``prompt`` template; else this template ('' for none). In a
+            template ``{label}`` becomes the teacher's name for ``target``.
+        control_strength: ``None``: the engine's; else this request's ``lambda``.
+    """
+
+    teacher: str
+    target: int
+    seed: int
+    prompt: Optional[str] = None
+    control_strength: Optional[float] = None
+
+
+@dataclass
+class GenerationResult:
+    """One generated text and what made it.
+
+    ``teacher_confidence`` is ``P_teacher(target | text)``: recorded, never a measure of quality.
+    """
+
+    text: str
+    token_ids: list[int]
+    num_tokens: int
+    stop_reason: str
+    teacher_confidence: float
+    teacher_prediction: int
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    index: int
+    request: GenerationRequest
+    prompt: str
+    prompt_ids: list[int]
+    strength: float
+    generated: list[int] = field(default_factory=list)
+    stop: str = ""
+
+
+def resolve_lm_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def plan_chunks(lengths: np.ndarray, budget: int, *, slack: float = 0.1, min_fraction: float = 0.125) -> list[tuple[int, int]]:
+    """Cut length-sorted sequences into forward chunks ``[s, e)``.
+
+    A chunk holds at most ``budget`` padded tokens (count x its longest length). Once it holds
+    ``min_fraction * budget`` padded tokens (enough to keep the device busy) it also ends before
+    the sequence that would make its padding exceed ``slack`` of its real tokens.
+
+    Args:
+        lengths: ``(N,)`` ascending.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    N = len(lengths)
+    csum = np.concatenate([[0], np.cumsum(lengths)])
+    min_tokens = max(1, int(budget * min_fraction))
+    chunks, s = [], 0
+    while s < N:
+        count = np.arange(1, N - s + 1)
+        padded = count * lengths[s:]  # padded tokens of chunk [s, s + count)
+        real = csum[s + 1:] - csum[s]
+        stop = padded > budget
+        stop[1:] |= (padded[1:] > (1 + slack) * real[1:]) & (padded[:-1] >= min_tokens)
+        stop[0] = False
+        e = s + (int(np.argmax(stop)) if stop.any() else N - s)
+        chunks.append((s, e))
+        s = e
+    return chunks
+
+
+class SteeredGenerator:
+    """Teacher-reweighted top-m decoding (StrataNet Eq. 1) with a Hugging Face causal LM.
+
+    Args:
+        lm: a causal LM (``AutoModelForCausalLM``); moved to ``device`` in ``params.dtype``.
+        lm_tokenizer: its tokenizer.
+        teachers: name -> :class:`~dfkd_ray.models.teacher.Teacher` (``tokenizer``, ``labels``,
+            ``max_length``, ``forward_ids``).
+        params: :class:`SteeredParams`.
+        device: defaults to the first teacher's device.
+        lm_name: recorded in each result's ``params``.
+    """
+
+    def __init__(self, lm, lm_tokenizer, teachers: dict, params: SteeredParams = SteeredParams(), *,
+                 device: torch.device | str | None = None, lm_name: str = ""):
+        params.validate()
+        if not teachers:
+            raise ValueError("no teachers: the steered generator needs at least one teacher")
+        self.params = params
+        self.teachers = dict(teachers)
+        self.device = torch.device(device) if device is not None else next(iter(self.teachers.values())).device
+        self.lm = lm.to(device=self.device, dtype=resolve_lm_dtype(params.dtype, self.device)).eval().requires_grad_(False)
+        self.lm_tokenizer = lm_tokenizer
+        self.lm_name = lm_name or str(getattr(lm.config, "_name_or_path", ""))
+        cfg = lm.config
+        self.vocab_size = int(getattr(cfg, "vocab_size", len(lm_tokenizer)))
+        self.vocab = LmVocabulary(lm_tokenizer, self.vocab_size)
+        self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
+        eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else (cfg.eos_token_id if cfg.eos_token_id is not None else lm_tokenizer.eos_token_id)
+        self.eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+        self.bos_id = lm_tokenizer.bos_token_id if lm_tokenizer.bos_token_id is not None else getattr(cfg, "bos_token_id", None)
+        self.pad_id = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        # Never sampled: special tokens other than EOS, and ids the tokenizer cannot decode.
+        self.banned = sorted((set(self.vocab.special_ids) - set(self.eos_ids)) | set(range(len(lm_tokenizer), self.vocab_size)))
+        self._maps: dict[str, TeacherTokenMap] = {}
+        self.stats: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, lm_path: str | Path, teachers: dict, params: SteeredParams = SteeredParams(), *,
+                        device: torch.device | str | None = None) -> "SteeredGenerator":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lm_path = Path(lm_path)
+        dev = torch.device(device) if device is not None else next(iter(teachers.values())).device
+        lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=resolve_lm_dtype(params.dtype, dev))
+        tok = AutoTokenizer.from_pretrained(lm_path)
+        return cls(lm, tok, teachers, params, device=dev, lm_name=lm_path.name)
+
+    def token_map(self, teacher: str) -> TeacherTokenMap:
+        """The (LM, teacher) token map, built on first use."""
+        if teacher not in self._maps:
+            t = self.teachers[teacher]
+            self._maps[teacher] = TeacherTokenMap(self.vocab, t.tokenizer, t.max_length, self.device, mode=self.params.token_map)
+        return self._maps[teacher]
+
+    # ------------------------------------------------------------------ requests
+
+    def _prepare(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
+        """Check every request before any generation starts; raise one error listing the problems."""
+        if len(requests) == 0:
+            raise ValueError("no requests: pass at least one GenerationRequest")
+        p = self.params
+        problems, rows = [], []
+        for i, r in enumerate(requests):
+            if r.teacher not in self.teachers:
+                problems.append(f"request {i}: unknown teacher {r.teacher!r}; loaded: {sorted(self.teachers)}")
+                continue
+            labels = self.teachers[r.teacher].labels
+            if not (isinstance(r.target, (int, np.integer)) and 0 <= int(r.target) < len(labels)):
+                problems.append(f"request {i}: teacher {r.teacher!r} has no class {r.target!r}; "
+                                f"its classes are 0..{len(labels) - 1} ({labels})")
+                continue
+            strength = p.control_strength if r.control_strength is None else float(r.control_strength)
+            if not (math.isfinite(strength) and strength >= 0):
+                problems.append(f"request {i}: control_strength (lambda) must be a finite number >= 0, got {strength}")
+                continue
+            template = p.prompt if r.prompt is None else r.prompt
+            prompt = template.replace("{label}", labels[int(r.target)])
+            ids = list(self.lm_tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+            if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+                ids = [int(self.bos_id)] + ids
+            if not ids:
+                problems.append(f"request {i}: the LM has no BOS token, so an empty prompt gives it nothing to "
+                                "condition on; give a prompt")
+                continue
+            if len(ids) >= self.context:
+                problems.append(f"request {i}: prompt is {len(ids)} LM tokens, longer than the LM's context "
+                                f"({self.context}); shorten it")
+                continue
+            if len(ids) + p.max_new_tokens > self.context:
+                problems.append(f"request {i}: prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
+                                f"exceeds the LM's context ({self.context}); lower max_new_tokens or shorten the prompt")
+                continue
+            rows.append(_Row(i, r, prompt, ids, strength))
+        if problems:
+            raise ValueError(f"{len(problems)} bad generation request(s): " + "; ".join(problems))
+        return rows
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Texts for the requests, in order; ``params.batch_size`` rows decode together."""
+        rows = self._prepare(requests)
+        for name in sorted({r.request.teacher for r in rows if r.strength > 0}):
+            self.token_map(name)
+        self.stats = {k: 0.0 for k in ("steps", "teacher_forwards", "teacher_sequences", "teacher_tokens",
+                                       "teacher_padded_tokens", "teacher_tokens_sq", "teacher_seconds",
+                                       "tokenizer_seconds", "lm_forwards")}
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        results: list[GenerationResult] = []
+        bs = self.params.batch_size
+        with torch.inference_mode():
+            for s in range(0, len(rows), bs):
+                results.extend(self._generate_batch(rows[s:s + bs]))
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            self.stats["teacher_seconds"] = sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+        return results
+
+    # ------------------------------------------------------------------ decoding
+
+    def _lm_forward(self, input_ids, attention_mask, position_ids, cache):
+        self.stats["lm_forwards"] += 1
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]  # (B, V)
+        return logits.clone() if logits.dtype == torch.float64 else logits.float()
+
+    def _generate_batch(self, rows: list[_Row]) -> list[GenerationResult]:
+        from transformers import DynamicCache
+
+        p, dev = self.params, self.device
+        B = len(rows)
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
+        for b, r in enumerate(rows):  # left padding
+            ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[b, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T) positions count real tokens only
+        u = row_uniforms([r.request.seed for r in rows], p.max_new_tokens, dev)  # (B, T_new)
+        strength = torch.tensor([r.strength for r in rows], dtype=torch.float32, device=dev)  # (B,)
+        active = np.arange(B)  # batch row -> index into rows
+        # Guided rows of each teacher, with their incremental teacher-side text.
+        groups: dict[str, tuple[np.ndarray, TeacherRows]] = {}
+        for name in sorted({r.request.teacher for r in rows if r.strength > 0}):
+            members = np.array([b for b, r in enumerate(rows) if r.request.teacher == name and r.strength > 0])
+            tmap = self.token_map(name)
+            initial = [self._initial(rows[b], tmap) for b in members]
+            groups[name] = (members, tmap.rows(initial))
+        targets = torch.tensor([int(r.request.target) for r in rows], dtype=torch.long, device=dev)
+
+        cache = DynamicCache()
+        logits = self._lm_forward(ids, mask, pos, cache)
+        pos = pos[:, -1]  # (B,)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
+        banned = torch.tensor(self.banned, dtype=torch.long, device=dev)
+        for t in range(p.max_new_tokens):
+            self.stats["steps"] += 1
+            if len(banned):
+                logits.index_fill_(1, banned, float("-inf"))
+            if t < p.min_new_tokens and len(eos):
+                logits.index_fill_(1, eos, float("-inf"))
+            if not torch.isfinite(logits.max(-1).values).all():
+                raise FloatingPointError("the LM produced non-finite logits for every token of a row (NaN or all -inf)")
+            lam = control_weights(torch.full((len(active),), t, device=dev), strength, p.lambda_schedule,
+                                  decay_rate=p.decay_rate, floor=p.lambda_floor)  # (B,) lambda_t
+            if groups:
+                logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+                values, cand = select_top_m(logprobs, min(p.top_m, logprobs.shape[-1]))  # (B, m)
+                tlp = self._teacher_logprobs(groups, cand, lam, targets)  # (B, m) log P_teacher(c | x_<=t)
+                scores = reweight(values, tlp, lam)  # (B, m) Eq. 1
+                chosen = sample_candidates(scores, cand, u[:, t], top_k=p.top_k, top_p=p.top_p,
+                                           temperature=p.temperature)
+            else:  # lambda = 0 everywhere: plain top-k sampling (identical result, no top-m work)
+                chosen = sample_top_k(logits, u[:, t], top_k=p.top_k, top_p=p.top_p, temperature=p.temperature)
+            chosen_list = chosen.tolist()
+            done = []
+            for b, c in enumerate(chosen_list):
+                row = rows[active[b]]
+                if c in self.eos_ids:
+                    row.stop = "eos"
+                    done.append(b)
+                    continue
+                row.generated.append(c)
+                if t + 1 == p.max_new_tokens:
+                    row.stop = "length"
+                    done.append(b)
+            if len(done) == len(active):
+                break
+            if done:  # finished rows leave the batch
+                keep = np.setdiff1d(np.arange(len(active)), np.array(done))
+                keep_d = torch.from_numpy(keep).to(dev)
+                cache.batch_select_indices(keep_d)
+                mask, pos, u, strength, targets, chosen = (x[keep_d] for x in (mask, pos, u, strength, targets, chosen))
+                chosen_list = [chosen_list[i] for i in keep]
+                new_index = np.full(len(active), -1)
+                new_index[keep] = np.arange(len(keep))
+                for name, (members, state) in list(groups.items()):
+                    local = np.nonzero(np.isin(members, keep))[0]
+                    state.keep(local)
+                    groups[name] = (new_index[members[local]], state)
+                    if len(local) == 0:
+                        del groups[name]
+                active = active[keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            pos = pos + 1
+            logits = self._lm_forward(chosen.view(-1, 1), mask, pos.view(-1, 1), cache)  # queued on the GPU ...
+            t0 = time.perf_counter()
+            for name, (members, state) in groups.items():  # ... while the teacher-side text advances here
+                state.advance([chosen_list[b] for b in members])
+            self.stats["tokenizer_seconds"] += time.perf_counter() - t0
+        return self._finish(rows)
+
+    def _initial(self, row: _Row, tmap: TeacherTokenMap):
+        """The text a row's teacher sees before the first generated token."""
+        ids = row.prompt_ids[1:] if (self.bos_id is not None and row.prompt_ids[:1] == [self.bos_id]) else row.prompt_ids
+        if not self.params.keep_prompt:
+            ids = []
+        return self.vocab.bytes_of(ids) if self.vocab.byte_level else list(ids)
+
+    def _teacher_logprobs(self, groups, cand: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``(B, m)`` ``log P_teacher(target | text + candidate)``; 0 for unguided or saturated rows."""
+        B, m = cand.shape
+        out = torch.zeros(B, m, dtype=torch.float32, device=self.device)
+        cand_np = cand.cpu().numpy()
+        lam_np = lam.cpu().numpy()
+        for name, (members, state) in groups.items():
+            live = (lam_np[members] > 0) & ~state.saturated()
+            if not live.any():
+                continue
+            t0 = time.perf_counter()
+            if live.all():
+                inputs = state.inputs(cand_np[members], cand[torch.from_numpy(members).to(self.device)])
+                rows = members
+            else:  # score only rows that need it (the others' values are never used)
+                sub = np.nonzero(live)[0]
+                rows = members[sub]
+                inputs = state.subset(sub).inputs(cand_np[rows], cand[torch.from_numpy(rows).to(self.device)])
+            self.stats["tokenizer_seconds"] += time.perf_counter() - t0
+            rows_d = torch.from_numpy(rows).to(self.device)
+            tgt = targets[rows_d].repeat_interleave(m)  # (n*m,)
+            lp = self._score(self.teachers[name], inputs, tgt)  # (n*m,)
+            out[rows_d] = lp.view(len(rows), m)
+        return out
+
+    def _score(self, teacher, inputs: TeacherInputs, targets: torch.Tensor) -> torch.Tensor:
+        """Teacher log-probabilities of ``targets`` for assembled inputs, in length-sorted chunks."""
+        lengths = inputs.lengths
+        order = np.argsort(lengths, kind="stable")
+        out = torch.empty(len(lengths), dtype=torch.float32, device=self.device)
+        cuda = self.device.type == "cuda"
+        for s, e in plan_chunks(lengths[order], self.params.teacher_chunk_tokens):
+            idx = order[s:e]
+            width = int(lengths[idx[-1]])
+            idx_d = torch.from_numpy(idx).to(self.device)
+            x, a = inputs.input_ids[idx_d, :width], inputs.attention_mask[idx_d, :width]
+            if cuda:  # timed with events: no synchronisation inside the loop
+                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                ev[0].record()
+            else:
+                t0 = time.perf_counter()
+            logits = teacher.forward_ids(x, a, with_blocks=False).logits  # (n, C) float32
+            if cuda:
+                ev[1].record()
+                self._events.append(ev)
+            else:
+                self.stats["teacher_seconds"] += time.perf_counter() - t0
+            out[idx_d] = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[idx_d].view(-1, 1)).squeeze(1)
+            st = self.stats
+            st["teacher_forwards"] += 1
+            st["teacher_sequences"] += len(idx)
+            st["teacher_tokens"] += float(lengths[idx].sum())
+            st["teacher_tokens_sq"] += float((lengths[idx].astype(np.float64) ** 2).sum())
+            st["teacher_padded_tokens"] += float(len(idx) * width)
+        return out
+
+    def _finish(self, rows: list[_Row]) -> list[GenerationResult]:
+        """Texts, and the teacher's final confidence in each row's target."""
+        p = self.params
+        texts = []
+        for r in rows:
+            body = r.prompt_ids[1:] if (self.bos_id is not None and r.prompt_ids[:1] == [self.bos_id]) else r.prompt_ids
+            texts.append(self.vocab.text((list(body) if p.keep_prompt else []) + r.generated))
+        conf = [0.0] * len(rows)
+        pred = [0] * len(rows)
+        by_teacher: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_teacher.setdefault(r.request.teacher, []).append(i)
+        for name, idx in by_teacher.items():
+            probs, predicted = self.teachers[name].predict([texts[i] for i in idx])
+            for j, i in enumerate(idx):
+                conf[i] = float(probs[j, int(rows[i].request.target)])
+                pred[i] = int(predicted[j])
+        out = []
+        for i, r in enumerate(rows):
+            tmap = self._maps.get(r.request.teacher)
+            params = {
+                "engine": "hf", "lm": self.lm_name, "control_strength": r.strength,
+                "lambda_schedule": p.lambda_schedule, "decay_rate": p.decay_rate, "lambda_floor": p.lambda_floor,
+                "top_m": p.top_m, "top_k": p.top_k, "top_p": p.top_p, "temperature": p.temperature,
+                "max_new_tokens": p.max_new_tokens, "min_new_tokens": p.min_new_tokens, "prompt": r.prompt,
+                "keep_prompt": p.keep_prompt, "lm_tokens": len(r.generated), "stop": r.stop,
+                "token_map": ("fast" if tmap.fast else "exact") if tmap is not None else "none",
+            }
+            out.append(GenerationResult(text=texts[i], token_ids=list(r.generated), num_tokens=len(r.generated),
+                                        stop_reason=r.stop, teacher_confidence=conf[i], teacher_prediction=pred[i],
+                                        params=params))
+        return out

@@ -1,0 +1,237 @@
+"""The steered generator (StrataNet section 4.2) on the fixture LM and teachers, and the 'steered' source."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams
+from dfkd_ray.math.decoding import control_weights, reweight, row_uniforms, sample_candidates, sample_top_k
+
+
+@pytest.fixture(scope="module")
+def lm_and_tokenizer(synthetic_task):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(synthetic_task.lm, dtype=torch.float32)
+    return lm, AutoTokenizer.from_pretrained(synthetic_task.lm)
+
+
+@pytest.fixture(scope="module")
+def teachers64(teachers):
+    """float64 copies of the fixture teachers: a reference run where last-bit kernel noise cannot move a decision."""
+    from dfkd_ray.models.teacher import Teacher
+
+    return {n: Teacher(name=n, model=copy.deepcopy(t.model).double(), tokenizer=t.tokenizer, labels=t.labels,
+                       num_blocks=1, max_length=t.max_length) for n, t in teachers.items()}
+
+
+def make(lm_and_tokenizer, teachers, **params) -> SteeredGenerator:
+    lm, tok = lm_and_tokenizer
+    return SteeredGenerator(copy.deepcopy(lm), tok, teachers, SteeredParams(**params))
+
+
+def mixed_requests(n: int, strengths=(None,)) -> list[GenerationRequest]:
+    prompts = [None, "", "Category: {label}", "the"]
+    return [GenerationRequest(teacher=("alpha", "beta")[i % 2], target=(i // 2) % 2, seed=1000 + 37 * i,
+                              prompt=prompts[i % len(prompts)], control_strength=strengths[i % len(strengths)])
+            for i in range(n)]
+
+
+def prompt_ids(gen: SteeredGenerator, req: GenerationRequest) -> list[int]:
+    label = gen.teachers[req.teacher].labels[req.target]
+    text = (gen.params.prompt if req.prompt is None else req.prompt).replace("{label}", label)
+    return [gen.bos_id] + (gen.lm_tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+
+
+@torch.inference_mode()
+def plain_sampling(gen: SteeredGenerator, req: GenerationRequest) -> list[int]:
+    """Reference: one request alone, the full prefix through the LM each step, plain top-k sampling."""
+    p = gen.params
+    ids = prompt_ids(gen, req)
+    u = row_uniforms([req.seed], p.max_new_tokens)[0]
+    out = []
+    for t in range(p.max_new_tokens):
+        logits = gen.lm(torch.tensor([ids + out])).logits[:, -1].clone()
+        if t < p.min_new_tokens:
+            logits[:, gen.eos_ids] = float("-inf")
+        x = int(sample_top_k(logits, u[t:t + 1], top_k=p.top_k, top_p=p.top_p, temperature=p.temperature))
+        if x in gen.eos_ids:
+            break
+        out.append(x)
+    return out
+
+
+@torch.inference_mode()
+def score_every_token(gen: SteeredGenerator, req: GenerationRequest) -> list[int]:
+    """Reference for m = V: every vocabulary token's full text through ``Teacher.__call__``, one request alone."""
+    p = gen.params
+    teacher = gen.teachers[req.teacher]
+    ids = prompt_ids(gen, req)
+    u = row_uniforms([req.seed], p.max_new_tokens)[0]
+    V = gen.lm.config.vocab_size
+    out = []
+    for t in range(p.max_new_tokens):
+        logits = gen.lm(torch.tensor([ids + out])).logits[:, -1].clone()
+        if t < p.min_new_tokens:
+            logits[:, gen.eos_ids] = float("-inf")
+        lp = torch.log_softmax(logits, -1)  # (1, V)
+        texts = [gen.vocab.text(out + [v]) for v in range(V)]
+        tlp = torch.log_softmax(teacher(texts, with_blocks=False).logits, -1)[:, req.target].view(1, V)
+        lam = control_weights(torch.tensor([t]), torch.tensor([p.control_strength]), p.lambda_schedule,
+                              decay_rate=p.decay_rate, floor=p.lambda_floor)
+        x = int(sample_candidates(reweight(lp, tlp, lam), torch.arange(V).view(1, V), u[t:t + 1], top_k=p.top_k,
+                                  top_p=p.top_p, temperature=p.temperature))
+        if x in gen.eos_ids:
+            break
+        out.append(x)
+    return out
+
+
+def test_lambda_zero_equals_plain_top_k_sampling(lm_and_tokenizer, teachers64):
+    params = dict(control_strength=0.0, top_m=30, top_k=12, top_p=0.9, temperature=0.9, max_new_tokens=24,
+                  min_new_tokens=3, dtype="float64", batch_size=16)
+    # All rows unguided (the plain sampler), then unguided rows batched with guided ones (the Eq. 1 path).
+    gen = make(lm_and_tokenizer, teachers64, **params)
+    reqs = mixed_requests(6)
+    mixed = mixed_requests(8, strengths=(0.0, 6.0))
+    for results, requests in [(gen.generate(reqs), reqs), (gen.generate(mixed), mixed)]:
+        checked = 0
+        for res, req in zip(results, requests):
+            if req.control_strength in (None, 0.0):
+                assert res.token_ids == plain_sampling(gen, req)
+                checked += 1
+        assert checked >= 4
+    assert gen.stats["teacher_forwards"] > 0  # the second batch went through the teacher-scored path
+
+
+def test_m_equal_to_vocabulary_matches_scoring_every_token(lm_and_tokenizer, teachers64):
+    V = lm_and_tokenizer[0].config.vocab_size
+    gen = make(lm_and_tokenizer, teachers64, control_strength=6.0, lambda_schedule="decay", decay_rate=0.8,
+               lambda_floor=0.3, top_m=V, top_k=40, top_p=0.9, max_new_tokens=8, min_new_tokens=2, dtype="float64")
+    reqs = [GenerationRequest("alpha", 0, seed=5), GenerationRequest("beta", 1, seed=6, prompt="Category: {label}")]
+    for res, req in zip(gen.generate(reqs), reqs):
+        assert len(res.token_ids) >= 2
+        assert res.token_ids == score_every_token(gen, req)
+
+
+def test_steering_moves_the_teachers_prediction(lm_and_tokenizer, teachers):
+    """lambda > 0 makes each teacher's prediction match the target far more often than lambda = 0; both
+    teachers' tokenizers (WordPiece; a byte-level BPE of their own) differ from the LM's.
+
+    Each seed is used once per class, so unguided texts do not depend on the target and a two-class
+    teacher agrees with exactly half of them: the baseline is chance by construction."""
+    reqs = [GenerationRequest(t, c, seed=10_000 + 101 * i) for t in ("alpha", "beta") for c in range(2)
+            for i in range(16)]
+    accuracy = {}
+    for lam in (0.0, 8.0):
+        gen = make(lm_and_tokenizer, teachers, control_strength=lam, top_m=20, top_k=10, max_new_tokens=16,
+                   min_new_tokens=4, batch_size=64)
+        results = gen.generate(reqs)
+        for name in ("alpha", "beta"):
+            pairs = [(res, req) for res, req in zip(results, reqs) if req.teacher == name]
+            accuracy[name, lam] = sum(res.teacher_prediction == req.target for res, req in pairs) / len(pairs)
+        if lam:
+            texts = {name: [r.text for r, q in zip(results, reqs) if q.teacher == name] for name in teachers}
+            for name, t in teachers.items():  # the recorded confidence is the teacher's on the final text
+                probs, _ = t.predict(texts[name])
+                recorded = [r.teacher_confidence for r, q in zip(results, reqs) if q.teacher == name]
+                targets = [q.target for q in reqs if q.teacher == name]
+                assert torch.allclose(probs[torch.arange(len(targets)), targets], torch.tensor(recorded), atol=1e-5)
+    for name in ("alpha", "beta"):
+        assert accuracy[name, 0.0] == 0.5, accuracy
+        assert accuracy[name, 8.0] >= 0.9, accuracy  # a margin of 0.4 over 32 samples per teacher
+
+
+def test_output_does_not_depend_on_the_batch(lm_and_tokenizer, teachers64):
+    reqs = mixed_requests(10, strengths=(None, 0.0, 3.0))
+    common = dict(control_strength=8.0, top_m=16, top_k=8, top_p=0.95, max_new_tokens=30, min_new_tokens=2,
+                  dtype="float64")
+    together = make(lm_and_tokenizer, teachers64, batch_size=16, **common).generate(reqs)
+    alone = make(lm_and_tokenizer, teachers64, batch_size=1, **common).generate(reqs)
+    order = [7, 2, 9, 0, 5, 1, 8, 3, 6, 4]
+    shuffled = make(lm_and_tokenizer, teachers64, batch_size=3, **common).generate([reqs[i] for i in order])
+    regrouped = [None] * len(reqs)
+    for j, i in enumerate(order):
+        regrouped[i] = shuffled[j]
+    for a, b, c in zip(together, alone, regrouped):
+        assert a.token_ids == b.token_ids == c.token_ids
+        assert a.text == b.text == c.text
+    assert {r.stop_reason for r in together} == {"eos", "length"}  # rows left the batch at different steps
+    assert len({tuple(r.token_ids) for r in together}) == len(reqs)
+
+
+def test_results_record_parameters_and_keep_prompt(lm_and_tokenizer, teachers):
+    gen = make(lm_and_tokenizer, teachers, control_strength=4.0, top_m=10, top_k=5, max_new_tokens=6,
+               min_new_tokens=6, prompt="Category: {label}", keep_prompt=True)
+    res = gen.generate([GenerationRequest("beta", 1, seed=3)])[0]
+    assert res.text.startswith("Category: finance")
+    assert res.num_tokens == 6 and res.stop_reason == "length"
+    assert res.params["prompt"] == "Category: finance" and res.params["lm_tokens"] == 6
+    assert res.params["top_m"] == 10 and res.params["control_strength"] == 4.0 and res.params["token_map"] == "fast"
+    json.dumps(res.params)
+    probs, _ = teachers["beta"].predict([res.text])
+    assert abs(float(probs[0, 1]) - res.teacher_confidence) < 1e-6
+
+
+def test_bad_parameters_fail_before_generation(lm_and_tokenizer, teachers, monkeypatch):
+    with pytest.raises(ValueError, match=r"top_k \(60\) must be <= top_m \(50\)"):
+        make(lm_and_tokenizer, teachers, top_m=50, top_k=60)
+    with pytest.raises(ValueError, match="control_strength"):
+        make(lm_and_tokenizer, teachers, control_strength=-1.0)
+    gen = make(lm_and_tokenizer, teachers, max_new_tokens=8, top_m=10, top_k=5)
+    monkeypatch.setattr(gen, "_generate_batch", lambda rows: pytest.fail("generation started"))
+    good = GenerationRequest("alpha", 0, seed=1)
+    cases = [
+        ([], "no requests"),
+        ([good, GenerationRequest("gamma", 0, seed=1)], "unknown teacher 'gamma'"),
+        ([good, GenerationRequest("alpha", 2, seed=1)], "teacher 'alpha' has no class 2"),
+        ([GenerationRequest("beta", -1, seed=1)], "has no class -1"),
+        ([GenerationRequest("alpha", 0, seed=1, control_strength=-0.5)], "must be a finite number >= 0"),
+        ([GenerationRequest("alpha", 0, seed=1, prompt="goal " * 200)], "longer than the LM's context"),
+        ([GenerationRequest("alpha", 0, seed=1, prompt="goal " * 40)], "exceeds the LM's context"),
+    ]
+    for requests, message in cases:
+        with pytest.raises(ValueError, match=message):
+            gen.generate(requests)
+
+
+def test_config_rejects_bad_steered_settings(job_dict, synthetic_task):
+    from dfkd_ray.config import ConfigError, validate_config
+
+    def with_steered(**steered):
+        d = copy.deepcopy(job_dict)
+        d["transfer"] = {"source": "steered", "steered": {"lm_path": str(synthetic_task.lm), **steered}}
+        return d
+
+    validate_config(with_steered())
+    for steered, message in [({"top_k": 60, "top_m": 50}, "top_k"), ({"control_strength": -1}, "control_strength"),
+                             ({"engine": "vllm"}, "not implemented yet"), ({"token_map": "fast"}, "token_map")]:
+        with pytest.raises(ConfigError, match=message):
+            validate_config(with_steered(**steered))
+
+
+def test_steered_source_writes_a_transfer_set(job_dict, synthetic_task, tmp_path):
+    from dfkd_ray.config import validate_config
+    from dfkd_ray.transfer.store import read_transfer_table
+    from dfkd_ray.transfer.writer import write_transfer_set
+
+    d = copy.deepcopy(job_dict)
+    d["transfer"] = {"source": "steered", "samples_per_class": 2, "shard_size": 4,
+                     "steered": {"lm_path": str(synthetic_task.lm), "top_m": 12, "top_k": 6, "max_new_tokens": 10,
+                                 "min_new_tokens": 3, "prompt": "Category: {label}", "batch_size": 4}}
+    cfg = validate_config(d)
+    out = write_transfer_set(cfg, tmp_path / "set", progress=False)
+    table = read_transfer_table(out)
+    assert table.num_rows == 8
+    rows = table.to_pylist()
+    assert {r["source"] for r in rows} == {"steered"}
+    assert {(r["teacher"], r["teacher_class"]) for r in rows} == {("alpha", 0), ("alpha", 1), ("beta", 0), ("beta", 1)}
+    for r in rows:
+        params = json.loads(r["source_params"])
+        assert params["control_strength"] == 8.0 and params["top_m"] == 12 and 3 <= params["lm_tokens"] <= 10
+        assert params["prompt"].startswith("Category: ") and not r["text"].startswith("Category")
+        assert 0.0 <= r["confidence"] <= 1.0
