@@ -105,3 +105,23 @@ def test_changed_config_is_refused_not_mixed(job_dict, tmp_path, ray_local):
     with pytest.raises(TransferSetError, match=r"different configuration.*shard_size: 8 -> 4"):
         run_generate(changed, progress=False)
     assert read_transfer_table(tmp_path / "out" / "transfer_set").equals(before)
+
+
+def test_steered_two_actors_give_requested_counts(job_dict, synthetic_task, tmp_path, ray_local):
+    """A targeted source: after confidence filtering and retries, every (teacher, class) has its count."""
+    from dfkd_ray.orchestration.generate import run_generate
+
+    d = _cfg(job_dict, tmp_path / "out", source="steered", samples_per_class=6, shard_size=6, min_confidence=0.6,
+             max_attempts=5, dedup="exact")
+    d["transfer"]["steered"] = {"lm_path": str(synthetic_task.lm), "control_strength": 4.0, "top_m": 20, "top_k": 10,
+                                "max_new_tokens": 12, "min_new_tokens": 4, "batch_size": 12}
+    cfg = validate_config(d)
+    table = read_transfer_table(run_generate(cfg, progress=False))
+    validate_table(table)
+    rows = table.to_pylist()
+    counts = {}
+    for r in rows:
+        counts[(r["teacher"], r["teacher_class"])] = counts.get((r["teacher"], r["teacher_class"]), 0) + 1
+        assert r["source"] == "steered" and r["confidence"] >= 0.6
+    assert counts == {(t, c): 6 for t in ("alpha", "beta") for c in (0, 1)}
+    assert len({r["text"].casefold() for r in rows}) == len(rows)
