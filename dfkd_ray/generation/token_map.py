@@ -544,7 +544,7 @@ class TeacherRows:
         is_open = np.array([tm.ends_open(p) for p in pend])  # (n,)
         last = np.array([p[-1] if p and p[-1] < 128 else 128 for p in pend], dtype=np.int64)  # (n,) last ASCII byte
         first = tm.first_byte[cand]  # (n, m)
-        cut = tm.class_cut[_CLASS[last][:, None], _CLASS[first]]
+        cut = tm.class_cut[_CLASS[last][:, None], _CLASS[first]] & ~tm.joined[last[:, None], first]  # (n, m)
         fast = (is_open[:, None] & tm.starts_word[cand]) | cut | tm.adds_nothing[cand] | is_empty[:, None]  # (n, m)
         p_ids = tm.word_ids(pend)
         p_len = np.array([len(x) for x in p_ids], dtype=np.int64)
