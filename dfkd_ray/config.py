@@ -158,6 +158,9 @@ class SteeredConfig(_Section):
     batch_size: int = Field(32, ge=1, le=65536, description="requests decoded together by one engine")
     teacher_chunk_tokens: int = Field(262_144, ge=1, description="padded teacher tokens per forward; bounds memory "
                                                                  "(candidates are sorted by length before chunking)")
+    teacher_batching: Literal["padded", "uniform"] = Field(
+        "padded", description="padded: length-sorted, padded chunks (measured faster on an H100); uniform: "
+                              "candidates of one length share an unpadded, unmasked forward when enough of them do")
     token_map: Literal["auto", "exact"] = Field(
         "auto", description="auto: incremental cross-tokenizer ids, exact path when it cannot be proven exact; "
                             "exact: re-tokenize every candidate's full text (slow reference)")

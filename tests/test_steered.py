@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams
+from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams, plan_chunks
 from dfkd_ray.math.decoding import control_weights, reweight, row_uniforms, sample_candidates, sample_top_k
 
 
@@ -111,7 +111,8 @@ def test_lambda_zero_equals_plain_top_k_sampling(lm_and_tokenizer, teachers64):
 def test_m_equal_to_vocabulary_matches_scoring_every_token(lm_and_tokenizer, teachers64):
     V = lm_and_tokenizer[0].config.vocab_size
     gen = make(lm_and_tokenizer, teachers64, control_strength=6.0, lambda_schedule="decay", decay_rate=0.8,
-               lambda_floor=0.3, top_m=V, top_k=40, top_p=0.9, max_new_tokens=8, min_new_tokens=2, dtype="float64")
+               lambda_floor=0.3, top_m=V, top_k=40, top_p=0.9, max_new_tokens=8, min_new_tokens=2, dtype="float64",
+               teacher_chunk_tokens=2048)  # small budget: several padded chunks per step
     reqs = [GenerationRequest("alpha", 0, seed=5), GenerationRequest("beta", 1, seed=6, prompt="Category: {label}")]
     for res, req in zip(gen.generate(reqs), reqs):
         assert len(res.token_ids) >= 2
@@ -149,7 +150,7 @@ def test_steering_moves_the_teachers_prediction(lm_and_tokenizer, teachers):
 def test_output_does_not_depend_on_the_batch(lm_and_tokenizer, teachers64):
     reqs = mixed_requests(10, strengths=(None, 0.0, 3.0))
     common = dict(control_strength=8.0, top_m=16, top_k=8, top_p=0.95, max_new_tokens=30, min_new_tokens=2,
-                  dtype="float64")
+                  dtype="float64", teacher_chunk_tokens=1024, teacher_batching="uniform")  # unpadded forwards too
     together = make(lm_and_tokenizer, teachers64, batch_size=16, **common).generate(reqs)
     alone = make(lm_and_tokenizer, teachers64, batch_size=1, **common).generate(reqs)
     order = [7, 2, 9, 0, 5, 1, 8, 3, 6, 4]
@@ -235,3 +236,21 @@ def test_steered_source_writes_a_transfer_set(job_dict, synthetic_task, tmp_path
         assert params["control_strength"] == 8.0 and params["top_m"] == 12 and 3 <= params["lm_tokens"] <= 10
         assert params["prompt"].startswith("Category: ") and not r["text"].startswith("Category")
         assert 0.0 <= r["confidence"] <= 1.0
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_plan_chunks_covers_every_sequence_within_budget(uniform):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lengths = np.sort(np.concatenate([rng.integers(3, 40, 300), np.full(200, 17), np.full(90, 33)]))
+    budget = 2048
+    chunks = plan_chunks(lengths, budget, uniform=uniform)
+    assert [s for s, _, _ in chunks] == [0] + [e for _, e, _ in chunks[:-1]] and chunks[-1][1] == len(lengths)
+    for s, e, same in chunks:
+        assert e > s and (e - s) * lengths[e - 1] <= budget or e - s == 1
+        assert same == (lengths[s] == lengths[e - 1])
+    if uniform:  # the long run of 17s is cut into unpadded forwards of its own
+        assert any(same and lengths[s] == 17 and e - s > 30 for s, e, same in chunks)
+    padded = sum((e - s) * int(lengths[e - 1]) for s, e, _ in chunks)
+    assert padded <= 1.5 * lengths.sum()

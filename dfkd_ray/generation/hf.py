@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from dfkd_ray.generation.token_map import LmVocabulary, TeacherInputs, TeacherRows, TeacherTokenMap
+from dfkd_ray.generation.token_map import LmVocabulary, TeacherInputs, TeacherRows, TeacherTokenMap, to_device
 from dfkd_ray.math.decoding import (SCHEDULES, control_weights, reweight, row_uniforms, sample_candidates,
                                     sample_top_k, select_top_m)
 
@@ -65,6 +65,7 @@ class SteeredParams:
     keep_prompt: bool = False
     batch_size: int = 32
     teacher_chunk_tokens: int = 262_144
+    teacher_batching: str = "padded"
     token_map: str = "auto"
     dtype: str = "auto"
 
@@ -102,6 +103,8 @@ class SteeredParams:
             bad.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.teacher_chunk_tokens < 1:
             bad.append(f"teacher_chunk_tokens must be >= 1, got {self.teacher_chunk_tokens}")
+        if self.teacher_batching not in ("padded", "uniform"):
+            bad.append(f"teacher_batching must be 'padded' or 'uniform', got {self.teacher_batching!r}")
         if self.token_map not in ("auto", "exact"):
             bad.append(f"token_map must be 'auto' or 'exact', got {self.token_map!r}")
         if self.dtype not in ("auto", *_DTYPES):
@@ -163,31 +166,54 @@ def resolve_lm_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def plan_chunks(lengths: np.ndarray, budget: int, *, slack: float = 0.1, min_fraction: float = 0.125) -> list[tuple[int, int]]:
-    """Cut length-sorted sequences into forward chunks ``[s, e)``.
+def plan_chunks(lengths: np.ndarray, budget: int, *, uniform: bool = False, slack: float = 0.1,
+                min_fraction: float = 0.125) -> list[tuple[int, int, bool]]:
+    """Cut length-sorted sequences into teacher forwards ``(start, end, same_length)``.
 
-    A chunk holds at most ``budget`` padded tokens (count x its longest length). Once it holds
-    ``min_fraction * budget`` padded tokens (enough to keep the device busy) it also ends before
-    the sequence that would make its padding exceed ``slack`` of its real tokens.
+    Padded chunks (the default): at most ``budget`` padded tokens (count x longest length), ending
+    early, once a chunk holds ``min_fraction * budget`` padded tokens, before the sequence that
+    would make its padding exceed ``slack`` of its real tokens.
+
+    ``uniform``: every run of sequences that share one length and hold at least ``min_fraction *
+    budget`` tokens is a forward of its own, unpadded and without an attention mask; the shorter
+    runs between them are packed as above. On an H100 (BERT-base teacher, benchmarks/RESULTS.md) it
+    was slower: ~2.8x as many forwards cost more than the mask and padding they save.
 
     Args:
         lengths: ``(N,)`` ascending.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     N = len(lengths)
-    csum = np.concatenate([[0], np.cumsum(lengths)])
     min_tokens = max(1, int(budget * min_fraction))
-    chunks, s = [], 0
-    while s < N:
-        count = np.arange(1, N - s + 1)
-        padded = count * lengths[s:]  # padded tokens of chunk [s, s + count)
-        real = csum[s + 1:] - csum[s]
-        stop = padded > budget
-        stop[1:] |= (padded[1:] > (1 + slack) * real[1:]) & (padded[:-1] >= min_tokens)
-        stop[0] = False
-        e = s + (int(np.argmax(stop)) if stop.any() else N - s)
-        chunks.append((s, e))
-        s = e
+    chunks: list[tuple[int, int, bool]] = []
+
+    def padded(a: int, b: int) -> None:
+        part = lengths[a:b]
+        csum = np.concatenate([[0], np.cumsum(part)])
+        s = 0
+        while s < len(part):
+            count = np.arange(1, len(part) - s + 1)
+            pad = count * part[s:]  # padded tokens of chunk [s, s + count)
+            real = csum[s + 1:] - csum[s]
+            stop = pad > budget
+            stop[1:] |= (pad[1:] > (1 + slack) * real[1:]) & (pad[:-1] >= min_tokens)
+            stop[0] = False
+            e = s + (int(np.argmax(stop)) if stop.any() else len(part) - s)
+            chunks.append((a + s, a + e, bool(part[s] == part[e - 1])))
+            s = e
+
+    edges = np.flatnonzero(np.diff(lengths)) + 1
+    pending = 0  # start of short runs not yet planned
+    for s, e in zip(np.concatenate([[0], edges]), np.concatenate([edges, [N]])):
+        s, e, width = int(s), int(e), int(lengths[s])
+        if uniform and (e - s) * width >= min_tokens:
+            if pending < s:
+                padded(pending, s)
+            per = max(1, budget // width)
+            chunks.extend((a, min(e, a + per), True) for a in range(s, e, per))
+            pending = e
+    if pending < N:
+        padded(pending, N)
     return chunks
 
 
@@ -354,8 +380,7 @@ class SteeredGenerator:
                 logits.index_fill_(1, banned, float("-inf"))
             if t < p.min_new_tokens and len(eos):
                 logits.index_fill_(1, eos, float("-inf"))
-            if not torch.isfinite(logits.max(-1).values).all():
-                raise FloatingPointError("the LM produced non-finite logits for every token of a row (NaN or all -inf)")
+            broken = ~torch.isfinite(logits.max(-1).values)  # (B,) NaN or nothing allowed; read with the tokens
             lam = control_weights(torch.full((len(active),), t, device=dev), strength, p.lambda_schedule,
                                   decay_rate=p.decay_rate, floor=p.lambda_floor)  # (B,) lambda_t
             if groups:
@@ -367,7 +392,9 @@ class SteeredGenerator:
                                            temperature=p.temperature)
             else:  # lambda = 0 everywhere: plain top-k sampling (identical result, no top-m work)
                 chosen = sample_top_k(logits, u[:, t], top_k=p.top_k, top_p=p.top_p, temperature=p.temperature)
-            chosen_list = chosen.tolist()
+            chosen_list = torch.where(broken, -1, chosen).tolist()
+            if -1 in chosen_list:
+                raise FloatingPointError("the LM produced non-finite logits for every token of a row (NaN or all -inf)")
             done = []
             for b, c in enumerate(chosen_list):
                 row = rows[active[b]]
@@ -383,7 +410,7 @@ class SteeredGenerator:
                 break
             if done:  # finished rows leave the batch
                 keep = np.setdiff1d(np.arange(len(active)), np.array(done))
-                keep_d = torch.from_numpy(keep).to(dev)
+                keep_d = to_device(keep, dev)
                 cache.batch_select_indices(keep_d)
                 mask, pos, u, strength, targets, chosen = (x[keep_d] for x in (mask, pos, u, strength, targets, chosen))
                 chosen_list = [chosen_list[i] for i in keep]
@@ -424,14 +451,14 @@ class SteeredGenerator:
                 continue
             t0 = time.perf_counter()
             if live.all():
-                inputs = state.inputs(cand_np[members], cand[torch.from_numpy(members).to(self.device)])
+                inputs = state.inputs(cand_np[members], cand[to_device(members, self.device)])
                 rows = members
             else:  # score only rows that need it (the others' values are never used)
                 sub = np.nonzero(live)[0]
                 rows = members[sub]
-                inputs = state.subset(sub).inputs(cand_np[rows], cand[torch.from_numpy(rows).to(self.device)])
+                inputs = state.subset(sub).inputs(cand_np[rows], cand[to_device(rows, self.device)])
             self.stats["tokenizer_seconds"] += time.perf_counter() - t0
-            rows_d = torch.from_numpy(rows).to(self.device)
+            rows_d = to_device(rows, self.device)
             tgt = targets[rows_d].repeat_interleave(m)  # (n*m,)
             lp = self._score(self.teachers[name], inputs, tgt)  # (n*m,)
             out[rows_d] = lp.view(len(rows), m)
@@ -441,13 +468,17 @@ class SteeredGenerator:
         """Teacher log-probabilities of ``targets`` for assembled inputs, in length-sorted chunks."""
         lengths = inputs.lengths
         order = np.argsort(lengths, kind="stable")
+        order_d = to_device(order, self.device)  # one copy; chunks slice it on the device
         out = torch.empty(len(lengths), dtype=torch.float32, device=self.device)
         cuda = self.device.type == "cuda"
-        for s, e in plan_chunks(lengths[order], self.params.teacher_chunk_tokens):
+        plan = plan_chunks(lengths[order], self.params.teacher_chunk_tokens,
+                           uniform=self.params.teacher_batching == "uniform")
+        for s, e, same in plan:
             idx = order[s:e]
             width = int(lengths[idx[-1]])
-            idx_d = torch.from_numpy(idx).to(self.device)
-            x, a = inputs.input_ids[idx_d, :width], inputs.attention_mask[idx_d, :width]
+            idx_d = order_d[s:e]
+            x = inputs.input_ids[idx_d, :width]
+            a = None if same else inputs.attention_mask[idx_d, :width]  # no padding: no mask
             if cuda:  # timed with events: no synchronisation inside the loop
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 ev[0].record()

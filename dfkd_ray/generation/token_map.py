@@ -398,6 +398,14 @@ class TeacherTokenMap:
         return TeacherRows(self, initial)
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; to an accelerator through pinned memory without blocking the host."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _pad(seqs: Sequence[Sequence[int]], pad: int) -> np.ndarray:
     """Right-padded ``(len(seqs), max(1, longest))`` int64 array, filled without a Python loop over cells."""
     lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
@@ -462,8 +470,8 @@ class TeacherRows:
                 vals.extend(x[:keep])
                 self.settled_len[r] = start + len(x)
             if vals:
-                idx = torch.tensor([rr, pos], dtype=torch.long).to(tm.device)
-                self.settled[idx[0], idx[1]] = torch.tensor(vals, dtype=torch.long).to(tm.device)
+                idx = to_device(np.array([rr, pos, vals], dtype=np.int64), tm.device)
+                self.settled[idx[0], idx[1]] = idx[2]
 
     def advance(self, chosen: Sequence[int]) -> None:
         """Append each row's chosen LM token."""
@@ -507,12 +515,6 @@ class TeacherRows:
             return self.settled_len >= self.map.capacity
         return np.zeros(self.n, dtype=bool)
 
-    def text(self, r: int) -> str:
-        tm = self.map
-        if tm.fast:
-            raise NotImplementedError("the fast path keeps only ids; the engine keeps the text")
-        return _decode(self.full[r]) if tm.vocab.byte_level else tm.vocab.text(self.full[r])
-
     # ---------------------------------------------------------------- inputs
 
     def inputs(self, cand: np.ndarray, cand_dev: torch.Tensor | None = None) -> TeacherInputs:
@@ -521,7 +523,7 @@ class TeacherRows:
         cand = np.asarray(cand, dtype=np.int64)
         n, m = cand.shape
         if tm.fast:
-            return self._fast_inputs(cand, cand_dev if cand_dev is not None else torch.from_numpy(cand).to(tm.device))
+            return self._fast_inputs(cand, cand_dev if cand_dev is not None else to_device(cand, tm.device))
         return self._exact_inputs(cand)
 
     def _exact_inputs(self, cand: np.ndarray) -> TeacherInputs:
@@ -577,10 +579,12 @@ class TeacherRows:
         L = int(lengths.max())
 
         k = torch.arange(L, device=dev).view(1, 1, L) - n_pre  # content position of each column
-        s_len_d = torch.from_numpy(s_len).to(dev).view(n, 1, 1)
-        p_part_d = torch.from_numpy(p_part).to(dev).view(n, m, 1)
-        content_d = torch.from_numpy(content).to(dev).view(n, m, 1)
-        fast_d = torch.from_numpy(fast).to(dev).view(n, m, 1)
+        packed = to_device(np.concatenate([np.broadcast_to(s_len[:, None], (n, m)).reshape(-1), p_part.reshape(-1),
+                                           content.reshape(-1), fast.reshape(-1).astype(np.int64)]), dev)
+        s_len_d = packed[:n * m:m].view(n, 1, 1)  # one host-to-device copy for the per-pair numbers
+        p_part_d = packed[n * m:2 * n * m].view(n, m, 1)
+        content_d = packed[2 * n * m:3 * n * m].view(n, m, 1)
+        fast_d = packed[3 * n * m:].view(n, m, 1).bool()
 
         out = torch.full((n, m, L), tm.pad_id, dtype=torch.long, device=dev)
         if C > 0 and hasattr(self, "settled"):
@@ -589,7 +593,7 @@ class TeacherRows:
         if p_ids is not None:
             p_np = _pad(p_ids, tm.pad_id)
             width = p_np.shape[1]
-            p_tab = torch.from_numpy(p_np).to(dev)
+            p_tab = to_device(p_np, dev)
             p_vals = p_tab.gather(1, (k.view(1, L) - s_len_d.view(n, 1)).clamp(0, width - 1)).view(n, 1, L)
             in_p = (k >= s_len_d) & (k < s_len_d + p_part_d)
             out = torch.where(in_p, p_vals, out)
@@ -604,7 +608,8 @@ class TeacherRows:
             r_np = _pad(slow, tm.pad_id)
             width = r_np.shape[1]
             r_tab = torch.full((n, m, width), tm.pad_id, dtype=torch.long, device=dev)
-            r_tab[torch.from_numpy(sr).to(dev), torch.from_numpy(sc).to(dev)] = torch.from_numpy(r_np).to(dev)
+            where = to_device(np.stack([sr, sc]).astype(np.int64), dev)
+            r_tab[where[0], where[1]] = to_device(r_np, dev)
             tail = torch.where(fast_d, tail, r_tab.gather(2, rel.clamp(0, width - 1)))
         out = torch.where((rel >= 0) & (k < content_d), tail, out)
         if n_pre:
@@ -613,5 +618,5 @@ class TeacherRows:
         if n_suf:
             j = k - content_d  # (n, m, L)
             out = torch.where((j >= 0) & (j < n_suf), tm.suffix_t[j.clamp(0, n_suf)], out)
-        mask = torch.arange(L, device=dev).view(1, L) < torch.from_numpy(lengths).to(dev).view(-1, 1)
+        mask = torch.arange(L, device=dev).view(1, L) < (content_d.view(-1, 1) + n_pre + n_suf)
         return TeacherInputs(out.view(n * m, L), mask.long(), lengths)

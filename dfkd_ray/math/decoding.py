@@ -99,9 +99,9 @@ def select_top_m(logprobs: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Te
     if m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
     V = logprobs.shape[-1]
-    if m >= V:
+    if m >= V or logprobs.device.type != "cpu":  # on an accelerator a full sort is cheap and needs no sync
         values, ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
-        return values, ids
+        return values[:, :m], ids[:, :m]
     values, ids = torch.topk(logprobs, m, dim=-1, sorted=False)  # (B, m), unordered
     ids, perm = torch.sort(ids, dim=-1)  # id ascending ...
     values = values.gather(-1, perm)
@@ -130,12 +130,18 @@ def reweight(lm_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, lam: Sca
         (the teacher term is dropped, not multiplied, so a ``-inf`` teacher value cannot make NaN).
     """
     lm = _real(lm_logprobs)
-    lam = torch.as_tensor(lam, device=lm.device).to(lm.dtype)
-    if bool((lam < 0).any()):
+    if _on_cpu(lam) and bool((torch.as_tensor(lam) < 0).any()):
         raise ValueError("lambda must be >= 0")
+    lam = torch.as_tensor(lam, device=lm.device).to(lm.dtype)
     lam = lam.reshape(-1, 1) if lam.dim() else lam  # (B, 1) or scalar
     term = torch.where(lam > 0, lam * teacher_logprobs.to(lm.dtype), torch.zeros_like(lm))  # (B, m)
     return lm + term
+
+
+def _on_cpu(x: Scalar) -> bool:
+    """Values are checked when that costs no device synchronisation (floats, CPU tensors); the engine
+    validates its parameters once, before decoding."""
+    return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
 
 
 def _per_row(x: Scalar, B: int, device: torch.device) -> torch.Tensor:
@@ -164,12 +170,12 @@ def sample_candidates(scores: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, 
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     B, m = scores.shape
     device = scores.device
-    temp = _per_row(temperature, B, device)
-    if bool((temp <= 0).any()):
+    if _on_cpu(temperature) and bool((torch.as_tensor(temperature) <= 0).any()):
         raise ValueError("temperature must be > 0")
-    p = _per_row(top_p, B, device)
-    if bool(((p <= 0) | (p > 1)).any()):
+    if _on_cpu(top_p) and bool(((torch.as_tensor(top_p) <= 0) | (torch.as_tensor(top_p) > 1)).any()):
         raise ValueError("top_p must be in (0, 1]")
+    temp = _per_row(temperature, B, device)
+    p = _per_row(top_p, B, device)
     z = _real(scores) / temp.to(_real(scores).dtype)  # (B, m)
     z, order = torch.sort(z, dim=-1, descending=True, stable=True)
     k = min(top_k, m)
