@@ -17,6 +17,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+@pytest.fixture
+def seeded_single_thread():
+    """torch seeded and one intra-op thread (restored after): tiny models on a shared 2-core machine run
+    far faster without thread contention. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_task(tmp_path_factory):
     """Two teachers (alpha: BERT/WordPiece/2 layers on sports+cooking; beta: DistilBERT/byte-BPE/3 layers

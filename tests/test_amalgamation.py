@@ -16,14 +16,7 @@ DIMS = (32, 48, 20)
 N, D, B = 3, 16, 5
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    """Seeded, and one intra-op thread: tiny models on a shared 2-core machine run ~50x faster so."""
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def inputs(seed: int = 0):

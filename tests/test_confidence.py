@@ -15,14 +15,7 @@ from dfkd_ray.math.confidence import (ConfidenceEstimator, auroc, fit_gaussians,
 H, C, N = 16, 3, 2
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    """Seeded, and one intra-op thread: tiny models on a shared 2-core machine run ~50x faster so."""
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def gaussian_blocks(m: int, shift: torch.Tensor | float = 0.0, seed: int = 0, means_seed: int = 1):

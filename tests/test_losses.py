@@ -11,14 +11,7 @@ import torch.nn.functional as F
 from dfkd_ray.math.losses import block_loss, kd_loss, total_loss, union_target
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    """Seeded, and one intra-op thread: tiny models on a shared 2-core machine run ~50x faster so."""
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def idx(*ids: int) -> torch.Tensor:

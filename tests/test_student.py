@@ -14,14 +14,7 @@ LABELS = ["sports", "cooking", "space", "finance"]
 TEXTS = ["goal match team coach", "the rocket reached orbit after a long launch window today"]
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    """Seeded, and one intra-op thread: tiny models on a shared 2-core machine run ~50x faster so."""
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def test_select_layers():
