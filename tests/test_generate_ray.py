@@ -52,6 +52,26 @@ def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local):
     assert read_transfer_table(run_generate(cfg, progress=False)).equals(table)
 
 
+def test_duplicates_across_actors_are_regenerated_like_in_one_process(job_dict, tmp_path, ray_local):
+    """Every corpus document twice: two actors write shards holding the same texts; the driver's
+    final pass replaces the later copies by regenerated rows (a Ray task), giving the same set as the
+    single-process writer."""
+    from dfkd_ray.orchestration.generate import run_generate
+    from dfkd_ray.transfer.writer import write_transfer_set
+
+    docs = [f"document number {i} tells about topic {i % 7} and more words" for i in range(40)]
+    corpus = tmp_path / "twice.txt"
+    corpus.write_text("\n".join(docs + docs) + "\n")
+    kw = dict(samples_per_class=6, shard_size=4, dedup="exact", max_attempts=3, corpus={"path": str(corpus)})
+    table = read_transfer_table(run_generate(validate_config(_cfg(job_dict, tmp_path / "ray", **kw)), progress=False))
+    summary = json.loads((tmp_path / "ray" / "transfer_set" / MANIFEST).read_text())["summary"]
+    assert summary["rejects"]["duplicate_across_shards"] > 0
+    assert table.num_rows == 24 and len(set(table.column("text").to_pylist())) == 24
+    reference = read_transfer_table(write_transfer_set(validate_config(_cfg(job_dict, tmp_path / "one", **kw)),
+                                                       progress=False))
+    assert table.equals(reference)
+
+
 def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local):
     """SIGKILL `jobs/generate.py` mid-run, rerun, and compare with an uninterrupted run."""
     from dfkd_ray.orchestration.generate import run_generate

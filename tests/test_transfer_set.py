@@ -194,3 +194,30 @@ def test_min_confidence_filters(job_dict):
     assert sum(s["generated"] for s in shards) == table.num_rows + sum(s["rejects"].get("low_confidence", 0) for s in shards)
     assert sum(s["given_up"] for s in shards) + table.num_rows == 32
     assert manifest["summary"]["rows"] == table.num_rows
+
+
+def test_duplicates_across_shards_are_regenerated(job_dict, tmp_path):
+    """A corpus where every document appears twice: shards filtered apart hold the same text; the
+    final pass must replace the later copies with new rows (not drop them), deterministically."""
+    docs = [f"document number {i} tells about topic {i % 7} and more words" for i in range(40)]
+    corpus = tmp_path / "twice.txt"
+    corpus.write_text("\n".join(docs + docs) + "\n")
+    job_dict["transfer"].update(samples_per_class=6, shard_size=4, dedup="exact", max_attempts=3,
+                                corpus={"path": str(corpus)})
+
+    def make(out):
+        job_dict["output"]["dir"] = str(out)
+        cfg = validate_config(job_dict)
+        return cfg, read_transfer_table(write_transfer_set(cfg, progress=False))
+
+    cfg, table = make(tmp_path / "a")
+    summary = json.loads((cfg.output.dir / "transfer_set" / MANIFEST).read_text())["summary"]
+    texts = table.column("text").to_pylist()
+    assert summary["rejects"].get("duplicate_across_shards", 0) > 0  # the set up really made some
+    assert len(set(texts)) == len(texts) == table.num_rows
+    assert table.num_rows + summary["given_up"] == summary["requests"] == 24
+    assert summary["given_up"] == 0  # 40 distinct documents leave room for 24 distinct rows
+    ids = table.column("sample_id").to_pylist()
+    assert len(set(ids)) == len(ids)
+    _, again = make(tmp_path / "b")
+    assert again.equals(table)

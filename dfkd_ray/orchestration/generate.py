@@ -24,23 +24,33 @@ import ray
 from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
 from dfkd_ray.transfer.store import TransferSetStore, write_shard_file
 from dfkd_ray.transfer.writer import (final_line, finalize_transfer_set, fingerprint_of, load_teachers, make_shard,
-                                      plan_transfer_set, transfer_set_dir)
+                                      plan_transfer_set, regenerate_duplicates, transfer_set_dir)
+
+
+def _build_source(config: dict):
+    import torch
+
+    from dfkd_ray.transfer.sources import get_source_class
+
+    # Validated once on the driver; paths are the driver's view of shared storage.
+    cfg = validate_config(config, check_paths=False)
+    space, shards, _ = plan_transfer_set(cfg)
+    device = "cuda" if cfg.ray.gpus_per_generation_actor > 0 and torch.cuda.is_available() else "cpu"
+    return cfg, shards, get_source_class(cfg.transfer.source)(cfg, load_teachers(cfg, device=device), space)
+
+
+def _regenerate_task(config: dict, directory: str, duplicates: dict) -> dict:
+    """Ray task: regenerate rows duplicated across shards, with a generator actor's resources."""
+    cfg, _, source = _build_source(config)
+    return regenerate_duplicates(source, cfg, directory, {int(k): v for k, v in duplicates.items()})
 
 
 class GenerationActor:
     """Ray Data callable class: builds the engine in ``__init__``, makes whole shards in ``__call__``."""
 
     def __init__(self, config: dict, directory: str):
-        import torch
-
-        from dfkd_ray.transfer.sources import get_source_class
-
-        # Validated once on the driver; paths are the driver's view of shared storage.
-        self.cfg = validate_config(config, check_paths=False)
         self.directory = Path(directory)
-        space, self.shards, _ = plan_transfer_set(self.cfg)
-        device = "cuda" if self.cfg.ray.gpus_per_generation_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.source = get_source_class(self.cfg.transfer.source)(self.cfg, load_teachers(self.cfg, device=device), space)
+        self.cfg, self.shards, self.source = _build_source(config)
 
     def __call__(self, batch: dict) -> dict:
         out = {"shard": [], "rows": [], "stats": []}
@@ -86,6 +96,14 @@ def run_generate(cfg: JobConfig, *, progress: bool = True) -> Path:
             bar.set_postfix(rows=sum(s["rows"] for s in store.manifest["shards"].values()),
                             per_s=f"{generated / (time.perf_counter() - start):.1f}")
         bar.close()
-    summary = finalize_transfer_set(store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated)
+    r = cfg.ray
+
+    def regenerate(duplicates: dict) -> dict:
+        task = ray.remote(num_cpus=r.cpus_per_generation_actor, num_gpus=r.gpus_per_generation_actor)(_regenerate_task)
+        print(f"regenerating {sum(map(len, duplicates.values()))} rows duplicated across shards")
+        return {int(k): v for k, v in ray.get(task.remote(cfg.to_dict(), str(directory), duplicates)).items()}
+
+    summary = finalize_transfer_set(store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated,
+                                    regenerate=regenerate)
     print(final_line(summary, directory))
     return directory

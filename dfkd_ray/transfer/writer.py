@@ -25,7 +25,7 @@ from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.transfer.filters import Deduplicator
 from dfkd_ray.transfer.requests import Request, build_requests, retry_request
 from dfkd_ray.transfer.schema import rows_to_table
-from dfkd_ray.transfer.store import TransferSetStore
+from dfkd_ray.transfer.store import TransferSetStore, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -113,34 +113,125 @@ def make_shard(source, requests: list[Request], cfg: JobConfig) -> tuple[pa.Tabl
     return table, stats
 
 
-def finalize_transfer_set(store: TransferSetStore, cfg: JobConfig, *, wall_seconds: float | None = None,
-                          generated_now: int = 0) -> dict:
-    """Drop duplicates across shards (first occurrence wins), summarise, refuse empty classes, finish.
+def find_cross_shard_duplicates(store: TransferSetStore, cfg: JobConfig) -> dict[int, list[str]]:
+    """Rows that repeat a row of an earlier shard (first occurrence wins): shard -> their sample_ids.
 
-    Idempotent: after a kill anywhere in here, running it again gives the same set.
+    Shards are filtered independently (in parallel actors), so only this pass, in shard order, sees
+    duplicates across them. Deterministic: the same shards give the same answer on every run.
+    """
+    dedup = Deduplicator(cfg.transfer.dedup, cfg.transfer.near_duplicate_threshold)
+    found: dict[int, list[str]] = {}
+    if cfg.transfer.dedup == "none":
+        return found
+    for key in sorted(store.manifest["shards"]):
+        table = pq.read_table(store.directory / store.manifest["shards"][key]["file"], columns=["sample_id", "text"])
+        ids = table.column("sample_id").to_pylist()
+        dups = [i for i, text in zip(ids, table.column("text").to_pylist()) if dedup.is_duplicate(text)]
+        if dups:
+            found[int(key)] = dups
+    return found
+
+
+def regenerate_duplicates(source, cfg: JobConfig, directory: str | Path, duplicates: dict[int, list[str]]) -> dict:
+    """New rows for the requests whose rows :func:`find_cross_shard_duplicates` dropped.
+
+    Each such request is retried with the seeds of attempts ``max_attempts .. 2 * max_attempts - 1``
+    (attempts below ``max_attempts`` already ran in its shard) until a row passes
+    ``min_confidence`` and is new against every row of the set, kept and regenerated alike.
+    Reads the shards itself, so on a cluster it runs where the generator can (one Ray task) and
+    returns only the new rows. Returns ``{shard: {"rows": [row dicts], "given_up": n, "rejects": {...}}}``.
+    """
+    t = cfg.transfer
+    directory = Path(directory)
+    _, shards, _ = plan_transfer_set(cfg)
+    manifest = read_manifest(directory)
+    dedup = Deduplicator(t.dedup, t.near_duplicate_threshold)
+    for key in sorted(manifest["shards"]):  # the kept rows, in the order the scan saw them
+        dropped = set(duplicates.get(int(key), ()))
+        table = pq.read_table(directory / manifest["shards"][key]["file"], columns=["sample_id", "text"])
+        for sid, text in zip(table.column("sample_id").to_pylist(), table.column("text").to_pylist()):
+            if sid not in dropped:
+                dedup.is_duplicate(text)
+    out = {}
+    for index in sorted(duplicates):
+        by_id = {r.sample_id: r for r in shards[index]}
+        pending = [by_id[sid] for sid in duplicates[index]]
+        rows, rejects = [], Counter()
+        for attempt in range(t.max_attempts, 2 * t.max_attempts):
+            if not pending:
+                break
+            still = []
+            for r, row in zip(pending, source.generate([retry_request(r, attempt) for r in pending])):
+                if row["confidence"] < t.min_confidence:
+                    rejects["low_confidence"] += 1
+                    still.append(r)
+                elif dedup.is_duplicate(row["text"]):
+                    rejects["duplicate"] += 1
+                    still.append(r)
+                else:
+                    rows.append(row)
+            pending = still
+        out[index] = {"rows": rows, "given_up": len(pending), "rejects": dict(rejects)}
+    return out
+
+
+def repair_cross_shard_duplicates(store: TransferSetStore, cfg: JobConfig, regenerate) -> int:
+    """Find rows duplicated across shards and replace them with regenerated rows; returns how many.
+
+    ``regenerate(duplicates) -> {shard: {"rows", "given_up", "rejects"}}`` is
+    :func:`regenerate_duplicates` bound to a source (in this process, or a Ray task). Each repaired
+    shard is replaced whole (atomic rename), rows kept in request order. Killed halfway, a rerun
+    finds only the shards not yet replaced (regenerated rows are new against the whole set).
+    """
+    duplicates = find_cross_shard_duplicates(store, cfg)
+    if not duplicates:
+        return 0
+    _, shards, _ = plan_transfer_set(cfg)
+    repairs = regenerate(duplicates)
+    for index, dropped in sorted(duplicates.items()):
+        fix = repairs[index]
+        key = f"{index:05d}"
+        table = pq.read_table(store.directory / store.manifest["shards"][key]["file"])
+        drop = set(dropped)
+        kept = table.filter(pa.array([sid not in drop for sid in table.column("sample_id").to_pylist()]))
+        merged = pa.concat_tables([kept, rows_to_table(fix["rows"])]) if fix["rows"] else kept
+        order = {r.sample_id: i for i, r in enumerate(shards[index])}
+        ids = merged.column("sample_id").to_pylist()
+        merged = merged.take(sorted(range(len(ids)), key=lambda i: order[ids[i]]))
+        stats = store.manifest["shards"][key]
+        stats["given_up"] = stats.get("given_up", 0) + fix["given_up"]
+        rejects = Counter(stats.get("rejects", {}))
+        rejects.update(fix["rejects"])
+        rejects["duplicate_across_shards"] += len(dropped)
+        stats["rejects"] = dict(rejects)
+        stats["generated"] = stats.get("generated", 0) + len(fix["rows"]) + sum(fix["rejects"].values())
+        store.replace_shard(index, merged)
+    return sum(len(v) for v in duplicates.values())
+
+
+def finalize_transfer_set(store: TransferSetStore, cfg: JobConfig, *, regenerate=None,
+                          wall_seconds: float | None = None, generated_now: int = 0) -> dict:
+    """Replace rows duplicated across shards, summarise, refuse empty classes, finish.
+
+    ``regenerate`` makes the replacement rows (see :func:`repair_cross_shard_duplicates`); without
+    it duplicated rows are dropped and counted as given up. Idempotent: after a kill anywhere in
+    here, running it again gives the same set.
     """
     from dfkd_ray.transfer.sources import get_source_class
     from dfkd_ray.transfer.summary import SummaryAccumulator, format_table, write_summary
 
     t = cfg.transfer
-    dedup = Deduplicator(t.dedup, t.near_duplicate_threshold)
+    if regenerate is None:
+        def regenerate(duplicates):  # noqa: E306 - drop, count as given up
+            return {i: {"rows": [], "given_up": len(ids), "rejects": {}} for i, ids in duplicates.items()}
+    repair_cross_shard_duplicates(store, cfg, regenerate)
     acc = SummaryAccumulator()
-    across = 0
     for key in sorted(store.manifest["shards"]):
-        path = store.directory / store.manifest["shards"][key]["file"]
-        table = pq.read_table(path)
-        keep = [not dedup.is_duplicate(text) for text in table.column("text").to_pylist()]
-        if not all(keep):
-            across += keep.count(False)
-            table = table.filter(pa.array(keep))
-            store.replace_shard(int(key), table)
-        acc.add(table)
+        acc.add(pq.read_table(store.directory / store.manifest["shards"][key]["file"]))
     shards = store.manifest["shards"].values()
     rejects: Counter = Counter()
     for s in shards:
         rejects.update(s.get("rejects", {}))
-    if across:
-        rejects["duplicate_across_shards"] += across
     rejected_conf = sorted(c for s in shards for c in s.get("rejected_confidence", []))
     summary = acc.result()
     summary.update({
@@ -202,16 +293,24 @@ def write_transfer_set(cfg: JobConfig, directory: str | Path | None = None, *, d
         return directory
     todo = [i for i in range(len(shards)) if i not in store.done]
     start, generated = time.perf_counter(), 0
+    source = None
+
+    def make_source():
+        nonlocal source
+        if source is None:
+            source = get_source_class(cfg.transfer.source)(cfg, load_teachers(cfg, device=device), space)
+        return source
+
     if todo:
-        teachers = load_teachers(cfg, device=device)
-        source = get_source_class(cfg.transfer.source)(cfg, teachers, space)
+        source = make_source()
         bar = tqdm(todo, desc=f"transfer set ({cfg.transfer.source})", unit="shard", disable=not progress)
         for i in bar:
             table, stats = make_shard(source, shards[i], cfg)
             store.write_shard(i, table, stats)
             generated += stats["generated"]
             bar.set_postfix(per_s=f"{generated / (time.perf_counter() - start):.1f}")
-    summary = finalize_transfer_set(store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated)
+    summary = finalize_transfer_set(store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated,
+                                    regenerate=lambda dups: regenerate_duplicates(make_source(), cfg, directory, dups))
     print(final_line(summary, directory))
     return directory
 
