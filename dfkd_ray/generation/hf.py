@@ -21,6 +21,10 @@ The teacher's confidence in the target is recorded for every sample. It is what 
 believes, not evidence that the text is of the class: the reweighting can find text that fools a
 teacher. Never report it as quality.
 
+The step itself -- top-``m`` of the LM, the teacher term, Eq. 1 -- is :func:`steer_candidates` with a
+:class:`TeacherScorer`; the vLLM engine (:mod:`dfkd_ray.generation.vllm_engine`) calls the same two, as
+do request checking (:func:`prepare_rows`) and results (:func:`finish_results`).
+
 Choices the paper leaves open (fields of :class:`SteeredParams` / ``SteeredConfig``): the teacher
 scores, and the transfer set keeps, the continuation only (``keep_prompt=False``; a prompt such as
 ``Category: {label}`` would otherwise hand the student its label); the text is exactly what the
@@ -43,6 +47,9 @@ import torch
 from dfkd_ray.generation.token_map import LmVocabulary, TeacherInputs, TeacherRows, TeacherTokenMap, to_device
 from dfkd_ray.math.decoding import (SCHEDULES, control_weights, reweight, row_uniforms, sample_candidates,
                                     sample_top_k, select_top_m)
+
+_STAT_KEYS = ("steps", "teacher_forwards", "teacher_sequences", "teacher_tokens", "teacher_padded_tokens",
+              "teacher_tokens_sq", "teacher_seconds", "tokenizer_seconds", "lm_forwards")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,6 +224,251 @@ def plan_chunks(lengths: np.ndarray, budget: int, *, uniform: bool = False, slac
     return chunks
 
 
+@dataclass(frozen=True)
+class LmTokenRoles:
+    """Which LM ids end, start and pad a text, and which are never sampled."""
+
+    eos_ids: list[int]
+    bos_id: Optional[int]
+    pad_id: int
+    banned: list[int]  # special tokens other than EOS, and ids the tokenizer cannot decode
+
+    @classmethod
+    def of(cls, config, generation_config, tokenizer, vocab_size: int) -> "LmTokenRoles":
+        """From a causal LM's ``config``, its ``generation_config`` (or None) and its tokenizer."""
+        eos = getattr(generation_config, "eos_token_id", None)
+        eos = eos if eos is not None else (config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id)
+        eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+        bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(config, "bos_token_id", None)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+        special = {int(i) for i in tokenizer.all_special_ids}
+        banned = sorted((special - set(eos_ids)) | set(range(len(tokenizer), vocab_size)))
+        return cls(eos_ids, None if bos_id is None else int(bos_id), int(pad_id), banned)
+
+
+def teacher_initial(vocab: LmVocabulary, prompt_ids: Sequence[int], bos_id: Optional[int], keep_prompt: bool):
+    """The text a row's teacher sees before the first generated token: the prompt without BOS when
+    ``keep_prompt``, else nothing (bytes for a byte-level LM, else LM ids)."""
+    ids = list(prompt_ids)
+    if bos_id is not None and ids[:1] == [bos_id]:
+        ids = ids[1:]
+    if not keep_prompt:
+        ids = []
+    return vocab.bytes_of(ids) if vocab.byte_level else ids
+
+
+class TeacherScorer:
+    """The teacher term of Eq. 1: ``log P_teacher(c | x_<t, x)`` for every row's candidates.
+
+    Shared by the Hugging Face engine and the vLLM logits processor: both hold each row's
+    teacher-side text as :class:`~dfkd_ray.generation.token_map.TeacherRows` grouped by teacher and
+    call :meth:`logprobs` (through :func:`steer_candidates`).
+
+    Args:
+        teachers: name -> :class:`~dfkd_ray.models.teacher.Teacher`; the vLLM engine fills it lazily.
+        vocab: the LM's :class:`LmVocabulary`.
+        params: :class:`SteeredParams` (``teacher_chunk_tokens``, ``teacher_batching``, ``token_map``).
+        device: where candidates and teacher inputs live.
+    """
+
+    def __init__(self, teachers: dict, vocab: LmVocabulary, params: "SteeredParams", device: torch.device):
+        self.teachers = teachers
+        self.vocab = vocab
+        self.params = params
+        self.device = torch.device(device)
+        self.maps: dict[str, TeacherTokenMap] = {}
+        self.stats: dict[str, float] = {k: 0.0 for k in _STAT_KEYS}
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def token_map(self, teacher: str) -> TeacherTokenMap:
+        """The (LM, teacher) token map, built on first use."""
+        if teacher not in self.maps:
+            t = self.teachers[teacher]
+            self.maps[teacher] = TeacherTokenMap(self.vocab, t.tokenizer, t.max_length, self.device, mode=self.params.token_map)
+        return self.maps[teacher]
+
+    def settle_timing(self) -> None:
+        """Add the CUDA-event times of finished teacher forwards to ``stats['teacher_seconds']``."""
+        if self.events:
+            torch.cuda.synchronize(self.device)
+            self.stats["teacher_seconds"] += sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+            self.events = []
+
+    def logprobs(self, groups: dict, cand: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``(B, m)`` ``log P_teacher(target | text + candidate)``; 0 for unguided or saturated rows.
+
+        Args:
+            groups: teacher name -> ``(members (n,) batch rows, TeacherRows of those rows in that order)``.
+            cand: ``(B, m)`` candidate LM ids; lam: ``(B,)`` ``lambda_t``; targets: ``(B,)`` class ids.
+        """
+        B, m = cand.shape
+        out = torch.zeros(B, m, dtype=torch.float32, device=self.device)
+        cand_np = cand.cpu().numpy()
+        lam_np = lam.cpu().numpy()
+        for name, (members, state) in groups.items():
+            live = (lam_np[members] > 0) & ~state.saturated()
+            if not live.any():
+                continue
+            t0 = time.perf_counter()
+            if live.all():
+                inputs = state.inputs(cand_np[members], cand[to_device(members, self.device)])
+                rows = members
+            else:  # score only rows that need it (the others' values are never used)
+                sub = np.nonzero(live)[0]
+                rows = members[sub]
+                inputs = state.subset(sub).inputs(cand_np[rows], cand[to_device(rows, self.device)])
+            self.stats["tokenizer_seconds"] += time.perf_counter() - t0
+            rows_d = to_device(rows, self.device)
+            tgt = targets[rows_d].repeat_interleave(m)  # (n*m,)
+            lp = self.score(self.teachers[name], inputs, tgt)  # (n*m,)
+            out[rows_d] = lp.view(len(rows), m)
+        return out
+
+    def score(self, teacher, inputs: TeacherInputs, targets: torch.Tensor) -> torch.Tensor:
+        """Teacher log-probabilities of ``targets`` for assembled inputs, in length-sorted chunks."""
+        lengths = inputs.lengths
+        order = np.argsort(lengths, kind="stable")
+        order_d = to_device(order, self.device)  # one copy; chunks slice it on the device
+        out = torch.empty(len(lengths), dtype=torch.float32, device=self.device)
+        cuda = self.device.type == "cuda"
+        plan = plan_chunks(lengths[order], self.params.teacher_chunk_tokens,
+                           uniform=self.params.teacher_batching == "uniform")
+        for s, e, same in plan:
+            idx = order[s:e]
+            width = int(lengths[idx[-1]])
+            idx_d = order_d[s:e]
+            x = inputs.input_ids[idx_d, :width]
+            a = None if same else inputs.attention_mask[idx_d, :width]  # no padding: no mask
+            if cuda:  # timed with events: no synchronisation inside the loop
+                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                ev[0].record()
+            else:
+                t0 = time.perf_counter()
+            logits = teacher.forward_ids(x, a, with_blocks=False).logits  # (n, C) float32
+            if cuda:
+                ev[1].record()
+                self.events.append(ev)
+            else:
+                self.stats["teacher_seconds"] += time.perf_counter() - t0
+            out[idx_d] = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[idx_d].view(-1, 1)).squeeze(1)
+            st = self.stats
+            st["teacher_forwards"] += 1
+            st["teacher_sequences"] += len(idx)
+            st["teacher_tokens"] += float(lengths[idx].sum())
+            st["teacher_tokens_sq"] += float((lengths[idx].astype(np.float64) ** 2).sum())
+            st["teacher_padded_tokens"] += float(len(idx) * width)
+        return out
+
+
+def steer_candidates(logits: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor, groups: dict,
+                     scorer: TeacherScorer, top_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Eq. 1 for a batch, up to the draw: the LM's top-``m`` and their reweighted scores.
+
+    The one reweighting both engines run: the Hugging Face engine samples from the result with
+    :func:`~dfkd_ray.math.decoding.sample_candidates`; the vLLM logits processor scatters it into
+    full-vocabulary logits (:func:`candidate_logits`) and leaves temperature, top-k and top-p to
+    vLLM's sampler.
+
+    Args:
+        logits: ``(B, V)`` LM logits, banned tokens already ``-inf``.
+        lam: ``(B,)`` ``lambda_t``; targets: ``(B,)`` each row's class of its teacher.
+        groups: teacher name -> ``(members, TeacherRows)``: each row's text so far, teacher-side
+            (see :meth:`TeacherScorer.logprobs`).
+        top_m: candidates per row (``m >= V`` keeps the whole vocabulary).
+
+    Returns:
+        ``scores (B, m)`` (Eq. 1) and ``cand (B, m)`` LM ids, ordered by (LM log-prob desc, id asc).
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+    values, cand = select_top_m(logprobs, min(top_m, logprobs.shape[-1]))  # (B, m)
+    tlp = scorer.logprobs(groups, cand, lam, targets)  # (B, m) log P_teacher(c | x_<=t)
+    return reweight(values, tlp, lam), cand  # (B, m) Eq. 1
+
+
+def candidate_logits(scores: torch.Tensor, cand: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``(B, V)`` logits that are the candidates' scores and ``-inf`` elsewhere: sampling from them
+    with temperature, top-k (``k <= m``) and top-p is sampling among the scored candidates."""
+    out = torch.full((scores.shape[0], vocab_size), float("-inf"), dtype=scores.dtype, device=scores.device)
+    return out.scatter_(1, cand, scores)
+
+
+def prepare_rows(requests: Sequence[GenerationRequest], teachers: dict, p: "SteeredParams", lm_tokenizer,
+                 bos_id: Optional[int], context: int) -> list[_Row]:
+    """Check every request before any generation starts; raise one error listing the problems."""
+    if len(requests) == 0:
+        raise ValueError("no requests: pass at least one GenerationRequest")
+    problems, rows = [], []
+    for i, r in enumerate(requests):
+        if r.teacher not in teachers:
+            problems.append(f"request {i}: unknown teacher {r.teacher!r}; loaded: {sorted(teachers)}")
+            continue
+        labels = teachers[r.teacher].labels
+        if not (isinstance(r.target, (int, np.integer)) and 0 <= int(r.target) < len(labels)):
+            problems.append(f"request {i}: teacher {r.teacher!r} has no class {r.target!r}; "
+                            f"its classes are 0..{len(labels) - 1} ({labels})")
+            continue
+        strength = p.control_strength if r.control_strength is None else float(r.control_strength)
+        if not (math.isfinite(strength) and strength >= 0):
+            problems.append(f"request {i}: control_strength (lambda) must be a finite number >= 0, got {strength}")
+            continue
+        template = p.prompt if r.prompt is None else r.prompt
+        prompt = template.replace("{label}", labels[int(r.target)])
+        ids = list(lm_tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+        if bos_id is not None and (not ids or ids[0] != bos_id):
+            ids = [int(bos_id)] + ids
+        if not ids:
+            problems.append(f"request {i}: the LM has no BOS token, so an empty prompt gives it nothing to "
+                            "condition on; give a prompt")
+            continue
+        if len(ids) >= context:
+            problems.append(f"request {i}: prompt is {len(ids)} LM tokens, longer than the LM's context "
+                            f"({context}); shorten it")
+            continue
+        if len(ids) + p.max_new_tokens > context:
+            problems.append(f"request {i}: prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
+                            f"exceeds the LM's context ({context}); lower max_new_tokens or shorten the prompt")
+            continue
+        rows.append(_Row(i, r, prompt, ids, strength))
+    if problems:
+        raise ValueError(f"{len(problems)} bad generation request(s): " + "; ".join(problems))
+    return rows
+
+
+def finish_results(rows: list[_Row], *, vocab: LmVocabulary, bos_id: Optional[int], params: "SteeredParams",
+                   teachers: dict, maps: dict, lm_name: str, engine: str) -> list[GenerationResult]:
+    """Texts, and the teacher's final confidence in each row's target."""
+    p = params
+    texts = []
+    for r in rows:
+        body = r.prompt_ids[1:] if (bos_id is not None and r.prompt_ids[:1] == [bos_id]) else r.prompt_ids
+        texts.append(vocab.text((list(body) if p.keep_prompt else []) + r.generated))
+    conf = [0.0] * len(rows)
+    pred = [0] * len(rows)
+    by_teacher: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_teacher.setdefault(r.request.teacher, []).append(i)
+    for name, idx in by_teacher.items():
+        probs, predicted = teachers[name].predict([texts[i] for i in idx])
+        for j, i in enumerate(idx):
+            conf[i] = float(probs[j, int(rows[i].request.target)])
+            pred[i] = int(predicted[j])
+    out = []
+    for i, r in enumerate(rows):
+        tmap = maps.get(r.request.teacher)
+        record = {
+            "engine": engine, "lm": lm_name, "control_strength": r.strength,
+            "lambda_schedule": p.lambda_schedule, "decay_rate": p.decay_rate, "lambda_floor": p.lambda_floor,
+            "top_m": p.top_m, "top_k": p.top_k, "top_p": p.top_p, "temperature": p.temperature,
+            "max_new_tokens": p.max_new_tokens, "min_new_tokens": p.min_new_tokens, "prompt": r.prompt,
+            "keep_prompt": p.keep_prompt, "lm_tokens": len(r.generated), "stop": r.stop,
+            "token_map": ("fast" if tmap.fast else "exact") if tmap is not None else "none",
+        }
+        out.append(GenerationResult(text=texts[i], token_ids=list(r.generated), num_tokens=len(r.generated),
+                                    stop_reason=r.stop, teacher_confidence=conf[i], teacher_prediction=pred[i],
+                                    params=record))
+    return out
+
+
 class SteeredGenerator:
     """Teacher-reweighted top-m decoding (StrataNet Eq. 1) with a Hugging Face causal LM.
 
@@ -245,15 +497,11 @@ class SteeredGenerator:
         self.vocab_size = int(getattr(cfg, "vocab_size", len(lm_tokenizer)))
         self.vocab = LmVocabulary(lm_tokenizer, self.vocab_size)
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
-        eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-        eos = eos if eos is not None else (cfg.eos_token_id if cfg.eos_token_id is not None else lm_tokenizer.eos_token_id)
-        self.eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
-        self.bos_id = lm_tokenizer.bos_token_id if lm_tokenizer.bos_token_id is not None else getattr(cfg, "bos_token_id", None)
-        self.pad_id = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
-        # Never sampled: special tokens other than EOS, and ids the tokenizer cannot decode.
-        self.banned = sorted((set(self.vocab.special_ids) - set(self.eos_ids)) | set(range(len(lm_tokenizer), self.vocab_size)))
-        self._maps: dict[str, TeacherTokenMap] = {}
-        self.stats: dict[str, float] = {}
+        roles = LmTokenRoles.of(cfg, getattr(lm, "generation_config", None), lm_tokenizer, self.vocab_size)
+        self.eos_ids, self.bos_id, self.pad_id = roles.eos_ids, roles.bos_id, roles.pad_id
+        self.banned = roles.banned  # never sampled: special tokens other than EOS, ids the tokenizer cannot decode
+        self.scorer = TeacherScorer(self.teachers, self.vocab, params, self.device)
+        self.stats: dict[str, float] = self.scorer.stats
 
     @classmethod
     def from_pretrained(cls, lm_path: str | Path, teachers: dict, params: SteeredParams = SteeredParams(), *,
@@ -268,71 +516,26 @@ class SteeredGenerator:
 
     def token_map(self, teacher: str) -> TeacherTokenMap:
         """The (LM, teacher) token map, built on first use."""
-        if teacher not in self._maps:
-            t = self.teachers[teacher]
-            self._maps[teacher] = TeacherTokenMap(self.vocab, t.tokenizer, t.max_length, self.device, mode=self.params.token_map)
-        return self._maps[teacher]
+        return self.scorer.token_map(teacher)
 
     # ------------------------------------------------------------------ requests
 
     def _prepare(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
-        """Check every request before any generation starts; raise one error listing the problems."""
-        if len(requests) == 0:
-            raise ValueError("no requests: pass at least one GenerationRequest")
-        p = self.params
-        problems, rows = [], []
-        for i, r in enumerate(requests):
-            if r.teacher not in self.teachers:
-                problems.append(f"request {i}: unknown teacher {r.teacher!r}; loaded: {sorted(self.teachers)}")
-                continue
-            labels = self.teachers[r.teacher].labels
-            if not (isinstance(r.target, (int, np.integer)) and 0 <= int(r.target) < len(labels)):
-                problems.append(f"request {i}: teacher {r.teacher!r} has no class {r.target!r}; "
-                                f"its classes are 0..{len(labels) - 1} ({labels})")
-                continue
-            strength = p.control_strength if r.control_strength is None else float(r.control_strength)
-            if not (math.isfinite(strength) and strength >= 0):
-                problems.append(f"request {i}: control_strength (lambda) must be a finite number >= 0, got {strength}")
-                continue
-            template = p.prompt if r.prompt is None else r.prompt
-            prompt = template.replace("{label}", labels[int(r.target)])
-            ids = list(self.lm_tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
-            if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-                ids = [int(self.bos_id)] + ids
-            if not ids:
-                problems.append(f"request {i}: the LM has no BOS token, so an empty prompt gives it nothing to "
-                                "condition on; give a prompt")
-                continue
-            if len(ids) >= self.context:
-                problems.append(f"request {i}: prompt is {len(ids)} LM tokens, longer than the LM's context "
-                                f"({self.context}); shorten it")
-                continue
-            if len(ids) + p.max_new_tokens > self.context:
-                problems.append(f"request {i}: prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
-                                f"exceeds the LM's context ({self.context}); lower max_new_tokens or shorten the prompt")
-                continue
-            rows.append(_Row(i, r, prompt, ids, strength))
-        if problems:
-            raise ValueError(f"{len(problems)} bad generation request(s): " + "; ".join(problems))
-        return rows
+        return prepare_rows(requests, self.teachers, self.params, self.lm_tokenizer, self.bos_id, self.context)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Texts for the requests, in order; ``params.batch_size`` rows decode together."""
         rows = self._prepare(requests)
         for name in sorted({r.request.teacher for r in rows if r.strength > 0}):
             self.token_map(name)
-        self.stats = {k: 0.0 for k in ("steps", "teacher_forwards", "teacher_sequences", "teacher_tokens",
-                                       "teacher_padded_tokens", "teacher_tokens_sq", "teacher_seconds",
-                                       "tokenizer_seconds", "lm_forwards")}
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.stats = self.scorer.stats = {k: 0.0 for k in _STAT_KEYS}
+        self.scorer.events = []
         results: list[GenerationResult] = []
         bs = self.params.batch_size
         with torch.inference_mode():
             for s in range(0, len(rows), bs):
                 results.extend(self._generate_batch(rows[s:s + bs]))
-        if self._events:
-            torch.cuda.synchronize(self.device)
-            self.stats["teacher_seconds"] = sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+        self.scorer.settle_timing()
         return results
 
     # ------------------------------------------------------------------ decoding
@@ -384,10 +587,7 @@ class SteeredGenerator:
             lam = control_weights(torch.full((len(active),), t, device=dev), strength, p.lambda_schedule,
                                   decay_rate=p.decay_rate, floor=p.lambda_floor)  # (B,) lambda_t
             if groups:
-                logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
-                values, cand = select_top_m(logprobs, min(p.top_m, logprobs.shape[-1]))  # (B, m)
-                tlp = self._teacher_logprobs(groups, cand, lam, targets)  # (B, m) log P_teacher(c | x_<=t)
-                scores = reweight(values, tlp, lam)  # (B, m) Eq. 1
+                scores, cand = steer_candidates(logits, lam, targets, groups, self.scorer, p.top_m)  # (B, m) Eq. 1
                 chosen = sample_candidates(scores, cand, u[:, t], top_k=p.top_k, top_p=p.top_p,
                                            temperature=p.temperature)
             else:  # lambda = 0 everywhere: plain top-k sampling (identical result, no top-m work)
@@ -434,100 +634,8 @@ class SteeredGenerator:
 
     def _initial(self, row: _Row, tmap: TeacherTokenMap):
         """The text a row's teacher sees before the first generated token."""
-        ids = row.prompt_ids[1:] if (self.bos_id is not None and row.prompt_ids[:1] == [self.bos_id]) else row.prompt_ids
-        if not self.params.keep_prompt:
-            ids = []
-        return self.vocab.bytes_of(ids) if self.vocab.byte_level else list(ids)
-
-    def _teacher_logprobs(self, groups, cand: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``(B, m)`` ``log P_teacher(target | text + candidate)``; 0 for unguided or saturated rows."""
-        B, m = cand.shape
-        out = torch.zeros(B, m, dtype=torch.float32, device=self.device)
-        cand_np = cand.cpu().numpy()
-        lam_np = lam.cpu().numpy()
-        for name, (members, state) in groups.items():
-            live = (lam_np[members] > 0) & ~state.saturated()
-            if not live.any():
-                continue
-            t0 = time.perf_counter()
-            if live.all():
-                inputs = state.inputs(cand_np[members], cand[to_device(members, self.device)])
-                rows = members
-            else:  # score only rows that need it (the others' values are never used)
-                sub = np.nonzero(live)[0]
-                rows = members[sub]
-                inputs = state.subset(sub).inputs(cand_np[rows], cand[to_device(rows, self.device)])
-            self.stats["tokenizer_seconds"] += time.perf_counter() - t0
-            rows_d = to_device(rows, self.device)
-            tgt = targets[rows_d].repeat_interleave(m)  # (n*m,)
-            lp = self._score(self.teachers[name], inputs, tgt)  # (n*m,)
-            out[rows_d] = lp.view(len(rows), m)
-        return out
-
-    def _score(self, teacher, inputs: TeacherInputs, targets: torch.Tensor) -> torch.Tensor:
-        """Teacher log-probabilities of ``targets`` for assembled inputs, in length-sorted chunks."""
-        lengths = inputs.lengths
-        order = np.argsort(lengths, kind="stable")
-        order_d = to_device(order, self.device)  # one copy; chunks slice it on the device
-        out = torch.empty(len(lengths), dtype=torch.float32, device=self.device)
-        cuda = self.device.type == "cuda"
-        plan = plan_chunks(lengths[order], self.params.teacher_chunk_tokens,
-                           uniform=self.params.teacher_batching == "uniform")
-        for s, e, same in plan:
-            idx = order[s:e]
-            width = int(lengths[idx[-1]])
-            idx_d = order_d[s:e]
-            x = inputs.input_ids[idx_d, :width]
-            a = None if same else inputs.attention_mask[idx_d, :width]  # no padding: no mask
-            if cuda:  # timed with events: no synchronisation inside the loop
-                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                ev[0].record()
-            else:
-                t0 = time.perf_counter()
-            logits = teacher.forward_ids(x, a, with_blocks=False).logits  # (n, C) float32
-            if cuda:
-                ev[1].record()
-                self._events.append(ev)
-            else:
-                self.stats["teacher_seconds"] += time.perf_counter() - t0
-            out[idx_d] = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[idx_d].view(-1, 1)).squeeze(1)
-            st = self.stats
-            st["teacher_forwards"] += 1
-            st["teacher_sequences"] += len(idx)
-            st["teacher_tokens"] += float(lengths[idx].sum())
-            st["teacher_tokens_sq"] += float((lengths[idx].astype(np.float64) ** 2).sum())
-            st["teacher_padded_tokens"] += float(len(idx) * width)
-        return out
+        return teacher_initial(self.vocab, row.prompt_ids, self.bos_id, self.params.keep_prompt)
 
     def _finish(self, rows: list[_Row]) -> list[GenerationResult]:
-        """Texts, and the teacher's final confidence in each row's target."""
-        p = self.params
-        texts = []
-        for r in rows:
-            body = r.prompt_ids[1:] if (self.bos_id is not None and r.prompt_ids[:1] == [self.bos_id]) else r.prompt_ids
-            texts.append(self.vocab.text((list(body) if p.keep_prompt else []) + r.generated))
-        conf = [0.0] * len(rows)
-        pred = [0] * len(rows)
-        by_teacher: dict[str, list[int]] = {}
-        for i, r in enumerate(rows):
-            by_teacher.setdefault(r.request.teacher, []).append(i)
-        for name, idx in by_teacher.items():
-            probs, predicted = self.teachers[name].predict([texts[i] for i in idx])
-            for j, i in enumerate(idx):
-                conf[i] = float(probs[j, int(rows[i].request.target)])
-                pred[i] = int(predicted[j])
-        out = []
-        for i, r in enumerate(rows):
-            tmap = self._maps.get(r.request.teacher)
-            params = {
-                "engine": "hf", "lm": self.lm_name, "control_strength": r.strength,
-                "lambda_schedule": p.lambda_schedule, "decay_rate": p.decay_rate, "lambda_floor": p.lambda_floor,
-                "top_m": p.top_m, "top_k": p.top_k, "top_p": p.top_p, "temperature": p.temperature,
-                "max_new_tokens": p.max_new_tokens, "min_new_tokens": p.min_new_tokens, "prompt": r.prompt,
-                "keep_prompt": p.keep_prompt, "lm_tokens": len(r.generated), "stop": r.stop,
-                "token_map": ("fast" if tmap.fast else "exact") if tmap is not None else "none",
-            }
-            out.append(GenerationResult(text=texts[i], token_ids=list(r.generated), num_tokens=len(r.generated),
-                                        stop_reason=r.stop, teacher_confidence=conf[i], teacher_prediction=pred[i],
-                                        params=params))
-        return out
+        return finish_results(rows, vocab=self.vocab, bos_id=self.bos_id, params=self.params, teachers=self.teachers,
+                              maps=self.scorer.maps, lm_name=self.lm_name, engine="hf")

@@ -485,6 +485,44 @@ class TeacherRows:
         else:
             self.full = [f + [int(c)] for f, c in zip(self.full, chosen)]
 
+    def extend(self, rows: Sequence[int], ids: Sequence[Sequence[int]]) -> None:
+        """Append any number of LM tokens (``ids[j]``, possibly none) to row ``rows[j]``.
+
+        The same state as :meth:`advance` one token at a time: a settled piece of text spanning
+        several words has the ids of those words in turn (the cut property of the module docstring).
+        For engines whose rows do not all gain one token per step (vLLM's persistent batch).
+        """
+        tm = self.map
+        rows = [int(r) for r in rows]
+        if tm.fast:
+            tb = tm.vocab.token_bytes
+            self._append([b"".join(tb[c] for c in x) for x in ids], rows)
+        elif tm.vocab.byte_level:
+            tb = tm.vocab.token_bytes
+            for r, x in zip(rows, ids):
+                self.full[r] = self.full[r] + b"".join(tb[c] for c in x)
+        else:
+            for r, x in zip(rows, ids):
+                self.full[r] = self.full[r] + [int(c) for c in x]
+
+    @staticmethod
+    def stack(parts: Sequence["TeacherRows"]) -> "TeacherRows":
+        """The rows of ``parts`` one after the other, as one state (all parts share one token map)."""
+        if not parts:
+            raise ValueError("stack needs at least one TeacherRows")
+        tm = parts[0].map
+        if any(p.map is not tm for p in parts):
+            raise ValueError("cannot stack rows of different token maps")
+        out = TeacherRows.__new__(TeacherRows)
+        out.map, out.n = tm, sum(p.n for p in parts)
+        if tm.fast:
+            out.settled = torch.cat([p.settled for p in parts])
+            out.settled_len = np.concatenate([p.settled_len for p in parts])
+            out.pending = [b for p in parts for b in p.pending]
+        else:
+            out.full = [f for p in parts for f in p.full]
+        return out
+
     def keep(self, idx: np.ndarray) -> None:
         """Keep only rows ``idx`` (in that order)."""
         idx = np.asarray(idx, dtype=np.int64)

@@ -26,6 +26,13 @@ class TransferSource(ABC):
     name: ClassVar[str]
     targeted: ClassVar[bool]
 
+    @classmethod
+    def builds_engine_first(cls, config: JobConfig) -> bool:
+        """True when the source must build its engine before any teacher is loaded (vLLM sizes its
+        KV cache from the free GPU memory): callers then pass ``teachers=None`` and the source
+        loads them after its engine."""
+        return False
+
     def __init__(self, config: JobConfig, teachers: dict[str, Teacher], label_space: UnionLabelSpace):
         self.config = config
         self.teachers = teachers

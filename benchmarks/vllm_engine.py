@@ -1,0 +1,152 @@
+"""Teacher-steered decoding (StrataNet Eq. 1): the vLLM engine against the Hugging Face engine.
+
+Both engines write the same requests (each teacher x each class x ``--per-class`` seeds) with the
+same decoding parameters; for each control strength and engine this reports the class-hit rate
+(share of texts the request's teacher classifies as the target: what the teacher believes, not
+evidence of quality), the mean recorded teacher confidence, samples/s and LM tokens/s over wall
+time (after a warm-up that loads teachers and builds token maps), and vLLM's speed-up.
+
+The vLLM engine is built first, before any teacher of this process touches the GPU (vLLM sizes its
+KV cache from the free memory it finds); the Hugging Face engine then reuses this process's teachers.
+
+GPU node with the extra installed (``pip install 'dfkd-ray[vllm]'``), from the repository root:
+    python benchmarks/vllm_engine.py --lm /models/gpt2 --teacher agnews=/models/bert-agnews \\
+        --teacher yelp=/models/roberta-yelp --per-class 32 --out vllm_engine.json
+``--help`` works without vLLM; ``--device cpu --engines hf`` is a CPU smoke run of the HF half.
+Imports torch, transformers, vLLM (when run) and dfkd_ray's generation modules only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Example: python benchmarks/vllm_engine.py --lm LM_DIR --teacher a=DIR_A --out r.json")
+    ap.add_argument("--lm", required=True, help="local causal-LM directory (decoder-only)")
+    ap.add_argument("--teacher", action="append", required=True, metavar="NAME=DIR",
+                    help="a teacher classifier directory (repeat for several)")
+    ap.add_argument("--per-class", type=int, default=32, help="requests per (teacher, class)")
+    ap.add_argument("--strengths", default="0,8", help="comma-separated lambdas; 0 is the unguided reference")
+    ap.add_argument("--top-m", type=int, default=50)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--min-new-tokens", type=int, default=8)
+    ap.add_argument("--prompt", default="", help="template; '{label}' becomes the class name")
+    ap.add_argument("--batch-size", type=int, default=128, help="HF: rows decoded together; vLLM: max_num_seqs")
+    ap.add_argument("--max-length", type=int, default=128, help="teacher truncation length")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="vLLM's share of GPU memory; leave room for the teachers and the HF engine")
+    ap.add_argument("--engines", default="vllm,hf", help="which engines to run, in this order (vllm first)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the HF half only (--engines hf)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return ap.parse_args(argv)
+
+
+def requests_for(teachers: dict, per_class: int, seed: int) -> list[GenerationRequest]:
+    """Each seed once per class of a teacher: unguided texts do not depend on the target."""
+    return [GenerationRequest(name, c, seed=seed + 1000 * i) for name, t in teachers.items()
+            for c in range(len(t.labels)) for i in range(per_class)]
+
+
+def measure(gen, reqs: list[GenerationRequest], device: torch.device) -> dict:
+    gen.generate(reqs[:: max(1, len(reqs) // 16)])  # warm-up: teachers loaded, token maps built, kernels compiled
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    results = gen.generate(reqs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    hits = [r.teacher_prediction == q.target for r, q in zip(results, reqs)]
+    tokens = sum(r.num_tokens for r in results)
+    return {"samples": len(reqs), "seconds": seconds, "samples_per_s": len(reqs) / seconds,
+            "lm_tokens_per_s": tokens / seconds, "mean_tokens": tokens / len(reqs),
+            "class_hit_rate": sum(hits) / len(hits),
+            "mean_teacher_confidence": sum(r.teacher_confidence for r in results) / len(results),
+            "eos_share": sum(r.stop_reason == "eos" for r in results) / len(results)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    specs = {}
+    for item in args.teacher:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise SystemExit(f"--teacher wants NAME=DIR, got {item!r}")
+        specs[name] = {"path": path, "max_length": args.max_length, "dtype": "auto", "trust_remote_code": False}
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU visible: this benchmark compares GPU engines (--device cpu --engines hf: smoke run)")
+    strengths = [float(s) for s in args.strengths.split(",")]
+    base = dict(top_m=args.top_m, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, prompt=args.prompt,
+                batch_size=args.batch_size)
+    report = {"lm": str(args.lm), "teachers": specs, "params": base, "per_class": args.per_class,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "python": platform.python_version(), "runs": []}
+    teachers = None
+    gens = {}
+    if "vllm" in engines:
+        import vllm
+
+        from dfkd_ray.generation.vllm_engine import VllmSteeredGenerator
+
+        report["vllm"] = vllm.__version__
+        # One engine for every lambda: lambda travels with each request (SamplingParams.extra_args).
+        gens["vllm"] = VllmSteeredGenerator(args.lm, specs, SteeredParams(**base), device=str(device),
+                                            engine_kwargs={"gpu_memory_utilization": args.gpu_memory_utilization,
+                                                           "seed": args.seed})
+        teachers = gens["vllm"].teachers
+    if teachers is None:
+        from dfkd_ray.models.teacher import Teacher
+
+        teachers = {n: Teacher.from_pretrained(n, s["path"], num_blocks=1, max_length=s["max_length"], device=device)
+                    for n, s in specs.items()}
+    if "hf" in engines:
+        gens["hf"] = SteeredGenerator.from_pretrained(args.lm, teachers, SteeredParams(**base), device=device)
+    reqs = requests_for(teachers, args.per_class, args.seed)
+    for lam in strengths:
+        lam_reqs = [GenerationRequest(q.teacher, q.target, q.seed, control_strength=lam) for q in reqs]
+        for engine in engines:
+            row = {"engine": engine, "control_strength": lam, **measure(gens[engine], lam_reqs, device)}
+            report["runs"].append(row)
+            print(json.dumps(row), flush=True)
+
+    print(f"\n{'engine':<6} {'lambda':>6} {'hit rate':>9} {'conf':>6} {'samples/s':>10} {'tokens/s':>10} {'tokens':>7}")
+    for r in report["runs"]:
+        print(f"{r['engine']:<6} {r['control_strength']:>6g} {r['class_hit_rate']:>9.3f} {r['mean_teacher_confidence']:>6.3f} "
+              f"{r['samples_per_s']:>10.1f} {r['lm_tokens_per_s']:>10.0f} {r['mean_tokens']:>7.1f}")
+    ratios = {}
+    for lam in strengths:
+        by = {r["engine"]: r for r in report["runs"] if r["control_strength"] == lam}
+        if "vllm" in by and "hf" in by:
+            ratios[str(lam)] = by["vllm"]["samples_per_s"] / by["hf"]["samples_per_s"]
+            print(f"lambda {lam:g}: vLLM / HF samples/s = {ratios[str(lam)]:.2f}")
+    report["vllm_over_hf_samples_per_s"] = ratios
+    print("class-hit rate and confidence are the teachers' beliefs about the texts, not a measure of their quality")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
