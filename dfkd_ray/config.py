@@ -136,10 +136,28 @@ class CorpusConfig(_Section):
         return path
 
 
+def vllm_engine_problem() -> str:
+    """Why ``transfer.steered.engine: vllm`` cannot run on this machine, or '' when it can (vLLM
+    importable and a CUDA GPU visible). Cheap: vLLM is looked up, not imported; torch is imported
+    only when vLLM is there, to ask for CUDA."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return ("transfer.steered.engine=vllm needs vLLM, which is not installed here: on a GPU node run "
+                "pip install 'dfkd-ray[vllm]' (vLLM's wheels are CUDA builds), or set transfer.steered.engine=hf")
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("transfer.steered.engine=vllm needs a CUDA GPU and none is visible here: run on a GPU node with "
+                "pip install 'dfkd-ray[vllm]', or set transfer.steered.engine=hf")
+    return ""
+
+
 class SteeredConfig(_Section):
     """StrataNet section 4.2: a base LM whose top-m next tokens a teacher reweights (Eq. 1)."""
 
-    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers (CPU reference, any GPU); vllm: GPU only")
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers (CPU reference, any GPU); vllm: a vLLM logits "
+                                                          "processor, GPU nodes with pip install 'dfkd-ray[vllm]'")
     lm_path: Optional[Path] = Field(None, description="local causal-LM directory (the base PLM)")
     control_strength: float = Field(8.0, ge=0.0, le=1000.0, description="lambda in Eq. 1; 0 = plain LM sampling")
     lambda_schedule: Literal["constant", "decay"] = Field(
@@ -174,15 +192,23 @@ class SteeredConfig(_Section):
             read_model_config(path)
         return path
 
+    @field_validator("engine")
+    @classmethod
+    def _engine_here(cls, engine: str, info: ValidationInfo) -> str:
+        # Checked where the job starts, unless it was submitted to a cluster (RAY_ADDRESS set): a
+        # CPU head node lacks vLLM and GPUs by design; the generation actors check again there.
+        local = _check_paths(info) and not os.environ.get("RAY_ADDRESS")
+        problem = vllm_engine_problem() if engine == "vllm" and local else ""
+        if problem:
+            raise _fail("engine_unavailable", problem)
+        return engine
+
     @model_validator(mode="after")
     def _ranges(self) -> "SteeredConfig":
         if self.top_k > self.top_m:
             raise ValueError(f"top_k ({self.top_k}) must be <= top_m ({self.top_m}): top-k samples among the teacher-scored top-m")
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
-        if self.engine == "vllm":
-            raise ValueError("engine 'vllm' is not implemented yet; use engine: hf (CPU or GPU). The vLLM engine will "
-                             "need a GPU node with the extra installed: pip install 'dfkd-ray[vllm]'")
         return self
 
 
@@ -235,7 +261,14 @@ class TransferConfig(_Section):
 
 
 class AmalgamationConfig(_Section):
-    """StrataNet sections 4.3-5: confidence estimation, block fusion and the loss weights (Eq. 8)."""
+    """StrataNet sections 4.3-5: confidence estimation, block fusion and the loss weights (Eq. 8).
+
+    ``method: vanilla`` is the papers' baseline: KL to one softmax over the concatenated teacher
+    logits, no confidence statistics, no block loss (``alpha``, ``fusion`` and ``confidence`` unused).
+    """
+
+    method: Literal["stratanet", "vanilla"] = Field(
+        "stratanet", description="stratanet: confidence-weighted KD + block loss; vanilla: KL to concatenated teachers")
 
     confidence: Literal["rmd", "md", "msp"] = Field("rmd", description="rmd (Ren et al. 2021), md, or max softmax probability")
     fusion: Literal["st", "mul", "no_st"] = Field("st", description="st: Selective Transformer; mul and no_st: paper ablations")
@@ -254,6 +287,13 @@ class AmalgamationConfig(_Section):
                                                                            "that calibrates the transform; the rest fits the Gaussians")
     share_st_layer: bool = Field(False, description="one ST-amalg Transformer layer for all blocks (default: one per block)")
     amalg_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside the ST-amalg Transformer layer")
+    center_block_loss: bool = Field(
+        True, description="Eq. 7 on batch-centred vectors (not in the paper): the targets share a large common "
+                          "component, and matching it by an input-independent shift of the student's embeddings "
+                          "washed out word identity in our runs (KD stalled at chance with alpha >= 0.1)")
+    train_fusion: bool = Field(
+        True, description="true (the paper): ST-amalg learns through the block loss; false: its targets are a fixed, "
+                          "randomly initialised confidence-gated function of the teacher features")
 
     @model_validator(mode="after")
     def _heads(self) -> "AmalgamationConfig":
@@ -300,6 +340,9 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0.0)
     report_every_steps: int = Field(20, ge=1)
     checkpoint_every_steps: int = Field(200, ge=1)
+    max_failures: int = Field(3, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)")
+    shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: no shuffle)")
+    include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
 
     @model_validator(mode="after")
     def _warmup(self) -> "TrainConfig":
@@ -391,6 +434,8 @@ class JobConfig(_Section):
     tune: TuneConfig = TuneConfig()
     ray: RayConfig = RayConfig()
     output: OutputConfig
+    demo: Optional[Path] = Field(None, description="smoke presets only: build the offline synthetic demo task "
+                                                   "(teachers, LM, student, corpus, eval file) here on first use")
 
     @field_validator("teachers")
     @classmethod
@@ -433,6 +478,23 @@ class JobConfig(_Section):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    def absolute(self) -> "JobConfig":
+        """The same config with every path made absolute against the current directory.
+
+        Ray Train workers run in their own directories, and a cluster's workers on other nodes: the
+        driver resolves relative paths once, before handing the config to any of them.
+        """
+        def walk(obj):
+            if isinstance(obj, BaseModel):
+                return obj.model_copy(update={k: walk(getattr(obj, k)) for k in type(obj).model_fields})
+            if isinstance(obj, Path):
+                return obj.expanduser().absolute()
+            if isinstance(obj, list):
+                return [walk(x) for x in obj]
+            return obj
+
+        return walk(self)
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named top-level sections (all when none), for stage outputs."""
@@ -600,7 +662,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError([("<yaml>", f"not valid YAML: {e}")], str(path)) from None
-    return validate_config(apply_overrides(data, list(overrides)), check_paths=check_paths, source=str(path))
+    data = apply_overrides(data, list(overrides))
+    if check_paths and isinstance(data, dict) and isinstance(data.get("demo"), str):
+        from dfkd_ray.synthetic import build_synthetic_task
+
+        build_synthetic_task(data["demo"])  # cached: a no-op once built
+    return validate_config(data, check_paths=check_paths, source=str(path))
 
 
 def claim_output_dir(cfg: JobConfig) -> Path:

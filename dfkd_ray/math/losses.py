@@ -30,13 +30,15 @@ import torch.nn.functional as F
 from dfkd_ray.math.amalgamation import normalized_weights
 
 
-def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *, center: bool = False) -> torch.Tensor:
     """Eq. 7: squared L2 distance between L2-normalised student projections and amalgamated targets.
 
     Args:
         student: ``(B, N, D)`` student block projections ``s^b``.
         target: ``(B, N, D)`` amalgamated targets ``a^b``.
         eps: guards the normalisation of zero vectors.
+        center: subtract each side's batch mean (per block) before normalising, so only the
+            input-dependent part of the targets is matched (needs ``B >= 2``; not in the paper).
 
     Returns:
         Scalar: sum over the ``N`` blocks, mean over the batch. Gradients reach both inputs.
@@ -44,8 +46,13 @@ def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -
     if student.ndim != 3 or student.shape != target.shape:
         raise ValueError(f"student projections and targets must both be (B, N, D), got "
                          f"{tuple(student.shape)} and {tuple(target.shape)}")
-    s = F.normalize(student.float(), dim=-1, eps=eps)  # (B, N, D)
-    a = F.normalize(target.float(), dim=-1, eps=eps)  # (B, N, D)
+    student, target = student.float(), target.float()
+    if center:
+        if student.shape[0] < 2:
+            raise ValueError("a centred block loss needs a batch of at least 2")
+        student, target = student - student.mean(0), target - target.mean(0)  # (B, N, D)
+    s = F.normalize(student, dim=-1, eps=eps)  # (B, N, D)
+    a = F.normalize(target, dim=-1, eps=eps)  # (B, N, D)
     return (s - a).pow(2).sum(-1).sum(-1).mean()
 
 
@@ -93,6 +100,36 @@ def union_target(teacher_logits: Sequence[torch.Tensor], label_index: Sequence[t
         p = F.softmax(z.float() / temperature, dim=-1)  # (B, C_k)
         target = target.index_add(1, idx, w[:, i:i + 1] * p)  # (B, C); unknown classes get 0 from teacher i
     return target
+
+
+def concat_target(teacher_logits: Sequence[torch.Tensor], label_index: Sequence[torch.Tensor], num_labels: int,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """The vanilla amalgamation target: one softmax over the concatenated teacher logits.
+
+    ``p = softmax([z_1; ...; z_K] / T)`` scattered to global ids (a label two teachers share sums
+    both entries). This is the "ensemble" of the papers' baselines (StrataNet Table 3, vanilla KD to
+    the teachers' combined output): no confidence, no block features.
+
+    Args:
+        teacher_logits: K tensors ``(B, C_k)``.
+        label_index: K long tensors ``(C_k,)``, class -> global id.
+        num_labels: ``C``.
+        temperature: ``T > 0``.
+
+    Returns:
+        ``(B, C)`` float32 probabilities.
+    """
+    if len(teacher_logits) == 0 or len(teacher_logits) != len(label_index):
+        raise ValueError(f"need logits and label indices of the same K >= 1 teachers, got {len(teacher_logits)} "
+                         f"and {len(label_index)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = torch.cat([t.float() for t in teacher_logits], dim=-1)  # (B, sum_k C_k)
+    idx = torch.cat([i.to(z.device, torch.long) for i in label_index])  # (sum_k C_k,)
+    if idx.shape[0] != z.shape[1] or idx.min() < 0 or idx.max() >= num_labels:
+        raise ValueError(f"label indices {idx.tolist()} do not fit {z.shape[1]} logits over {num_labels} labels")
+    p = F.softmax(z / temperature, dim=-1)  # (B, sum_k C_k)
+    return z.new_zeros(z.shape[0], num_labels).index_add(1, idx, p)  # (B, C)
 
 
 def kd_loss(student_logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

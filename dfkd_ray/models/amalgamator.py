@@ -54,7 +54,8 @@ class Amalgamator(nn.Module):
     """
 
     def __init__(self, student: Student, fusion: BlockAmalgamation, label_space: UnionLabelSpace,
-                 teacher_names: Sequence[str], *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 0.75):
+                 teacher_names: Sequence[str], *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 0.75,
+                 train_fusion: bool = True, center_blocks: bool = False):
         super().__init__()
         self.teacher_names = list(teacher_names)
         if not self.teacher_names:
@@ -75,6 +76,10 @@ class Amalgamator(nn.Module):
         self.student, self.fusion = student, fusion
         self.num_labels = label_space.num_labels
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.train_fusion = bool(train_fusion)
+        self.center_blocks = bool(center_blocks)
+        if not self.train_fusion:
+            fusion.requires_grad_(False)  # fixed targets: no collapse (see forward), and nothing for DDP to sync
         for i, name in enumerate(self.teacher_names):
             self.register_buffer(f"label_index_{i}", torch.tensor(label_space.teacher_to_global[name]), persistent=False)
 
@@ -89,7 +94,8 @@ class Amalgamator(nn.Module):
         fusion = BlockAmalgamation(dims, student.num_blocks, cfg.amalg_dim, cfg.amalg_heads, cfg.fusion,
                                    dropout=cfg.amalg_dropout, share_layer=cfg.share_st_layer).to(student.device)
         return cls(student, fusion, label_space, list(teachers), alpha=cfg.alpha, beta=cfg.beta,
-                   temperature=cfg.temperature)
+                   temperature=cfg.temperature, train_fusion=cfg.train_fusion,
+                   center_blocks=cfg.center_block_loss)
 
     def label_index(self, i: int) -> torch.Tensor:
         return getattr(self, f"label_index_{i}")
@@ -127,7 +133,9 @@ class Amalgamator(nn.Module):
                 raise ValueError(f"teacher {name!r} has batch size {h.shape[0]}, the student {input_ids.shape[0]}")
         s = self.student(input_ids, attention_mask, token_type_ids)  # logits (B, C), projections (B, N, D)
         a = self.fusion(teacher_states, confidences)  # (B, N, D) amalgamated targets, Eq. 5-6
-        l_block = block_loss(s.projections, a)  # Eq. 7
+        if not self.train_fusion:
+            a = a.detach()
+        l_block = block_loss(s.projections, a, center=self.center_blocks)  # Eq. 7
         w = torch.stack([c[:, -1] for c in confidences], dim=-1)  # (B, K) c_k^N
         p_t = union_target(teacher_logits, [self.label_index(i) for i in range(k)], w, self.num_labels,
                            self.temperature)  # (B, C)

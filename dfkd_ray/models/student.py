@@ -250,8 +250,18 @@ class Student(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """A standard ``AutoModelForSequenceClassification`` directory (kept layers, union ``id2label``)
-        plus the tokenizer; the block projections are training-only and are left out."""
+        plus the tokenizer; the block projections are training-only and are left out.
+
+        The saved tokenizer's ``model_max_length`` is the student's ``max_length`` (capped by the
+        model's positions), so ``pipeline(..., truncation=True)`` truncates long texts as in training.
+        """
         directory = Path(directory)
         self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        limit = min(self.max_length, int(getattr(self.model.config, "max_position_embeddings", None) or self.max_length))
+        saved = self.tokenizer.model_max_length
+        self.tokenizer.model_max_length = min(int(saved or limit), limit)
+        try:
+            self.tokenizer.save_pretrained(directory)
+        finally:
+            self.tokenizer.model_max_length = saved
         return directory

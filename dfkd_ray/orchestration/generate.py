@@ -36,7 +36,15 @@ def _build_source(config: dict):
     cfg = validate_config(config, check_paths=False)
     space, shards, _ = plan_transfer_set(cfg)
     device = "cuda" if cfg.ray.gpus_per_generation_actor > 0 and torch.cuda.is_available() else "cpu"
-    return cfg, shards, get_source_class(cfg.transfer.source)(cfg, load_teachers(cfg, device=device), space)
+    source_class = get_source_class(cfg.transfer.source)
+    if source_class.builds_engine_first(cfg):  # e.g. vLLM: its engine before any teacher touches the GPU
+        from dfkd_ray.config import vllm_engine_problem
+
+        problem = vllm_engine_problem()
+        if problem:
+            raise RuntimeError(problem)
+        return cfg, shards, source_class(cfg, None, space)
+    return cfg, shards, source_class(cfg, load_teachers(cfg, device=device), space)
 
 
 def _regenerate_task(config: dict, directory: str, duplicates: dict) -> dict:
@@ -69,6 +77,7 @@ def run_generate(cfg: JobConfig, *, progress: bool = True) -> Path:
     """Make (or finish) the transfer set of ``cfg`` on the current Ray cluster; returns its directory."""
     from tqdm.auto import tqdm
 
+    cfg = cfg.absolute()
     claim_output_dir(cfg)
     directory = transfer_set_dir(cfg)
     _, shards, description = plan_transfer_set(cfg)

@@ -298,7 +298,8 @@ def write_transfer_set(cfg: JobConfig, directory: str | Path | None = None, *, d
     def make_source():
         nonlocal source
         if source is None:
-            source = get_source_class(cfg.transfer.source)(cfg, load_teachers(cfg, device=device), space)
+            cls = get_source_class(cfg.transfer.source)
+            source = cls(cfg, None if cls.builds_engine_first(cfg) else load_teachers(cfg, device=device), space)
         return source
 
     if todo:

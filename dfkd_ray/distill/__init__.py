@@ -1,0 +1,1 @@
+"""Distillation engine: the per-worker training step, checkpoints, metrics (no Ray)."""

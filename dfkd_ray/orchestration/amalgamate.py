@@ -1,0 +1,111 @@
+"""The whole job: transfer set -> confidence statistics -> distillation -> evaluation -> export.
+
+Each stage writes its output under ``output.dir`` with a record of what made it
+(:mod:`dfkd_ray.stages`; the transfer set keeps its manifest), so a rerun skips finished stages and
+continues an unfinished one (transfer-set shards, the last training checkpoint), and a changed
+config is refused rather than mixed with old results. Checks that need no model run first: the
+config (by the caller), the labelled eval file's columns and label names, the output directory.
+
+The held-out rows that fit the confidence statistics are generated with the transfer set (their
+``heldout`` flag), so statistics are fitted after generation, not before as a separate pass.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+
+from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
+from dfkd_ray.orchestration.distill import distill_dir, run_confidence, run_distill
+from dfkd_ray.orchestration.generate import run_generate
+from dfkd_ray.stages import mark_done, read_record, stage_done
+
+
+def eval_dir(cfg: JobConfig) -> Path:
+    return cfg.output.dir / "eval"
+
+
+def check_eval_file(cfg: JobConfig) -> int:
+    """Read the labelled eval file now (columns, label names) so a bad one fails before any generation."""
+    from dfkd_ray.evaluation import load_labelled
+    from dfkd_ray.labels import UnionLabelSpace
+
+    if cfg.eval.path is None:
+        return 0
+    ev = cfg.eval
+    texts, _ = load_labelled(ev.path, text_column=ev.text_column, label_column=ev.label_column,
+                             label_map=ev.label_map, label_space=UnionLabelSpace.from_teachers(cfg.teacher_labels()))
+    return len(texts)
+
+
+def _evaluate_task(config: dict, student: str, out: str, device: str) -> dict:
+    import torch
+
+    from dfkd_ray.evaluation import run_evaluation
+
+    cfg = validate_config(config, check_paths=False)
+    device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+    return run_evaluation(cfg, student, device=device, out_dir=out)
+
+
+def run_evaluate(cfg: JobConfig, student: Path) -> dict | None:
+    """Score the student, the teachers and their ensemble on ``eval.path`` (or find that report)."""
+    if cfg.eval.path is None:
+        return None
+    cfg = cfg.absolute()
+    out = eval_dir(cfg)
+    desc = {"student": read_record(distill_dir(cfg))["fingerprint"], "eval": cfg.eval.model_dump(mode="json")}
+    if stage_done(out, desc, stage="eval"):
+        results = json.loads((out / "eval.json").read_text())
+        print(f"evaluation already done: {out}")
+        return results
+    gpu = 1 if cfg.ray.use_gpu else 0
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_evaluate_task)
+    results = ray.get(task.remote(cfg.to_dict(), str(student), str(out), "cuda" if gpu else "cpu"))
+    mark_done(out, desc, summary=results["summary"])
+    return results
+
+
+def run_amalgamate(cfg: JobConfig, *, progress: bool = True) -> dict:
+    """Run (or finish) every stage of ``cfg``; returns where each output is and the headline numbers."""
+    start = time.perf_counter()
+    cfg = cfg.absolute()
+    rows = check_eval_file(cfg)
+    if rows:
+        print(f"eval file {cfg.eval.path}: {rows} labelled rows (used for evaluation only)")
+    claim_output_dir(cfg)
+    transfer = run_generate(cfg, progress=progress)
+    confidence = run_confidence(cfg, transfer)
+    student = run_distill(cfg, transfer, confidence)
+    results = run_evaluate(cfg, student)
+    distill = read_record(distill_dir(cfg))
+    outputs = {
+        "transfer_set": str(transfer),
+        "confidence": str(confidence) if confidence is not None else None,
+        "metrics": str(distill_dir(cfg) / "metrics.jsonl"),
+        "loss_curves": str(distill_dir(cfg) / "loss_curves.png"),
+        "student": str(student),
+        "eval": str(eval_dir(cfg)) if results is not None else None,
+    }
+    summary = {"name": cfg.name, "outputs": outputs, "seconds": round(time.perf_counter() - start, 1),
+               "train": distill.get("final", {}), "steps": distill.get("steps"),
+               "eval": {k: results[k] for k in ("student", "teachers", "ensemble", "rows") if k in results}
+               if results else None}
+    (cfg.output.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print("\n".join(f"  {k:<13} {v}" for k, v in outputs.items() if v is not None))
+    print(final_line(summary, results))
+    return summary
+
+
+def final_line(summary: dict, results: dict | None) -> str:
+    acc = ""
+    if results and results.get("student"):
+        acc = f", student accuracy {results['student']['accuracy']:.3f}"
+        if results.get("ensemble"):
+            acc += f" (teacher ensemble {results['ensemble']['accuracy']:.3f})"
+        acc += f" on {results['rows']} eval rows"
+    return (f"amalgamate {summary['name']}: done in {summary['seconds']:.0f} s{acc}; student -> "
+            f"{summary['outputs']['student']}")

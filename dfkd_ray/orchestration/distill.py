@@ -1,0 +1,241 @@
+"""Confidence statistics and distillation on a Ray cluster.
+
+``run_confidence``: one Ray task (a GPU when ``ray.use_gpu``) fits each teacher's confidence
+statistics on its held-out rows of the transfer set -> ``output.dir/confidence/``.
+
+``run_distill``: a Ray Train ``TorchTrainer``. The transfer set is read as a Ray Dataset
+(``read_parquet`` of the manifest's shards, held-out rows dropped) and split across
+``ray.num_train_workers`` workers; each worker's loop (:func:`train_loop_per_worker`) builds a
+:class:`~dfkd_ray.distill.loop.Distiller` (student + ST-amalg under DDP, frozen teachers in the
+config's dtype, the fitted estimators), reads ``get_dataset_shard("train")`` in batches with a
+per-epoch seeded local shuffle, and reports metrics every ``train.report_every_steps`` and a
+checkpoint (model, optimiser, schedule, step, epoch and batch position) every
+``train.checkpoint_every_steps``. A failed worker is restarted by Ray Train up to
+``train.max_failures`` times and continues from the last checkpoint; a rerun of a killed job finds
+the same run (its name carries the stage fingerprint) under ``output.dir/ray_train`` and continues
+from its last checkpoint too. Rank 0 writes ``distill/metrics.jsonl``, ``distill/loss_curves.png``
+and the exported student ``output.dir/student`` (a standard Hugging Face directory).
+
+Resuming inside an epoch skips the batches the checkpoint had consumed; with a fixed number of
+workers the per-epoch shuffle is seeded, but Ray Data does not promise the same split of rows over
+workers on every execution, so a resumed epoch may see a different (equally sized) order.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from dfkd_ray.config import JobConfig, validate_config
+from dfkd_ray.distill.loop import StepPlan, student_num_blocks
+from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
+from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
+
+_TRAIN_ONLY_KEYS = ("report_every_steps", "checkpoint_every_steps", "max_failures")
+
+
+def confidence_dir(cfg: JobConfig) -> Path:
+    return cfg.output.dir / "confidence"
+
+
+def distill_dir(cfg: JobConfig) -> Path:
+    return cfg.output.dir / "distill"
+
+
+def student_dir(cfg: JobConfig) -> Path:
+    return cfg.output.dir / "student"
+
+
+def confidence_description(cfg: JobConfig, transfer_dir: Path) -> dict:
+    a = cfg.amalgamation
+    return {"transfer_set": read_manifest(transfer_dir)["fingerprint"], "seed": cfg.seed,
+            "num_blocks": student_num_blocks(cfg),
+            "teachers": {t.name: str(Path(t.path).resolve()) for t in cfg.teachers},
+            "amalgamation": {k: getattr(a, k) for k in ("confidence", "shrinkage", "confidence_transform",
+                                                          "confidence_quantile", "calibration_fraction")}}
+
+
+def _fit_confidence_task(config: dict, transfer_dir: str, out: str, device: str) -> dict:
+    import torch
+
+    from dfkd_ray.distill.loop import fit_confidence
+    from dfkd_ray.math.confidence import save_estimators
+    from dfkd_ray.transfer.writer import load_teachers
+
+    cfg = validate_config(config, check_paths=False)
+    device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+    teachers = load_teachers(cfg, num_blocks=student_num_blocks(cfg), device=device)
+    estimators = fit_confidence(cfg, read_transfer_table(transfer_dir), teachers)
+    tmp = Path(tempfile.mkdtemp(prefix=".confidence-", dir=Path(out).parent))
+    save_estimators(tmp, estimators)
+    if Path(out).exists():
+        shutil.rmtree(out)  # an unfinished earlier attempt (no stage record)
+    os.replace(tmp, out)
+    return {n: e.meta for n, e in estimators.items()}
+
+
+def run_confidence(cfg: JobConfig, transfer_dir: Path) -> Path | None:
+    """Fit (or find) the confidence statistics; ``None`` for ``amalgamation.method: vanilla``."""
+    if cfg.amalgamation.method == "vanilla":
+        return None
+    cfg = cfg.absolute()
+    out = confidence_dir(cfg)
+    desc = confidence_description(cfg, transfer_dir)
+    if stage_done(out, desc, stage="confidence"):
+        print(f"confidence statistics already fitted: {out}")
+        return out
+    gpu = 1 if cfg.ray.use_gpu else 0
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_fit_confidence_task)
+    start = time.perf_counter()
+    meta = ray.get(task.remote(cfg.to_dict(), str(transfer_dir), str(out), "cuda" if gpu else "cpu"))
+    mark_done(out, desc, teachers=meta)
+    print(f"confidence statistics ({cfg.amalgamation.confidence}) fitted for {list(meta)} in "
+          f"{time.perf_counter() - start:.1f} s -> {out}")
+    return out
+
+
+def distill_description(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None) -> dict:
+    return {"transfer_set": read_manifest(transfer_dir)["fingerprint"], "seed": cfg.seed,
+            "confidence": read_record(conf_dir)["fingerprint"] if conf_dir is not None else None,
+            "teachers": {t.name: str(Path(t.path).resolve()) for t in cfg.teachers},
+            "amalgamation": cfg.amalgamation.model_dump(mode="json"),
+            "student": cfg.student.model_dump(mode="json"),
+            "train": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _TRAIN_ONLY_KEYS},
+            "num_train_workers": cfg.ray.num_train_workers}
+
+
+def count_training_rows(transfer_dir: Path, include_heldout: bool) -> int:
+    rows = 0
+    for f in transfer_set_files(transfer_dir):
+        held = pq.read_table(f, columns=["heldout"]).column("heldout").to_pylist()
+        rows += len(held) if include_heldout else held.count(False)
+    return rows
+
+
+def _drop_heldout(batch):
+    return batch.filter(pc.invert(batch["heldout"])).select(["text"])
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train worker loop: data shard -> teachers (no grad) -> confidences -> step; report + checkpoint."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from dfkd_ray.distill.loop import Distiller, MetricsLog, iterate_epochs
+    from dfkd_ray.math.confidence import load_estimators
+
+    cfg = validate_config(config["job"], check_paths=False)
+    plan = StepPlan(**config["plan"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    estimators = load_estimators(config["confidence_dir"], device) if config["confidence_dir"] else None
+    distiller = Distiller(cfg, plan, device=device, estimators=estimators, wrap=ray.train.torch.prepare_model)
+
+    start_epoch, skip = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = distiller.load_checkpoint(d)
+        start_epoch, skip = int(state["epoch"]), int(state["batch"])
+        if rank == 0:
+            print(f"distill: resumed from the checkpoint of step {state['step']} (epoch {start_epoch}, batch {skip})")
+    resumed_from = distiller.step_count
+    log = MetricsLog(config["metrics_path"], resume_step=resumed_from) if rank == 0 else None
+
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches(epoch: int):
+        for batch in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=t.shuffle_buffer or None,
+                                        local_shuffle_seed=cfg.seed * 1000 + epoch if t.shuffle_buffer else None):
+            yield [str(x) for x in batch["text"]]
+
+    began, seen, metrics = time.perf_counter(), 0, {}
+    for epoch, index, texts in iterate_epochs(batches, plan, start_epoch=start_epoch, skip_batches=skip):
+        metrics = distiller.step(texts)
+        seen += len(texts)
+        step = distiller.step_count
+        last = step >= plan.total_steps
+        want_ckpt = step % t.checkpoint_every_steps == 0 or last
+        if not (want_ckpt or step % t.report_every_steps == 0):
+            continue
+        metrics.update(epoch=epoch + (index + 1) / plan.steps_per_epoch, resumed_from=resumed_from,
+                       samples_per_s=round(seen * plan.world_size / (time.perf_counter() - began), 2))
+        if want_ckpt:
+            nxt = (epoch, index + 1) if index + 1 < plan.steps_per_epoch else (epoch + 1, 0)
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    distiller.save_checkpoint(tmp, epoch=nxt[0], batch=nxt[1])
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+        if rank == 0:
+            log.write(metrics)
+            extra = "".join(f" {k} {metrics[k]:.4f}" for k in ("block", "kd", "agreement") if k in metrics)
+            print(f"distill: step {step}/{plan.total_steps} epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f}"
+                  f"{extra} lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+    if rank == 0:
+        log.plot(Path(config["metrics_path"]).with_name("loss_curves.png"),
+                 title=f"{cfg.name}: {cfg.amalgamation.method} on {cfg.transfer.source}")
+        out = Path(config["student_dir"])
+        tmp = Path(tempfile.mkdtemp(prefix=".student-", dir=out.parent))
+        distiller.export(tmp)
+        if out.exists():
+            shutil.rmtree(out)  # a half-finished export of an earlier attempt (the stage was not recorded)
+        os.replace(tmp, out)
+    return {**metrics, "steps": distiller.step_count}
+
+
+def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None) -> Path:
+    """Train (or find) the student; returns the exported student directory."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # per-epoch split bars drown the step lines
+    context.execution_options.preserve_order = True  # the same rows reach the same worker on every run
+
+    cfg = cfg.absolute()
+    out, student = distill_dir(cfg), student_dir(cfg)
+    desc = distill_description(cfg, transfer_dir, conf_dir)
+    if stage_done(out, desc, stage="distill"):
+        print(f"student already distilled: {student}")
+        return student
+    out.mkdir(parents=True, exist_ok=True)
+    r = cfg.ray
+    plan = StepPlan.of(count_training_rows(transfer_dir, cfg.train.include_heldout), cfg, r.num_train_workers)
+    ds = ray.data.read_parquet(transfer_set_files(transfer_dir)).select_columns(["text", "heldout"])
+    ds = ds.map_batches(_drop_heldout, batch_format="pyarrow") if not cfg.train.include_heldout else ds.select_columns(["text"])
+    ds = ds.materialize()  # text only, read once: every epoch re-iterates it from the object store
+    print(f"distill: {cfg.amalgamation.method} on {plan.rows} rows, {r.num_train_workers} worker(s) x batch "
+          f"{cfg.train.batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg.to_dict(), "plan": plan.__dict__,
+                           "confidence_dir": str(conf_dir) if conf_dir is not None else None,
+                           "metrics_path": str((out / "metrics.jsonl").resolve()), "student_dir": str(student.resolve())},
+        scaling_config=ScalingConfig(num_workers=r.num_train_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_train_worker}),
+        run_config=RunConfig(name=f"distill-{fingerprint(desc)}", storage_path=str((cfg.output.dir / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds})
+    start = time.perf_counter()
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    final = result.return_value or {}
+    mark_done(out, desc, student=str(student), steps=final.get("steps"), rows=plan.rows,
+              seconds=round(time.perf_counter() - start, 1),
+              final={k: final[k] for k in ("loss", "kd", "block", "agreement") if k in final})
+    return student
