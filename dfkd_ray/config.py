@@ -670,6 +670,25 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     return validate_config(data, check_paths=check_paths, source=str(path))
 
 
+def parse_job_args(description: str, argv: list[str] | None = None) -> JobConfig:
+    """The command line every job script takes: ``--config YAML`` and ``section.key=value`` overrides.
+
+    A bad config prints every problem (field path and fix) and exits with status 2, before Ray starts.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML under jobs/configs/")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def claim_output_dir(cfg: JobConfig) -> Path:
     """Create ``output.dir`` and record that this job owns it (idempotent for the same job)."""
     out = cfg.output.dir

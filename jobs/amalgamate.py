@@ -7,23 +7,14 @@ Rerunning the same command resumes: finished stages are skipped, an unfinished o
 (transfer-set shards, the last training checkpoint).
 """
 
-import argparse
 import os
 import sys
 
-from dfkd_ray.config import ConfigError, load_config
+from dfkd_ray.config import parse_job_args
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Data-free amalgamation of teacher classifiers into one student.")
-    parser.add_argument("--config", required=True, help="YAML under jobs/configs/")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+    cfg = parse_job_args("Data-free amalgamation of teacher classifiers into one student.")
 
     import ray
 

@@ -6,22 +6,13 @@
 Rerunning the same command resumes: finished shards are kept, the rest is made.
 """
 
-import argparse
 import sys
 
-from dfkd_ray.config import ConfigError, load_config
+from dfkd_ray.config import parse_job_args
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Make a transfer set with Ray Data.")
-    parser.add_argument("--config", required=True, help="YAML under jobs/configs/")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+    cfg = parse_job_args("Make a transfer set with Ray Data.")
 
     import ray
 
