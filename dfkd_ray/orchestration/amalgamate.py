@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 
 from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
+from dfkd_ray.orchestration import worker_device
 from dfkd_ray.orchestration.distill import distill_dir, run_confidence, run_distill
 from dfkd_ray.orchestration.generate import run_generate
 from dfkd_ray.stages import mark_done, read_record, stage_done
@@ -41,14 +42,11 @@ def check_eval_file(cfg: JobConfig) -> int:
     return len(texts)
 
 
-def _evaluate_task(config: dict, student: str, out: str, device: str) -> dict:
-    import torch
-
+def _evaluate_task(config: dict, student: str, out: str, use_gpu: bool) -> dict:
     from dfkd_ray.evaluation import run_evaluation
 
     cfg = validate_config(config, check_paths=False)
-    device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
-    return run_evaluation(cfg, student, device=device, out_dir=out)
+    return run_evaluation(cfg, student, device=worker_device(use_gpu), out_dir=out)
 
 
 def run_evaluate(cfg: JobConfig, student: Path) -> dict | None:
@@ -64,7 +62,7 @@ def run_evaluate(cfg: JobConfig, student: Path) -> dict | None:
         return results
     gpu = 1 if cfg.ray.use_gpu else 0
     task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_evaluate_task)
-    results = ray.get(task.remote(cfg.to_dict(), str(student), str(out), "cuda" if gpu else "cpu"))
+    results = ray.get(task.remote(cfg.to_dict(), str(student), str(out), bool(gpu)))
     mark_done(out, desc, summary=results["summary"])
     return results
 

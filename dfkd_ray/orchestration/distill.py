@@ -35,6 +35,7 @@ import ray
 
 from dfkd_ray.config import JobConfig, validate_config
 from dfkd_ray.distill.loop import StepPlan, student_num_blocks
+from dfkd_ray.orchestration import worker_device
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
 from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
 
@@ -62,16 +63,13 @@ def confidence_description(cfg: JobConfig, transfer_dir: Path) -> dict:
                                                           "confidence_quantile", "calibration_fraction")}}
 
 
-def _fit_confidence_task(config: dict, transfer_dir: str, out: str, device: str) -> dict:
-    import torch
-
+def _fit_confidence_task(config: dict, transfer_dir: str, out: str, use_gpu: bool) -> dict:
     from dfkd_ray.distill.loop import fit_confidence
     from dfkd_ray.math.confidence import save_estimators
     from dfkd_ray.transfer.writer import load_teachers
 
     cfg = validate_config(config, check_paths=False)
-    device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
-    teachers = load_teachers(cfg, num_blocks=student_num_blocks(cfg), device=device)
+    teachers = load_teachers(cfg, num_blocks=student_num_blocks(cfg), device=worker_device(use_gpu))
     estimators = fit_confidence(cfg, read_transfer_table(transfer_dir), teachers)
     tmp = Path(tempfile.mkdtemp(prefix=".confidence-", dir=Path(out).parent))
     save_estimators(tmp, estimators)
@@ -94,7 +92,7 @@ def run_confidence(cfg: JobConfig, transfer_dir: Path) -> Path | None:
     gpu = 1 if cfg.ray.use_gpu else 0
     task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_fit_confidence_task)
     start = time.perf_counter()
-    meta = ray.get(task.remote(cfg.to_dict(), str(transfer_dir), str(out), "cuda" if gpu else "cpu"))
+    meta = ray.get(task.remote(cfg.to_dict(), str(transfer_dir), str(out), bool(gpu)))
     mark_done(out, desc, teachers=meta)
     print(f"confidence statistics ({cfg.amalgamation.confidence}) fitted for {list(meta)} in "
           f"{time.perf_counter() - start:.1f} s -> {out}")

@@ -22,20 +22,19 @@ import numpy as np
 import ray
 
 from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
+from dfkd_ray.orchestration import worker_device
 from dfkd_ray.transfer.store import TransferSetStore, write_shard_file
 from dfkd_ray.transfer.writer import (final_line, finalize_transfer_set, fingerprint_of, load_teachers, make_shard,
                                       plan_transfer_set, regenerate_duplicates, transfer_set_dir)
 
 
 def _build_source(config: dict):
-    import torch
-
     from dfkd_ray.transfer.sources import get_source_class
 
     # Validated once on the driver; paths are the driver's view of shared storage.
     cfg = validate_config(config, check_paths=False)
     space, shards, _ = plan_transfer_set(cfg)
-    device = "cuda" if cfg.ray.gpus_per_generation_actor > 0 and torch.cuda.is_available() else "cpu"
+    device = worker_device(cfg.ray.gpus_per_generation_actor > 0)
     source_class = get_source_class(cfg.transfer.source)
     if source_class.builds_engine_first(cfg):  # e.g. vLLM: its engine before any teacher touches the GPU
         from dfkd_ray.config import vllm_engine_problem
