@@ -52,6 +52,8 @@ def test_step_plan_and_resumed_iteration(job_dict):
     assert len(full) == 15 and full[6] == (1, 0, (1, 0)) and full[-1] == (2, 2, (2, 2))
     resumed = list(iterate_epochs(batches, plan, start_epoch=1, skip_batches=2))
     assert resumed == full[8:]
+    with pytest.raises(ValueError, match="no full batch"):  # an empty epoch must not loop forever
+        list(iterate_epochs(lambda epoch: iter([]), plan))
 
 
 def test_stage_records_skip_same_and_refuse_changed(tmp_path):

@@ -228,13 +228,19 @@ def iterate_epochs(batches_of_epoch: Callable[[int], object], plan: StepPlan, *,
     given = start_epoch * plan.steps_per_epoch + skip_batches
     epoch = start_epoch
     while given < plan.total_steps:
+        read = 0
         for i, batch in enumerate(batches_of_epoch(epoch)):
+            read = i + 1
             if i >= plan.steps_per_epoch or given >= plan.total_steps:
                 break
             if epoch == start_epoch and i < skip_batches:
                 continue
             yield epoch, i, batch
             given += 1
+        if read == 0:  # no full batch: looping on would never end
+            raise ValueError(f"epoch {epoch} gave no full batch of train.batch_size rows (the plan counted "
+                             f"{plan.rows} rows over {plan.world_size} worker(s)); lower train.batch_size or "
+                             "make a larger transfer set")
         epoch += 1
 
 
