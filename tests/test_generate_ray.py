@@ -72,11 +72,21 @@ def test_duplicates_across_actors_are_regenerated_like_in_one_process(job_dict, 
     assert table.equals(reference)
 
 
+TIMING = ("generator_seconds", "samples_per_s")
+
+
+def _summary(directory: Path) -> dict:
+    """summary.json without the fields that measure time."""
+    return {k: v for k, v in json.loads((directory / "summary.json").read_text()).items() if k not in TIMING}
+
+
 def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local):
-    """SIGKILL `jobs/generate.py` mid-run, rerun, and compare with an uninterrupted run."""
+    """SIGKILL `jobs/generate.py` mid-run, rerun, and compare with an uninterrupted run: same rows,
+    same summary (timings aside), also for a shard renamed into place but not yet in the manifest."""
     from dfkd_ray.orchestration.generate import run_generate
 
-    kw = dict(samples_per_class=150, shard_size=6, dedup="none")  # 600 requests in 100 shards
+    # 600 requests in 100 shards; the threshold makes rejects and given-up requests to account for
+    kw = dict(samples_per_class=150, shard_size=6, dedup="none", min_confidence=0.9, max_attempts=2)
     killed = _cfg(job_dict, tmp_path / "killed", **kw)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(killed))
@@ -98,12 +108,21 @@ def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local):
         pq.read_table(f)  # every visible shard is whole
     with pytest.raises(TransferSetError, match="unfinished"):
         transfer_set_files(ts)
+    # The state a kill between a shard's rename and the manifest update leaves (the kill above
+    # lands there only by chance): the resume adopts that shard, statistics included.
+    dropped = sorted(manifest["shards"])[-1]
+    del manifest["shards"][dropped]
+    (ts / MANIFEST).write_text(json.dumps(manifest))
 
     resumed = read_transfer_table(run_generate(validate_config(killed), progress=False))
     fresh = read_transfer_table(run_generate(validate_config(_cfg(job_dict, tmp_path / "fresh", **kw)), progress=False))
-    assert resumed.num_rows == fresh.num_rows == 600
+    assert resumed.num_rows == fresh.num_rows
     assert resumed.equals(fresh)
-    assert len(set(resumed.column("sample_id").to_pylist())) == 600
+    assert len(set(resumed.column("sample_id").to_pylist())) == resumed.num_rows
+    summary = _summary(ts)
+    assert summary == _summary(tmp_path / "fresh" / "transfer_set")
+    assert summary["requests"] == 600 and summary["rows"] == 600 - summary["given_up"]
+    assert summary["rejects"]["low_confidence"] > 0
 
 
 def test_threshold_that_rejects_everything_is_a_clear_error(job_dict, tmp_path, ray_local):

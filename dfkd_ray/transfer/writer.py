@@ -198,14 +198,14 @@ def repair_cross_shard_duplicates(store: TransferSetStore, cfg: JobConfig, regen
         order = {r.sample_id: i for i, r in enumerate(shards[index])}
         ids = merged.column("sample_id").to_pylist()
         merged = merged.take(sorted(range(len(ids)), key=lambda i: order[ids[i]]))
-        stats = store.manifest["shards"][key]
+        stats = dict(store.manifest["shards"][key])
         stats["given_up"] = stats.get("given_up", 0) + fix["given_up"]
         rejects = Counter(stats.get("rejects", {}))
         rejects.update(fix["rejects"])
         rejects["duplicate_across_shards"] += len(dropped)
         stats["rejects"] = dict(rejects)
         stats["generated"] = stats.get("generated", 0) + len(fix["rows"]) + sum(fix["rejects"].values())
-        store.replace_shard(index, merged)
+        store.replace_shard(index, merged, stats)
     return sum(len(v) for v in duplicates.values())
 
 
