@@ -47,6 +47,8 @@ def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local):
             "rejects", "samples_per_s"} <= set(summary)
     assert sum(r["rows"] for r in summary["per_class"]) == table.num_rows
     assert (directory / "summary.png").stat().st_size > 10_000
+    # both actors made shards: each shard records the process (host:pid) that generated it
+    assert len({s["worker"] for s in manifest["shards"].values()}) == 2, manifest["shards"]
     assert json.loads((directory / "summary.json").read_text())["rows"] == table.num_rows
     # a second run finds it complete and changes nothing
     assert read_transfer_table(run_generate(cfg, progress=False)).equals(table)
