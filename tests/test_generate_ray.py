@@ -166,3 +166,19 @@ def test_steered_two_actors_give_requested_counts(job_dict, synthetic_task, tmp_
         assert r["source"] == "steered" and r["confidence"] >= 0.6
     assert counts == {(t, c): 6 for t in ("alpha", "beta") for c in (0, 1)}
     assert len({r["text"].casefold() for r in rows}) == len(rows)
+
+
+def test_job_script_reports_a_user_error_without_traceback(job_dict, tmp_path, ray_local):
+    """jobs/generate.py prints the project's user-facing errors (here a TransferSetError: the set's
+    directory holds someone's files) as one message and exits 2, like a bad config."""
+    d = _cfg(job_dict, tmp_path / "out")
+    (tmp_path / "out" / "transfer_set").mkdir(parents=True)
+    (tmp_path / "out" / "transfer_set" / "notes.txt").write_text("mine")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(d))
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "--config", str(path),
+                           "ray.address=auto"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: " in proc.stderr and "is not empty but has no manifest.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "transfer_set" / "notes.txt").read_text() == "mine"
