@@ -236,3 +236,29 @@ def test_duplicates_across_shards_are_regenerated(job_dict, tmp_path):
     assert len(set(ids)) == len(ids)
     _, again = make(tmp_path / "b")
     assert again.equals(table)
+
+
+def test_teacher_remote_code_is_off_by_default(job_dict, synthetic_task, tmp_path):
+    """A teacher directory whose config.json points at its own modelling code loads with the built-in
+    classes: the code is never imported unless teachers[i].trust_remote_code is true."""
+    import shutil
+
+    from dfkd_ray.transfer.writer import load_teachers
+
+    d = tmp_path / "teacher"
+    shutil.copytree(synthetic_task.teachers["alpha"], d)
+    ran = tmp_path / "remote_code_ran"
+    (d / "custom.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                 "from transformers import BertConfig, BertForSequenceClassification\n"
+                                 "class CustomConfig(BertConfig):\n    pass\n"
+                                 "class CustomModel(BertForSequenceClassification):\n    pass\n")
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.CustomConfig",
+                          "AutoModelForSequenceClassification": "custom.CustomModel"}
+    (d / "config.json").write_text(json.dumps(config))
+    job = {**job_dict, "teachers": [{"name": "alpha", "path": str(d)}]}
+    cfg = validate_config(job)
+    assert cfg.teachers[0].trust_remote_code is False
+    teacher = load_teachers(cfg)["alpha"]
+    assert type(teacher.model).__name__ == "BertForSequenceClassification"
+    assert not ran.exists()
