@@ -30,8 +30,12 @@ def _cfg(job_dict, out: Path, **transfer):
     return d
 
 
-def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local):
+def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local, monkeypatch):
     from dfkd_ray.orchestration.generate import run_generate
+
+    # Ray Data starts pool actors asynchronously: on 12 quick shards the first actor up may make
+    # them all before the second has loaded its teachers. Start work only once both are up.
+    monkeypatch.setattr(ray_local.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
 
     cfg = validate_config(_cfg(job_dict, tmp_path / "out", samples_per_class=24, shard_size=8, min_confidence=0.8,
                                max_attempts=4, dedup="near"))
