@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, core_schema
 
 from dfkd_ray.labels import label_clashes, normalize_label, ordered_labels
 
 JOB_MARKER = "dfkd_job.json"
 """File in ``output.dir`` recording which job owns the directory."""
+
+_TEACHER_LABELS = "_teacher_labels"
+"""Validation-context key: every teacher's label names, for ``transfer.class_weights``."""
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -45,6 +48,26 @@ def _check_paths(info: ValidationInfo) -> bool:
 
 def _fail(kind: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(kind, message)
+
+
+def _fail_at(loc: tuple, kind: str, message: str, value: Any = None) -> ValidationError:
+    """An error at ``loc`` below the field being validated (pydantic nests a ValidationError raised
+    inside a validator under that field's location): a section's cross-field check can then name
+    the exact sub-field, e.g. ``transfer.corpus.path`` from a validator of ``transfer.corpus``."""
+    return ValidationError.from_exception_data(kind, [{"type": _fail(kind, message), "loc": loc, "input": value}])
+
+
+def _valid(info: ValidationInfo, *names: str) -> Optional[tuple]:
+    """The already-validated values of earlier fields of the same model, or None when one of them
+    failed (its own error is reported; a check depending on it would only add noise).
+
+    Cross-field checks are field validators that read earlier fields through ``info.data`` rather
+    than ``mode='after'`` model validators, because pydantic skips a model validator as soon as any
+    field fails: with field validators every problem is reported at once, each at its field path.
+    """
+    if not all(n in info.data for n in names):
+        return None
+    return tuple(info.data[n] for n in names)
 
 
 def read_model_config(path: Path) -> dict:
@@ -111,11 +134,13 @@ class RandomWordsConfig(_Section):
     min_words: int = Field(8, ge=1, le=4096)
     max_words: int = Field(48, ge=1, le=4096)
 
-    @model_validator(mode="after")
-    def _order(self) -> "RandomWordsConfig":
-        if self.min_words > self.max_words:
-            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
-        return self
+    @field_validator("max_words")
+    @classmethod
+    def _order(cls, max_words: int, info: ValidationInfo) -> int:
+        earlier = _valid(info, "min_words")
+        if earlier and earlier[0] > max_words:
+            raise ValueError(f"min_words ({earlier[0]}) must be <= max_words ({max_words})")
+        return max_words
 
 
 class CorpusConfig(_Section):
@@ -203,13 +228,21 @@ class SteeredConfig(_Section):
             raise _fail("engine_unavailable", problem)
         return engine
 
-    @model_validator(mode="after")
-    def _ranges(self) -> "SteeredConfig":
-        if self.top_k > self.top_m:
-            raise ValueError(f"top_k ({self.top_k}) must be <= top_m ({self.top_m}): top-k samples among the teacher-scored top-m")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
-        return self
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, top_k: int, info: ValidationInfo) -> int:
+        earlier = _valid(info, "top_m")
+        if earlier and top_k > earlier[0]:
+            raise ValueError(f"top_k ({top_k}) must be <= top_m ({earlier[0]}): top-k samples among the teacher-scored top-m")
+        return top_k
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _min_new(cls, min_new: int, info: ValidationInfo) -> int:
+        earlier = _valid(info, "max_new_tokens")
+        if earlier and min_new > earlier[0]:
+            raise ValueError(f"min_new_tokens ({min_new}) must be <= max_new_tokens ({earlier[0]})")
+        return min_new
 
 
 SourceName = Literal["random_words", "corpus", "steered", "prompt_tuned", "embedding_guessing"]
@@ -236,24 +269,45 @@ class TransferConfig(_Section):
     corpus: CorpusConfig = CorpusConfig()
     steered: SteeredConfig = SteeredConfig()
 
+    @field_validator("source")
+    @classmethod
+    def _implemented(cls, source: str) -> str:
+        if source not in IMPLEMENTED_SOURCES:
+            raise _fail("not_implemented", f"transfer source {source!r} is not implemented yet; "
+                                           f"choose one of {list(IMPLEMENTED_SOURCES)}")
+        return source
+
     @field_validator("class_weights")
     @classmethod
-    def _weights(cls, w: dict[str, float]) -> dict[str, float]:
+    def _weights(cls, w: dict[str, float], info: ValidationInfo) -> dict[str, float]:
         bad = {k: v for k, v in w.items() if not (v >= 0)}
         if bad:
             raise ValueError(f"class weights must be >= 0, got {bad}")
+        # Published by JobConfig's teachers validator (teachers come before transfer), only when
+        # every teacher directory validated: an incomplete label set would flag real labels.
+        names = (info.context or {}).get(_TEACHER_LABELS)
+        if names is not None:
+            known = {normalize_label(n) for n in names}
+            unknown = [k for k in w if normalize_label(k) not in known]
+            if unknown:
+                raise _fail("unknown_label", f"names labels no teacher has: {unknown}; known: {names}")
         return w
 
-    @model_validator(mode="after")
-    def _source_ready(self) -> "TransferConfig":
-        if self.source not in IMPLEMENTED_SOURCES:
-            raise _fail("not_implemented", f"transfer source {self.source!r} is not implemented yet; "
-                                           f"choose one of {list(IMPLEMENTED_SOURCES)}")
-        if self.source == "corpus" and self.corpus.path is None:
-            raise _fail("missing_corpus", "source 'corpus' needs transfer.corpus.path (a text file, one document per line)")
-        if self.source == "steered" and self.steered.lm_path is None:
-            raise _fail("missing_lm", "source 'steered' needs transfer.steered.lm_path (a local causal-LM directory)")
-        return self
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_ready(cls, corpus: CorpusConfig, info: ValidationInfo) -> CorpusConfig:
+        if _valid(info, "source") == ("corpus",) and corpus.path is None:
+            raise _fail_at(("path",), "missing_corpus",
+                           "source 'corpus' needs transfer.corpus.path (a text file, one document per line)")
+        return corpus
+
+    @field_validator("steered")
+    @classmethod
+    def _steered_ready(cls, steered: SteeredConfig, info: ValidationInfo) -> SteeredConfig:
+        if _valid(info, "source") == ("steered",) and steered.lm_path is None:
+            raise _fail_at(("lm_path",), "missing_lm",
+                           "source 'steered' needs transfer.steered.lm_path (a local causal-LM directory)")
+        return steered
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,13 +349,20 @@ class AmalgamationConfig(_Section):
         True, description="true (the paper): ST-amalg learns through the block loss; false: its targets are a fixed, "
                           "randomly initialised confidence-gated function of the teacher features")
 
-    @model_validator(mode="after")
-    def _heads(self) -> "AmalgamationConfig":
-        if self.amalg_dim % self.amalg_heads:
-            raise ValueError(f"amalg_dim ({self.amalg_dim}) must be divisible by amalg_heads ({self.amalg_heads})")
-        if self.alpha == 0 and self.beta == 0:
+    @field_validator("amalg_heads")
+    @classmethod
+    def _heads(cls, heads: int, info: ValidationInfo) -> int:
+        earlier = _valid(info, "amalg_dim")
+        if earlier and earlier[0] % heads:
+            raise ValueError(f"amalg_dim ({earlier[0]}) must be divisible by amalg_heads ({heads})")
+        return heads
+
+    @field_validator("beta")
+    @classmethod
+    def _some_loss(cls, beta: float, info: ValidationInfo) -> float:
+        if _valid(info, "alpha") == (0,) and beta == 0:
             raise ValueError("alpha and beta are both 0: nothing would be learned; set beta > 0 (KL) and/or alpha > 0 (blocks)")
-        return self
+        return beta
 
 
 class StudentConfig(_Section):
@@ -320,13 +381,20 @@ class StudentConfig(_Section):
             read_model_config(path)
         return path
 
-    @model_validator(mode="after")
-    def _one_of(self) -> "StudentConfig":
-        if self.layers is not None and self.num_layers is not None:
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, layers: Optional[list[int]]) -> Optional[list[int]]:
+        if layers is not None and (not layers or len(set(layers)) != len(layers)):
+            raise ValueError(f"layers must be a non-empty list of distinct layer indices, got {layers}")
+        return layers
+
+    @field_validator("num_layers")
+    @classmethod
+    def _one_of(cls, num_layers: Optional[int], info: ValidationInfo) -> Optional[int]:
+        earlier = _valid(info, "layers")
+        if num_layers is not None and earlier and earlier[0] is not None:
             raise ValueError("set either layers or num_layers, not both")
-        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
-            raise ValueError(f"layers must be a non-empty list of distinct layer indices, got {self.layers}")
-        return self
+        return num_layers
 
 
 class TrainConfig(_Section):
@@ -344,11 +412,13 @@ class TrainConfig(_Section):
     shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: no shuffle)")
     include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
 
-    @model_validator(mode="after")
-    def _warmup(self) -> "TrainConfig":
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
-        return self
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup(cls, warmup: float, info: ValidationInfo) -> float:
+        earlier = _valid(info, "epochs")
+        if earlier and warmup > earlier[0]:
+            raise ValueError(f"warmup_epochs ({warmup}) must be <= epochs ({earlier[0]})")
+        return warmup
 
 
 class EvalConfig(_Section):
@@ -390,10 +460,18 @@ class SearchDim(_Section):
         return self
 
 
+def _search_key(key: str) -> str:
+    if not _is_field_path(key):
+        raise _fail("unknown_field", f"search-space key {key!r} is not a config field "
+                                     "(e.g. 'transfer.steered.control_strength')")
+    return key
+
+
 class TuneConfig(_Section):
     """Ray Tune sweep over dotted config keys (e.g. ``transfer.steered.control_strength``)."""
 
-    search_space: dict[str, SearchDim] = Field(default_factory=dict)
+    # Keys are validated as dict keys: reported at tune.search_space.<key>, together with its value's errors.
+    search_space: dict[Annotated[str, AfterValidator(_search_key)], SearchDim] = Field(default_factory=dict)
     num_samples: int = Field(1, ge=1)
     metric: str = "eval_accuracy"
     mode: Literal["max", "min"] = "max"
@@ -437,40 +515,38 @@ class JobConfig(_Section):
     demo: Optional[Path] = Field(None, description="smoke presets only: build the offline synthetic demo task "
                                                    "(teachers, LM, student, corpus, eval file) here on first use")
 
+    # Checks across sections are field validators too (not a model validator, which pydantic skips
+    # once any field fails), so they are reported together with every field error.
+
     @field_validator("teachers")
     @classmethod
-    def _unique(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
-        names = [t.name for t in teachers]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"teacher names must be unique, {dup} repeat")
+    def _unique(cls, teachers: list[TeacherConfig], info: ValidationInfo) -> list[TeacherConfig]:
+        seen: set[str] = set()
+        for i, t in enumerate(teachers):
+            if t.name in seen:
+                raise _fail_at((i, "name"), "duplicate_teacher",
+                               f"teacher names must be unique, {t.name!r} repeats; rename one", t.name)
+            seen.add(t.name)
+        if _check_paths(info) and info.context is not None:
+            labels = {t.name: ordered_labels(read_model_config(t.path)["id2label"]) for t in teachers}
+            info.context[_TEACHER_LABELS] = sorted({n for names in labels.values() for n in names})
         return teachers
 
-    @model_validator(mode="after")
-    def _cross(self, info: ValidationInfo) -> "JobConfig":
-        problems: list[str] = []
-        for key in self.tune.search_space:
-            if not _is_field_path(key):
-                problems.append(f"tune.search_space key {key!r} is not a config field "
-                                f"(e.g. 'transfer.steered.control_strength')")
-        if _check_paths(info):
-            names = sorted({name for labels in self.teacher_labels().values() for name in labels})
-            known = {normalize_label(n) for n in names}
-            unknown = [k for k in self.transfer.class_weights if normalize_label(k) not in known]
-            if unknown:
-                problems.append(f"transfer.class_weights names labels no teacher has: {unknown}; known: {names}")
-            marker = self.output.dir / JOB_MARKER
-            if marker.is_file():
-                try:
-                    owner = json.loads(marker.read_text()).get("name")
-                except json.JSONDecodeError:
-                    owner = "<unreadable>"
-                if owner != self.name:
-                    problems.append(f"output.dir {str(self.output.dir)!r} holds the results of job {owner!r}; "
-                                    f"give job {self.name!r} its own output.dir (nothing there was touched)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    @field_validator("output")
+    @classmethod
+    def _own_output_dir(cls, output: OutputConfig, info: ValidationInfo) -> OutputConfig:
+        marker = output.dir / JOB_MARKER
+        earlier = _valid(info, "name")
+        if earlier and _check_paths(info) and marker.is_file():
+            try:
+                owner = json.loads(marker.read_text()).get("name")
+            except json.JSONDecodeError:
+                owner = "<unreadable>"
+            if owner != earlier[0]:
+                raise _fail_at(("dir",), "foreign_output_dir",
+                               f"{str(output.dir)!r} holds the results of job {owner!r}; give job {earlier[0]!r} "
+                               "its own output.dir (nothing there was touched)")
+        return output
 
     def teacher_labels(self) -> dict[str, list[str]]:
         """Each teacher's class names in id order, read from its config.json."""
@@ -562,11 +638,17 @@ def _is_field_path(dotted: str) -> bool:
 def _format_loc(loc: tuple) -> str:
     out = ""
     for part in loc:
+        if part == "[key]":  # a dict key's own error (tune.search_space.<key>)
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:
             out += ("." if out else "") + str(part)
     return out or "<root>"
+
+
+_PYDANTIC_ERRORS = set(typing.get_args(core_schema.ErrorType)) - {"value_error", "assertion_error"}
+"""pydantic's own error kinds, whose messages do not show the offending value; ours do."""
 
 
 def _problems(err: ValidationError) -> list[tuple[str, str]]:
@@ -586,7 +668,7 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
             msg = "required field is missing; add it"
         elif e["type"] in ("literal_error", "enum"):
             msg = f"{msg}, got {e.get('input')!r}"
-        elif isinstance(e.get("input"), (str, int, float, bool)) and "got" not in msg:
+        elif e["type"] in _PYDANTIC_ERRORS and isinstance(e.get("input"), (str, int, float, bool)) and "got" not in msg:
             msg = f"{msg} (got {e['input']!r})"
         problems.append((_format_loc(loc), msg))
     return problems

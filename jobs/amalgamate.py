@@ -18,6 +18,7 @@ def main() -> int:
 
     import ray
 
+    from dfkd_ray.orchestration import report_user_error, user_errors
     from dfkd_ray.orchestration.amalgamate import run_amalgamate
 
     if cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:
@@ -27,7 +28,10 @@ def main() -> int:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=False)
     else:
         ray.init(address=cfg.ray.address, log_to_driver=True)
-    run_amalgamate(cfg)
+    try:
+        run_amalgamate(cfg)
+    except user_errors() as e:  # a problem the user fixes: the message, no traceback, exit 2
+        return report_user_error(e)
     return 0
 
 

@@ -16,10 +16,14 @@ def main() -> int:
 
     import ray
 
+    from dfkd_ray.orchestration import report_user_error, user_errors
     from dfkd_ray.orchestration.generate import run_generate
 
     ray.init(address=cfg.ray.address, log_to_driver=False)
-    run_generate(cfg)
+    try:
+        run_generate(cfg)
+    except user_errors() as e:  # a problem the user fixes: the message, no traceback, exit 2
+        return report_user_error(e)
     return 0
 
 

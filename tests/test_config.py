@@ -38,7 +38,7 @@ def _teacher_dir(tmp_path: Path, id2label, name="t") -> str:
     return str(d)
 
 
-# (edit to a valid config, field path expected in the message, words expected in the message)
+# (edit to a valid config, the exact dotted field path the problem is reported under, words in its message)
 BAD = [
     ("transfer.smaples_per_class", 5, "transfer.smaples_per_class", "did you mean 'samples_per_class'"),
     ("tranfser", {}, "tranfser", "did you mean 'transfer'"),
@@ -46,25 +46,34 @@ BAD = [
     ("transfer.samples_per_class", "many", "transfer.samples_per_class", "valid integer"),
     ("transfer.min_confidence", 1.5, "transfer.min_confidence", "less than or equal to 1"),
     ("transfer.source", "gan", "transfer.source", "'random_words'"),
-    ("transfer.source", "embedding_guessing", "transfer", "not implemented yet"),
+    ("transfer.source", "embedding_guessing", "transfer.source", "not implemented yet"),
     ("transfer.corpus.path", "/nonexistent/corpus.txt", "transfer.corpus.path", "does not exist"),
+    ("transfer.corpus.path", _DELETE, "transfer.corpus.path", "source 'corpus' needs transfer.corpus.path"),
+    ("transfer.source", "steered", "transfer.steered.lm_path", "needs transfer.steered.lm_path"),
+    ("transfer.steered", {"top_m": 10, "top_k": 20}, "transfer.steered.top_k", "top_k (20) must be <= top_m (10)"),
+    ("transfer.steered", {"max_new_tokens": 4}, "transfer.steered.min_new_tokens", "must be <= max_new_tokens (4)"),
+    ("transfer.random_words", {"min_words": 9, "max_words": 3}, "transfer.random_words.max_words", "min_words (9)"),
+    ("transfer.class_weights", {"sports": -1.0}, "transfer.class_weights", "must be >= 0"),
     ("teachers.0.path", "/nonexistent/teacher", "teachers[0].path", "does not exist"),
-    ("teachers.1.name", "alpha", "teachers", "unique"),
+    ("teachers.1.name", "alpha", "teachers[1].name", "unique"),
     ("teachers.0.name", "has space", "teachers[0].name", "pattern"),
     ("teachers.0.max_length", 4, "teachers[0].max_length", "greater than or equal to 8"),
     ("teachers", [], "teachers", "at least 1"),
     ("name", _DELETE, "name", "required field is missing"),
     ("output", _DELETE, "output", "required field is missing"),
     ("amalgamation.confidence", "entropy", "amalgamation.confidence", "'rmd'"),
-    ("amalgamation.amalg_dim", 102, "amalgamation", "divisible by amalg_heads"),
+    ("amalgamation.amalg_dim", 102, "amalgamation.amalg_heads", "divisible by amalg_heads"),
+    ("amalgamation", {"alpha": 0, "beta": 0}, "amalgamation.beta", "nothing would be learned"),
     ("amalgamation.temperature", 0, "amalgamation.temperature", "greater than 0"),
-    ("student.num_layers", 2, "student", "either layers or num_layers"),
-    ("train.warmup_epochs", 20, "train", "warmup_epochs (20.0) must be <= epochs"),
+    ("student.num_layers", 2, "student.num_layers", "either layers or num_layers"),
+    ("train.warmup_epochs", 20, "train.warmup_epochs", "warmup_epochs (20.0) must be <= epochs"),
+    ("student.layers", [1, 1], "student.layers", "distinct"),
     ("train.learning_rate", -1, "train.learning_rate", "greater than 0"),
     ("eval.path", "/nonexistent/eval.csv", "eval.path", "does not exist"),
-    ("tune.search_space", {"transfer.steered.strength": {"values": [1, 2]}}, "<root>", "is not a config field"),
+    ("tune.search_space", {"transfer.steered.strength": {"values": [1, 2]}}, "tune.search_space.transfer.steered.strength",
+     "is not a config field"),
     ("tune.search_space", {"transfer.seed": {"low": 2, "high": 1}}, "tune.search_space.transfer.seed", "low (2.0) must be < high"),
-    ("transfer.class_weights", {"sprots": 2.0}, "<root>", "labels no teacher has"),
+    ("transfer.class_weights", {"sprots": 2.0}, "transfer.class_weights", "labels no teacher has: ['sprots']"),
     ("ray.gpus_per_generation_actor", -1, "ray.gpus_per_generation_actor", "greater than or equal to 0"),
 ]
 
@@ -78,9 +87,10 @@ def test_bad_config_names_field(job_dict, dotted, value, field, words):
     with pytest.raises(ConfigError) as err:
         validate_config(d)
     problems = dict(err.value.problems)
-    assert field in problems, f"{field!r} not among {problems}"
+    assert field in problems, f"{field!r} not among {problems}"  # the exact dotted path, not its section
     assert words in problems[field], problems[field]
-    assert field in str(err.value)
+    assert f"  - {field}: " in str(err.value)
+    assert len(problems) == 1, problems
 
 
 def test_teacher_dir_problems(job_dict, tmp_path):
@@ -114,6 +124,27 @@ def test_all_problems_reported_at_once(job_dict):
     assert "did you mean 'fusion'" in dict(err.value.problems)["amalgamation.fusoin"]
 
 
+def test_field_and_cross_field_problems_reported_together(job_dict):
+    """A typo (field error) does not hide checks across sections: a foreign output.dir, a class
+    weight naming no teacher's label and a bad search-space key all come in one report."""
+    (Path(job_dict["output"]["dir"])).mkdir(parents=True)
+    (Path(job_dict["output"]["dir"]) / JOB_MARKER).write_text(json.dumps({"name": "someone-else"}))
+    d = copy.deepcopy(job_dict)
+    d["transfer"]["smaples_per_class"] = 5
+    d["transfer"]["class_weights"] = {"sprots": 2.0}
+    d["train"] = {"epochs": 1, "warmup_epochs": 3}
+    d["tune"] = {"search_space": {"train.lr": {"values": [1e-5]}}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(d)
+    problems = dict(err.value.problems)
+    assert "did you mean 'samples_per_class'" in problems["transfer.smaples_per_class"]
+    assert "holds the results of job 'someone-else'" in problems["output.dir"]
+    assert "labels no teacher has: ['sprots']" in problems["transfer.class_weights"]
+    assert "must be <= epochs" in problems["train.warmup_epochs"]
+    assert "not a config field" in problems["tune.search_space.train.lr"]
+    assert len(err.value.problems) == 5, err.value.problems
+
+
 def test_output_dir_of_another_job_is_refused(job_dict):
     cfg = validate_config(job_dict)
     claim_output_dir(cfg)
@@ -121,7 +152,7 @@ def test_output_dir_of_another_job_is_refused(job_dict):
     other["name"] = "another-job"
     with pytest.raises(ConfigError) as err:
         validate_config(other)
-    assert "holds the results of job 'test-job'" in str(err.value)
+    assert "holds the results of job 'test-job'" in dict(err.value.problems)["output.dir"]
     # the same job may come back to its directory (resume)
     assert validate_config(job_dict).name == "test-job"
     assert json.loads((cfg.output.dir / JOB_MARKER).read_text())["name"] == "test-job"

@@ -30,8 +30,12 @@ def _cfg(job_dict, out: Path, **transfer):
     return d
 
 
-def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local):
+def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local, monkeypatch):
     from dfkd_ray.orchestration.generate import run_generate
+
+    # Ray Data starts pool actors asynchronously: on 12 quick shards the first actor up may make
+    # them all before the second has loaded its teachers. Start work only once both are up.
+    monkeypatch.setattr(ray_local.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
 
     cfg = validate_config(_cfg(job_dict, tmp_path / "out", samples_per_class=24, shard_size=8, min_confidence=0.8,
                                max_attempts=4, dedup="near"))
@@ -47,6 +51,8 @@ def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local):
             "rejects", "samples_per_s"} <= set(summary)
     assert sum(r["rows"] for r in summary["per_class"]) == table.num_rows
     assert (directory / "summary.png").stat().st_size > 10_000
+    # both actors made shards: each shard records the process (host:pid) that generated it
+    assert len({s["worker"] for s in manifest["shards"].values()}) == 2, manifest["shards"]
     assert json.loads((directory / "summary.json").read_text())["rows"] == table.num_rows
     # a second run finds it complete and changes nothing
     assert read_transfer_table(run_generate(cfg, progress=False)).equals(table)
@@ -72,11 +78,21 @@ def test_duplicates_across_actors_are_regenerated_like_in_one_process(job_dict, 
     assert table.equals(reference)
 
 
+TIMING = ("generator_seconds", "samples_per_s")
+
+
+def _summary(directory: Path) -> dict:
+    """summary.json without the fields that measure time."""
+    return {k: v for k, v in json.loads((directory / "summary.json").read_text()).items() if k not in TIMING}
+
+
 def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local):
-    """SIGKILL `jobs/generate.py` mid-run, rerun, and compare with an uninterrupted run."""
+    """SIGKILL `jobs/generate.py` mid-run, rerun, and compare with an uninterrupted run: same rows,
+    same summary (timings aside), also for a shard renamed into place but not yet in the manifest."""
     from dfkd_ray.orchestration.generate import run_generate
 
-    kw = dict(samples_per_class=150, shard_size=6, dedup="none")  # 600 requests in 100 shards
+    # 600 requests in 100 shards; the threshold makes rejects and given-up requests to account for
+    kw = dict(samples_per_class=150, shard_size=6, dedup="none", min_confidence=0.9, max_attempts=2)
     killed = _cfg(job_dict, tmp_path / "killed", **kw)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(killed))
@@ -98,12 +114,21 @@ def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local):
         pq.read_table(f)  # every visible shard is whole
     with pytest.raises(TransferSetError, match="unfinished"):
         transfer_set_files(ts)
+    # The state a kill between a shard's rename and the manifest update leaves (the kill above
+    # lands there only by chance): the resume adopts that shard, statistics included.
+    dropped = sorted(manifest["shards"])[-1]
+    del manifest["shards"][dropped]
+    (ts / MANIFEST).write_text(json.dumps(manifest))
 
     resumed = read_transfer_table(run_generate(validate_config(killed), progress=False))
     fresh = read_transfer_table(run_generate(validate_config(_cfg(job_dict, tmp_path / "fresh", **kw)), progress=False))
-    assert resumed.num_rows == fresh.num_rows == 600
+    assert resumed.num_rows == fresh.num_rows
     assert resumed.equals(fresh)
-    assert len(set(resumed.column("sample_id").to_pylist())) == 600
+    assert len(set(resumed.column("sample_id").to_pylist())) == resumed.num_rows
+    summary = _summary(ts)
+    assert summary == _summary(tmp_path / "fresh" / "transfer_set")
+    assert summary["requests"] == 600 and summary["rows"] == 600 - summary["given_up"]
+    assert summary["rejects"]["low_confidence"] > 0
 
 
 def test_threshold_that_rejects_everything_is_a_clear_error(job_dict, tmp_path, ray_local):
@@ -145,3 +170,19 @@ def test_steered_two_actors_give_requested_counts(job_dict, synthetic_task, tmp_
         assert r["source"] == "steered" and r["confidence"] >= 0.6
     assert counts == {(t, c): 6 for t in ("alpha", "beta") for c in (0, 1)}
     assert len({r["text"].casefold() for r in rows}) == len(rows)
+
+
+def test_job_script_reports_a_user_error_without_traceback(job_dict, tmp_path, ray_local):
+    """jobs/generate.py prints the project's user-facing errors (here a TransferSetError: the set's
+    directory holds someone's files) as one message and exits 2, like a bad config."""
+    d = _cfg(job_dict, tmp_path / "out")
+    (tmp_path / "out" / "transfer_set").mkdir(parents=True)
+    (tmp_path / "out" / "transfer_set" / "notes.txt").write_text("mine")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(d))
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "--config", str(path),
+                           "ray.address=auto"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: " in proc.stderr and "is not empty but has no manifest.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "transfer_set" / "notes.txt").read_text() == "mine"

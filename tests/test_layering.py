@@ -42,3 +42,13 @@ def test_only_orchestration_imports_ray():
             if s.startswith(("import ray", "from ray")):
                 offenders.append(f"{path.relative_to(root)}: {s}")
     assert offenders == []
+
+
+def test_baseline_sources_leave_generation_unimported():
+    """Selecting ``corpus`` or ``random_words`` imports no generation engine (the registry imports a
+    source's module only when it is chosen)."""
+    code = ("import sys\nfrom dfkd_ray.transfer.sources import get_source_class\n"
+            "get_source_class('corpus'); get_source_class('random_words')\n"
+            "print(','.join(m for m in sys.modules if m.split('.')[0] == 'vllm' or m.startswith('dfkd_ray.generation')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

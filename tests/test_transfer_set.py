@@ -20,8 +20,8 @@ from dfkd_ray.config import validate_config
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.transfer.requests import build_requests, request_seed
 from dfkd_ray.transfer.schema import TRANSFER_SCHEMA, SchemaError, rows_to_table
-from dfkd_ray.transfer.store import (MANIFEST, TransferSetError, TransferSetStore, read_transfer_table,
-                                     transfer_set_files)
+from dfkd_ray.transfer.store import (MANIFEST, TransferSetError, TransferSetStore, read_shard_stats,
+                                     read_transfer_table, transfer_set_files, write_shard_file)
 from dfkd_ray.transfer.writer import write_transfer_set
 
 
@@ -74,16 +74,27 @@ def test_store_refuses_other_config_and_foreign_dirs(tmp_path):
 
 def test_store_adopts_renamed_shard_and_drops_temporaries(tmp_path):
     d = tmp_path / "ts"
-    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=3)
-    store.write_shard(0, rows_to_table([_row(0)]))
-    # A process killed after the rename but before the manifest update, and one killed mid-write.
-    pq.write_table(rows_to_table([_row(1)]), d / "shard-00001.parquet")
-    (d / ".shard-00002.parquet.999.tmp").write_bytes(b"PAR1 half a file")
-    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=3)
-    assert store.done == {0, 1}
+    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
+    store.write_shard(0, rows_to_table([_row(0)]), {"requests": 1, "given_up": 0})
+    # Processes killed after the rename but before the manifest update (a shard with its stats, and
+    # one written without any), and one killed mid-write.
+    stats = {"requests": 3, "rows": 1, "given_up": 2, "rejects": {"low_confidence": 5}, "worker": "h:1"}
+    write_shard_file(d, 1, rows_to_table([_row(1)]), stats)
+    pq.write_table(rows_to_table([_row(2)]), d / "shard-00002.parquet")
+    (d / ".shard-00003.parquet.999.tmp").write_bytes(b"PAR1 half a file")
+    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
+    assert store.done == {0, 1, 2}
     assert not list(d.glob(".*.tmp"))
     manifest = json.loads((d / MANIFEST).read_text())
-    assert sorted(manifest["shards"]) == ["00000", "00001"]
+    assert manifest["shards"] == {"00000": {"file": "shard-00000.parquet", "rows": 1, "requests": 1, "given_up": 0},
+                                  "00001": {"file": "shard-00001.parquet", **stats},
+                                  "00002": {"file": "shard-00002.parquet", "rows": 1}}
+    assert read_shard_stats(d / "shard-00001.parquet") == stats
+    # A shard replaced (new rows and stats) whose manifest update was lost: the file wins.
+    write_shard_file(d, 0, rows_to_table([_row(0), _row(5)]), {"requests": 1, "rows": 2, "given_up": 0, "x": 1})
+    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
+    assert store.manifest["shards"]["00000"] == {"file": "shard-00000.parquet", "rows": 2, "requests": 1,
+                                                 "given_up": 0, "x": 1}
 
 
 def _config_file(job_dict, tmp_path, out: Path, samples: int, shard_size: int) -> Path:
@@ -132,6 +143,10 @@ def test_corpus_set_killed_midway_and_rewritten(job_dict, tmp_path, ray_local):
     fresh = read_transfer_table(write_transfer_set(fresh_cfg, progress=False))
     assert resumed.num_rows == fresh.num_rows == 4 * samples
     assert resumed.equals(fresh)
+    timing = ("generator_seconds", "samples_per_s")
+    summaries = [{k: v for k, v in json.loads((d / "summary.json").read_text()).items() if k not in timing}
+                 for d in (ts, tmp_path / "fresh" / "transfer_set")]
+    assert summaries[0] == summaries[1]
     assert len(set(resumed.column("sample_id").to_pylist())) == resumed.num_rows
     assert not list(ts.glob(".*.tmp"))
 
@@ -221,3 +236,29 @@ def test_duplicates_across_shards_are_regenerated(job_dict, tmp_path):
     assert len(set(ids)) == len(ids)
     _, again = make(tmp_path / "b")
     assert again.equals(table)
+
+
+def test_teacher_remote_code_is_off_by_default(job_dict, synthetic_task, tmp_path):
+    """A teacher directory whose config.json points at its own modelling code loads with the built-in
+    classes: the code is never imported unless teachers[i].trust_remote_code is true."""
+    import shutil
+
+    from dfkd_ray.transfer.writer import load_teachers
+
+    d = tmp_path / "teacher"
+    shutil.copytree(synthetic_task.teachers["alpha"], d)
+    ran = tmp_path / "remote_code_ran"
+    (d / "custom.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                 "from transformers import BertConfig, BertForSequenceClassification\n"
+                                 "class CustomConfig(BertConfig):\n    pass\n"
+                                 "class CustomModel(BertForSequenceClassification):\n    pass\n")
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.CustomConfig",
+                          "AutoModelForSequenceClassification": "custom.CustomModel"}
+    (d / "config.json").write_text(json.dumps(config))
+    job = {**job_dict, "teachers": [{"name": "alpha", "path": str(d)}]}
+    cfg = validate_config(job)
+    assert cfg.teachers[0].trust_remote_code is False
+    teacher = load_teachers(cfg)["alpha"]
+    assert type(teacher.model).__name__ == "BertForSequenceClassification"
+    assert not ran.exists()

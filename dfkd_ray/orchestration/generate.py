@@ -64,7 +64,7 @@ class GenerationActor:
         for index in batch["shard"]:
             index = int(index)
             table, stats = make_shard(self.source, self.shards[index], self.cfg)
-            write_shard_file(self.directory, index, table)
+            write_shard_file(self.directory, index, table, stats)
             out["shard"].append(index)
             out["rows"].append(len(table))
             out["stats"].append(json.dumps(stats))

@@ -12,6 +12,10 @@ complete shards only. A process killed at any point leaves at most a temporary f
 next :meth:`TransferSetStore.open` deletes, and perhaps a renamed shard the manifest does not list
 yet, which it verifies and adopts. A directory made with a different configuration is refused.
 
+Each shard carries its own manifest entry (requests, rejects, given up, worker, ...) as Parquet
+key-value metadata, written in the same atomic rename as its rows: a shard adopted on resume
+keeps its statistics, so the finished set's summary equals an uninterrupted run's.
+
 Read a finished set with :func:`transfer_set_files` (the manifest's list), e.g.
 ``ray.data.read_parquet(transfer_set_files(d))`` or
 ``datasets.load_dataset("parquet", data_files=transfer_set_files(d))``.
@@ -30,6 +34,8 @@ from dfkd_ray.transfer.schema import TRANSFER_SCHEMA, validate_table
 
 FORMAT = "dfkd-transfer-set/1"
 MANIFEST = "manifest.json"
+STATS_KEY = b"dfkd.shard_stats"
+"""Parquet key-value metadata key holding a shard's statistics (JSON)."""
 
 
 class TransferSetError(ValueError):
@@ -88,16 +94,26 @@ def read_transfer_table(directory: str | Path, *, require_complete: bool = True)
     return pa.concat_tables(pq.read_table(f, schema=TRANSFER_SCHEMA) for f in files)
 
 
-def write_shard_file(directory: str | Path, index: int, table: pa.Table) -> Path:
+def read_shard_stats(path: str | Path) -> dict:
+    """The statistics stored in a shard file's footer ({} for a shard written without them)."""
+    raw = (pq.read_schema(path).metadata or {}).get(STATS_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def write_shard_file(directory: str | Path, index: int, table: pa.Table, stats: dict | None = None) -> Path:
     """Write a shard under a hidden temporary name, flush it, then rename it into place.
 
-    Safe to call from any process (a Ray actor on any node of a shared filesystem); only the
-    driver updates the manifest (:meth:`TransferSetStore.commit_shard`).
+    ``stats`` (its manifest entry) travel inside the file, so the rename publishes rows and
+    statistics together. Safe to call from any process (a Ray actor on any node of a shared
+    filesystem); only the driver updates the manifest (:meth:`TransferSetStore.commit_shard`).
     """
     validate_table(table)
     directory = Path(directory)
     final = directory / shard_name(index)
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    if stats:
+        meta = {k: v for k, v in stats.items() if k != "file"}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: json.dumps(meta).encode()})
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -146,11 +162,16 @@ class TransferSetStore:
             tmp.unlink(missing_ok=True)
         for f in sorted(self.directory.glob("shard-*.parquet")):
             key = f.name[len("shard-"):-len(".parquet")]
+            stats = read_shard_stats(f)
             if key not in self.manifest["shards"]:
-                # Renamed (so complete) but the manifest update was lost: verify and adopt.
+                # Renamed (so complete) but the manifest update was lost: verify and adopt, with
+                # the statistics the shard carries.
                 table = pq.read_table(f)
                 validate_table(table)
-                self.manifest["shards"][key] = {"file": f.name, "rows": len(table)}
+                self.manifest["shards"][key] = {**stats, "file": f.name, "rows": len(table)}
+            elif stats and {**stats, "file": f.name} != self.manifest["shards"][key]:
+                # Replaced (replace_shard) but the manifest update was lost: the file is the truth.
+                self.manifest["shards"][key] = {**stats, "file": f.name}
         self._save()
 
     def _save(self) -> None:
@@ -167,7 +188,7 @@ class TransferSetStore:
     def write_shard(self, index: int, table: pa.Table, stats: dict | None = None) -> Path:
         """Write shard ``index`` whole, then make it visible (file rename, then manifest)."""
         self._check_index(index)
-        final = write_shard_file(self.directory, index, table)
+        final = write_shard_file(self.directory, index, table, {**(stats or {}), "rows": len(table)})
         self.commit_shard(index, len(table), stats)
         return final
 
@@ -177,10 +198,14 @@ class TransferSetStore:
         self.manifest["shards"][f"{index:05d}"] = {"file": shard_name(index), "rows": rows, **(stats or {})}
         self._save()
 
-    def replace_shard(self, index: int, table: pa.Table) -> None:
-        """Atomically replace a listed shard's content (used to drop duplicates found across shards)."""
-        write_shard_file(self.directory, index, table)
-        self.manifest["shards"][f"{index:05d}"]["rows"] = len(table)
+    def replace_shard(self, index: int, table: pa.Table, stats: dict | None = None) -> None:
+        """Atomically replace a listed shard's content and statistics (used to drop duplicates found
+        across shards); ``stats`` default to the listed ones."""
+        key = f"{index:05d}"
+        entry = {**(stats if stats is not None else self.manifest["shards"][key]), "file": shard_name(index),
+                 "rows": len(table)}
+        write_shard_file(self.directory, index, table, entry)
+        self.manifest["shards"][key] = entry
         self._save()
 
     def _check_index(self, index: int) -> None:

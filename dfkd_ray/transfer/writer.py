@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -79,7 +81,8 @@ def make_shard(source, requests: list[Request], cfg: JobConfig) -> tuple[pa.Tabl
     and retry those requests with new seeds up to ``max_attempts`` times.
 
     Returns the table (rows in request order) and stats: requests, rows, generated, given_up,
-    rejects by reason, the confidences of rejected rows (rounded) and seconds.
+    rejects by reason, the confidences of rejected rows (rounded), seconds and the worker
+    (``host:pid``) that made it.
     """
     t = cfg.transfer
     start = time.perf_counter()
@@ -109,7 +112,7 @@ def make_shard(source, requests: list[Request], cfg: JobConfig) -> tuple[pa.Tabl
     table = rows_to_table([kept[p] for p in sorted(kept)])
     stats = {"requests": len(requests), "rows": len(table), "generated": generated, "given_up": len(pending),
              "rejects": dict(rejects), "rejected_confidence": rejected_confidence,
-             "seconds": round(time.perf_counter() - start, 4)}
+             "seconds": round(time.perf_counter() - start, 4), "worker": f"{socket.gethostname()}:{os.getpid()}"}
     return table, stats
 
 
@@ -198,14 +201,14 @@ def repair_cross_shard_duplicates(store: TransferSetStore, cfg: JobConfig, regen
         order = {r.sample_id: i for i, r in enumerate(shards[index])}
         ids = merged.column("sample_id").to_pylist()
         merged = merged.take(sorted(range(len(ids)), key=lambda i: order[ids[i]]))
-        stats = store.manifest["shards"][key]
+        stats = dict(store.manifest["shards"][key])
         stats["given_up"] = stats.get("given_up", 0) + fix["given_up"]
         rejects = Counter(stats.get("rejects", {}))
         rejects.update(fix["rejects"])
         rejects["duplicate_across_shards"] += len(dropped)
         stats["rejects"] = dict(rejects)
         stats["generated"] = stats.get("generated", 0) + len(fix["rows"]) + sum(fix["rejects"].values())
-        store.replace_shard(index, merged)
+        store.replace_shard(index, merged, stats)
     return sum(len(v) for v in duplicates.values())
 
 
