@@ -21,7 +21,7 @@ from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.transfer.requests import build_requests, request_seed
 from dfkd_ray.transfer.schema import TRANSFER_SCHEMA, SchemaError, rows_to_table
 from dfkd_ray.transfer.store import (MANIFEST, TransferSetError, TransferSetStore, read_transfer_table,
-                                     transfer_set_files)
+                                     transfer_set_files, write_shard_file)
 from dfkd_ray.transfer.writer import write_transfer_set
 
 
@@ -74,16 +74,21 @@ def test_store_refuses_other_config_and_foreign_dirs(tmp_path):
 
 def test_store_adopts_renamed_shard_and_drops_temporaries(tmp_path):
     d = tmp_path / "ts"
-    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=3)
+    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
     store.write_shard(0, rows_to_table([_row(0)]))
     # A process killed after the rename but before the manifest update, and one killed mid-write.
     pq.write_table(rows_to_table([_row(1)]), d / "shard-00001.parquet")
     (d / ".shard-00002.parquet.999.tmp").write_bytes(b"PAR1 half a file")
-    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=3)
-    assert store.done == {0, 1}
+    # A shard an actor wrote and no one committed (streaming mode): adopted with the stats it carries.
+    stats = {"requests": 2, "generated": 3, "given_up": 1, "rejects": {"low_confidence": 2}}
+    write_shard_file(d, 3, rows_to_table([_row(3)]), stats)
+    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
+    assert store.done == {0, 1, 3}
     assert not list(d.glob(".*.tmp"))
     manifest = json.loads((d / MANIFEST).read_text())
-    assert sorted(manifest["shards"]) == ["00000", "00001"]
+    assert sorted(manifest["shards"]) == ["00000", "00001", "00003"]
+    assert manifest["shards"]["00003"] == {"file": "shard-00003.parquet", "rows": 1, **stats}
+    assert manifest["shards"]["00001"] == {"file": "shard-00001.parquet", "rows": 1}
 
 
 def _config_file(job_dict, tmp_path, out: Path, samples: int, shard_size: int) -> Path:

@@ -10,7 +10,9 @@ A shard becomes visible only when complete: it is written under a hidden tempora
 flushed to disk, then renamed (atomic on POSIX); the manifest is replaced the same way and lists
 complete shards only. A process killed at any point leaves at most a temporary file, which the
 next :meth:`TransferSetStore.open` deletes, and perhaps a renamed shard the manifest does not list
-yet, which it verifies and adopts. A directory made with a different configuration is refused.
+yet, which it verifies and adopts, with the generation stats the shard file carries in its Parquet
+metadata (so an adopted shard is listed exactly as a committed one). A directory made with a
+different configuration is refused.
 
 Read a finished set with :func:`transfer_set_files` (the manifest's list), e.g.
 ``ray.data.read_parquet(transfer_set_files(d))`` or
@@ -30,6 +32,8 @@ from dfkd_ray.transfer.schema import TRANSFER_SCHEMA, validate_table
 
 FORMAT = "dfkd-transfer-set/1"
 MANIFEST = "manifest.json"
+STATS_KEY = b"dfkd_shard_stats"
+"""Parquet schema-metadata key under which a shard file carries its generation stats (JSON)."""
 
 
 class TransferSetError(ValueError):
@@ -88,21 +92,32 @@ def read_transfer_table(directory: str | Path, *, require_complete: bool = True)
     return pa.concat_tables(pq.read_table(f, schema=TRANSFER_SCHEMA) for f in files)
 
 
-def write_shard_file(directory: str | Path, index: int, table: pa.Table) -> Path:
+def write_shard_file(directory: str | Path, index: int, table: pa.Table, stats: dict | None = None) -> Path:
     """Write a shard under a hidden temporary name, flush it, then rename it into place.
 
-    Safe to call from any process (a Ray actor on any node of a shared filesystem); only the
-    driver updates the manifest (:meth:`TransferSetStore.commit_shard`).
+    ``stats`` (the generation stats the manifest lists) travel in the file's Parquet metadata, so a
+    shard that no one commits (a killed driver, or streaming mode, where training consumes the rows)
+    is adopted later with the same manifest entry. Safe to call from any process (a Ray actor on
+    any node of a shared filesystem); only the driver updates the manifest
+    (:meth:`TransferSetStore.commit_shard`, or adoption in :meth:`TransferSetStore.open`).
     """
     validate_table(table)
     directory = Path(directory)
     final = directory / shard_name(index)
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    if stats is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats).encode()})
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
     return final
+
+
+def shard_file_stats(path: str | Path) -> dict:
+    """The generation stats a shard file carries (:func:`write_shard_file`); ``{}`` when none."""
+    raw = (pq.read_schema(path).metadata or {}).get(STATS_KEY)
+    return json.loads(raw) if raw else {}
 
 
 class TransferSetStore:
@@ -147,10 +162,10 @@ class TransferSetStore:
         for f in sorted(self.directory.glob("shard-*.parquet")):
             key = f.name[len("shard-"):-len(".parquet")]
             if key not in self.manifest["shards"]:
-                # Renamed (so complete) but the manifest update was lost: verify and adopt.
+                # Renamed (so complete) but not committed: verify and adopt, with its own stats.
                 table = pq.read_table(f)
                 validate_table(table)
-                self.manifest["shards"][key] = {"file": f.name, "rows": len(table)}
+                self.manifest["shards"][key] = {"file": f.name, "rows": len(table), **shard_file_stats(f)}
         self._save()
 
     def _save(self) -> None:
@@ -167,7 +182,7 @@ class TransferSetStore:
     def write_shard(self, index: int, table: pa.Table, stats: dict | None = None) -> Path:
         """Write shard ``index`` whole, then make it visible (file rename, then manifest)."""
         self._check_index(index)
-        final = write_shard_file(self.directory, index, table)
+        final = write_shard_file(self.directory, index, table, stats)
         self.commit_shard(index, len(table), stats)
         return final
 
@@ -179,8 +194,9 @@ class TransferSetStore:
 
     def replace_shard(self, index: int, table: pa.Table) -> None:
         """Atomically replace a listed shard's content (used to drop duplicates found across shards)."""
-        write_shard_file(self.directory, index, table)
-        self.manifest["shards"][f"{index:05d}"]["rows"] = len(table)
+        entry = self.manifest["shards"][f"{index:05d}"]
+        write_shard_file(self.directory, index, table, {k: v for k, v in entry.items() if k not in ("file", "rows")})
+        entry["rows"] = len(table)
         self._save()
 
     def _check_index(self, index: int) -> None:
