@@ -343,6 +343,10 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)")
     shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: no shuffle)")
     include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
+    stream_from_generation: bool = Field(
+        False, description="jobs/amalgamate.py: train the first epoch on rows as the generator actors make them "
+                           "(the held-out rows are made first, for the confidence statistics); later epochs read the "
+                           "finished Parquet set. For when generation is long and the trainers would sit idle")
 
     @model_validator(mode="after")
     def _warmup(self) -> "TrainConfig":
@@ -453,6 +457,11 @@ class JobConfig(_Section):
             if not _is_field_path(key):
                 problems.append(f"tune.search_space key {key!r} is not a config field "
                                 f"(e.g. 'transfer.steered.control_strength')")
+        if (self.train.stream_from_generation and self.amalgamation.method == "stratanet"
+                and self.transfer.heldout_fraction == 0):
+            problems.append("train.stream_from_generation with amalgamation.method stratanet fits the confidence "
+                            "statistics on held-out rows made before training starts, and transfer.heldout_fraction "
+                            "is 0: set transfer.heldout_fraction > 0 (e.g. 0.1), or amalgamation.method: vanilla")
         if _check_paths(info):
             names = sorted({name for labels in self.teacher_labels().values() for name in labels})
             known = {normalize_label(n) for n in names}
