@@ -10,7 +10,8 @@ import json
 import shutil
 
 from dfkd_ray.stages import read_record
-from dfkd_ray.transfer.store import MANIFEST, TransferSetStore, read_manifest, read_transfer_table
+from dfkd_ray.transfer.store import (MANIFEST, TransferSetStore, read_manifest, read_transfer_table,
+                                     shard_file_stats)
 
 COLUMNS = ["sample_id", "text", "label", "teacher", "teacher_class", "seed", "heldout"]
 
@@ -48,9 +49,9 @@ def test_stream_overlaps_generation_and_makes_the_same_set(smoke_config, tmp_pat
     assert got.select(COLUMNS).equals(want.select(COLUMNS))
     assert manifest["summary"]["requests"] == ref["summary"]["requests"] == 256
     assert manifest["summary"]["rows"] == ref["summary"]["rows"]
-    for key in ("00000", "00005"):  # adopted with the stats they carry, and replayed, not made again
-        assert manifest["shards"][key]["seconds"] == ref["shards"][key]["seconds"]
-        assert "finished_at" not in manifest["shards"][key]
+    for name in ("shard-00000.parquet", "shard-00005.parquet"):  # adopted, replayed, not made again
+        assert shard_file_stats(ts / name) == shard_file_stats(reference / name)
+        assert manifest["shards"][name[6:11]]["seconds"] == ref["shards"][name[6:11]]["seconds"]
     # the later epochs continued from the streamed epoch, on the finished set
     distill = read_record(out / "distill")
     metrics = [json.loads(x) for x in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
@@ -60,6 +61,11 @@ def test_stream_overlaps_generation_and_makes_the_same_set(smoke_config, tmp_pat
     # (c) the exported student beats chance (1/4) on the eval file
     assert summary["eval"]["student"]["accuracy"] >= 0.4, summary["eval"]
     assert (out / "student" / "config.json").is_file()
+    # a rerun finds every stage (held-out pass, confidence, streamed epoch, set, student) and redoes none
+    weights = (out / "student" / "model.safetensors").stat().st_mtime_ns
+    again = run_amalgamate(cfg, progress=False)
+    assert again["eval"]["student"] == summary["eval"]["student"]
+    assert (out / "student" / "model.safetensors").stat().st_mtime_ns == weights
 
 
 def test_warns_when_the_cluster_cannot_hold_trainers_and_actors_at_once(smoke_config, tmp_path, ray_local):

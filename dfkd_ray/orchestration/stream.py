@@ -8,9 +8,10 @@ generator actors still make it.
    (:func:`generation_pipeline` with ``stream=True``): each actor writes its shard to disk as
    usual (stats in the file), commits nothing, and passes the shard's training texts on. The
    held-out rows are replayed from the pass, not generated again. Shards come in a class-mixing
-   order (:func:`stream_order`); each worker starts the pipeline before it loads its models. The plan counts on the planned requests; the epoch stops when the
-   shortest worker split runs dry (all workers make the same number of steps), then drains the
-   stream so every shard is written, and ends with a checkpoint.
+   order (:func:`stream_order`); each worker starts the pipeline before it loads its models. The
+   plan counts on the planned requests; the epoch stops when the shortest worker split runs dry
+   (all workers make the same number of steps), then drains the stream so every shard is written,
+   and ends with a checkpoint.
 3. The driver adopts the written shards (the store adopts renamed shards with their stats), makes
    any the stream did not, and finalizes the set as :func:`run_generate` always does (duplicates
    across shards replaced, summary, complete).
@@ -45,8 +46,9 @@ def check_room(cfg: JobConfig) -> str:
     import ray
 
     r = cfg.ray
-    need = {"CPU": r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor,
-            "GPU": r.num_train_workers * (1 if r.use_gpu else 0) + r.num_generation_actors * r.gpus_per_generation_actor}
+    actors = r.num_generation_actors
+    need = {"CPU": r.num_train_workers * r.cpus_per_train_worker + actors * r.cpus_per_generation_actor,
+            "GPU": r.num_train_workers * (1 if r.use_gpu else 0) + actors * r.gpus_per_generation_actor}
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g} now)" for k in need if need[k] > have.get(k, 0)]
     if not short:
