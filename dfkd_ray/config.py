@@ -411,6 +411,10 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)")
     shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: no shuffle)")
     include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
+    stream_from_generation: bool = Field(
+        False, description="jobs/amalgamate.py: train the first epoch on rows as the generator actors make them "
+                           "(the held-out rows are made first, for the confidence statistics); later epochs read the "
+                           "finished Parquet set. For when generation is long and the trainers would sit idle")
 
     @field_validator("warmup_epochs")
     @classmethod
@@ -531,6 +535,19 @@ class JobConfig(_Section):
             labels = {t.name: ordered_labels(read_model_config(t.path)["id2label"]) for t in teachers}
             info.context[_TEACHER_LABELS] = sorted({n for names in labels.values() for n in names})
         return teachers
+
+    @field_validator("train")
+    @classmethod
+    def _stream_needs_heldout(cls, train: TrainConfig, info: ValidationInfo) -> TrainConfig:
+        earlier = _valid(info, "transfer", "amalgamation")
+        if (earlier and train.stream_from_generation and earlier[1].method == "stratanet"
+                and earlier[0].heldout_fraction == 0):
+            raise _fail_at(("stream_from_generation",), "stream_without_heldout",
+                           "train.stream_from_generation with amalgamation.method stratanet fits the confidence "
+                           "statistics on held-out rows made before training starts, and transfer.heldout_fraction "
+                           "is 0: set transfer.heldout_fraction > 0 (e.g. 0.1), or amalgamation.method: vanilla",
+                           True)
+        return train
 
     @field_validator("output")
     @classmethod

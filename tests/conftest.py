@@ -74,3 +74,21 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_config(synthetic_task):
+    """Factory ``(out, *overrides) -> JobConfig``: the smoke preset (jobs/configs/smoke.yaml) on the
+    session's fixtures (the same builder as its `demo:` directory), writing to ``out``."""
+    from dfkd_ray.config import load_config
+
+    smoke = Path(__file__).parents[1] / "jobs" / "configs" / "smoke.yaml"
+    task = synthetic_task
+
+    def make(out: Path, *overrides: str):
+        return load_config(smoke, [
+            f"demo={task.root}", f"teachers.0.path={task.teachers['alpha']}", f"teachers.1.path={task.teachers['beta']}",
+            f"transfer.steered.lm_path={task.lm}", f"transfer.corpus.path={task.corpus}", f"student.path={task.student}",
+            f"eval.path={task.eval_file}", f"output.dir={out}", *overrides])
+
+    return make

@@ -208,3 +208,21 @@ def test_every_job_yaml_loads(path):
 
 def test_there_are_job_yamls():
     assert len(CONFIGS) >= 2
+
+
+def test_streaming_without_heldout_rows_reported_with_other_problems(job_dict):
+    """train.stream_from_generation with stratanet needs held-out rows: reported at its dotted path,
+    naming the field to change, together with unrelated field errors."""
+    d = copy.deepcopy(job_dict)
+    d["transfer"]["heldout_fraction"] = 0
+    d["train"] = {"stream_from_generation": True}
+    d["eval"] = {"bach_size": 8}
+    with pytest.raises(ConfigError) as err:
+        validate_config(d)
+    problems = dict(err.value.problems)
+    assert set(problems) == {"train.stream_from_generation", "eval.bach_size"}, problems
+    assert "set transfer.heldout_fraction > 0" in problems["train.stream_from_generation"]
+    assert "amalgamation.method: vanilla" in problems["train.stream_from_generation"]
+    d["amalgamation"] = {"method": "vanilla"}
+    del d["eval"]["bach_size"]
+    assert validate_config(d).train.stream_from_generation

@@ -97,6 +97,26 @@ def test_store_adopts_renamed_shard_and_drops_temporaries(tmp_path):
                                                  "given_up": 0, "x": 1}
 
 
+
+def test_store_adopts_uncommitted_actor_shard_with_its_stats(tmp_path):
+    """A shard an actor wrote and no one committed (streaming mode): adopted with the stats it
+    carries, its row count taken from the table."""
+    d = tmp_path / "ts"
+    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
+    store.write_shard(0, rows_to_table([_row(0)]))
+    stats = {"requests": 2, "generated": 3, "given_up": 1, "rejects": {"low_confidence": 2}, "finished_at": 1.5}
+    write_shard_file(d, 3, rows_to_table([_row(3)]), stats)
+    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
+    assert store.done == {0, 3}
+    manifest = json.loads((d / MANIFEST).read_text())
+    assert manifest["shards"]["00003"] == {"file": "shard-00003.parquet", "rows": 1, **stats}
+    # Committed as generation does it (the actor's stats, then the driver's entry): a reopen keeps it.
+    write_shard_file(d, 1, rows_to_table([_row(1), _row(4)]), stats)
+    store.commit_shard(1, 2, stats)
+    entry = dict(store.manifest["shards"]["00001"])
+    store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
+    assert store.manifest["shards"]["00001"] == entry == {"file": "shard-00001.parquet", "rows": 2, **stats}
+
 def _config_file(job_dict, tmp_path, out: Path, samples: int, shard_size: int) -> Path:
     d = dict(job_dict)
     # 1,600 requests over a 400-document corpus repeat documents: keep them (dedup none)

@@ -56,6 +56,19 @@ class StepPlan:
         total = max(1, math.ceil(t.epochs * per_epoch))
         return cls(rows, world_size, per_epoch, total, min(total - 1, round(t.warmup_epochs * per_epoch)))
 
+    @classmethod
+    def after_stream(cls, rows: int, cfg: JobConfig, world_size: int, *, streamed_steps: int,
+                     warmup_steps: int) -> "StepPlan":
+        """The plan of the epochs after a streamed first one (``train.stream_from_generation``).
+
+        The streamed epoch was planned on the planned request count and made ``streamed_steps``
+        steps; the remaining ``epochs - 1`` epochs read the finished set's ``rows``, so they count
+        exactly. Warmup keeps the streamed plan's step count; the linear decay ends at the new total.
+        """
+        base = cls.of(rows, cfg, world_size)
+        total = max(streamed_steps, streamed_steps + math.ceil((cfg.train.epochs - 1) * base.steps_per_epoch))
+        return cls(rows, world_size, base.steps_per_epoch, total, max(0, min(warmup_steps, total - 1)))
+
 
 def student_num_blocks(cfg: JobConfig) -> int:
     """``N``: the student's kept depth, read from its ``config.json`` (no weights loaded)."""
@@ -218,14 +231,16 @@ class Distiller:
 
 
 def iterate_epochs(batches_of_epoch: Callable[[int], object], plan: StepPlan, *, start_epoch: int = 0,
-                   skip_batches: int = 0):
+                   skip_batches: int = 0, start_step: Optional[int] = None):
     """Yield ``(epoch, batch_in_epoch, batch)`` until ``plan.total_steps`` batches have been given.
 
     ``batches_of_epoch(e)`` returns an iterable of batches for epoch ``e`` (seeded per epoch); on
     resume, the first ``skip_batches`` batches of ``start_epoch`` are read and dropped (cheap: no
-    teacher runs), so the run continues where the checkpoint left it.
+    teacher runs), so the run continues where the checkpoint left it. ``start_step``: the steps
+    already made (default ``start_epoch * steps_per_epoch + skip_batches``; after a streamed first
+    epoch that made fewer steps than a full one, the checkpoint's step count).
     """
-    given = start_epoch * plan.steps_per_epoch + skip_batches
+    given = start_epoch * plan.steps_per_epoch + skip_batches if start_step is None else start_step
     epoch = start_epoch
     while given < plan.total_steps:
         read = 0
@@ -242,6 +257,83 @@ def iterate_epochs(batches_of_epoch: Callable[[int], object], plan: StepPlan, *,
                              f"{plan.rows} rows over {plan.world_size} worker(s)); lower train.batch_size or "
                              "make a larger transfer set")
         epoch += 1
+
+
+def iterate_stream(batches, plan: StepPlan, *, start_step: int = 0, skip_batches: int = 0,
+                   device: str | torch.device = "cpu"):
+    """Yield ``(batch_in_epoch, batch)`` of a streamed epoch (the live generation pipeline), then drain it.
+
+    The stream's length is not known ahead (requests given up make fewer rows than planned, and
+    workers' splits may differ), so before each batch every worker is asked whether it has one
+    (:func:`all_workers_have`): all stop together at the shortest split, making the same number of
+    DDP steps. Batches stop too at ``plan.total_steps`` (counting ``start_step`` made before) and
+    after ``plan.steps_per_epoch``. The rest of the stream is then read without being yielded, so
+    the generator actors finish every shard. On resume, the first ``skip_batches`` are dropped.
+    """
+    it = iter(batches)
+    for _ in range(skip_batches):
+        next(it, None)
+    index, given = skip_batches, start_step
+    while given < plan.total_steps and index < plan.steps_per_epoch:
+        batch = next(it, None)
+        if not all_workers_have(batch is not None, device):
+            break
+        yield index, batch
+        index += 1
+        given += 1
+    for _ in it:
+        pass
+
+
+def prefetch(iterable, size: int = 2):
+    """Iterate ``iterable`` in a background thread from now on, up to ``size`` items ahead; returns
+    an iterator over the same items (an exception raised there is raised here).
+
+    A streamed epoch starts its generation pipeline this way before the worker builds its models,
+    so the generator actors (an LM, perhaps a vLLM engine) start up meanwhile, not after.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=size)
+    end = object()
+
+    def run():
+        try:
+            for item in iterable:
+                q.put((item, None))
+            q.put((end, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((end, e))
+
+    threading.Thread(target=run, name="prefetch", daemon=True).start()
+
+    def items():
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+
+    return items()
+
+
+def all_workers_have(has_batch: bool, device: str | torch.device = "cpu") -> bool:
+    """True when every DDP worker has a next batch (a MIN all-reduce of ``has_batch``).
+
+    A stream's epoch has no length known in advance, and a worker whose split runs dry must not
+    leave the others waiting in DDP's gradient all-reduce: each step asks first, and all stop
+    together at the shortest split. Without a process group (one worker) it is ``has_batch``.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return has_batch
+    flag = torch.tensor([1 if has_batch else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 class MetricsLog:

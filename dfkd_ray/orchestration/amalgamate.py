@@ -8,6 +8,8 @@ config (by the caller), the labelled eval file's columns and label names, the ou
 
 The held-out rows that fit the confidence statistics are generated with the transfer set (their
 ``heldout`` flag), so statistics are fitted after generation, not before as a separate pass.
+With ``train.stream_from_generation`` they are made first, and training reads its first epoch from
+the live generation pipeline (:mod:`dfkd_ray.orchestration.stream`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
 from dfkd_ray.orchestration import worker_device
 from dfkd_ray.orchestration.distill import distill_dir, run_confidence, run_distill
 from dfkd_ray.orchestration.generate import run_generate
+from dfkd_ray.orchestration.stream import run_streaming
 from dfkd_ray.stages import mark_done, read_record, stage_done
 
 
@@ -75,9 +78,12 @@ def run_amalgamate(cfg: JobConfig, *, progress: bool = True) -> dict:
     if rows:
         print(f"eval file {cfg.eval.path}: {rows} labelled rows (used for evaluation only)")
     claim_output_dir(cfg)
-    transfer = run_generate(cfg, progress=progress)
-    confidence = run_confidence(cfg, transfer)
-    student = run_distill(cfg, transfer, confidence)
+    if cfg.train.stream_from_generation:
+        transfer, confidence, student = run_streaming(cfg, progress=progress)
+    else:
+        transfer = run_generate(cfg, progress=progress)
+        confidence = run_confidence(cfg, transfer)
+        student = run_distill(cfg, transfer, confidence)
     results = run_evaluate(cfg, student)
     distill = read_record(distill_dir(cfg))
     outputs = {

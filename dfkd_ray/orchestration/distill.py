@@ -16,6 +16,11 @@ the same run (its name carries the stage fingerprint) under ``output.dir/ray_tra
 from its last checkpoint too. Rank 0 writes ``distill/metrics.jsonl``, ``distill/loss_curves.png``
 and the exported student ``output.dir/student`` (a standard Hugging Face directory).
 
+``run_stream_epoch`` (``train.stream_from_generation``, driven by
+:mod:`dfkd_ray.orchestration.stream`): the same loop on a ``"train"`` dataset that is the live
+generation pipeline, for the first epoch only; then ``run_distill`` continues from its last
+checkpoint on the finished Parquet set (``after_stream``) with exact row counts.
+
 Resuming inside an epoch skips the batches the checkpoint had consumed; with a fixed number of
 workers the per-epoch shuffle is seeded, but Ray Data does not promise the same split of rows over
 workers on every execution, so a resumed epoch may see a different (equally sized) order.
@@ -54,23 +59,24 @@ def student_dir(cfg: JobConfig) -> Path:
     return cfg.output.dir / "student"
 
 
-def confidence_description(cfg: JobConfig, transfer_dir: Path) -> dict:
+def confidence_description(cfg: JobConfig, transfer_dir: Path, rows_dir: Path | None = None) -> dict:
     a = cfg.amalgamation
-    return {"transfer_set": read_manifest(transfer_dir)["fingerprint"], "seed": cfg.seed,
+    fitted_on = {"fitted_on": {"heldout_pass": read_manifest(rows_dir)["fingerprint"]}} if rows_dir else {}
+    return {"transfer_set": read_manifest(transfer_dir)["fingerprint"], "seed": cfg.seed, **fitted_on,
             "num_blocks": student_num_blocks(cfg),
             "teachers": {t.name: str(Path(t.path).resolve()) for t in cfg.teachers},
             "amalgamation": {k: getattr(a, k) for k in ("confidence", "shrinkage", "confidence_transform",
                                                           "confidence_quantile", "calibration_fraction")}}
 
 
-def _fit_confidence_task(config: dict, transfer_dir: str, out: str, use_gpu: bool) -> dict:
+def _fit_confidence_task(config: dict, rows_dir: str, out: str, use_gpu: bool) -> dict:
     from dfkd_ray.distill.loop import fit_confidence
     from dfkd_ray.math.confidence import save_estimators
     from dfkd_ray.transfer.writer import load_teachers
 
     cfg = validate_config(config, check_paths=False)
     teachers = load_teachers(cfg, num_blocks=student_num_blocks(cfg), device=worker_device(use_gpu))
-    estimators = fit_confidence(cfg, read_transfer_table(transfer_dir), teachers)
+    estimators = fit_confidence(cfg, read_transfer_table(rows_dir), teachers)
     tmp = Path(tempfile.mkdtemp(prefix=".confidence-", dir=Path(out).parent))
     save_estimators(tmp, estimators)
     if Path(out).exists():
@@ -79,20 +85,24 @@ def _fit_confidence_task(config: dict, transfer_dir: str, out: str, use_gpu: boo
     return {n: e.meta for n, e in estimators.items()}
 
 
-def run_confidence(cfg: JobConfig, transfer_dir: Path) -> Path | None:
-    """Fit (or find) the confidence statistics; ``None`` for ``amalgamation.method: vanilla``."""
+def run_confidence(cfg: JobConfig, transfer_dir: Path, *, rows_dir: Path | None = None) -> Path | None:
+    """Fit (or find) the confidence statistics; ``None`` for ``amalgamation.method: vanilla``.
+
+    They are fitted on the held-out rows of the finished transfer set, or of ``rows_dir`` (the
+    held-out pass of streaming mode, made before the set is finished; the stage record says which).
+    """
     if cfg.amalgamation.method == "vanilla":
         return None
     cfg = cfg.absolute()
     out = confidence_dir(cfg)
-    desc = confidence_description(cfg, transfer_dir)
+    desc = confidence_description(cfg, transfer_dir, rows_dir)
     if stage_done(out, desc, stage="confidence"):
         print(f"confidence statistics already fitted: {out}")
         return out
     gpu = 1 if cfg.ray.use_gpu else 0
     task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_fit_confidence_task)
     start = time.perf_counter()
-    meta = ray.get(task.remote(cfg.to_dict(), str(transfer_dir), str(out), bool(gpu)))
+    meta = ray.get(task.remote(cfg.to_dict(), str(rows_dir or transfer_dir), str(out), bool(gpu)))
     mark_done(out, desc, teachers=meta)
     print(f"confidence statistics ({cfg.amalgamation.confidence}) fitted for {list(meta)} in "
           f"{time.perf_counter() - start:.1f} s -> {out}")
@@ -122,66 +132,110 @@ def _drop_heldout(batch):
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train worker loop: data shard -> teachers (no grad) -> confidences -> step; report + checkpoint."""
+    """Ray Train worker loop: data shard -> teachers (no grad) -> confidences -> step; report + checkpoint.
+
+    ``config["stream"]``: the shard is the live generation stream, read once (the first epoch; see
+    :func:`~dfkd_ray.distill.loop.iterate_stream`), ending with a checkpoint and no export.
+    ``config["init_checkpoint"]``: where to start when Ray Train has no checkpoint of this run (the
+    end of the streamed epoch).
+    """
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from dfkd_ray.distill.loop import Distiller, MetricsLog, iterate_epochs
+    from dfkd_ray.distill.loop import Distiller, MetricsLog, iterate_epochs, iterate_stream, prefetch
     from dfkd_ray.math.confidence import load_estimators
 
     cfg = validate_config(config["job"], check_paths=False)
     plan = StepPlan(**config["plan"])
+    stream = bool(config.get("stream"))
     t = cfg.train
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches(epoch: int, buffer: int = t.shuffle_buffer):
+        for batch in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=buffer or None,
+                                        local_shuffle_seed=cfg.seed * 1000 + epoch if buffer else None):
+            yield [str(x) for x in batch["text"]]
+
+    if stream:
+        # Start the generation pipeline now: its actors start up while this worker loads its models.
+        # The local shuffle buffer is capped at two shards' requests: a batch is given once the buffer
+        # is full, so a larger one would hold the first step back until most of the set is made; two
+        # shards (each usually of one class: they are cut from a class-major table) still mix classes.
+        streamed = prefetch(batches(0, min(t.shuffle_buffer, 2 * cfg.transfer.shard_size)))
     estimators = load_estimators(config["confidence_dir"], device) if config["confidence_dir"] else None
     distiller = Distiller(cfg, plan, device=device, estimators=estimators, wrap=ray.train.torch.prepare_model)
 
-    start_epoch, skip = 0, 0
+    start_epoch, skip, resumed_from = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = distiller.load_checkpoint(d)
         start_epoch, skip = int(state["epoch"]), int(state["batch"])
+        resumed_from = distiller.step_count
         if rank == 0:
             print(f"distill: resumed from the checkpoint of step {state['step']} (epoch {start_epoch}, batch {skip})")
-    resumed_from = distiller.step_count
-    log = MetricsLog(config["metrics_path"], resume_step=resumed_from) if rank == 0 else None
-
-    shard = ray.train.get_dataset_shard("train")
-
-    def batches(epoch: int):
-        for batch in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=t.shuffle_buffer or None,
-                                        local_shuffle_seed=cfg.seed * 1000 + epoch if t.shuffle_buffer else None):
-            yield [str(x) for x in batch["text"]]
+    elif config.get("init_checkpoint"):
+        state = distiller.load_checkpoint(config["init_checkpoint"])
+        start_epoch, skip = int(state["epoch"]), int(state["batch"])
+        if rank == 0:
+            print(f"distill: continuing after the streamed epoch from step {state['step']}, reading the finished set")
+    elif rank == 0 and stream:
+        print("distill: streaming the first epoch from the generation pipeline from step 0")
+    log = MetricsLog(config["metrics_path"], resume_step=distiller.step_count) if rank == 0 else None
 
     began, seen, metrics = time.perf_counter(), 0, {}
-    for epoch, index, texts in iterate_epochs(batches, plan, start_epoch=start_epoch, skip_batches=skip):
-        metrics = distiller.step(texts)
-        seen += len(texts)
-        step = distiller.step_count
-        last = step >= plan.total_steps
-        want_ckpt = step % t.checkpoint_every_steps == 0 or last
-        if not (want_ckpt or step % t.report_every_steps == 0):
-            continue
-        metrics.update(epoch=epoch + (index + 1) / plan.steps_per_epoch, resumed_from=resumed_from,
-                       samples_per_s=round(seen * plan.world_size / (time.perf_counter() - began), 2))
-        if want_ckpt:
-            nxt = (epoch, index + 1) if index + 1 < plan.steps_per_epoch else (epoch + 1, 0)
+    timing: dict = {}
+
+    def checkpoint_and_report(metrics: dict, position: tuple[int, int] | None) -> None:
+        if position is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
-                    distiller.save_checkpoint(tmp, epoch=nxt[0], batch=nxt[1])
+                    distiller.save_checkpoint(tmp, epoch=position[0], batch=position[1])
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
         else:
             ray.train.report(metrics)
+
+    def step(texts: list[str], epoch: int, index: int, per_epoch: int, nxt: tuple[int, int], last: bool) -> dict:
+        nonlocal seen
+        metrics = distiller.step(texts)
+        timing.setdefault("first_step_at", time.time())
+        seen += len(texts)
+        n = distiller.step_count
+        want_ckpt = n % t.checkpoint_every_steps == 0 or last
+        if not (want_ckpt or n % t.report_every_steps == 0):
+            return metrics
+        metrics.update(epoch=epoch + (index + 1) / per_epoch, resumed_from=resumed_from,
+                       samples_per_s=round(seen * plan.world_size / (time.perf_counter() - began), 2))
+        checkpoint_and_report(metrics, nxt if want_ckpt else None)
         if rank == 0:
             log.write(metrics)
             extra = "".join(f" {k} {metrics[k]:.4f}" for k in ("block", "kd", "agreement") if k in metrics)
-            print(f"distill: step {step}/{plan.total_steps} epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f}"
+            print(f"distill: step {n}/{plan.total_steps} epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f}"
                   f"{extra} lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+        return metrics
+
+    if stream:
+        if start_epoch == 0:
+            for index, texts in iterate_stream(streamed, plan, start_step=distiller.step_count, skip_batches=skip,
+                                               device=device):
+                metrics = step(texts, 0, index, plan.steps_per_epoch, (0, index + 1), False)
+        else:  # a rerun whose streamed epoch had finished: the stream replays the shards on disk
+            for _ in streamed:
+                pass
+        timing["stream_end_at"] = time.time()
+        # The end of the streamed epoch: the checkpoint the Parquet epochs start from.
+        checkpoint_and_report({"step": distiller.step_count, "epoch": 1.0, "streamed": 1}, (1, 0))
+        return {**metrics, **timing, "steps": distiller.step_count}
+
+    for epoch, index, texts in iterate_epochs(batches, plan, start_epoch=start_epoch, skip_batches=skip,
+                                              start_step=distiller.step_count):
+        nxt = (epoch, index + 1) if index + 1 < plan.steps_per_epoch else (epoch + 1, 0)
+        metrics = step(texts, epoch, index, plan.steps_per_epoch, nxt, distiller.step_count + 1 >= plan.total_steps)
     if rank == 0:
         log.plot(Path(config["metrics_path"]).with_name("loss_curves.png"),
                  title=f"{cfg.name}: {cfg.amalgamation.method} on {cfg.transfer.source}")
@@ -194,11 +248,77 @@ def train_loop_per_worker(config: dict) -> dict:
     return {**metrics, "steps": distiller.step_count}
 
 
-def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None) -> Path:
-    """Train (or find) the student; returns the exported student directory."""
+def _trainer(cfg: JobConfig, desc: dict, ds, plan: StepPlan, conf_dir: Path | None, *, run_suffix: str = "",
+             dataset_config=None, **loop_config):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    r = cfg.ray
+    out = distill_dir(cfg)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg.to_dict(), "plan": plan.__dict__,
+                           "confidence_dir": str(conf_dir) if conf_dir is not None else None,
+                           "metrics_path": str((out / "metrics.jsonl").resolve()),
+                           "student_dir": str(student_dir(cfg).resolve()), **loop_config},
+        scaling_config=ScalingConfig(num_workers=r.num_train_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_train_worker}),
+        run_config=RunConfig(name=f"distill-{fingerprint(desc)}{run_suffix}",
+                             storage_path=str((cfg.output.dir / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds}, dataset_config=dataset_config)
+
+
+def _fit(trainer):
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def stream_dir(cfg: JobConfig) -> Path:
+    """The record of a finished streamed epoch (``stage.json``)."""
+    return distill_dir(cfg) / "stream"
+
+
+def run_stream_epoch(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, stream, planned_rows: int) -> dict:
+    """Train the first epoch on ``stream`` (the live generation pipeline, a lazy Ray Dataset of
+    ``text``), or find that it was; returns its record (the checkpoint the next epochs start from,
+    its steps, warmup and wall-clock times). A rerun of a killed one resumes from its last
+    checkpoint (Ray Train finds the run by name); the stream replays the shards already on disk.
+    """
+    from ray.train import DataConfig
+
+    cfg = cfg.absolute()
+    out = stream_dir(cfg)
+    desc = distill_description(cfg, transfer_dir, conf_dir)
+    if stage_done(out, desc, stage="distill (streamed epoch)"):
+        return read_record(out)
+    out.mkdir(parents=True, exist_ok=True)
+    r = cfg.ray
+    plan = StepPlan.of(planned_rows, cfg, r.num_train_workers)
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = False  # a shard that finishes first is trained on first
+    print(f"distill: {cfg.amalgamation.method}, first epoch streamed from generation: at most {plan.rows} rows, "
+          f"{r.num_train_workers} worker(s) x batch {cfg.train.batch_size}, <= {plan.steps_per_epoch} steps "
+          f"({plan.warmup_steps} warmup)")
+    start = time.perf_counter()
+    result = _fit(_trainer(cfg, desc, stream, plan, conf_dir, run_suffix="-stream", stream=True,
+                           dataset_config=DataConfig(execution_options=options)))
+    final = result.return_value or {}
+    mark_done(out, desc, checkpoint=result.checkpoint.path, steps=final.get("steps"), plan=plan.__dict__,
+              first_step_at=final.get("first_step_at"), stream_end_at=final.get("stream_end_at"),
+              seconds=round(time.perf_counter() - start, 1))
+    return read_record(out)
+
+
+def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, *, after_stream: dict | None = None) -> Path:
+    """Train (or find) the student; returns the exported student directory.
+
+    ``after_stream``: the record of a streamed first epoch (:func:`run_stream_epoch`); training then
+    starts from its checkpoint and makes the remaining ``train.epochs - 1`` epochs on the finished set.
+    """
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # per-epoch split bars drown the step lines
     context.execution_options.preserve_order = True  # the same rows reach the same worker on every run
@@ -211,27 +331,22 @@ def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None) -> Pa
         return student
     out.mkdir(parents=True, exist_ok=True)
     r = cfg.ray
-    plan = StepPlan.of(count_training_rows(transfer_dir, cfg.train.include_heldout), cfg, r.num_train_workers)
+    rows = count_training_rows(transfer_dir, cfg.train.include_heldout)
+    if after_stream is None:
+        plan = StepPlan.of(rows, cfg, r.num_train_workers)
+    else:
+        plan = StepPlan.after_stream(rows, cfg, r.num_train_workers, streamed_steps=int(after_stream["steps"]),
+                                     warmup_steps=int(after_stream["plan"]["warmup_steps"]))
     ds = ray.data.read_parquet(transfer_set_files(transfer_dir)).select_columns(["text", "heldout"])
     ds = ds.map_batches(_drop_heldout, batch_format="pyarrow") if not cfg.train.include_heldout else ds.select_columns(["text"])
     ds = ds.materialize()  # text only, read once: every epoch re-iterates it from the object store
+    streamed = f", after {after_stream['steps']} streamed steps" if after_stream else ""
     print(f"distill: {cfg.amalgamation.method} on {plan.rows} rows, {r.num_train_workers} worker(s) x batch "
-          f"{cfg.train.batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict(), "plan": plan.__dict__,
-                           "confidence_dir": str(conf_dir) if conf_dir is not None else None,
-                           "metrics_path": str((out / "metrics.jsonl").resolve()), "student_dir": str(student.resolve())},
-        scaling_config=ScalingConfig(num_workers=r.num_train_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_train_worker}),
-        run_config=RunConfig(name=f"distill-{fingerprint(desc)}", storage_path=str((cfg.output.dir / "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds})
+          f"{cfg.train.batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} "
+          f"warmup{streamed})")
     start = time.perf_counter()
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    result = _fit(_trainer(cfg, desc, ds, plan, conf_dir,
+                           init_checkpoint=after_stream["checkpoint"] if after_stream else None))
     final = result.return_value or {}
     mark_done(out, desc, student=str(student), steps=final.get("steps"), rows=plan.rows,
               seconds=round(time.perf_counter() - start, 1),

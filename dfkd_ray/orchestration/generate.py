@@ -9,6 +9,12 @@ lists each shard in the manifest as it arrives, and shows progress; it never hol
 Killed at any point, a rerun with the same config skips listed shards (and adopts renamed
 ones the manifest missed), so it ends with the same set as an uninterrupted run.
 
+With ``train.stream_from_generation`` (:mod:`dfkd_ray.orchestration.stream`) the same actor has
+two more parts to play: the held-out pass (``part="heldout"``: each shard's held-out requests only,
+into their own directory) and the live training stream (``stream=True``: it writes each shard the
+same way, commits nothing, and returns the shard's training texts, which a Ray Train
+``TorchTrainer`` reads as its ``"train"`` dataset; the driver adopts the shards afterwards).
+
 On a multi-node cluster ``output.dir`` must be a filesystem every node sees (a shared mount).
 """
 
@@ -19,11 +25,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
 from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
 from dfkd_ray.orchestration import worker_device
-from dfkd_ray.transfer.store import TransferSetStore, write_shard_file
+from dfkd_ray.transfer.store import TransferSetStore, read_shard_stats, shard_name, write_shard_file
+from dfkd_ray.transfer.stream import HELDOUT_PASS_DIR, ReplaySource, heldout_part, training_texts
 from dfkd_ray.transfer.writer import (final_line, finalize_transfer_set, fingerprint_of, load_teachers, make_shard,
                                       plan_transfer_set, regenerate_duplicates, transfer_set_dir)
 
@@ -53,18 +61,54 @@ def _regenerate_task(config: dict, directory: str, duplicates: dict) -> dict:
 
 
 class GenerationActor:
-    """Ray Data callable class: builds the engine in ``__init__``, makes whole shards in ``__call__``."""
+    """Ray Data callable class: builds the engine in ``__init__``, makes whole shards in ``__call__``.
 
-    def __init__(self, config: dict, directory: str):
+    Args:
+        config: the job config (as a dict).
+        directory: where the shards go.
+        part: ``"all"`` requests of each shard, or ``"heldout"``: only its held-out ones (the
+            held-out pass of streaming mode).
+        stream: return each shard's training texts (column ``text``) instead of its stats, and
+            replay a shard already on disk (an earlier attempt's) instead of making it again.
+        replay_dir: a held-out pass whose rows the shards reuse rather than generate again.
+    """
+
+    def __init__(self, config: dict, directory: str, part: str = "all", stream: bool = False,
+                 replay_dir: str | None = None):
         self.directory = Path(directory)
         self.cfg, self.shards, self.source = _build_source(config)
+        if part == "heldout":
+            self.shards = [heldout_part(s, self.cfg.transfer.heldout_fraction) for s in self.shards]
+        self.stream = stream
+        self.replay_dir = Path(replay_dir) if replay_dir else None
+
+    def make(self, index: int):
+        """Make shard ``index`` and write it (stats in the file); returns the table and stats."""
+        source = self.source
+        replay = self.replay_dir / shard_name(index) if self.replay_dir else None
+        if replay is not None and replay.is_file():
+            source = ReplaySource(source, pq.read_table(replay).to_pylist())
+        table, stats = make_shard(source, self.shards[index], self.cfg)
+        stats["finished_at"] = round(time.time(), 3)  # wall clock: when the shard was done
+        write_shard_file(self.directory, index, table, stats)
+        return table, stats
 
     def __call__(self, batch: dict) -> dict:
+        if self.stream:
+            texts = []
+            for index in map(int, batch["shard"]):
+                path = self.directory / shard_name(index)
+                if path.is_file():  # written by an earlier attempt: replayed, not generated again
+                    table, stats = pq.read_table(path), read_shard_stats(path)
+                else:
+                    table, stats = self.make(index)
+                texts += training_texts(table, self.cfg.train.include_heldout)
+                print(f"transfer set: shard {index} written, {len(table)} rows ({stats.get('generated', 0)} "
+                      f"generated in {stats.get('seconds', 0):.1f} s)", flush=True)
+            return {"text": np.array(texts, dtype=object)}
         out = {"shard": [], "rows": [], "stats": []}
-        for index in batch["shard"]:
-            index = int(index)
-            table, stats = make_shard(self.source, self.shards[index], self.cfg)
-            write_shard_file(self.directory, index, table, stats)
+        for index in map(int, batch["shard"]):
+            table, stats = self.make(index)
             out["shard"].append(index)
             out["rows"].append(len(table))
             out["stats"].append(json.dumps(stats))
@@ -72,10 +116,69 @@ class GenerationActor:
                 "stats": np.array(out["stats"], dtype=object)}
 
 
-def run_generate(cfg: JobConfig, *, progress: bool = True) -> Path:
-    """Make (or finish) the transfer set of ``cfg`` on the current Ray cluster; returns its directory."""
+def generation_pipeline(cfg: JobConfig, directory: Path, shards: list[int], **actor_kwargs):
+    """The lazy Ray Dataset of :class:`GenerationActor` over ``shards`` (one block each, in order)."""
+    r = cfg.ray
+    ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
+    return ds.map_batches(
+        GenerationActor,
+        fn_constructor_kwargs={"config": cfg.to_dict(), "directory": str(directory), **actor_kwargs},
+        batch_size=1, concurrency=min(r.num_generation_actors, len(shards)),
+        num_gpus=r.gpus_per_generation_actor, num_cpus=r.cpus_per_generation_actor, batch_format="numpy")
+
+
+def _generate_and_commit(cfg: JobConfig, store: TransferSetStore, todo: list[int], *, desc: str, progress: bool,
+                         **actor_kwargs) -> int:
+    """Run the pipeline over ``todo`` and list each shard in the manifest as it arrives; returns rows generated."""
     from tqdm.auto import tqdm
 
+    start, generated = time.perf_counter(), 0
+    bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=not progress)
+    for row in generation_pipeline(cfg, store.directory, todo, **actor_kwargs).iter_rows():
+        stats = json.loads(row["stats"])
+        store.commit_shard(int(row["shard"]), int(row["rows"]), stats)
+        generated += stats["generated"]
+        bar.update(1)
+        bar.set_postfix(rows=sum(s["rows"] for s in store.manifest["shards"].values()),
+                        per_s=f"{generated / (time.perf_counter() - start):.1f}")
+    bar.close()
+    return generated
+
+
+def heldout_pass_dir(cfg: JobConfig) -> Path:
+    return cfg.output.dir / HELDOUT_PASS_DIR
+
+
+def run_heldout_pass(cfg: JobConfig, *, progress: bool = True) -> Path:
+    """Make (or finish) the held-out pass of streaming mode: each shard's held-out requests, with
+    the same filters and retries as the full shard, into ``output.dir/heldout_pass``; returns it."""
+    cfg = cfg.absolute()
+    directory = heldout_pass_dir(cfg)
+    _, shards, description = plan_transfer_set(cfg)
+    description = {**description, "part": "heldout"}
+    store = TransferSetStore.open(directory, fingerprint=fingerprint_of(description), description=description,
+                                  num_shards=len(shards))
+    if store.complete:
+        return directory
+    todo = [i for i in range(len(shards)) if i not in store.done]
+    start = time.perf_counter()
+    if todo:
+        _generate_and_commit(cfg, store, todo, desc="held-out pass", progress=progress, part="heldout")
+    rows = sum(s["rows"] for s in store.manifest["shards"].values())
+    store.finish({"rows": rows})
+    print(f"held-out pass: {rows} rows for the confidence statistics in {time.perf_counter() - start:.1f} s -> "
+          f"{directory}")
+    return directory
+
+
+def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int = 0,
+                 started: float | None = None) -> Path:
+    """Make (or finish) the transfer set of ``cfg`` on the current Ray cluster; returns its directory.
+
+    Shards already written (listed, or renamed and adopted: a killed run, or the training stream of
+    streaming mode, whose ``generated_before`` rows since ``started``, a ``perf_counter`` time,
+    count towards the summary's rate) are kept; the rest are made, then the set is finalized.
+    """
     cfg = cfg.absolute()
     claim_output_dir(cfg)
     directory = transfer_set_dir(cfg)
@@ -86,24 +189,11 @@ def run_generate(cfg: JobConfig, *, progress: bool = True) -> Path:
         print(f"transfer set already complete: {directory}")
         return directory
     todo = [i for i in range(len(shards)) if i not in store.done]
-    start, generated = time.perf_counter(), 0
+    start = started if started is not None else time.perf_counter()
+    generated = generated_before
     if todo:
-        r = cfg.ray
-        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-        results = ds.map_batches(
-            GenerationActor,
-            fn_constructor_kwargs={"config": cfg.to_dict(), "directory": str(directory)},
-            batch_size=1, concurrency=min(r.num_generation_actors, len(todo)),
-            num_gpus=r.gpus_per_generation_actor, num_cpus=r.cpus_per_generation_actor, batch_format="numpy")
-        bar = tqdm(total=len(todo), desc=f"transfer set ({cfg.transfer.source})", unit="shard", disable=not progress)
-        for row in results.iter_rows():
-            stats = json.loads(row["stats"])
-            store.commit_shard(int(row["shard"]), int(row["rows"]), stats)
-            generated += stats["generated"]
-            bar.update(1)
-            bar.set_postfix(rows=sum(s["rows"] for s in store.manifest["shards"].values()),
-                            per_s=f"{generated / (time.perf_counter() - start):.1f}")
-        bar.close()
+        generated += _generate_and_commit(cfg, store, todo, desc=f"transfer set ({cfg.transfer.source})",
+                                          progress=progress)
     r = cfg.ray
 
     def regenerate(duplicates: dict) -> dict:

@@ -14,7 +14,9 @@ yet, which it verifies and adopts. A directory made with a different configurati
 
 Each shard carries its own manifest entry (requests, rejects, given up, worker, ...) as Parquet
 key-value metadata, written in the same atomic rename as its rows: a shard adopted on resume
-keeps its statistics, so the finished set's summary equals an uninterrupted run's.
+keeps its statistics, so the finished set's summary equals an uninterrupted run's. Shards no
+driver commits (a killed driver, or streaming mode, where training consumes the rows as the
+actors write them) are adopted this way with the same manifest entry a committed one gets.
 
 Read a finished set with :func:`transfer_set_files` (the manifest's list), e.g.
 ``ray.data.read_parquet(transfer_set_files(d))`` or
@@ -103,16 +105,18 @@ def read_shard_stats(path: str | Path) -> dict:
 def write_shard_file(directory: str | Path, index: int, table: pa.Table, stats: dict | None = None) -> Path:
     """Write a shard under a hidden temporary name, flush it, then rename it into place.
 
-    ``stats`` (its manifest entry) travel inside the file, so the rename publishes rows and
-    statistics together. Safe to call from any process (a Ray actor on any node of a shared
-    filesystem); only the driver updates the manifest (:meth:`TransferSetStore.commit_shard`).
+    ``stats`` (its manifest entry; ``rows`` is set from the table) travel inside the file, so the
+    rename publishes rows and statistics together, and a shard no one commits (a killed driver, or
+    streaming mode, where training consumes the rows) is adopted later with the same entry. Safe to
+    call from any process (a Ray actor on any node of a shared filesystem); only the driver updates
+    the manifest (:meth:`TransferSetStore.commit_shard`, or adoption in :meth:`TransferSetStore.open`).
     """
     validate_table(table)
     directory = Path(directory)
     final = directory / shard_name(index)
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
     if stats:
-        meta = {k: v for k, v in stats.items() if k != "file"}
+        meta = {**{k: v for k, v in stats.items() if k != "file"}, "rows": len(table)}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: json.dumps(meta).encode()})
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
