@@ -1,0 +1,454 @@
+"""AG News data-free amalgamation: the quality table (a scaled-down replica of StrataNet Table 3).
+
+Two teachers are fine-tuned here from the MiniLM fixture on real AG News train rows: ``world_sports``
+on {World, Sports}, ``business_scitech`` on {Business, Sci/Tech}. Every amalgamation row then
+trains the same 3-layer MiniLM student with the same transfer-set size and training budget, and is
+scored on the full AG News test set (7,600 rows, ``title + " " + description``):
+
+    supervised      the student trained on the labelled train rows (the upper bound; also the judge)
+    teacher 1/2     each teacher over the union labels; ensemble = argmax of the placed teacher logits
+    vanilla_random  KL to the concatenated teacher outputs, on ``random_words`` text
+    vanilla_corpus  the same on ``corpus`` text (the 5k-document general-domain sample)
+    vanilla_steered the same on the steered set (a diagnostic: generation without RMD/ST-amalg)
+    stratanet       steered generation + RMD confidence + ST-amalg (block L2 + confidence-weighted KL)
+    stratanet_msp   the same with maximum-softmax-probability confidence instead of RMD
+    stratanet_nost  the same with ``fusion: no_st`` (linear layer over the confidence-weighted sum)
+
+Nothing here re-implements the pipeline: transfer sets come from
+:func:`dfkd_ray.transfer.writer.write_transfer_set` (the single-process twin of the Ray generation
+stage, sharing ``make_shard``/sources/filters), confidence statistics from
+:func:`dfkd_ray.distill.loop.fit_confidence`, training from :class:`dfkd_ray.distill.loop.Distiller`
+(+ ``iterate_epochs``), scores from :mod:`dfkd_ray.evaluation`. The GPU machine has no Ray.
+
+Diagnostics per transfer set: the source teacher's hit rate (its argmax equals the row's target
+class; for untargeted sources that is true by construction), the supervised judge's agreement with
+the row's label (the share of text that is really of its class), and for the confidence estimators
+the AUROC of "other teacher's rows" vs "own rows" per block (higher = better separated).
+
+GPU (repository root; fixtures and data copied under .carry/ag, pydantic + datasketch wheels in .whl):
+    python benchmarks/agnews.py --lm .carry/ag/lm-gpt2-news --base .carry/ag/minilm-l6-trim \
+        --agnews .carry/ag/agnews --corpus .carry/ag/corpus_sample_5k.txt.xz --work /tmp/agnews \
+        --out $OUT/agnews.json
+CPU dry run (tiny sizes, minutes): add ``--tiny --device cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dfkd_ray.config import JobConfig, validate_config  # noqa: E402
+from dfkd_ray.distill.loop import Distiller, StepPlan, fit_confidence, iterate_epochs  # noqa: E402
+from dfkd_ray.evaluation import evaluate_student, evaluate_teachers  # noqa: E402
+from dfkd_ray.labels import UnionLabelSpace  # noqa: E402
+from dfkd_ray.math.confidence import auroc  # noqa: E402
+from dfkd_ray.transfer.store import read_transfer_table  # noqa: E402
+from dfkd_ray.transfer.writer import load_teachers, write_transfer_set  # noqa: E402
+
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]  # AG News labels 1..4
+TEACHERS = {"world_sports": ["World", "Sports"], "business_scitech": ["Business", "Sci/Tech"]}
+SOURCES = {"vanilla_random": "random_words", "vanilla_corpus": "corpus", "vanilla_steered": "steered",
+           "stratanet": "steered", "stratanet_msp": "steered", "stratanet_nost": "steered",
+           "stratanet_random": "random_words", "stratanet_corpus": "corpus"}
+AMALGAMATION = {"vanilla_random": {"method": "vanilla"}, "vanilla_corpus": {"method": "vanilla"},
+                "vanilla_steered": {"method": "vanilla"},
+                "stratanet": {"method": "stratanet", "confidence": "rmd", "fusion": "st"},
+                "stratanet_msp": {"method": "stratanet", "confidence": "msp", "fusion": "st"},
+                "stratanet_nost": {"method": "stratanet", "confidence": "rmd", "fusion": "no_st"},
+                "stratanet_random": {"method": "stratanet", "confidence": "rmd", "fusion": "st"},
+                "stratanet_corpus": {"method": "stratanet", "confidence": "rmd", "fusion": "st"}}
+ROWS = list(SOURCES)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def read_agnews(directory: Path, limit: int = 0) -> dict:
+    """Test (title + " " + description) and the two train subsets, labels as 0-based global ids."""
+    import pandas as pd
+
+    def find(stem: str) -> Path:
+        for suffix in (".csv", ".csv.xz", ".csv.gz"):
+            if (directory / f"{stem}{suffix}").is_file():
+                return directory / f"{stem}{suffix}"
+        raise FileNotFoundError(f"{directory}/{stem}.csv(.xz) is missing; pass --agnews <shared/data/agnews>")
+
+    test = pd.read_csv(find("test"), keep_default_na=False)
+    train = pd.concat([pd.read_csv(find(s), keep_default_na=False)
+                       for s in ("train_subset_lst5k_titledesc", "train_subset_dhim_desc")], ignore_index=True)
+    data = {"test_texts": (test["title"] + " " + test["description"]).tolist(),
+            "test_labels": (test["label"].astype(int) - 1).tolist(),
+            "train_texts": train["text"].tolist(), "train_labels": (train["label"].astype(int) - 1).tolist()}
+    if limit:
+        rng = random.Random(0)
+        for split in ("test", "train"):
+            idx = rng.sample(range(len(data[f"{split}_texts"])), min(limit, len(data[f"{split}_texts"])))
+            data[f"{split}_texts"] = [data[f"{split}_texts"][i] for i in idx]
+            data[f"{split}_labels"] = [data[f"{split}_labels"][i] for i in idx]
+    return data
+
+
+def batches(n: int, size: int, seed: int, drop_last: bool = True):
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    stop = n - n % size if drop_last else n
+    return [order[i:i + size] for i in range(0, stop, size)]
+
+
+# ---- supervised models (teachers, the upper-bound student) ------------------------------------
+
+def _train_classifier(model, tokenize, texts, labels, *, epochs, lr, batch_size, seed, device, desc) -> float:
+    from transformers import get_linear_schedule_with_warmup
+
+    steps = epochs * (len(texts) // batch_size)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    sched = get_linear_schedule_with_warmup(opt, int(0.06 * steps), steps)
+    y_all = torch.tensor(labels)
+    # Deterministic kernels while fine-tuning: a later call of this script (reusing saved transfer
+    # sets) retrains the very same teachers; the weights' digest in the JSON shows it.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model.train()
+    start, done = time.perf_counter(), 0
+    for epoch in range(epochs):
+        for idx in batches(len(texts), batch_size, seed * 100 + epoch):
+            enc = tokenize([texts[i] for i in idx])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(**enc).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), y_all[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            done += 1
+        log(f"{desc}: epoch {epoch + 1}/{epochs} loss {loss.item():.4f} ({done}/{steps} steps)")
+    torch.use_deterministic_algorithms(False)
+    model.eval()
+    return time.perf_counter() - start
+
+
+def finetune_teacher(base: Path, out: Path, names: list[str], texts, labels, args, device) -> dict:
+    """A 2-class MiniLM teacher: AutoModelForSequenceClassification + its tokenizer -> ``out``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        dtype=torch.float32).to(device)
+
+    def tokenize(batch):
+        return tok(batch, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt").to(device)
+
+    secs = _train_classifier(model, tokenize, texts, labels, epochs=args.teacher_epochs, lr=args.teacher_lr,
+                             batch_size=32, seed=args.seed, device=device, desc=f"teacher {out.name}")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes()
+                                     for p in model.parameters())).hexdigest()[:16]
+    return {"rows": len(texts), "seconds": round(secs, 1), "weights_sha256": digest}
+
+
+def train_supervised(cfg: JobConfig, data: dict, args, device) -> tuple[object, dict]:
+    """The amalgamation rows' student shape trained on the labelled train rows (upper bound, judge)."""
+    from dfkd_ray.models.student import Student
+
+    torch.manual_seed(args.seed)
+    student = Student.from_config(cfg.student, labels=LABELS, amalg_dim=cfg.amalgamation.amalg_dim).to(device)
+    student.proj.requires_grad_(False)
+    secs = _train_classifier(student, student.tokenize, data["train_texts"], data["train_labels"],
+                             epochs=args.supervised_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                             device=device, desc="supervised student")
+    return student, {"rows": len(data["train_texts"]), "seconds": round(secs, 1)}
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+def job_config(args, work: Path, row: str, seed: int) -> JobConfig:
+    source = SOURCES[row]
+    transfer = {"source": source, "samples_per_class": args.samples_per_class, "shard_size": args.shard_size,
+                "dedup": "near", "heldout_fraction": args.heldout_fraction, "max_attempts": 3,
+                "min_confidence": args.min_confidence if source == "steered" else 0.0,
+                "random_words": {"min_words": 16, "max_words": 48},
+                "corpus": {"path": str(args.corpus), "min_words": 8, "max_words": 64},
+                "steered": {"engine": "hf", "lm_path": str(args.lm), "control_strength": args.control_strength,
+                            "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
+                            "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens), "prompt": args.prompt,
+                            "batch_size": args.gen_batch}}
+    data = {"name": f"agnews-{row}", "seed": seed,
+            "teachers": [{"name": n, "path": str(work / "teachers" / n), "max_length": args.max_length}
+                         for n in TEACHERS],
+            "transfer": transfer,
+            "amalgamation": {**AMALGAMATION[row], "amalg_dim": 256, "temperature": args.temperature},
+            "student": {"path": str(args.base), "num_layers": 3, "max_length": args.max_length},
+            "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
+                      "warmup_epochs": min(1.0, args.epochs), "shuffle_buffer": 0},
+            "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(work / "runs" / row)}}
+    return validate_config(data, source=f"benchmark row {row}")
+
+
+def transfer_dir(work: Path, source: str) -> Path:
+    return work / "transfer" / source
+
+
+# ---- distillation ---------------------------------------------------------------------------
+
+def distill(cfg: JobConfig, table, teachers: dict, estimators, device) -> tuple[object, dict]:
+    """Train one student exactly as a Ray Train worker does (one worker, seeded per-epoch shuffle)."""
+    held = table.column("heldout").to_pylist()
+    texts = [t for t, h in zip(table.column("text").to_pylist(), held) if not h]
+    plan = StepPlan.of(len(texts), cfg, 1)
+    distiller = Distiller(cfg, plan, device=device, teachers=teachers, estimators=estimators)
+
+    def epoch_batches(epoch: int):
+        for idx in batches(len(texts), cfg.train.batch_size, cfg.seed * 1000 + epoch):
+            yield [texts[i] for i in idx]
+
+    start, last = time.perf_counter(), {}
+    for epoch, index, batch in iterate_epochs(epoch_batches, plan):
+        last = distiller.step(batch)
+        if index + 1 == plan.steps_per_epoch:
+            extra = " ".join(f"{k} {last[k]:.4f}" for k in ("kd", "block", "agreement") if k in last)
+            log(f"  {cfg.name} seed {cfg.seed}: epoch {epoch + 1} step {distiller.step_count}/{plan.total_steps} "
+                f"loss {last['loss']:.4f} {extra}")
+    distiller.model.eval()
+    return distiller.student, {"rows": plan.rows, "steps": plan.total_steps, "seconds": round(time.perf_counter() - start, 1),
+                               "final": {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}}
+
+
+# ---- diagnostics ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def transfer_diagnostics(table, teachers: dict, judge, space: UnionLabelSpace) -> dict:
+    texts = table.column("text").to_pylist()
+    teacher_of = table.column("teacher").to_pylist()
+    target = table.column("teacher_class").to_pylist()
+    label = table.column("label").to_pylist()
+    hits, per_teacher = [], {}
+    for name, teacher in teachers.items():
+        idx = [i for i, t in enumerate(teacher_of) if t == name]
+        _, pred = teacher.predict([texts[i] for i in idx], batch_size=256)
+        h = [int(p) == target[i] for p, i in zip(pred.tolist(), idx)]
+        hits += h
+        per_teacher[name] = round(sum(h) / max(1, len(h)), 4)
+    _, judged = judge.predict(texts, batch_size=256)
+    agree = [int(j) == lab for j, lab in zip(judged.tolist(), label)]
+    by_class = {space.names[c]: round(sum(a for a, lab in zip(agree, label) if lab == c) /
+                                     max(1, sum(1 for lab in label if lab == c)), 4) for c in sorted(set(label))}
+    conf = table.column("confidence").to_pylist()
+    ntok = table.column("num_tokens").to_pylist()
+    return {"rows": len(texts), "teacher_hit_rate": round(sum(hits) / max(1, len(hits)), 4),
+            "teacher_hit_rate_by_teacher": per_teacher,
+            "judge_agreement": round(sum(agree) / max(1, len(agree)), 4), "judge_agreement_by_class": by_class,
+            "label_counts": {space.names[c]: label.count(c) for c in sorted(set(label))},
+            "mean_teacher_confidence": round(sum(conf) / max(1, len(conf)), 4),
+            "mean_tokens": round(sum(ntok) / max(1, len(ntok)), 1)}
+
+
+@torch.no_grad()
+def confidence_auroc(table, teachers: dict, estimators: dict) -> dict:
+    """Per teacher, per block: AUROC of the estimator's OOD score, other teacher's rows vs own rows
+    (training rows only, never the held-out rows it was fitted on)."""
+    texts = table.column("text").to_pylist()
+    teacher_of = table.column("teacher").to_pylist()
+    held = table.column("heldout").to_pylist()
+    out = {}
+    for name, teacher in teachers.items():
+        est = estimators[name]
+        scores = {True: [], False: []}
+        for own in (True, False):
+            idx = [i for i, (t, h) in enumerate(zip(teacher_of, held)) if not h and (t == name) == own]
+            for s in range(0, len(idx), 256):
+                o = teacher([texts[i] for i in idx[s:s + 256]])
+                scores[own].append(est.scores(o.block_states, o.logits).cpu())
+        a, b = torch.cat(scores[True]), torch.cat(scores[False])  # (M_in, N), (M_out, N)
+        out[name] = [round(auroc(a[:, j], b[:, j]), 4) for j in range(a.shape[1])]
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def accuracy_row(results: dict, key: str) -> dict:
+    return {"accuracy": round(results["accuracy"], 4), "macro_f1": round(results["macro_f1"], 4)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lm", type=Path, required=True, help="base causal LM (shared/fixtures/lm-gpt2-news)")
+    p.add_argument("--base", type=Path, required=True, help="MiniLM fixture: teachers and the student start here")
+    p.add_argument("--agnews", type=Path, required=True, help="shared/data/agnews (csv or csv.xz files)")
+    p.add_argument("--corpus", type=Path, required=True, help="corpus_sample_5k.txt.xz")
+    p.add_argument("--work", type=Path, default=Path("/tmp/agnews-bench"))
+    p.add_argument("--out", type=Path, default=Path("agnews.json"))
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    p.add_argument("--seeds", default="0", help="distillation seeds, e.g. 0,1,2 (transfer sets use seed 0)")
+    p.add_argument("--transfer-from", type=Path, default=None,
+                   help="reuse transfer sets made by an earlier run (<dir>/<source>/), instead of generating")
+    p.add_argument("--save-transfer", type=Path, default=None, help="copy each transfer set's Parquet here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-class", type=int, default=1250)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--gen-batch", type=int, default=500)
+    p.add_argument("--control-strength", type=float, default=8.0)
+    p.add_argument("--top-m", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--min-confidence", type=float, default=0.5, help="steered rows only")
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="rows kept to fit confidence statistics")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.75)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=6)
+    p.add_argument("--teacher-epochs", type=int, default=2)
+    p.add_argument("--teacher-lr", type=float, default=5e-5)
+    p.add_argument("--supervised-epochs", type=int, default=3)
+    p.add_argument("--no-judge", action="store_true", help="skip the supervised row (and the judge diagnostics)")
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 train/test rows, 12 samples per class")
+    args = p.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        p.error(f"--rows: unknown {bad}; choose from {ROWS}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.tiny:
+        args.samples_per_class, args.shard_size, args.gen_batch, args.max_new_tokens, args.top_m = 12, 24, 24, 12, 8
+        args.epochs, args.teacher_epochs, args.supervised_epochs, args.max_length = 1, 1, 1, 64
+        args.min_confidence, args.heldout_fraction, args.batch_size = 0.0, 0.5, 4
+    device = torch.device(args.device)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (fine-tuning)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "phases": {}, "transfer": {}, "auroc": {}, "rows": {}}
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+    began = time.perf_counter()
+    data = read_agnews(args.agnews, limit=300 if args.tiny else 0)
+    space = UnionLabelSpace.from_teachers(TEACHERS)
+    assert list(space.names) == LABELS, space.names
+    log(f"AG News: {len(data['train_texts'])} train rows, {len(data['test_texts'])} test rows; device {device}")
+
+    # 1. teachers, fine-tuned on their halves of the labels
+    for name, names in TEACHERS.items():
+        ids = [LABELS.index(n) for n in names]
+        idx = [i for i, y in enumerate(data["train_labels"]) if y in ids]
+        report["phases"][f"teacher {name}"] = finetune_teacher(
+            args.base, work / "teachers" / name, names, [data["train_texts"][i] for i in idx],
+            [ids.index(data["train_labels"][i]) for i in idx], args, device)
+    base_cfg = job_config(args, work, "stratanet", args.seed)
+    teachers = load_teachers(base_cfg, num_blocks=3, device=str(device))
+    scored = evaluate_teachers(teachers, data["test_texts"], data["test_labels"], space, batch_size=256)
+    for i, (name, m) in enumerate(scored["teachers"].items()):
+        report["rows"][f"teacher {i + 1} ({name})"] = {"accuracy": round(m["accuracy"], 4),
+                                                        "own_accuracy": round(m["own_accuracy"], 4)}
+    report["rows"]["ensemble"] = {"accuracy": round(scored["ensemble"]["accuracy"], 4)}
+    log(f"teachers: {json.dumps(report['rows'])}")
+    save()
+
+    # 2. supervised upper bound (also the judge of transfer-set labels)
+    judge = None
+    if not args.no_judge:
+        judge, info = train_supervised(base_cfg, data, args, device)
+        report["phases"]["supervised"] = info
+        report["rows"]["supervised"] = accuracy_row(
+            evaluate_student(judge, data["test_texts"], data["test_labels"], space, batch_size=256), "supervised")
+        log(f"supervised: {report['rows']['supervised']}")
+        save()
+
+    # 3. transfer sets (one per source), shared by the rows that use that source
+    tables = {}
+    for source in sorted({SOURCES[r] for r in rows}):
+        row = next(r for r in rows if SOURCES[r] == source)
+        cfg = job_config(args, work, row, args.seed)
+        directory = transfer_dir(work, source)
+        start = time.perf_counter()
+        if args.transfer_from is not None:  # what --save-transfer wrote in an earlier call
+            tables[source] = pq.read_table(args.transfer_from / f"{source}.parquet")
+            summary = json.loads((args.transfer_from / f"{source}.summary.json").read_text())
+            log(f"transfer set {source}: reusing {args.transfer_from / source}.parquet ({len(tables[source])} rows)")
+        else:
+            write_transfer_set(cfg, directory, device=str(device), progress=False)
+            tables[source] = read_transfer_table(directory)
+            summary = json.loads((directory / "summary.json").read_text())
+        diag = transfer_diagnostics(tables[source], teachers, judge, space) if judge is not None else {}
+        diag.update(seconds=round(time.perf_counter() - start, 1),
+                    samples_per_s=summary.get("samples_per_s"), rejects=summary.get("rejects"),
+                    given_up=summary.get("given_up"))
+        report["transfer"][source] = diag
+        log(f"transfer set {source}: {json.dumps(diag)}")
+        if args.save_transfer is not None and args.transfer_from is None:
+            args.save_transfer.mkdir(parents=True, exist_ok=True)
+            pq.write_table(tables[source], args.save_transfer / f"{source}.parquet")
+            (args.save_transfer / f"{source}.summary.json").write_text(json.dumps(summary))
+        save()
+
+    # 4. amalgamation rows
+    estimators_cache: dict = {}
+    for seed in seeds:
+        for row in rows:
+            cfg = job_config(args, work, row, seed)
+            table = tables[SOURCES[row]]
+            est = None
+            if cfg.amalgamation.method == "stratanet":
+                key = (SOURCES[row], cfg.amalgamation.confidence)
+                if key not in estimators_cache:
+                    estimators_cache[key] = fit_confidence(cfg, table, teachers)
+                    if cfg.amalgamation.confidence != "msp":
+                        report["auroc"][f"{key[0]}/{key[1]}"] = confidence_auroc(table, teachers, estimators_cache[key])
+                        log(f"confidence {key}: AUROC per block {report['auroc'][f'{key[0]}/{key[1]}']}")
+                est = estimators_cache[key]
+            student, info = distill(cfg, table, teachers, est, device)
+            result = accuracy_row(evaluate_student(student, data["test_texts"], data["test_labels"], space,
+                                                   batch_size=256), row)
+            report["rows"].setdefault(row, {"seeds": {}})["seeds"][str(seed)] = {**result, **info}
+            accs = [v["accuracy"] for v in report["rows"][row]["seeds"].values()]
+            report["rows"][row].update(accuracy=round(sum(accs) / len(accs), 4),
+                                       spread=round(max(accs) - min(accs), 4), n=len(accs))
+            log(f"{row} seed {seed}: accuracy {result['accuracy']:.4f} ({info['seconds']} s)")
+            del student
+            save()
+    report["seconds"] = round(time.perf_counter() - began, 1)
+    save()
+    print(table_markdown(report))
+    return 0
+
+
+def table_markdown(report: dict) -> str:
+    sup = report["rows"].get("supervised", {}).get("accuracy")
+    lines = ["| row | accuracy | spread (max-min) | seeds | % of supervised | transfer hit rate | judge agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for row, r in report["rows"].items():
+        src = SOURCES.get(row)
+        t = report["transfer"].get(src, {}) if src else {}
+        spread = f"{100 * r['spread']:.2f}" if "spread" in r else "-"
+        pct = f"{100 * r['accuracy'] / sup:.1f}%" if sup else "-"
+        lines.append(f"| {row} | {100 * r['accuracy']:.2f} | {spread} | {r.get('n', 1)} | {pct} | "
+                     f"{t.get('teacher_hit_rate', '-')} | {t.get('judge_agreement', '-')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
