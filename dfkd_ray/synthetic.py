@@ -76,7 +76,8 @@ very quite perhaps maybe yesterday tomorrow tonight outside inside nearby somewh
 def _rare_words(n: int, seed: int, taken: set[str]) -> list[str]:
     """``n`` made-up pronounceable words (the long tail of names and rare words in a real vocabulary)."""
     rng, out = random.Random(seed), []
-    onsets, vowels, codas = "b d f g h k l m n p r s t v z br dr gr kl pl st tr".split(), "a e i o u".split(), ["", "", "n", "r", "l", "s"]
+    onsets = "b d f g h k l m n p r s t v z br dr gr kl pl st tr".split()
+    vowels, codas = "a e i o u".split(), ["", "", "n", "r", "l", "s"]
     while len(out) < n:
         w = "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.randint(2, 3)))
         if w not in taken:
