@@ -4,7 +4,16 @@ Four topics with distinct vocabularies. Teacher ``alpha`` (BERT, WordPiece token
 is trained on ``sports`` and ``cooking``; teacher ``beta`` (DistilBERT, byte-level BPE tokenizer,
 3 layers, wider) on ``space`` and ``finance``. A tiny GPT-2 (its own byte-level BPE) is trained on
 single-topic sentences of all four topics, so a teacher can steer it. Every tokenizer is trained
-with ``tokenizers`` on a few KB of generated text; nothing is downloaded.
+with ``tokenizers`` on a few hundred KB of generated text; nothing is downloaded.
+
+The tokenizers' training text is mostly general sentences (:func:`general_sentences`: function
+words and a general vocabulary of everyday words, ``GENERAL``, with a long tail of made-up rare
+words, ``RARE``, drawn Zipf-like), as a real tokenizer is trained on a general corpus. So, as in a
+real teacher's 30k-word vocabulary, topic words are a small share of every vocabulary (about 5-10%
+of the whole words): a ``random_words`` text is mostly non-topical, the weak baseline of StrataNet
+Table 3, not near-perfect in-domain text. Topical sentences (teacher and LM training, the eval
+file, the corpus) are topic words and function words only, so the teachers never see the general
+words in training, as a fine-tuned classifier never sees most of its vocabulary.
 
 Tests build this once per session (``tests/conftest.py``); the smoke preset builds its demo
 teachers, LM, corpus and labelled eval file with the same :func:`build_synthetic_task`.
@@ -13,12 +22,15 @@ teachers, LM, corpus and labelled eval file with the same :func:`build_synthetic
 from __future__ import annotations
 
 import csv
+import heapq
+import itertools
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 TOPICS: dict[str, list[str]] = {
     "sports": "goal match team coach player league season score striker referee stadium tournament cup final "
@@ -32,6 +44,56 @@ TOPICS: dict[str, list[str]] = {
 }
 FILLER = ("the a of and to in on with for this that was is it at by from new after about over "
           "today week said they we one more than").split()
+# Everyday words of no topic (none of them a topic word above), the bulk of every tokenizer's vocabulary.
+GENERAL = sorted(set("""
+person woman child family friend neighbor student doctor driver artist writer farmer worker mother father
+sister brother parent baby uncle aunt cousin stranger visitor guest soldier nurse lawyer pilot painter
+house home room door window garden street road city town village river lake forest hill mountain bridge
+school library office hospital museum church park beach island country castle farm field valley shore
+book letter paper pen table chair bed wall floor roof box bag bottle glass phone computer picture photo
+camera clock key lamp mirror shoe shirt coat hat dress jacket umbrella map toy blanket pillow candle
+basket bucket ladder rope hammer needle thread ribbon button pocket wallet envelope stamp
+tree flower leaf grass rain snow wind cloud storm weather summer winter spring autumn morning evening
+night afternoon stone sand water fire light shadow color ocean wave island desert jungle meadow
+dog cat bird horse cow sheep mouse rabbit bear wolf fox deer duck goose owl frog snake spider
+idea story question answer reason problem plan chance choice dream memory voice word name music song
+language truth rule law power peace news message moment minute hour year month life age health body
+face hand head heart eye ear mouth hair foot arm leg finger shoulder knee smile tear laugh
+walk talk sit stand open close read write speak listen hear see look watch think know believe remember
+forget feel want need like love hope wish try help ask tell call bring carry hold keep move build fix
+clean wash paint draw sing dance sleep wake travel visit wait meet follow learn study teach explain
+describe decide agree argue arrive stay live grow turn push pull send receive borrow show hide find
+choose begin finish stop continue open climb swim fly drive ride jump sit laugh cry whisper shout
+big small old young long short tall high low warm cold quiet loud bright dark heavy soft hard easy
+difficult happy sad angry calm busy tired early late simple strange famous quick slow dirty empty
+full green blue red yellow brown white black gray pretty ugly kind gentle brave proud careful lucky
+honest polite curious nervous lonely friendly silent wooden golden ancient modern narrow wide deep
+always never often sometimes usually again almost already soon still together quickly slowly really
+very quite perhaps maybe yesterday tomorrow tonight outside inside nearby somewhere everywhere
+""".split()))
+
+
+def _rare_words(n: int, seed: int, taken: set[str]) -> list[str]:
+    """``n`` made-up pronounceable words (the long tail of names and rare words in a real vocabulary)."""
+    rng, out = random.Random(seed), []
+    onsets = "b d f g h k l m n p r s t v z br dr gr kl pl st tr".split()
+    vowels, codas = "a e i o u".split(), ["", "", "n", "r", "l", "s"]
+    while len(out) < n:
+        w = "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.randint(2, 3)))
+        if w not in taken:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+RARE = _rare_words(800, 4321, set(GENERAL) | set(FILLER) | {w for ws in TOPICS.values() for w in ws})
+# General sentences draw general words Zipf-like (weight 1 / rank): the listed everyday words (ranks
+# in a fixed shuffled order) are the common ones, the made-up RARE words the long tail; a tokenizer
+# lists each word it keeps once, common or rare.
+_GENERAL_BY_RANK = random.Random(1234).sample(GENERAL, len(GENERAL)) + RARE
+_GENERAL_CUM_WEIGHTS = list(itertools.accumulate(1.0 / (r + 1) for r in range(len(_GENERAL_BY_RANK))))
+GENERAL_SENTENCES = 3000  # in every tokenizer's training text, beside the topical sentences
+TOKENIZER_VOCAB = {"alpha": 2400, "beta": 2400, "lm": 2000}
 TEACHER_TOPICS = {"alpha": ["sports", "cooking"], "beta": ["space", "finance"]}
 
 
@@ -53,10 +115,22 @@ class SyntheticTask:
 
 def topic_sentence(rng: random.Random, topic: str, min_words: int = 8, max_words: int = 18,
                    topic_share: float = 0.6) -> str:
-    """One sentence: topic words with probability ``topic_share``, filler words otherwise."""
+    """One sentence: topic words with probability ``topic_share``, function words otherwise."""
     n = rng.randint(min_words, max_words)
     words = [rng.choice(TOPICS[topic]) if rng.random() < topic_share else rng.choice(FILLER) for _ in range(n)]
     return " ".join(words)
+
+
+def general_sentences(n: int, seed: int, min_words: int = 8, max_words: int = 18) -> list[str]:
+    """``n`` sentences of no topic: each word a function word or (Zipf-like) a general word, evenly."""
+    rng = random.Random(seed)
+
+    def word() -> str:
+        if rng.random() < 0.5:
+            return rng.choice(FILLER)
+        return rng.choices(_GENERAL_BY_RANK, cum_weights=_GENERAL_CUM_WEIGHTS)[0]
+
+    return [" ".join(word() for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
 
 
 def labelled_sentences(n_per_topic: int, seed: int, topics: list[str] | None = None) -> list[tuple[str, str]]:
@@ -66,16 +140,59 @@ def labelled_sentences(n_per_topic: int, seed: int, topics: list[str] | None = N
     return rows
 
 
+def _wordpiece_vocab(words: list[str], vocab_size: int, specials: list[str]) -> dict[str, int]:
+    """What ``tokenizers``' WordPiece trainer learns (BPE merges over ``##`` continuations), with ties
+    broken by the pair itself: that trainer breaks them in hash order, so its vocabulary (and the
+    teacher trained on it) changed from one build to the next."""
+    split = [([w[0]] + ["##" + c for c in w[1:]], n) for w, n in sorted(Counter(words).items())]
+    vocab = list(specials) + sorted({sym for syms, _ in split for sym in syms})
+    known = set(vocab)
+    pairs: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, (syms, n) in enumerate(split):
+        for pair in zip(syms, syms[1:]):
+            pairs[pair] += n
+            where.setdefault(pair, set()).add(i)
+    heap = [(-c, pair) for pair, c in pairs.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        c, (a, b) = heapq.heappop(heap)
+        if pairs[a, b] != -c or c == 0:
+            continue  # stale entry
+        merged, changed = a + b[2:], set()
+        for i in sorted(where.pop((a, b))):
+            syms, n = split[i]
+            for pair in zip(syms, syms[1:]):
+                pairs[pair] -= n
+                changed.add(pair)
+            j = 0
+            while j < len(syms) - 1:
+                if syms[j] == a and syms[j + 1] == b:
+                    syms[j:j + 2] = [merged]
+                j += 1
+            for pair in zip(syms, syms[1:]):
+                pairs[pair] += n
+                where.setdefault(pair, set()).add(i)
+                changed.add(pair)
+        for pair in changed:
+            if pairs[pair] > 0:
+                heapq.heappush(heap, (-pairs[pair], pair))
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+    return {t: i for i, t in enumerate(vocab)}
+
+
 def _train_tokenizer(kind: str, texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if kind == "wordpiece":  # BERT style
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        words = [w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))]
+        tok = Tokenizer(models.WordPiece(_wordpiece_vocab(words, vocab_size, specials), unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -175,11 +292,13 @@ def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
-    tok_text = [s for s, _ in labelled_sentences(60, seed + 1)]
+    # Tokenizers see general text as well as topical text (as real ones see a general corpus), so
+    # their vocabularies are mostly general words.
+    tok_text = [s for s, _ in labelled_sentences(60, seed + 1)] + general_sentences(GENERAL_SENTENCES, seed + 2)
     # Teacher alpha: BERT, WordPiece, 2 layers x 32.
-    tok_a = _train_tokenizer("wordpiece", tok_text, 400)
+    tok_a = _train_tokenizer("wordpiece", tok_text, TOKENIZER_VOCAB["alpha"])
     # Teacher beta: DistilBERT, RoBERTa-style byte-level BPE, 3 layers x 48.
-    tok_b = _train_tokenizer("roberta_bpe", tok_text, 450)
+    tok_b = _train_tokenizer("roberta_bpe", tok_text, TOKENIZER_VOCAB["beta"])
     specs = {
         "alpha": (tok_a, BertForSequenceClassification, BertConfig(
             vocab_size=len(tok_a), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -200,9 +319,11 @@ def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
         model.save_pretrained(task.teachers[name])
         tok.save_pretrained(task.teachers[name])
 
-    # Base LM: GPT-2, its own byte-level BPE, trained on single-topic sentences of all topics.
+    # Base LM: GPT-2, trained on single-topic sentences of all topics; its own byte-level BPE also
+    # saw general sentences.
     lm_text = [s for s, _ in labelled_sentences(200, seed + 20)]
-    tok_lm = _train_tokenizer("gpt2_bpe", lm_text, 380)
+    tok_lm = _train_tokenizer("gpt2_bpe", lm_text + general_sentences(GENERAL_SENTENCES, seed + 21),
+                              TOKENIZER_VOCAB["lm"])
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok_lm), n_positions=128, n_embd=64, n_layer=2, n_head=2,
                                     bos_token_id=tok_lm.bos_token_id, eos_token_id=tok_lm.eos_token_id))
     lm_loss = _fit_lm(lm, tok_lm, lm_text, steps=300, lr=3e-3, seed=seed + 30)

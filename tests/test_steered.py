@@ -149,7 +149,7 @@ def test_steering_moves_the_teachers_prediction(lm_and_tokenizer, teachers):
 
 def test_output_does_not_depend_on_the_batch(lm_and_tokenizer, teachers64):
     reqs = mixed_requests(10, strengths=(None, 0.0, 3.0))
-    common = dict(control_strength=8.0, top_m=16, top_k=8, top_p=0.95, max_new_tokens=30, min_new_tokens=2,
+    common = dict(control_strength=8.0, top_m=16, top_k=8, top_p=0.95, max_new_tokens=10, min_new_tokens=2,
                   dtype="float64", teacher_chunk_tokens=1024, teacher_batching="uniform")  # unpadded forwards too
     together = make(lm_and_tokenizer, teachers64, batch_size=16, **common).generate(reqs)
     alone = make(lm_and_tokenizer, teachers64, batch_size=1, **common).generate(reqs)
@@ -193,7 +193,7 @@ def test_bad_parameters_fail_before_generation(lm_and_tokenizer, teachers, monke
         ([GenerationRequest("beta", -1, seed=1)], "has no class -1"),
         ([GenerationRequest("alpha", 0, seed=1, control_strength=-0.5)], "must be a finite number >= 0"),
         ([GenerationRequest("alpha", 0, seed=1, prompt="goal " * 200)], "longer than the LM's context"),
-        ([GenerationRequest("alpha", 0, seed=1, prompt="goal " * 40)], "exceeds the LM's context"),
+        ([GenerationRequest("alpha", 0, seed=1, prompt="goal " * 120)], "exceeds the LM's context"),  # a token a word
     ]
     for requests, message in cases:
         with pytest.raises(ValueError, match=message):

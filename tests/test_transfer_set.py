@@ -218,6 +218,20 @@ def test_baseline_sources_rows(job_dict, source, teachers):
         assert all(w in vocab_a for w in words)
 
 
+def test_random_words_are_mostly_non_topical(teachers):
+    """The fixture tokenizers saw general text: topic words are a small share of each teacher's whole
+    words (alpha 9%, beta 5%), so random words are mostly general words, as from a real vocabulary."""
+    from dfkd_ray.synthetic import TOPICS
+    from dfkd_ray.transfer.sources.random_words import word_vocabulary
+
+    topical = {w for words in TOPICS.values() for w in words}
+    for name, teacher in teachers.items():
+        vocab = word_vocabulary(teacher.tokenizer)
+        assert len(vocab) > 1000, name
+        assert sum(w in topical for w in vocab) / len(vocab) < 0.15, name
+        assert len(topical & set(vocab)) > 0.9 * len(topical), name  # the topic words are there, as words
+
+
 def test_min_confidence_filters(job_dict):
     job_dict["transfer"]["min_confidence"] = 0.9
     cfg = validate_config(job_dict)

@@ -1,0 +1,98 @@
+"""Student accuracy of the smoke chain per transfer source, in one process (no Ray).
+
+The smoke preset (``jobs/configs/smoke.yaml``) on the synthetic task, as ``jobs/amalgamate.py``
+runs it, minus Ray: the transfer set (``write_transfer_set``), the confidence statistics
+(``fit_confidence``, stratanet only), a :class:`~dfkd_ray.distill.loop.Distiller` in one process
+with the batch of all train workers together (2 x 16: the DDP step of the preset's 2 workers, same
+step plan), export, and ``run_evaluation`` on the labelled eval file. One transfer set per
+(source, seed), shared by the methods; ``seed`` is the job seed (request seeds, initialisation).
+
+CPU (about a minute per source and seed on 2 cores; builds the task under --demo on first use):
+    python benchmarks/smoke_sources.py --sources steered random_words corpus --seeds 0 1 2
+Prints one JSON line per (source, seed) with the student's accuracy per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dfkd_ray.config import load_config  # noqa: E402
+from dfkd_ray.distill.loop import Distiller, StepPlan, fit_confidence, student_num_blocks  # noqa: E402
+from dfkd_ray.evaluation import run_evaluation  # noqa: E402
+from dfkd_ray.transfer.store import read_transfer_table  # noqa: E402
+from dfkd_ray.transfer.writer import load_teachers, write_transfer_set  # noqa: E402
+
+SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.yaml"
+
+
+def overrides(demo: Path, out: Path, source: str, seed: int, method: str) -> list[str]:
+    return [f"demo={demo}", f"teachers.0.path={demo}/teacher_alpha", f"teachers.1.path={demo}/teacher_beta",
+            f"transfer.steered.lm_path={demo}/lm", f"transfer.corpus.path={demo}/corpus.txt",
+            f"student.path={demo}/student", f"eval.path={demo}/eval.csv", f"output.dir={out}",
+            f"transfer.source={source}", f"seed={seed}", f"amalgamation.method={method}"]
+
+
+def distill(cfg, texts: list[str], teachers: dict, estimators) -> Distiller:
+    """Train as ``ray.num_train_workers`` DDP workers would: one step on their batches together."""
+    world = cfg.ray.num_train_workers
+    plan = StepPlan.of(len(texts), cfg, world)
+    distiller = Distiller(cfg, plan, teachers=teachers, estimators=estimators)
+    size = cfg.train.batch_size * world
+    rng = random.Random(cfg.seed)
+    while distiller.step_count < plan.total_steps:
+        order = rng.sample(texts, len(texts))
+        for i in range(min(plan.steps_per_epoch, plan.total_steps - distiller.step_count)):
+            distiller.step(order[i * size:(i + 1) * size])
+    return distiller
+
+
+def run(demo: Path, out: Path, source: str, seed: int, methods: list[str]) -> dict:
+    out = out / f"{source}-seed{seed}"
+    result = {"source": source, "seed": seed}
+    transfer = None
+    for method in methods:
+        cfg = load_config(SMOKE, overrides(demo, out, source, seed, method)).absolute()
+        if transfer is None:  # the transfer set does not depend on the method
+            start = time.perf_counter()
+            transfer = read_transfer_table(write_transfer_set(cfg, progress=False))
+            result["transfer_s"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        texts = [t for t, held in zip(transfer.column("text").to_pylist(), transfer.column("heldout").to_pylist())
+                 if not held]
+        teachers = load_teachers(cfg, num_blocks=student_num_blocks(cfg))
+        estimators = fit_confidence(cfg, transfer, teachers) if method == "stratanet" else None
+        student = distill(cfg, texts, teachers, estimators).export(out / f"student-{method}")
+        report = run_evaluation(cfg, student, teachers=teachers, out_dir=out / f"eval-{method}")
+        result[method] = round(report["student"]["accuracy"], 3)
+        result[f"{method}_s"] = round(time.perf_counter() - start, 1)
+        result["ensemble"] = round(report["ensemble"]["accuracy"], 3)
+    result["rows"] = len(texts)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, default=Path(".cache/demo"))
+    parser.add_argument("--out", type=Path, default=Path("runs/smoke_sources"))
+    parser.add_argument("--sources", nargs="+", default=["steered", "random_words", "corpus"])
+    parser.add_argument("--methods", nargs="+", default=["stratanet", "vanilla"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny models: threads only contend
+    for source in args.sources:
+        for seed in args.seeds:
+            print(json.dumps(run(args.demo.resolve(), args.out.resolve(), source, seed, args.methods)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
