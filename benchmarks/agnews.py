@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfkd_ray.config import JobConfig, validate_config  # noqa: E402
-from dfkd_ray.distill.loop import Distiller, StepPlan, fit_confidence, iterate_epochs  # noqa: E402
+from dfkd_ray.distill.loop import fit_confidence, train_in_process  # noqa: E402
 from dfkd_ray.evaluation import evaluate_student, evaluate_teachers  # noqa: E402
 from dfkd_ray.labels import UnionLabelSpace  # noqa: E402
 from dfkd_ray.math.confidence import auroc  # noqa: E402
@@ -209,25 +209,20 @@ def transfer_dir(work: Path, source: str) -> Path:
 # ---- distillation ---------------------------------------------------------------------------
 
 def distill(cfg: JobConfig, table, teachers: dict, estimators, device) -> tuple[object, dict]:
-    """Train one student exactly as a Ray Train worker does (one worker, seeded per-epoch shuffle)."""
+    """Train one student exactly as a single Ray Train worker does (``train_in_process``)."""
     held = table.column("heldout").to_pylist()
     texts = [t for t, h in zip(table.column("text").to_pylist(), held) if not h]
-    plan = StepPlan.of(len(texts), cfg, 1)
-    distiller = Distiller(cfg, plan, device=device, teachers=teachers, estimators=estimators)
 
-    def epoch_batches(epoch: int):
-        for idx in batches(len(texts), cfg.train.batch_size, cfg.seed * 1000 + epoch):
-            yield [texts[i] for i in idx]
+    def on_epoch(epoch: int, m: dict) -> None:
+        extra = " ".join(f"{k} {m[k]:.4f}" for k in ("kd", "block", "agreement") if k in m)
+        log(f"  {cfg.name} seed {cfg.seed}: epoch {epoch + 1} step {m['step']} loss {m['loss']:.4f} {extra}")
 
-    start, last = time.perf_counter(), {}
-    for epoch, index, batch in iterate_epochs(epoch_batches, plan):
-        last = distiller.step(batch)
-        if index + 1 == plan.steps_per_epoch:
-            extra = " ".join(f"{k} {last[k]:.4f}" for k in ("kd", "block", "agreement") if k in last)
-            log(f"  {cfg.name} seed {cfg.seed}: epoch {epoch + 1} step {distiller.step_count}/{plan.total_steps} "
-                f"loss {last['loss']:.4f} {extra}")
+    start = time.perf_counter()
+    distiller, last = train_in_process(cfg, texts, device=device, teachers=teachers, estimators=estimators,
+                                       on_epoch=on_epoch)
     distiller.model.eval()
-    return distiller.student, {"rows": plan.rows, "steps": plan.total_steps, "seconds": round(time.perf_counter() - start, 1),
+    return distiller.student, {"rows": distiller.plan.rows, "steps": distiller.plan.total_steps,
+                               "seconds": round(time.perf_counter() - start, 1),
                                "final": {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}}
 
 
@@ -283,7 +278,7 @@ def confidence_auroc(table, teachers: dict, estimators: dict) -> dict:
 
 # ---- main -----------------------------------------------------------------------------------
 
-def accuracy_row(results: dict, key: str) -> dict:
+def accuracy_row(results: dict) -> dict:
     return {"accuracy": round(results["accuracy"], 4), "macro_f1": round(results["macro_f1"], 4)}
 
 
@@ -374,7 +369,7 @@ def main(argv=None) -> int:
         judge, info = train_supervised(base_cfg, data, args, device)
         report["phases"]["supervised"] = info
         report["rows"]["supervised"] = accuracy_row(
-            evaluate_student(judge, data["test_texts"], data["test_labels"], space, batch_size=256), "supervised")
+            evaluate_student(judge, data["test_texts"], data["test_labels"], space, batch_size=256))
         log(f"supervised: {report['rows']['supervised']}")
         save()
 
@@ -422,7 +417,7 @@ def main(argv=None) -> int:
                 est = estimators_cache[key]
             student, info = distill(cfg, table, teachers, est, device)
             result = accuracy_row(evaluate_student(student, data["test_texts"], data["test_labels"], space,
-                                                   batch_size=256), row)
+                                                   batch_size=256))
             report["rows"].setdefault(row, {"seeds": {}})["seeds"][str(seed)] = {**result, **info}
             accs = [v["accuracy"] for v in report["rows"][row]["seeds"].values()]
             report["rows"][row].update(accuracy=round(sum(accs) / len(accs), 4),

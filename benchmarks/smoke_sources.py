@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfkd_ray.config import load_config  # noqa: E402
-from dfkd_ray.distill.loop import Distiller, StepPlan, fit_confidence, student_num_blocks  # noqa: E402
+from dfkd_ray.distill.loop import fit_confidence, student_num_blocks, train_in_process  # noqa: E402
 from dfkd_ray.evaluation import run_evaluation  # noqa: E402
 from dfkd_ray.transfer.store import read_transfer_table  # noqa: E402
 from dfkd_ray.transfer.writer import load_teachers, write_transfer_set  # noqa: E402
@@ -39,20 +38,6 @@ def overrides(demo: Path, out: Path, source: str, seed: int, method: str) -> lis
             f"transfer.steered.lm_path={demo}/lm", f"transfer.corpus.path={demo}/corpus.txt",
             f"student.path={demo}/student", f"eval.path={demo}/eval.csv", f"output.dir={out}",
             f"transfer.source={source}", f"seed={seed}", f"amalgamation.method={method}"]
-
-
-def distill(cfg, texts: list[str], teachers: dict, estimators) -> Distiller:
-    """Train as ``ray.num_train_workers`` DDP workers would: one step on their batches together."""
-    world = cfg.ray.num_train_workers
-    plan = StepPlan.of(len(texts), cfg, world)
-    distiller = Distiller(cfg, plan, teachers=teachers, estimators=estimators)
-    size = cfg.train.batch_size * world
-    rng = random.Random(cfg.seed)
-    while distiller.step_count < plan.total_steps:
-        order = rng.sample(texts, len(texts))
-        for i in range(min(plan.steps_per_epoch, plan.total_steps - distiller.step_count)):
-            distiller.step(order[i * size:(i + 1) * size])
-    return distiller
 
 
 def run(demo: Path, out: Path, source: str, seed: int, methods: list[str]) -> dict:
@@ -70,7 +55,9 @@ def run(demo: Path, out: Path, source: str, seed: int, methods: list[str]) -> di
                  if not held]
         teachers = load_teachers(cfg, num_blocks=student_num_blocks(cfg))
         estimators = fit_confidence(cfg, transfer, teachers) if method == "stratanet" else None
-        student = distill(cfg, texts, teachers, estimators).export(out / f"student-{method}")
+        distiller, _ = train_in_process(cfg, texts, teachers=teachers, estimators=estimators,
+                                        world_size=cfg.ray.num_train_workers)
+        student = distiller.export(out / f"student-{method}")
         report = run_evaluation(cfg, student, teachers=teachers, out_dir=out / f"eval-{method}")
         result[method] = round(report["student"]["accuracy"], 3)
         result[f"{method}_s"] = round(time.perf_counter() - start, 1)

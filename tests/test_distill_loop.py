@@ -108,3 +108,22 @@ def test_distiller_steps_and_checkpoint_round_trip(job_dict, teachers, synthetic
     assert again["step"] == 2 and abs(again["lr"] - after["lr"]) < 1e-12
     exported = d.export(tmp_path / "student")
     assert json.loads((exported / "config.json").read_text())["id2label"]["0"] == d.space.names[0]
+
+
+def test_train_in_process_follows_the_plan_of_its_workers(job_dict, teachers):
+    """The benchmarks' loop: the step plan of ``world_size`` workers, their batches taken together,
+    one on_epoch call per epoch, the same run twice under one seed."""
+    from dfkd_ray.distill.loop import train_in_process
+
+    job_dict["amalgamation"] = {"method": "vanilla"}
+    job_dict["student"]["num_layers"] = 3
+    job_dict["train"] = {"epochs": 2, "warmup_epochs": 0, "batch_size": 2, "learning_rate": 1e-3}
+    cfg = validate_config(job_dict)
+    texts = [f"the striker scored goal {i}" if i % 2 else f"bake bread with butter {i}" for i in range(17)]
+    epochs = []
+    d, last = train_in_process(cfg, texts, teachers=teachers, world_size=2,
+                               on_epoch=lambda e, m: epochs.append((e, m["step"])))
+    assert (d.plan.steps_per_epoch, d.plan.total_steps) == (4, 8)  # 8 rows per worker / batch 2
+    assert epochs == [(0, 4), (1, 8)] and last["step"] == d.step_count == 8
+    _, again = train_in_process(cfg, texts, teachers=teachers, world_size=2)
+    assert again["loss"] == pytest.approx(last["loss"])

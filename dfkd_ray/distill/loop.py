@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,6 +335,35 @@ def all_workers_have(has_batch: bool, device: str | torch.device = "cpu") -> boo
     flag = torch.tensor([1 if has_batch else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def train_in_process(cfg: JobConfig, texts: Sequence[str], *, device: str | torch.device = "cpu",
+                     teachers: Optional[dict] = None, estimators: Optional[dict] = None, world_size: int = 1,
+                     on_epoch: Optional[Callable[[int, dict], None]] = None) -> tuple["Distiller", dict]:
+    """Train a student on ``texts`` in this process, as ``world_size`` Ray Train workers would.
+
+    For benchmarks without Ray: the step plan of ``world_size`` workers, each step on their batches
+    together (``train.batch_size * world_size`` rows, full batches only), every epoch shuffled with
+    the per-epoch seed of the Ray loop (``seed * 1000 + epoch``). ``on_epoch(epoch, metrics)`` is
+    called after each epoch's last step. Returns the distiller and the last step's metrics.
+    """
+    texts = list(texts)
+    plan = StepPlan.of(len(texts), cfg, world_size)
+    distiller = Distiller(cfg, plan, device=device, teachers=teachers, estimators=estimators)
+    size = cfg.train.batch_size * world_size
+
+    def epoch_batches(epoch: int):
+        order = list(range(len(texts)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        for start in range(0, len(order) - size + 1, size):
+            yield [texts[i] for i in order[start:start + size]]
+
+    metrics: dict = {}
+    for epoch, index, batch in iterate_epochs(epoch_batches, plan):
+        metrics = distiller.step(batch)
+        if on_epoch is not None and index + 1 == plan.steps_per_epoch:
+            on_epoch(epoch, metrics)
+    return distiller, metrics
 
 
 class MetricsLog:
