@@ -13,6 +13,9 @@ The naive reference guides one sequence at a time and re-tokenizes every candida
 
 GPU (the repository root; tokenizer files copied under .carry/generation_bench/{lm,teacher}):
     python benchmarks/generation.py --out $OUT/generation.json
+    python benchmarks/generation.py --plan key --batching uniform --compare batching --out $OUT/key.json
+The comparison runs repeat the largest guided runs with the other ``teacher_sdpa`` (``--compare
+sdpa``, default) or the other teacher batching (``--compare batching``).
 CPU smoke test (tiny shapes):
     python benchmarks/generation.py --tiny --device cpu
 Imports torch, transformers, tokenizers and dfkd_ray's math and generation modules only.
@@ -94,10 +97,11 @@ def build(args, device: torch.device):
 
 
 def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples: int, m: int, lam: float,
-            token_map: str, args, peak: float, batching: str = "uniform") -> dict:
+            token_map: str, args, peak: float, batching: str = "padded", sdpa: str = "no_cudnn") -> dict:
     params = SteeredParams(control_strength=lam, top_m=m, top_k=min(m, args.top_k), top_p=0.9,
                            max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=batch,
-                           teacher_chunk_tokens=args.chunk_tokens, token_map=token_map, teacher_batching=batching)
+                           teacher_chunk_tokens=args.chunk_tokens, token_map=token_map, teacher_batching=batching,
+                           teacher_sdpa=sdpa)
     gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
     reqs = [GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(samples)]
     gen.generate(reqs[:min(batch, 4)])  # warm-up: token map, kernels
@@ -111,6 +115,7 @@ def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples
     row = {"run": label, "batch": batch, "samples": samples, "m": m if lam else None,
            "k": params.top_k, "lambda": lam, "token_map": token_map,
            "batching": batching if lam and token_map != "exact" else None,
+           "sdpa": sdpa if lam else None,
            "wall_s": wall,
            "samples_per_s": samples / wall, "tokens_per_s": lm_tokens / wall, "lm_tokens": lm_tokens,
            "teacher_forwards": st["teacher_forwards"], "teacher_sequences": st["teacher_sequences"],
@@ -181,7 +186,13 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-max-length", type=int, default=128)
     ap.add_argument("--chunk-tokens", type=int, default=262_144)
     ap.add_argument("--batching", choices=("padded", "uniform"), default="padded",
-                    help="teacher batching of the main guided runs; the comparison runs use the other one")
+                    help="teacher batching of the guided runs")
+    ap.add_argument("--sdpa", choices=("no_cudnn", "any"), default="no_cudnn",
+                    help="teacher_sdpa of the main guided runs")
+    ap.add_argument("--compare", choices=("sdpa", "batching"), default="sdpa",
+                    help="what the comparison runs change: the other teacher_sdpa, or the other teacher batching")
+    ap.add_argument("--plan", choices=("full", "key"), default="full",
+                    help="key: only the largest guided runs of each m (and the naive reference for m=50)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -197,9 +208,14 @@ def main(argv=None) -> int:
         plan_unguided = [(64, 256), (256, 512)]
         plan_guided = [(10, 64, 128), (10, 256, 512), (50, 16, 32), (50, 64, 128), (50, 256, 512),
                        (200, 16, 32), (200, 64, 128)]
-        plan_other = [(50, 256, 256), (200, 64, 64)]  # the same with the other teacher batching
+        plan_other = [(50, 256, 256), (200, 64, 64)]  # the same with the other teacher_sdpa or batching
         plan_naive = [(50, 4), (10, 4)]
         peak_n = 8192
+        if args.plan == "key":
+            plan_unguided = [(256, 512)]
+            plan_guided = [(10, 256, 512), (50, 64, 128), (50, 256, 512), (200, 64, 128)]
+            plan_other = [(50, 256, 512), (200, 64, 128)]
+            plan_naive = [(50, 4)]
 
     lm, lm_tok, teacher, cfg = build(args, device)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -224,12 +240,17 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}), flush=True)
     for m, batch, samples in plan_guided:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="guided", batch=batch, samples=samples, m=m,
-                            lam=8.0, token_map="auto", args=args, peak=peak, batching=args.batching))
+                            lam=8.0, token_map="auto", args=args, peak=peak, batching=args.batching, sdpa=args.sdpa))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}), flush=True)
-    other = "uniform" if args.batching == "padded" else "padded"
+    other_sdpa, other_batching = args.sdpa, args.batching
+    if args.compare == "sdpa":
+        other_sdpa = "any" if args.sdpa == "no_cudnn" else "no_cudnn"
+    else:
+        other_batching = "uniform" if args.batching == "padded" else "padded"
     for m, batch, samples in plan_other:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="guided", batch=batch, samples=samples, m=m,
-                            lam=8.0, token_map="auto", args=args, peak=peak, batching=other))
+                            lam=8.0, token_map="auto", args=args, peak=peak, batching=other_batching,
+                            sdpa=other_sdpa))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}), flush=True)
     for m, samples in plan_naive:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="naive", batch=1, samples=samples, m=m, lam=8.0,
@@ -243,14 +264,14 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"info": info, "runs": rows}, indent=2))
     print()
-    print("| run | m | batch | samples | teacher batching | samples/s | LM tok/s | teacher % of matmul peak (wall) "
+    print("| run | m | batch | samples | teacher_sdpa | batching | samples/s | LM tok/s | teacher % of matmul peak (wall) "
           "| (in forward) | padding | token map s | x naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def pct(key):
             return f"{100 * r[key]:.1f}%" if key in r else "-"
         speed = f"{r['speedup_vs_naive']:.1f}x" if "speedup_vs_naive" in r else "-"
-        print(f"| {r['run']} | {r['m'] or '-'} | {r['batch']} | {r['samples']} | {r['batching'] or '-'} | "
+        print(f"| {r['run']} | {r['m'] or '-'} | {r['batch']} | {r['samples']} | {r['sdpa'] or '-'} | {r['batching'] or '-'} | "
               f"{r['samples_per_s']:.2f} | "
               f"{r['tokens_per_s']:.0f} | {pct('teacher_frac_of_peak_wall')} | {pct('teacher_frac_of_peak_in_forward')} | "
               f"{pct('padding_overhead')} | {r['token_map_seconds']:.2f} | {speed} |")

@@ -204,6 +204,10 @@ class SteeredConfig(_Section):
     teacher_batching: Literal["padded", "uniform"] = Field(
         "padded", description="padded: length-sorted, padded chunks (measured faster on an H100); uniform: "
                               "candidates of one length share an unpadded, unmasked forward when enough of them do")
+    teacher_sdpa: Literal["no_cudnn", "any"] = Field(
+        "no_cudnn", description="attention kernels for teacher scoring; no_cudnn: flash, memory-efficient or math "
+                                "(cuDNN's builds a plan per new input shape, tens of ms each on an H100, and "
+                                "guided decoding rarely repeats a shape); any: torch's own choice")
     token_map: Literal["auto", "exact"] = Field(
         "auto", description="auto: incremental cross-tokenizer ids, exact path when it cannot be proven exact; "
                             "exact: re-tokenize every candidate's full text (slow reference)")

@@ -165,6 +165,46 @@ def test_output_does_not_depend_on_the_batch(lm_and_tokenizer, teachers64):
     assert len({tuple(r.token_ids) for r in together}) == len(reqs)
 
 
+def test_teacher_attention_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teachers, monkeypatch):
+    import contextlib
+
+    from dfkd_ray.generation import hf
+
+    cuda = torch.device("cuda")  # only flags change: no GPU needed
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled())
+    with hf.teacher_attention("no_cudnn", cuda):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled()) == before
+    for choice, device in (("any", cuda), ("no_cudnn", torch.device("cpu"))):
+        with hf.teacher_attention(choice, device):
+            assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+    seen, inside, forwards_inside = [], [False], [0]  # guided scoring runs inside the context, with the choice
+
+    @contextlib.contextmanager
+    def recording(choice, device):
+        seen.append(choice)
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    original = teachers["alpha"].forward_ids
+
+    def counting(*args, **kwargs):
+        forwards_inside[0] += inside[0]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "teacher_attention", recording)
+    monkeypatch.setattr(teachers["alpha"], "forward_ids", counting)
+    gen = make(lm_and_tokenizer, teachers, teacher_sdpa="any", top_m=8, top_k=4, max_new_tokens=3, min_new_tokens=3)
+    gen.generate([GenerationRequest("alpha", 1, seed=5)])
+    assert set(seen) == {"any"}
+    assert forwards_inside[0] == gen.stats["teacher_forwards"] >= 3
+
+
 def test_results_record_parameters_and_keep_prompt(lm_and_tokenizer, teachers):
     gen = make(lm_and_tokenizer, teachers, control_strength=4.0, top_m=10, top_k=5, max_new_tokens=6,
                min_new_tokens=6, prompt="Category: {label}", keep_prompt=True)
@@ -183,6 +223,8 @@ def test_bad_parameters_fail_before_generation(lm_and_tokenizer, teachers, monke
         make(lm_and_tokenizer, teachers, top_m=50, top_k=60)
     with pytest.raises(ValueError, match="control_strength"):
         make(lm_and_tokenizer, teachers, control_strength=-1.0)
+    with pytest.raises(ValueError, match="teacher_sdpa must be 'no_cudnn' or 'any'"):
+        make(lm_and_tokenizer, teachers, teacher_sdpa="cudnn")
     gen = make(lm_and_tokenizer, teachers, max_new_tokens=8, top_m=10, top_k=5)
     monkeypatch.setattr(gen, "_generate_batch", lambda rows: pytest.fail("generation started"))
     good = GenerationRequest("alpha", 0, seed=1)
@@ -210,7 +252,7 @@ def test_config_rejects_bad_steered_settings(job_dict, synthetic_task):
 
     validate_config(with_steered())
     for steered, message in [({"top_k": 60, "top_m": 50}, "top_k"), ({"control_strength": -1}, "control_strength"),
-                             ({"token_map": "fast"}, "token_map")]:  # engine: vllm in tests/test_vllm_engine.py
+                             ({"token_map": "fast"}, "token_map"), ({"teacher_sdpa": "cudnn"}, "teacher_sdpa")]:  # engine: vllm in tests/test_vllm_engine.py
         with pytest.raises(ConfigError, match=message):
             validate_config(with_steered(**steered))
 

@@ -9,7 +9,8 @@ workhorse wherever vLLM is absent:
   EOS or ``max_new_tokens`` (EOS is banned before ``min_new_tokens``) and leave the batch;
 - each step, for each teacher, the ``B_k * m`` candidate continuations of its rows are scored in one
   batched teacher forward (no grad, dynamic padding, sequences sorted by length and cut into chunks
-  of at most ``teacher_chunk_tokens`` padded tokens; the teacher's own dtype, bf16 on GPU);
+  of at most ``teacher_chunk_tokens`` padded tokens; the teacher's own dtype, bf16 on GPU; on CUDA
+  without cuDNN's attention by default, see :func:`teacher_attention`);
 - the teacher's ids come from :mod:`dfkd_ray.generation.token_map` (incremental, exact);
 - a request's draws come from its own generator, so its output does not depend on the batch. Stock
   BLAS kernels are not batch-invariant (a row's logits change in the last bits with the batch
@@ -35,6 +36,7 @@ the teacher the same truncated input).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -73,6 +75,7 @@ class SteeredParams:
     batch_size: int = 32
     teacher_chunk_tokens: int = 262_144
     teacher_batching: str = "padded"
+    teacher_sdpa: str = "no_cudnn"
     token_map: str = "auto"
     dtype: str = "auto"
 
@@ -112,6 +115,8 @@ class SteeredParams:
             bad.append(f"teacher_chunk_tokens must be >= 1, got {self.teacher_chunk_tokens}")
         if self.teacher_batching not in ("padded", "uniform"):
             bad.append(f"teacher_batching must be 'padded' or 'uniform', got {self.teacher_batching!r}")
+        if self.teacher_sdpa not in ("no_cudnn", "any"):
+            bad.append(f"teacher_sdpa must be 'no_cudnn' or 'any', got {self.teacher_sdpa!r}")
         if self.token_map not in ("auto", "exact"):
             bad.append(f"token_map must be 'auto' or 'exact', got {self.token_map!r}")
         if self.dtype not in ("auto", *_DTYPES):
@@ -257,6 +262,23 @@ def teacher_initial(vocab: LmVocabulary, prompt_ids: Sequence[int], bos_id: Opti
     return vocab.bytes_of(ids) if vocab.byte_level else ids
 
 
+def teacher_attention(choice: str, device: torch.device):
+    """A context that limits ``scaled_dot_product_attention`` for teacher scoring.
+
+    ``"no_cudnn"`` allows flash, memory-efficient and math kernels but not cuDNN's. cuDNN's fused
+    attention builds an execution plan the first time it sees an input shape; guided decoding gives
+    the teacher a new ``(sequences, width)`` almost every forward, so it paid that build nearly every
+    time (H100, BERT-base teacher, ``benchmarks/teacher_forward.py``: a guided run took 43.7 s the first
+    time and 25.0 s when repeated with the same shapes). ``"any"`` leaves the choice to torch. Models
+    that do not use SDPA, and CPUs, are not affected.
+    """
+    if choice == "any" or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class TeacherScorer:
     """The teacher term of Eq. 1: ``log P_teacher(c | x_<t, x)`` for every row's candidates.
 
@@ -333,12 +355,18 @@ class TeacherScorer:
         cuda = self.device.type == "cuda"
         plan = plan_chunks(lengths[order], self.params.teacher_chunk_tokens,
                            uniform=self.params.teacher_batching == "uniform")
+        with teacher_attention(self.params.teacher_sdpa, self.device):
+            self._score_chunks(teacher, inputs, targets, plan, order, order_d, out, cuda)
+        return out
+
+    def _score_chunks(self, teacher, inputs, targets, plan, order, order_d, out, cuda) -> None:
+        lengths = inputs.lengths
         for s, e, same in plan:
             idx = order[s:e]
             width = int(lengths[idx[-1]])
             idx_d = order_d[s:e]
-            x = inputs.input_ids[idx_d, :width]
-            a = None if same else inputs.attention_mask[idx_d, :width]  # no padding: no mask
+            x = inputs.input_ids[:, :width][idx_d]  # (n, width), contiguous
+            a = None if same else inputs.attention_mask[:, :width][idx_d]  # no padding: no mask
             if cuda:  # timed with events: no synchronisation inside the loop
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 ev[0].record()
@@ -357,7 +385,6 @@ class TeacherScorer:
             st["teacher_tokens"] += float(lengths[idx].sum())
             st["teacher_tokens_sq"] += float((lengths[idx].astype(np.float64) ** 2).sum())
             st["teacher_padded_tokens"] += float(len(idx) * width)
-        return out
 
 
 def steer_candidates(logits: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor, groups: dict,
