@@ -189,6 +189,7 @@ def job_config(args, work: Path, row: str, seed: int) -> JobConfig:
                 "steered": {"engine": "hf", "lm_path": str(args.lm), "control_strength": args.control_strength,
                             "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
                             "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens), "prompt": args.prompt,
+                            "lambda_schedule": args.lambda_schedule, "decay_rate": args.decay_rate,
                             "batch_size": args.gen_batch}}
     data = {"name": f"agnews-{row}", "seed": seed,
             "teachers": [{"name": n, "path": str(work / "teachers" / n), "max_length": args.max_length}
@@ -303,7 +304,9 @@ def main(argv=None) -> int:
     p.add_argument("--control-strength", type=float, default=8.0)
     p.add_argument("--top-m", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", default="", help="steered prompt template, e.g. 'Category: {label}'")
+    p.add_argument("--lambda-schedule", choices=("constant", "decay"), default="constant")
+    p.add_argument("--decay-rate", type=float, default=0.97, help="per-token lambda decay (decay schedule)")
     p.add_argument("--min-confidence", type=float, default=0.5, help="steered rows only")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="rows kept to fit confidence statistics")
     p.add_argument("--max-length", type=int, default=128)

@@ -207,7 +207,8 @@ class SteeredConfig(_Section):
     teacher_sdpa: Literal["no_cudnn", "any"] = Field(
         "no_cudnn", description="attention kernels for teacher scoring; no_cudnn: flash, memory-efficient or math "
                                 "(cuDNN's builds a plan per new input shape, tens of ms each on an H100, and "
-                                "guided decoding rarely repeats a shape); any: torch's own choice")
+                                "guided decoding rarely repeats a shape); any: torch's own choice. Picks kernels, not "
+                                "content: not part of the transfer set's fingerprint")
     token_map: Literal["auto", "exact"] = Field(
         "auto", description="auto: incremental cross-tokenizer ids, exact path when it cannot be proven exact; "
                             "exact: re-tokenize every candidate's full text (slow reference)")

@@ -257,6 +257,23 @@ def test_config_rejects_bad_steered_settings(job_dict, synthetic_task):
             validate_config(with_steered(**steered))
 
 
+def test_teacher_sdpa_leaves_the_transfer_set_fingerprint_alone(job_dict, synthetic_task):
+    """A kernel choice, like the device, does not decide content: a set made before the field
+    existed (or with the other value) resumes instead of being refused."""
+    from dfkd_ray.config import validate_config
+    from dfkd_ray.transfer.writer import plan_transfer_set
+
+    def fingerprint(**steered):
+        d = copy.deepcopy(job_dict)
+        d["transfer"] = {"source": "steered", "steered": {"lm_path": str(synthetic_task.lm), **steered}}
+        return plan_transfer_set(validate_config(d))[2]
+
+    base = fingerprint()
+    assert "teacher_sdpa" not in base["transfer"]["steered"]
+    assert fingerprint(teacher_sdpa="any") == base
+    assert fingerprint(top_m=60) != base  # content settings still count
+
+
 def test_steered_source_writes_a_transfer_set(job_dict, synthetic_task, tmp_path):
     from dfkd_ray.config import validate_config
     from dfkd_ray.transfer.store import read_transfer_table

@@ -36,13 +36,21 @@ def transfer_set_dir(cfg: JobConfig) -> Path:
     return cfg.output.dir / "transfer_set"
 
 
+# Settings that pick kernels, not content, and stay out of the fingerprint like the device does: a
+# set made before such a field existed, or resumed with another value of it, is still the same set.
+_KERNEL_ONLY_STEERED_KEYS = ("teacher_sdpa",)
+
+
 def transfer_description(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -> dict:
     """Everything that decides a transfer set's content; its hash is the set's fingerprint."""
+    transfer = cfg.transfer.model_dump(mode="json")
+    for key in _KERNEL_ONLY_STEERED_KEYS:
+        transfer["steered"].pop(key, None)
     return {
         "seed": cfg.seed,
         "teachers": {t.name: {"path": str(Path(t.path).resolve()), "labels": teacher_labels[t.name],
                               "max_length": t.max_length} for t in cfg.teachers},
-        "transfer": cfg.transfer.model_dump(mode="json"),
+        "transfer": transfer,
     }
 
 
