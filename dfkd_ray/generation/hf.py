@@ -356,35 +356,31 @@ class TeacherScorer:
         plan = plan_chunks(lengths[order], self.params.teacher_chunk_tokens,
                            uniform=self.params.teacher_batching == "uniform")
         with teacher_attention(self.params.teacher_sdpa, self.device):
-            self._score_chunks(teacher, inputs, targets, plan, order, order_d, out, cuda)
+            for s, e, same in plan:
+                idx = order[s:e]
+                width = int(lengths[idx[-1]])
+                idx_d = order_d[s:e]
+                x = inputs.input_ids[:, :width][idx_d]  # (n, width), contiguous
+                a = None if same else inputs.attention_mask[:, :width][idx_d]  # no padding: no mask
+                if cuda:  # timed with events: no synchronisation inside the loop
+                    ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    ev[0].record()
+                else:
+                    t0 = time.perf_counter()
+                logits = teacher.forward_ids(x, a, with_blocks=False).logits  # (n, C) float32
+                if cuda:
+                    ev[1].record()
+                    self.events.append(ev)
+                else:
+                    self.stats["teacher_seconds"] += time.perf_counter() - t0
+                out[idx_d] = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[idx_d].view(-1, 1)).squeeze(1)
+                st = self.stats
+                st["teacher_forwards"] += 1
+                st["teacher_sequences"] += len(idx)
+                st["teacher_tokens"] += float(lengths[idx].sum())
+                st["teacher_tokens_sq"] += float((lengths[idx].astype(np.float64) ** 2).sum())
+                st["teacher_padded_tokens"] += float(len(idx) * width)
         return out
-
-    def _score_chunks(self, teacher, inputs, targets, plan, order, order_d, out, cuda) -> None:
-        lengths = inputs.lengths
-        for s, e, same in plan:
-            idx = order[s:e]
-            width = int(lengths[idx[-1]])
-            idx_d = order_d[s:e]
-            x = inputs.input_ids[:, :width][idx_d]  # (n, width), contiguous
-            a = None if same else inputs.attention_mask[:, :width][idx_d]  # no padding: no mask
-            if cuda:  # timed with events: no synchronisation inside the loop
-                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                ev[0].record()
-            else:
-                t0 = time.perf_counter()
-            logits = teacher.forward_ids(x, a, with_blocks=False).logits  # (n, C) float32
-            if cuda:
-                ev[1].record()
-                self.events.append(ev)
-            else:
-                self.stats["teacher_seconds"] += time.perf_counter() - t0
-            out[idx_d] = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[idx_d].view(-1, 1)).squeeze(1)
-            st = self.stats
-            st["teacher_forwards"] += 1
-            st["teacher_sequences"] += len(idx)
-            st["teacher_tokens"] += float(lengths[idx].sum())
-            st["teacher_tokens_sq"] += float((lengths[idx].astype(np.float64) ** 2).sum())
-            st["teacher_padded_tokens"] += float(len(idx) * width)
 
 
 def steer_candidates(logits: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor, groups: dict,
