@@ -30,6 +30,14 @@ from benchmarks.generation import HERE, build, matmul_rate, sync, teacher_flops 
 from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams  # noqa: E402
 
 
+def guided_run(args) -> tuple[SteeredParams, list[GenerationRequest]]:
+    """The guided run every measurement here repeats: parameters and requests (one batch)."""
+    params = SteeredParams(control_strength=8.0, top_m=args.m, top_k=min(args.m, 50), top_p=0.9,
+                           max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=args.batch,
+                           teacher_chunk_tokens=args.chunk_tokens)
+    return params, [GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(args.batch)]
+
+
 def capture(lm, lm_tok, teacher, device, args) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """The teacher chunks of one guided run, as given to ``forward_ids``."""
     chunks = []
@@ -39,13 +47,11 @@ def capture(lm, lm_tok, teacher, device, args) -> list[tuple[torch.Tensor, torch
         chunks.append((input_ids.clone(), None if attention_mask is None else attention_mask.clone()))
         return original(input_ids, attention_mask, **kw)
 
-    params = SteeredParams(control_strength=8.0, top_m=args.m, top_k=min(args.m, 50), top_p=0.9,
-                           max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=args.batch,
-                           teacher_chunk_tokens=args.chunk_tokens)
+    params, reqs = guided_run(args)
     gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
     teacher.forward_ids = recording
     try:
-        gen.generate([GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(args.batch)])
+        gen.generate(reqs)
     finally:
         del teacher.forward_ids
     return chunks
@@ -56,10 +62,7 @@ def loop_runs(lm, lm_tok, teacher, cfg, device, args, peak) -> list[dict]:
     teacher input shapes are seen), ``again`` (the same requests again: shapes seen before),
     ``compiled`` (``torch.compile(dynamic=True)`` teacher) and ``profiled`` (GPU kernel table);
     allocator counters for each."""
-    params = SteeredParams(control_strength=8.0, top_m=args.m, top_k=min(args.m, 50), top_p=0.9,
-                           max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=args.batch,
-                           teacher_chunk_tokens=args.chunk_tokens)
-    reqs = [GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(args.batch)]
+    params, reqs = guided_run(args)
     rows = []
     for name in args.loop.split(","):
         gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
@@ -97,8 +100,7 @@ def loop_runs(lm, lm_tok, teacher, cfg, device, args, peak) -> list[dict]:
             row["gpu_kernel_s"] = kernel_us / 1e6
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(events.table(sort_by=key, row_limit=30, max_name_column_width=70), flush=True)
-            cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)
-            print(cpu, flush=True)
+            print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70), flush=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
