@@ -8,14 +8,17 @@ LM's top-m tokens are close to uniform over the vocabulary: the tokenizer load i
 
 Reported per run: samples/s and LM tokens/s over wall time; for guided runs the teacher's useful
 FLOPs (real tokens only) per wall second as a fraction of the bf16 matmul rate measured in the same
-run, the same for the time inside teacher forwards only, padding overhead and CPU token-map time.
+run, the same over the time any teacher forward was running (CUDA events), padding overhead and CPU token-map time.
 The naive reference guides one sequence at a time and re-tokenizes every candidate's full text.
 
 GPU (the repository root; tokenizer files copied under .carry/generation_bench/{lm,teacher}):
     python benchmarks/generation.py --out $OUT/generation.json
     python benchmarks/generation.py --plan key --batching uniform --compare batching --out $OUT/key.json
+    python benchmarks/generation.py --plan key --compare parts --out $OUT/parts.json
 The comparison runs repeat the largest guided runs with the other ``teacher_sdpa`` (``--compare
-sdpa``, default) or the other teacher batching (``--compare batching``).
+sdpa``, default), the other teacher batching (``--compare batching``) or one decoding part instead
+of the engine's two interleaved ones (``--compare parts``). Before the runs, ``decode_parts=2`` is
+checked against each part decoded alone (the same tokens are expected).
 CPU smoke test (tiny shapes):
     python benchmarks/generation.py --tiny --device cpu
 Imports torch, transformers, tokenizers and dfkd_ray's math and generation modules only.
@@ -97,11 +100,12 @@ def build(args, device: torch.device):
 
 
 def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples: int, m: int, lam: float,
-            token_map: str, args, peak: float, batching: str = "padded", sdpa: str = "no_cudnn") -> dict:
+            token_map: str, args, peak: float, batching: str = "padded", sdpa: str = "no_cudnn",
+            parts: int | None = None) -> dict:
     params = SteeredParams(control_strength=lam, top_m=m, top_k=min(m, args.top_k), top_p=0.9,
                            max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=batch,
                            teacher_chunk_tokens=args.chunk_tokens, token_map=token_map, teacher_batching=batching,
-                           teacher_sdpa=sdpa)
+                           teacher_sdpa=sdpa, decode_parts=parts)
     gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
     reqs = [GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(samples)]
     gen.generate(reqs[:min(batch, 4)])  # warm-up: token map, kernels
@@ -115,22 +119,46 @@ def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples
     row = {"run": label, "batch": batch, "samples": samples, "m": m if lam else None,
            "k": params.top_k, "lambda": lam, "token_map": token_map,
            "batching": batching if lam and token_map != "exact" else None,
-           "sdpa": sdpa if lam else None,
+           "sdpa": sdpa if lam else None, "parts": min(effective_parts(parts, device), batch),
            "wall_s": wall,
            "samples_per_s": samples / wall, "tokens_per_s": lm_tokens / wall, "lm_tokens": lm_tokens,
            "teacher_forwards": st["teacher_forwards"], "teacher_sequences": st["teacher_sequences"],
            "teacher_tokens": st["teacher_tokens"], "teacher_padded_tokens": st["teacher_padded_tokens"],
-           "teacher_seconds": st["teacher_seconds"], "token_map_seconds": st["tokenizer_seconds"]}
+           "teacher_seconds": st["teacher_seconds"], "teacher_busy_seconds": st["teacher_busy_seconds"],
+           "token_map_seconds": st["tokenizer_seconds"]}
     if lam:
         useful = teacher_flops(cfg, st["teacher_tokens"], st["teacher_tokens_sq"], st["teacher_sequences"])
         row["teacher_tflops"] = useful / 1e12
         row["teacher_frac_of_peak_wall"] = useful / wall / peak
-        row["teacher_frac_of_peak_in_forward"] = useful / max(st["teacher_seconds"], 1e-9) / peak
+        # over the time any teacher forward ran (parts on separate streams may overlap forwards)
+        row["teacher_frac_of_peak_in_forward"] = useful / max(st["teacher_busy_seconds"], 1e-9) / peak
         row["padding_overhead"] = st["teacher_padded_tokens"] / max(st["teacher_tokens"], 1) - 1
-        row["teacher_share_of_wall"] = st["teacher_seconds"] / wall
+        row["teacher_share_of_wall"] = st["teacher_busy_seconds"] / wall
     example = results[0].text
     row["example"] = example[:120]
     return row
+
+
+def effective_parts(parts: int | None, device: torch.device) -> int:
+    """The engine's ``decode_parts`` default: 2 on CUDA, 1 elsewhere."""
+    return parts or (2 if device.type == "cuda" else 1)
+
+
+def check_parts(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int = 50) -> dict:
+    """Interleaved parts (``decode_parts=2``, one CUDA stream each) against each part decoded alone
+    (``decode_parts=1``, a batch of the part's rows): the same rows in the same kernels, so the same
+    tokens are expected whatever the overlap. Returns counts of rows compared and rows that differ."""
+    reqs = [GenerationRequest("bert", i % 2, seed=104_729 + 31 * i) for i in range(rows)]
+    common = dict(control_strength=8.0, top_m=m, top_k=min(m, 50), top_p=0.9, max_new_tokens=tokens,
+                  min_new_tokens=tokens)
+    together = SteeredGenerator(lm, lm_tok, {"bert": teacher}, SteeredParams(batch_size=rows, decode_parts=2, **common),
+                                device=device).generate(reqs)
+    half = rows // 2
+    alone = SteeredGenerator(lm, lm_tok, {"bert": teacher}, SteeredParams(batch_size=half, decode_parts=1, **common),
+                             device=device)
+    separate = alone.generate(reqs[:half]) + alone.generate(reqs[half:])
+    differ = sum(a.token_ids != b.token_ids for a, b in zip(together, separate))
+    return {"rows": rows, "tokens": tokens, "rows_that_differ": differ}
 
 
 def check_token_map(lm_tok, teacher, device, streams: int = 8, steps: int = 40, n_cand: int = 50) -> tuple[int, int]:
@@ -189,8 +217,11 @@ def main(argv=None) -> int:
                     help="teacher batching of the guided runs")
     ap.add_argument("--sdpa", choices=("no_cudnn", "any"), default="no_cudnn",
                     help="teacher_sdpa of the main guided runs")
-    ap.add_argument("--compare", choices=("sdpa", "batching"), default="sdpa",
-                    help="what the comparison runs change: the other teacher_sdpa, or the other teacher batching")
+    ap.add_argument("--parts", type=int, default=None,
+                    help="decode_parts of the main guided runs (default: the engine's, 2 on a GPU)")
+    ap.add_argument("--compare", choices=("sdpa", "batching", "parts"), default="sdpa",
+                    help="what the comparison runs change: the other teacher_sdpa, the other teacher batching, "
+                         "or decode_parts (1 against the main runs' 2 or more; else 2)")
     ap.add_argument("--plan", choices=("full", "key"), default="full",
                     help="key: only the largest guided runs of each m (and the naive reference for m=50)")
     ap.add_argument("--out", default="")
@@ -233,6 +264,8 @@ def main(argv=None) -> int:
     checked, bad = check_token_map(lm_tok, teacher, device, steps=12 if args.tiny else 40)
     info["token_map_check"] = {"candidates": checked, "mismatches": bad}
     print(f"token map on {device}: {checked} candidates checked against full tokenization, {bad} mismatches", flush=True)
+    info["parts_check"] = check_parts(lm, lm_tok, teacher, device, rows=8 if args.tiny else 64, tokens=args.tokens)
+    print(f"decode_parts=2 against each part alone: {info['parts_check']}", flush=True)
     rows = []
     for batch, samples in plan_unguided:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="unguided", batch=batch, samples=samples, m=args.top_k,
@@ -240,17 +273,20 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}), flush=True)
     for m, batch, samples in plan_guided:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="guided", batch=batch, samples=samples, m=m,
-                            lam=8.0, token_map="auto", args=args, peak=peak, batching=args.batching, sdpa=args.sdpa))
+                            lam=8.0, token_map="auto", args=args, peak=peak, batching=args.batching, sdpa=args.sdpa,
+                            parts=args.parts))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}), flush=True)
-    other_sdpa, other_batching = args.sdpa, args.batching
+    other_sdpa, other_batching, other_parts = args.sdpa, args.batching, args.parts
     if args.compare == "sdpa":
         other_sdpa = "any" if args.sdpa == "no_cudnn" else "no_cudnn"
-    else:
+    elif args.compare == "batching":
         other_batching = "uniform" if args.batching == "padded" else "padded"
+    else:
+        other_parts = 1 if effective_parts(args.parts, device) > 1 else 2
     for m, batch, samples in plan_other:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="guided", batch=batch, samples=samples, m=m,
                             lam=8.0, token_map="auto", args=args, peak=peak, batching=other_batching,
-                            sdpa=other_sdpa))
+                            sdpa=other_sdpa, parts=other_parts))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}), flush=True)
     for m, samples in plan_naive:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="naive", batch=1, samples=samples, m=m, lam=8.0,
@@ -264,14 +300,15 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"info": info, "runs": rows}, indent=2))
     print()
-    print("| run | m | batch | samples | teacher_sdpa | batching | samples/s | LM tok/s | teacher % of matmul peak (wall) "
-          "| (in forward) | padding | token map s | x naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | m | batch | samples | parts | teacher_sdpa | batching | samples/s | LM tok/s | teacher % of matmul peak "
+          "(wall) | (in forward) | padding | token map s | x naive |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def pct(key):
             return f"{100 * r[key]:.1f}%" if key in r else "-"
         speed = f"{r['speedup_vs_naive']:.1f}x" if "speedup_vs_naive" in r else "-"
-        print(f"| {r['run']} | {r['m'] or '-'} | {r['batch']} | {r['samples']} | {r['sdpa'] or '-'} | {r['batching'] or '-'} | "
+        print(f"| {r['run']} | {r['m'] or '-'} | {r['batch']} | {r['samples']} | {r['parts']} | {r['sdpa'] or '-'} | "
+              f"{r['batching'] or '-'} | "
               f"{r['samples_per_s']:.2f} | "
               f"{r['tokens_per_s']:.0f} | {pct('teacher_frac_of_peak_wall')} | {pct('teacher_frac_of_peak_in_forward')} | "
               f"{pct('padding_overhead')} | {r['token_map_seconds']:.2f} | {speed} |")

@@ -209,6 +209,11 @@ class SteeredConfig(_Section):
                                 "(cuDNN's builds a plan per new input shape, tens of ms each on an H100, and "
                                 "guided decoding rarely repeats a shape); any: torch's own choice. Picks kernels, not "
                                 "content: not part of the transfer set's fingerprint")
+    decode_parts: Optional[int] = Field(
+        None, ge=1, le=64, description="each batch decodes as this many interleaved parts, each on its own CUDA stream, "
+                                       "so one part's host work and LM step run while another's teacher forwards do; "
+                                       "None: 2 on a GPU, 1 elsewhere. Schedules work, not content: not part of the "
+                                       "transfer set's fingerprint")
     token_map: Literal["auto", "exact"] = Field(
         "auto", description="auto: incremental cross-tokenizer ids, exact path when it cannot be proven exact; "
                             "exact: re-tokenize every candidate's full text (slow reference)")

@@ -165,6 +165,74 @@ def test_output_does_not_depend_on_the_batch(lm_and_tokenizer, teachers64):
     assert len({tuple(r.token_ids) for r in together}) == len(reqs)
 
 
+def test_interleaved_parts_decode_what_one_part_does(lm_and_tokenizer, teachers64, monkeypatch):
+    """``decode_parts`` only schedules: parts take turns at every wait, rows leave their part at
+    different steps, and each request's text is what one undivided batch gives."""
+    from dfkd_ray.generation import hf
+
+    reqs = mixed_requests(10, strengths=(None, 0.0, 3.0))
+    common = dict(control_strength=8.0, top_m=16, top_k=8, top_p=0.95, max_new_tokens=10, min_new_tokens=2,
+                  dtype="float64", teacher_chunk_tokens=1024, batch_size=10)
+    whole = make(lm_and_tokenizer, teachers64, decode_parts=1, **common).generate(reqs)
+    resumed: list[list[int]] = []  # per batch, which part each resumption went to
+    real = hf.interleave
+
+    def recording(parts, device):
+        resumed.append([])
+
+        def tagged(i, part):
+            for mark in part:
+                resumed[-1].append(i)
+                yield mark
+        return real([tagged(i, part) for i, part in enumerate(parts)], device)
+
+    monkeypatch.setattr(hf, "interleave", recording)
+    split = make(lm_and_tokenizer, teachers64, decode_parts=3, **common).generate(reqs)
+    assert [r.token_ids for r in split] == [r.token_ids for r in whole]
+    assert [r.text for r in split] == [r.text for r in whole]
+    assert [r.teacher_confidence for r in split] == [r.teacher_confidence for r in whole]
+    assert {r.stop_reason for r in whole} == {"eos", "length"}
+    order = resumed[0]
+    assert set(order) == {0, 1, 2}
+    assert order[:6] == [0, 1, 2, 0, 1, 2]  # off CUDA the parts take turns, one wait each
+    # Parts stay in turn after one of them finished: none runs twice in a row while others are live.
+    last = {i: max(j for j, x in enumerate(order) if x == i) for i in range(3)}
+    for j in range(1, len(order)):
+        live = [i for i in range(3) if last[i] >= j]
+        if len(live) > 1:
+            assert order[j] != order[j - 1]
+    # More parts than rows: one row a part.
+    few = make(lm_and_tokenizer, teachers64, decode_parts=8, **{**common, "batch_size": 3}).generate(reqs[:3])
+    assert [r.token_ids for r in few] == [r.token_ids for r in whole[:3]]
+    assert len(set(resumed[-1])) == 3
+
+
+def test_covered_is_the_length_of_a_union_of_intervals():
+    from dfkd_ray.generation.hf import covered
+
+    assert covered([]) == 0.0
+    assert covered([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7), (2.5, 2.6)]) == pytest.approx(4.0)
+    assert covered([(3.0, 4.0), (0.0, 10.0)]) == pytest.approx(10.0)
+
+
+def test_interleave_resumes_parts_until_each_ends():
+    from dfkd_ray.generation.hf import interleave
+
+    seen = []
+
+    def part(name, waits):
+        for w in range(waits):
+            seen.append((name, w))
+            yield None
+        seen.append((name, "end"))
+
+    interleave([part("a", 2), part("b", 0), part("c", 1)], torch.device("cpu"))
+    assert seen == [("a", 0), ("b", "end"), ("c", 0), ("a", 1), ("c", "end"), ("a", "end")]
+    seen.clear()
+    interleave([part("solo", 2)], torch.device("cpu"))
+    assert seen == [("solo", 0), ("solo", 1), ("solo", "end")]
+
+
 def test_teacher_attention_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teachers, monkeypatch):
     import contextlib
 
@@ -225,6 +293,8 @@ def test_bad_parameters_fail_before_generation(lm_and_tokenizer, teachers, monke
         make(lm_and_tokenizer, teachers, control_strength=-1.0)
     with pytest.raises(ValueError, match="teacher_sdpa must be 'no_cudnn' or 'any'"):
         make(lm_and_tokenizer, teachers, teacher_sdpa="cudnn")
+    with pytest.raises(ValueError, match="decode_parts must be >= 1"):
+        make(lm_and_tokenizer, teachers, decode_parts=0)
     gen = make(lm_and_tokenizer, teachers, max_new_tokens=8, top_m=10, top_k=5)
     monkeypatch.setattr(gen, "_generate_batch", lambda rows: pytest.fail("generation started"))
     good = GenerationRequest("alpha", 0, seed=1)
@@ -252,13 +322,14 @@ def test_config_rejects_bad_steered_settings(job_dict, synthetic_task):
 
     validate_config(with_steered())
     for steered, message in [({"top_k": 60, "top_m": 50}, "top_k"), ({"control_strength": -1}, "control_strength"),
-                             ({"token_map": "fast"}, "token_map"), ({"teacher_sdpa": "cudnn"}, "teacher_sdpa")]:  # engine: vllm in tests/test_vllm_engine.py
+                             ({"token_map": "fast"}, "token_map"), ({"teacher_sdpa": "cudnn"}, "teacher_sdpa"),
+                             ({"decode_parts": 0}, "decode_parts")]:  # engine: vllm in tests/test_vllm_engine.py
         with pytest.raises(ConfigError, match=message):
             validate_config(with_steered(**steered))
 
 
-def test_teacher_sdpa_leaves_the_transfer_set_fingerprint_alone(job_dict, synthetic_task):
-    """A kernel choice, like the device, does not decide content: a set made before the field
+def test_kernel_and_schedule_settings_leave_the_transfer_set_fingerprint_alone(job_dict, synthetic_task):
+    """A kernel choice or a GPU schedule, like the device, does not decide content: a set made before the field
     existed (or with the other value) resumes instead of being refused."""
     from dfkd_ray.config import validate_config
     from dfkd_ray.transfer.writer import plan_transfer_set
@@ -269,8 +340,9 @@ def test_teacher_sdpa_leaves_the_transfer_set_fingerprint_alone(job_dict, synthe
         return plan_transfer_set(validate_config(d))[2]
 
     base = fingerprint()
-    assert "teacher_sdpa" not in base["transfer"]["steered"]
+    assert "teacher_sdpa" not in base["transfer"]["steered"] and "decode_parts" not in base["transfer"]["steered"]
     assert fingerprint(teacher_sdpa="any") == base
+    assert fingerprint(decode_parts=4) == base
     assert fingerprint(top_m=60) != base  # content settings still count
 
 

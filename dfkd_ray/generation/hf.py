@@ -51,7 +51,7 @@ from dfkd_ray.math.decoding import (SCHEDULES, control_weights, reweight, row_un
                                     sample_top_k, select_top_m)
 
 _STAT_KEYS = ("steps", "teacher_forwards", "teacher_sequences", "teacher_tokens", "teacher_padded_tokens",
-              "teacher_tokens_sq", "teacher_seconds", "tokenizer_seconds", "lm_forwards")
+              "teacher_tokens_sq", "teacher_seconds", "teacher_busy_seconds", "tokenizer_seconds", "lm_forwards")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,6 +76,7 @@ class SteeredParams:
     teacher_chunk_tokens: int = 262_144
     teacher_batching: str = "padded"
     teacher_sdpa: str = "no_cudnn"
+    decode_parts: Optional[int] = None
     token_map: str = "auto"
     dtype: str = "auto"
 
@@ -117,6 +118,8 @@ class SteeredParams:
             bad.append(f"teacher_batching must be 'padded' or 'uniform', got {self.teacher_batching!r}")
         if self.teacher_sdpa not in ("no_cudnn", "any"):
             bad.append(f"teacher_sdpa must be 'no_cudnn' or 'any', got {self.teacher_sdpa!r}")
+        if self.decode_parts is not None and self.decode_parts < 1:
+            bad.append(f"decode_parts must be >= 1 (or None: 2 on a GPU, 1 elsewhere), got {self.decode_parts}")
         if self.token_map not in ("auto", "exact"):
             bad.append(f"token_map must be 'auto' or 'exact', got {self.token_map!r}")
         if self.dtype not in ("auto", *_DTYPES):
@@ -279,6 +282,63 @@ def teacher_attention(choice: str, device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def covered(spans: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def gpu_mark(device: torch.device) -> Optional[torch.cuda.Event]:
+    """A CUDA event recorded on the current stream (``None`` off CUDA): what a decoding part yields
+    to :func:`interleave` before it waits for the GPU."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def interleave(parts: Sequence, device: torch.device) -> None:
+    """Run decoding coroutines to the end, switching between them where they would wait for the GPU.
+
+    Each part is a generator that yields a :func:`gpu_mark` just before it synchronises with the GPU
+    (reading its candidates back, reading its draws back). On CUDA each part runs on its own stream and
+    the next part resumed is one whose awaited work has finished (the first in line when none has),
+    so one part's host work -- building teacher inputs, row bookkeeping, advancing the token map --
+    and its LM step run while another part's teacher forwards keep the GPU busy. A part reads only
+    its own tensors, so the interleaving changes timing, not results. Off CUDA the parts simply take
+    turns.
+    """
+    if len(parts) == 1:
+        for _ in parts[0]:
+            pass
+        return
+    cuda = device.type == "cuda"
+    main = torch.cuda.current_stream(device) if cuda else None
+    streams = [torch.cuda.Stream(device) for _ in parts] if cuda else [None] * len(parts)
+    for s in streams:
+        if s is not None:
+            s.wait_stream(main)  # the parts' inputs were made on the main stream
+    waiting: list[tuple[int, Optional[torch.cuda.Event]]] = [(i, None) for i in range(len(parts))]
+    while waiting:
+        pick = 0
+        if cuda:  # the first part whose GPU work is done; else the one queued longest
+            pick = next((j for j, (_, ev) in enumerate(waiting) if ev is None or ev.query()), 0)
+        i, _ = waiting.pop(pick)
+        with torch.cuda.stream(streams[i]) if cuda else contextlib.nullcontext():
+            try:
+                waiting.append((i, next(parts[i])))
+            except StopIteration:
+                pass
+    for s in streams:
+        if s is not None:
+            main.wait_stream(s)
+
+
 class TeacherScorer:
     """The teacher term of Eq. 1: ``log P_teacher(c | x_<t, x)`` for every row's candidates.
 
@@ -310,10 +370,15 @@ class TeacherScorer:
         return self.maps[teacher]
 
     def settle_timing(self) -> None:
-        """Add the CUDA-event times of finished teacher forwards to ``stats['teacher_seconds']``."""
+        """Fold the CUDA-event times of finished teacher forwards into ``stats``: ``teacher_seconds``
+        sums every forward's time, ``teacher_busy_seconds`` counts the time any forward was running
+        (less when decoding parts ran forwards side by side on their own streams)."""
         if self.events:
             torch.cuda.synchronize(self.device)
-            self.stats["teacher_seconds"] += sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+            ref = self.events[0][0]
+            spans = [(ref.elapsed_time(a), ref.elapsed_time(b)) for a, b in self.events]  # ms after the first start
+            self.stats["teacher_seconds"] += sum(e - s for s, e in spans) / 1e3
+            self.stats["teacher_busy_seconds"] += covered(spans) / 1e3
             self.events = []
 
     def logprobs(self, groups: dict, cand: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -372,7 +437,9 @@ class TeacherScorer:
                     ev[1].record()
                     self.events.append(ev)
                 else:
-                    self.stats["teacher_seconds"] += time.perf_counter() - t0
+                    dt = time.perf_counter() - t0
+                    self.stats["teacher_seconds"] += dt
+                    self.stats["teacher_busy_seconds"] += dt
                 out[idx_d] = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[idx_d].view(-1, 1)).squeeze(1)
                 st = self.stats
                 st["teacher_forwards"] += 1
@@ -571,6 +638,15 @@ class SteeredGenerator:
         return logits.clone() if logits.dtype == torch.float64 else logits.float()
 
     def _generate_batch(self, rows: list[_Row]) -> list[GenerationResult]:
+        """Decode one batch: its rows split into ``decode_parts`` parts that :func:`interleave` runs."""
+        parts = self.params.decode_parts or (2 if self.device.type == "cuda" else 1)
+        cuts = np.linspace(0, len(rows), min(parts, len(rows)) + 1).round().astype(int)
+        interleave([self._decode(rows[a:b]) for a, b in zip(cuts[:-1], cuts[1:])], self.device)
+        return self._finish(rows)
+
+    def _decode(self, rows: list[_Row]):
+        """Decode ``rows`` to the end (filling each row's ``generated`` and ``stop``); a generator that
+        yields a :func:`gpu_mark` before each wait for the GPU (see :func:`interleave`)."""
         from transformers import DynamicCache
 
         p, dev = self.params, self.device
@@ -601,6 +677,7 @@ class SteeredGenerator:
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
         banned = torch.tensor(self.banned, dtype=torch.long, device=dev)
         for t in range(p.max_new_tokens):
+            yield gpu_mark(dev)  # next: the candidates come back to the host
             self.stats["steps"] += 1
             if len(banned):
                 logits.index_fill_(1, banned, float("-inf"))
@@ -615,6 +692,7 @@ class SteeredGenerator:
                                            temperature=p.temperature)
             else:  # lambda = 0 everywhere: plain top-k sampling (identical result, no top-m work)
                 chosen = sample_top_k(logits, u[:, t], top_k=p.top_k, top_p=p.top_p, temperature=p.temperature)
+            yield gpu_mark(dev)  # next: the draws come back to the host
             chosen_list = torch.where(broken, -1, chosen).tolist()
             if -1 in chosen_list:
                 raise FloatingPointError("the LM produced non-finite logits for every token of a row (NaN or all -inf)")
@@ -653,7 +731,6 @@ class SteeredGenerator:
             for name, (members, state) in groups.items():  # ... while the teacher-side text advances here
                 state.advance([chosen_list[b] for b in members])
             self.stats["tokenizer_seconds"] += time.perf_counter() - t0
-        return self._finish(rows)
 
     def _initial(self, row: _Row, tmap: TeacherTokenMap):
         """The text a row's teacher sees before the first generated token."""
