@@ -79,7 +79,7 @@ def control_weights(steps: torch.Tensor, strength: torch.Tensor, schedule: str =
             raise ValueError(f"decay_rate must be in (0, 1], got {decay_rate}")
         if not 0.0 <= floor <= 1.0:
             raise ValueError(f"floor must be in [0, 1], got {floor}")
-        factor = torch.pow(torch.tensor(decay_rate, dtype=torch.float64, device=steps.device), steps.to(torch.float64))
+        factor = torch.pow(float(decay_rate), steps.to(torch.float64))  # a number base: no host-to-device copy
         return strength * factor.clamp_min(floor).to(torch.float32)
     raise ValueError(f"unknown lambda schedule {schedule!r}; choose one of {SCHEDULES}")
 
@@ -132,7 +132,7 @@ def reweight(lm_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, lam: Sca
     lm = _real(lm_logprobs)
     if _on_cpu(lam) and bool((torch.as_tensor(lam) < 0).any()):
         raise ValueError("lambda must be >= 0")
-    lam = torch.as_tensor(lam, device=lm.device).to(lm.dtype)
+    lam = _on(lam, lm.dtype, lm.device)
     lam = lam.reshape(-1, 1) if lam.dim() else lam  # (B, 1) or scalar
     term = torch.where(lam > 0, lam * teacher_logprobs.to(lm.dtype), torch.zeros_like(lm))  # (B, m)
     return lm + term
@@ -144,8 +144,16 @@ def _on_cpu(x: Scalar) -> bool:
     return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
 
 
+def _on(x: Scalar, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``x`` as a tensor on ``device``. A number becomes a fill, never a copy from the host: on a GPU
+    such a copy waits for everything queued before it (the teacher's forwards, every step)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    return torch.full((), float(x), dtype=dtype, device=device)
+
+
 def _per_row(x: Scalar, B: int, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(x, dtype=torch.float32, device=device)
+    t = _on(x, torch.float32, device)
     return t.expand(B).reshape(B, 1) if t.dim() == 0 else t.reshape(B, 1)
 
 
