@@ -204,16 +204,17 @@ class SteeredConfig(_Section):
     teacher_batching: Literal["padded", "uniform"] = Field(
         "padded", description="padded: length-sorted, padded chunks (measured faster on an H100); uniform: "
                               "candidates of one length share an unpadded, unmasked forward when enough of them do")
-    teacher_sdpa: Literal["no_cudnn", "any"] = Field(
-        "no_cudnn", description="attention kernels for teacher scoring; no_cudnn: flash, memory-efficient or math "
-                                "(cuDNN's builds a plan per new input shape, tens of ms each on an H100, and "
-                                "guided decoding rarely repeats a shape); any: torch's own choice. Picks kernels, not "
-                                "content: not part of the transfer set's fingerprint")
-    decode_parts: Optional[int] = Field(
-        None, ge=1, le=64, description="each batch decodes as this many interleaved parts, each on its own CUDA stream, "
-                                       "so one part's host work and LM step run while another's teacher forwards do; "
-                                       "None: 2 on a GPU, 1 elsewhere. Schedules work, not content: not part of the "
-                                       "transfer set's fingerprint")
+    sdpa: Literal["no_cudnn", "any"] = Field(
+        "no_cudnn", description="attention kernels for teacher scoring and the hf engine's LM; no_cudnn: flash, "
+                                "memory-efficient or math (cuDNN's builds a plan per new input shape, ms to tens of ms "
+                                "each on an H100, and decoding rarely repeats a shape); any: torch's own choice. Picks "
+                                "kernels, not content: not part of the transfer set's fingerprint")
+    decode_parts: int = Field(
+        1, ge=1, le=64, description="each batch decodes as this many interleaved parts, each on its own CUDA stream, so "
+                                    "one part's host work and LM step run while another's teacher forwards do. Measured "
+                                    "on an H100 (benchmarks/RESULTS.md): 2 parts tied with 1 at 256 rows and lost at 64 "
+                                    "(smaller, more padded teacher forwards), hence 1. Schedules work, not content: not "
+                                    "part of the transfer set's fingerprint")
     token_map: Literal["auto", "exact"] = Field(
         "auto", description="auto: incremental cross-tokenizer ids, exact path when it cannot be proven exact; "
                             "exact: re-tokenize every candidate's full text (slow reference)")

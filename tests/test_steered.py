@@ -215,6 +215,32 @@ def test_covered_is_the_length_of_a_union_of_intervals():
     assert covered([(3.0, 4.0), (0.0, 10.0)]) == pytest.approx(10.0)
 
 
+def test_prepared_4d_mask_is_used_only_where_the_teacher_reads_it_the_same(teachers):
+    from types import SimpleNamespace
+
+    from dfkd_ray.generation.hf import accepts_4d_mask, attention_mask_4d
+
+    t = teachers["alpha"]
+    enc = t.tokenizer(["the market fell", "a much longer sentence about the match and the goal"],
+                      padding=True, return_tensors="pt")
+    x, a = enc["input_ids"], enc["attention_mask"]
+    assert not bool(a.all())  # a padded chunk
+    assert accepts_4d_mask(t, x, a)
+    two = t.forward_ids(x, a, with_blocks=False).logits
+    four = t.forward_ids(x, attention_mask_4d(a), with_blocks=False).logits
+    torch.testing.assert_close(four, two)
+    # A model that rejects a prepared mask, and one that reads it differently, keep the 2D mask.
+    def rejects_4d(input_ids, attention_mask, **kw):
+        if attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be 2D")
+        return t.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    assert not accepts_4d_mask(SimpleNamespace(model=rejects_4d), x, a)
+
+    def ignores_4d(input_ids, attention_mask, **kw):
+        return t.model(input_ids=input_ids, attention_mask=None if attention_mask.dim() == 4 else attention_mask, **kw)
+    assert not accepts_4d_mask(SimpleNamespace(model=ignores_4d), x, a)
+
+
 def test_interleave_resumes_parts_until_each_ends():
     from dfkd_ray.generation.hf import interleave
 
@@ -233,7 +259,7 @@ def test_interleave_resumes_parts_until_each_ends():
     assert seen == [("solo", 0), ("solo", 1), ("solo", "end")]
 
 
-def test_teacher_attention_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teachers, monkeypatch):
+def test_attention_kernels_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teachers, monkeypatch):
     import contextlib
 
     from dfkd_ray.generation import hf
@@ -241,16 +267,16 @@ def test_teacher_attention_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teach
     cuda = torch.device("cuda")  # only flags change: no GPU needed
     before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
               torch.backends.cuda.mem_efficient_sdp_enabled())
-    with hf.teacher_attention("no_cudnn", cuda):
+    with hf.attention_kernels("no_cudnn", cuda):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
         assert torch.backends.cuda.math_sdp_enabled()
     assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
             torch.backends.cuda.mem_efficient_sdp_enabled()) == before
     for choice, device in (("any", cuda), ("no_cudnn", torch.device("cpu"))):
-        with hf.teacher_attention(choice, device):
+        with hf.attention_kernels(choice, device):
             assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
-    seen, inside, forwards_inside = [], [False], [0]  # guided scoring runs inside the context, with the choice
+    seen, inside, forwards_inside, lm_inside = [], [False], [0], [0]  # LM steps and scoring run inside it
 
     @contextlib.contextmanager
     def recording(choice, device):
@@ -265,12 +291,20 @@ def test_teacher_attention_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teach
         forwards_inside[0] += inside[0]
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "teacher_attention", recording)
+    monkeypatch.setattr(hf, "attention_kernels", recording)
     monkeypatch.setattr(teachers["alpha"], "forward_ids", counting)
-    gen = make(lm_and_tokenizer, teachers, teacher_sdpa="any", top_m=8, top_k=4, max_new_tokens=3, min_new_tokens=3)
+    gen = make(lm_and_tokenizer, teachers, sdpa="any", top_m=8, top_k=4, max_new_tokens=3, min_new_tokens=3)
+    lm_forward = gen.lm.forward
+
+    def lm_counting(*args, **kwargs):
+        lm_inside[0] += inside[0]
+        return lm_forward(*args, **kwargs)
+
+    monkeypatch.setattr(gen.lm, "forward", lm_counting)
     gen.generate([GenerationRequest("alpha", 1, seed=5)])
     assert set(seen) == {"any"}
     assert forwards_inside[0] == gen.stats["teacher_forwards"] >= 3
+    assert lm_inside[0] == gen.stats["lm_forwards"] >= 3
 
 
 def test_results_record_parameters_and_keep_prompt(lm_and_tokenizer, teachers):
@@ -291,8 +325,8 @@ def test_bad_parameters_fail_before_generation(lm_and_tokenizer, teachers, monke
         make(lm_and_tokenizer, teachers, top_m=50, top_k=60)
     with pytest.raises(ValueError, match="control_strength"):
         make(lm_and_tokenizer, teachers, control_strength=-1.0)
-    with pytest.raises(ValueError, match="teacher_sdpa must be 'no_cudnn' or 'any'"):
-        make(lm_and_tokenizer, teachers, teacher_sdpa="cudnn")
+    with pytest.raises(ValueError, match="sdpa must be 'no_cudnn' or 'any'"):
+        make(lm_and_tokenizer, teachers, sdpa="cudnn")
     with pytest.raises(ValueError, match="decode_parts must be >= 1"):
         make(lm_and_tokenizer, teachers, decode_parts=0)
     gen = make(lm_and_tokenizer, teachers, max_new_tokens=8, top_m=10, top_k=5)
@@ -322,7 +356,7 @@ def test_config_rejects_bad_steered_settings(job_dict, synthetic_task):
 
     validate_config(with_steered())
     for steered, message in [({"top_k": 60, "top_m": 50}, "top_k"), ({"control_strength": -1}, "control_strength"),
-                             ({"token_map": "fast"}, "token_map"), ({"teacher_sdpa": "cudnn"}, "teacher_sdpa"),
+                             ({"token_map": "fast"}, "token_map"), ({"sdpa": "cudnn"}, "sdpa"),
                              ({"decode_parts": 0}, "decode_parts")]:  # engine: vllm in tests/test_vllm_engine.py
         with pytest.raises(ConfigError, match=message):
             validate_config(with_steered(**steered))
@@ -340,8 +374,8 @@ def test_kernel_and_schedule_settings_leave_the_transfer_set_fingerprint_alone(j
         return plan_transfer_set(validate_config(d))[2]
 
     base = fingerprint()
-    assert "teacher_sdpa" not in base["transfer"]["steered"] and "decode_parts" not in base["transfer"]["steered"]
-    assert fingerprint(teacher_sdpa="any") == base
+    assert "sdpa" not in base["transfer"]["steered"] and "decode_parts" not in base["transfer"]["steered"]
+    assert fingerprint(sdpa="any") == base
     assert fingerprint(decode_parts=4) == base
     assert fingerprint(top_m=60) != base  # content settings still count
 

@@ -9,8 +9,9 @@ workhorse wherever vLLM is absent:
   EOS or ``max_new_tokens`` (EOS is banned before ``min_new_tokens``) and leave the batch;
 - each step, for each teacher, the ``B_k * m`` candidate continuations of its rows are scored in one
   batched teacher forward (no grad, dynamic padding, sequences sorted by length and cut into chunks
-  of at most ``teacher_chunk_tokens`` padded tokens; the teacher's own dtype, bf16 on GPU; on CUDA
-  without cuDNN's attention by default, see :func:`teacher_attention`);
+  of at most ``teacher_chunk_tokens`` padded tokens; the teacher's own dtype, bf16 on GPU);
+- on CUDA, the LM and the teachers run without cuDNN's attention by default (:func:`attention_kernels`)
+  and, if asked, a batch decodes as ``decode_parts`` interleaved parts, one CUDA stream each (:func:`interleave`);
 - the teacher's ids come from :mod:`dfkd_ray.generation.token_map` (incremental, exact);
 - a request's draws come from its own generator, so its output does not depend on the batch. Stock
   BLAS kernels are not batch-invariant (a row's logits change in the last bits with the batch
@@ -75,8 +76,8 @@ class SteeredParams:
     batch_size: int = 32
     teacher_chunk_tokens: int = 262_144
     teacher_batching: str = "padded"
-    teacher_sdpa: str = "no_cudnn"
-    decode_parts: Optional[int] = None
+    sdpa: str = "no_cudnn"
+    decode_parts: int = 1
     token_map: str = "auto"
     dtype: str = "auto"
 
@@ -116,10 +117,10 @@ class SteeredParams:
             bad.append(f"teacher_chunk_tokens must be >= 1, got {self.teacher_chunk_tokens}")
         if self.teacher_batching not in ("padded", "uniform"):
             bad.append(f"teacher_batching must be 'padded' or 'uniform', got {self.teacher_batching!r}")
-        if self.teacher_sdpa not in ("no_cudnn", "any"):
-            bad.append(f"teacher_sdpa must be 'no_cudnn' or 'any', got {self.teacher_sdpa!r}")
-        if self.decode_parts is not None and self.decode_parts < 1:
-            bad.append(f"decode_parts must be >= 1 (or None: 2 on a GPU, 1 elsewhere), got {self.decode_parts}")
+        if self.sdpa not in ("no_cudnn", "any"):
+            bad.append(f"sdpa must be 'no_cudnn' or 'any', got {self.sdpa!r}")
+        if self.decode_parts < 1:
+            bad.append(f"decode_parts must be >= 1, got {self.decode_parts}")
         if self.token_map not in ("auto", "exact"):
             bad.append(f"token_map must be 'auto' or 'exact', got {self.token_map!r}")
         if self.dtype not in ("auto", *_DTYPES):
@@ -265,21 +266,53 @@ def teacher_initial(vocab: LmVocabulary, prompt_ids: Sequence[int], bos_id: Opti
     return vocab.bytes_of(ids) if vocab.byte_level else ids
 
 
-def teacher_attention(choice: str, device: torch.device):
-    """A context that limits ``scaled_dot_product_attention`` for teacher scoring.
+def attention_kernels(choice: str, device: torch.device):
+    """A context that limits ``scaled_dot_product_attention`` for the LM's steps and teacher scoring.
 
     ``"no_cudnn"`` allows flash, memory-efficient and math kernels but not cuDNN's. cuDNN's fused
-    attention builds an execution plan the first time it sees an input shape; guided decoding gives
-    the teacher a new ``(sequences, width)`` almost every forward, so it paid that build nearly every
-    time (H100, BERT-base teacher, ``benchmarks/teacher_forward.py``: a guided run took 43.7 s the first
-    time and 25.0 s when repeated with the same shapes). ``"any"`` leaves the choice to torch. Models
-    that do not use SDPA, and CPUs, are not affected.
+    attention builds an execution plan the first time it sees an input shape, and decoding rarely
+    repeats one: the teacher gets a new ``(sequences, width)`` almost every forward (H100, BERT-base
+    teacher, ``benchmarks/teacher_forward.py``: a guided run took 43.7 s the first time and 25.0 s when
+    repeated with the same shapes), and the LM's key length grows by one every step (GPT-2-small
+    shape, 256 rows: 5 ms of host time per layer and step building plans, 30 ms a step, against
+    0.16 s of GPU kernels for 64 steps). ``"any"`` leaves the choice to torch. Models that do not use
+    SDPA, and CPUs, are not affected.
     """
     if choice == "any" or device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def attention_mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """``(n, W)`` padding mask -> ``(n, 1, 1, W)`` boolean (True: attend), a mask transformers takes as prepared."""
+    return mask[:, None, None, :].bool()
+
+
+def accepts_4d_mask(teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int = 8) -> bool:
+    """Whether ``teacher``'s model reads a prepared 4D mask as it reads the 2D padding mask.
+
+    transformers turns a 2D mask into the 4D one its attention takes, and first asks whether any
+    position is padded at all: a ``.all()`` that waits for the GPU to finish everything queued, once
+    per forward. A prepared mask skips that question, so one part's teacher forwards can be queued
+    while another part's run (see :func:`interleave`). Checked once per teacher on the first rows of a
+    padded chunk, on the last hidden states of real tokens (which change when padding is attended,
+    even where a saturated classifier's logits barely do) and on the logits; a model that rejects a
+    prepared mask or reads it differently keeps the 2D one.
+    """
+    x, a = input_ids[:rows], attention_mask[:rows]
+    real = a.bool()  # (n, W)
+    try:
+        ref = teacher.model(input_ids=x, attention_mask=a, output_hidden_states=True)
+        got = teacher.model(input_ids=x, attention_mask=attention_mask_4d(a), output_hidden_states=True)
+        h_ref, h_got = ref.hidden_states[-1][real].float(), got.hidden_states[-1][real].float()  # (tokens, H)
+        scale = float(h_ref.abs().max()) or 1.0
+        return (h_got.shape == h_ref.shape and got.logits.shape == ref.logits.shape
+                and bool(torch.allclose(h_got, h_ref, rtol=2e-2, atol=2e-2 * scale))
+                and bool(torch.allclose(got.logits.float(), ref.logits.float(), rtol=2e-2, atol=2e-2)))
+    except Exception:  # noqa: BLE001 - a model that cannot take a prepared mask keeps the 2D one
+        return False
 
 
 def covered(spans: Sequence[tuple[float, float]]) -> float:
@@ -361,6 +394,7 @@ class TeacherScorer:
         self.maps: dict[str, TeacherTokenMap] = {}
         self.stats: dict[str, float] = {k: 0.0 for k in _STAT_KEYS}
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.mask_4d: dict[str, bool] = {}  # teacher -> takes a prepared 4D mask (CUDA only; see accepts_4d_mask)
 
     def token_map(self, teacher: str) -> TeacherTokenMap:
         """The (LM, teacher) token map, built on first use."""
@@ -420,13 +454,18 @@ class TeacherScorer:
         cuda = self.device.type == "cuda"
         plan = plan_chunks(lengths[order], self.params.teacher_chunk_tokens,
                            uniform=self.params.teacher_batching == "uniform")
-        with teacher_attention(self.params.teacher_sdpa, self.device):
+        with attention_kernels(self.params.sdpa, self.device):
             for s, e, same in plan:
                 idx = order[s:e]
                 width = int(lengths[idx[-1]])
                 idx_d = order_d[s:e]
                 x = inputs.input_ids[:, :width][idx_d]  # (n, width), contiguous
                 a = None if same else inputs.attention_mask[:, :width][idx_d]  # no padding: no mask
+                if a is not None and cuda:
+                    if teacher.name not in self.mask_4d:
+                        self.mask_4d[teacher.name] = accepts_4d_mask(teacher, x, a)
+                    if self.mask_4d[teacher.name]:
+                        a = attention_mask_4d(a)  # no host-device wait inside the forward
                 if cuda:  # timed with events: no synchronisation inside the loop
                     ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                     ev[0].record()
@@ -632,15 +671,15 @@ class SteeredGenerator:
 
     def _lm_forward(self, input_ids, attention_mask, position_ids, cache):
         self.stats["lm_forwards"] += 1
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with attention_kernels(self.params.sdpa, self.device):
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :]  # (B, V)
         return logits.clone() if logits.dtype == torch.float64 else logits.float()
 
     def _generate_batch(self, rows: list[_Row]) -> list[GenerationResult]:
         """Decode one batch: its rows split into ``decode_parts`` parts that :func:`interleave` runs."""
-        parts = self.params.decode_parts or (2 if self.device.type == "cuda" else 1)
-        cuts = np.linspace(0, len(rows), min(parts, len(rows)) + 1).round().astype(int)
+        cuts = np.linspace(0, len(rows), min(self.params.decode_parts, len(rows)) + 1).round().astype(int)
         interleave([self._decode(rows[a:b]) for a, b in zip(cuts[:-1], cuts[1:])], self.device)
         return self._finish(rows)
 

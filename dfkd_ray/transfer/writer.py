@@ -39,7 +39,7 @@ def transfer_set_dir(cfg: JobConfig) -> Path:
 # Settings that pick kernels or schedule GPU work, not content, and stay out of the fingerprint like
 # the device does: a set made before such a field existed, or resumed with another value of it, is
 # still the same set.
-_KERNEL_ONLY_STEERED_KEYS = ("teacher_sdpa", "decode_parts")
+_KERNEL_ONLY_STEERED_KEYS = ("sdpa", "decode_parts")
 
 
 def transfer_description(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -> dict:
