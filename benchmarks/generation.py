@@ -8,16 +8,18 @@ LM's top-m tokens are close to uniform over the vocabulary: the tokenizer load i
 
 Reported per run: samples/s and LM tokens/s over wall time; for guided runs the teacher's useful
 FLOPs (real tokens only) per wall second as a fraction of the bf16 matmul rate measured in the same
-run, the same over the time any teacher forward was running (CUDA events), padding overhead and CPU token-map time.
+run, the same over the time any teacher forward was running (CUDA events), padding overhead and
+CPU token-map time.
 The naive reference guides one sequence at a time and re-tokenizes every candidate's full text.
 
 GPU (the repository root; tokenizer files copied under .carry/generation_bench/{lm,teacher}):
     python benchmarks/generation.py --out $OUT/generation.json
     python benchmarks/generation.py --plan key --batching uniform --compare batching --out $OUT/key.json
     python benchmarks/generation.py --plan key --compare parts --out $OUT/parts.json
-The comparison runs repeat the largest guided runs with the other ``teacher_sdpa`` (``--compare
-sdpa``, default), the other teacher batching (``--compare batching``) or one decoding part instead
-of the engine's two interleaved ones (``--compare parts``). Before the runs, ``decode_parts=2`` is
+    python benchmarks/generation.py --plan one --parts 2 --compare parts --out $OUT/one.json
+The comparison runs repeat the largest guided runs with the other ``sdpa`` (``--compare
+sdpa``, default), the other teacher batching (``--compare batching``) or two interleaved decoding
+parts against one (``--compare parts``). Before the runs, ``decode_parts=2`` is
 checked against each part decoded alone (the same tokens are expected).
 CPU smoke test (tiny shapes):
     python benchmarks/generation.py --tiny --device cpu
@@ -105,7 +107,7 @@ def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples
     params = SteeredParams(control_strength=lam, top_m=m, top_k=min(m, args.top_k), top_p=0.9,
                            max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=batch,
                            teacher_chunk_tokens=args.chunk_tokens, token_map=token_map, teacher_batching=batching,
-                           teacher_sdpa=sdpa, decode_parts=parts)
+                           sdpa=sdpa, decode_parts=effective_parts(parts, device))
     gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
     reqs = [GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(samples)]
     gen.generate(reqs[:min(batch, 4)])  # warm-up: token map, kernels
@@ -140,8 +142,8 @@ def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples
 
 
 def effective_parts(parts: int | None, device: torch.device) -> int:
-    """The engine's ``decode_parts`` default: 2 on CUDA, 1 elsewhere."""
-    return parts or (2 if device.type == "cuda" else 1)
+    """``decode_parts`` as the engine runs it (its default: 1)."""
+    return parts or 1
 
 
 def check_parts(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int = 50) -> dict:
@@ -159,6 +161,32 @@ def check_parts(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int =
     separate = alone.generate(reqs[:half]) + alone.generate(reqs[half:])
     differ = sum(a.token_ids != b.token_ids for a, b in zip(together, separate))
     return {"rows": rows, "tokens": tokens, "rows_that_differ": differ}
+
+
+def sync_census(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int = 50) -> dict:
+    """Where a guided run (engine defaults) waits for the GPU: every synchronising CUDA call that
+    torch reports under ``torch.cuda.set_sync_debug_mode``, counted by the Python line that made it."""
+    if device.type != "cuda":
+        return {}
+    import collections
+    import warnings
+
+    params = SteeredParams(control_strength=8.0, top_m=m, top_k=min(m, 50), top_p=0.9, max_new_tokens=tokens,
+                           min_new_tokens=tokens, batch_size=rows)
+    gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
+    reqs = [GenerationRequest("bert", i % 2, seed=15_485_863 + i) for i in range(rows)]
+    gen.generate(reqs[:2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            gen.generate(reqs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = collections.Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+                                for w in caught if "synchroniz" in str(w.message))
+    return {"rows": rows, "tokens": tokens, "parts": effective_parts(None, device), "total": sum(where.values()),
+            "steps": gen.stats["steps"], "teacher_forwards": gen.stats["teacher_forwards"], "by_line": dict(where.most_common())}
 
 
 def check_token_map(lm_tok, teacher, device, streams: int = 8, steps: int = 40, n_cand: int = 50) -> tuple[int, int]:
@@ -216,14 +244,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batching", choices=("padded", "uniform"), default="padded",
                     help="teacher batching of the guided runs")
     ap.add_argument("--sdpa", choices=("no_cudnn", "any"), default="no_cudnn",
-                    help="teacher_sdpa of the main guided runs")
+                    help="sdpa of the main guided runs")
     ap.add_argument("--parts", type=int, default=None,
-                    help="decode_parts of the main guided runs (default: the engine's, 2 on a GPU)")
+                    help="decode_parts of the main guided runs (default: the engine's, 1)")
     ap.add_argument("--compare", choices=("sdpa", "batching", "parts"), default="sdpa",
-                    help="what the comparison runs change: the other teacher_sdpa, the other teacher batching, "
-                         "or decode_parts (1 against the main runs' 2 or more; else 2)")
-    ap.add_argument("--plan", choices=("full", "key"), default="full",
-                    help="key: only the largest guided runs of each m (and the naive reference for m=50)")
+                    help="what the comparison runs change: the other sdpa, the other teacher batching, "
+                         "or decode_parts (2 against the main runs' 1; 1 against more)")
+    ap.add_argument("--plan", choices=("full", "key", "pair", "one"), default="full",
+                    help="key: only the largest guided runs of each m (and the naive reference for m=50); "
+                         "pair: m=50/256 rows and m=200/64 rows only; one: m=50/256 rows only")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -239,7 +268,7 @@ def main(argv=None) -> int:
         plan_unguided = [(64, 256), (256, 512)]
         plan_guided = [(10, 64, 128), (10, 256, 512), (50, 16, 32), (50, 64, 128), (50, 256, 512),
                        (200, 16, 32), (200, 64, 128)]
-        plan_other = [(50, 256, 256), (200, 64, 64)]  # the same with the other teacher_sdpa or batching
+        plan_other = [(50, 256, 256), (200, 64, 64)]  # the same with the other sdpa or batching
         plan_naive = [(50, 4), (10, 4)]
         peak_n = 8192
         if args.plan == "key":
@@ -247,6 +276,13 @@ def main(argv=None) -> int:
             plan_guided = [(10, 256, 512), (50, 64, 128), (50, 256, 512), (200, 64, 128)]
             plan_other = [(50, 256, 512), (200, 64, 128)]
             plan_naive = [(50, 4)]
+        if args.plan == "pair":  # the two largest guided runs, each with and without the compared setting
+            plan_unguided = [(256, 512)]
+            plan_guided = [(50, 256, 512), (200, 64, 128)]
+            plan_other = [(50, 256, 512), (200, 64, 128)]
+            plan_naive = [(50, 4)]
+        if args.plan == "one":
+            plan_unguided, plan_guided, plan_other, plan_naive = [(256, 512)], [(50, 256, 512)], [(50, 256, 512)], []
 
     lm, lm_tok, teacher, cfg = build(args, device)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -266,6 +302,8 @@ def main(argv=None) -> int:
     print(f"token map on {device}: {checked} candidates checked against full tokenization, {bad} mismatches", flush=True)
     info["parts_check"] = check_parts(lm, lm_tok, teacher, device, rows=8 if args.tiny else 64, tokens=args.tokens)
     print(f"decode_parts=2 against each part alone: {info['parts_check']}", flush=True)
+    info["sync_census"] = sync_census(lm, lm_tok, teacher, device, rows=64, tokens=8)
+    print(f"host-device synchronisations of a guided run: {info['sync_census']}", flush=True)
     rows = []
     for batch, samples in plan_unguided:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="unguided", batch=batch, samples=samples, m=args.top_k,
@@ -300,7 +338,7 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"info": info, "runs": rows}, indent=2))
     print()
-    print("| run | m | batch | samples | parts | teacher_sdpa | batching | samples/s | LM tok/s | teacher % of matmul peak "
+    print("| run | m | batch | samples | parts | sdpa | batching | samples/s | LM tok/s | teacher % of matmul peak "
           "(wall) | (in forward) | padding | token map s | x naive |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

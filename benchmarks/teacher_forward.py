@@ -10,6 +10,7 @@ the same run. A ``torch.profiler`` table of the current path shows which kernels
 GPU (tokenizers under .carry/generation_bench/{lm,teacher}, as benchmarks/generation.py):
       python benchmarks/teacher_forward.py --profile --out $OUT/teacher_forward.json
       python benchmarks/teacher_forward.py --loop plain,again,profiled --variants sdpa --out $OUT/loop.json
+      python benchmarks/teacher_forward.py --loop plain,stages --variants "" --parts 1 --out $OUT/stages.json
 CPU smoke test:  python benchmarks/teacher_forward.py --tiny --device cpu
 """
 
@@ -32,9 +33,9 @@ from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredP
 
 def guided_run(args) -> tuple[SteeredParams, list[GenerationRequest]]:
     """The guided run every measurement here repeats: parameters and requests (one batch)."""
-    params = SteeredParams(control_strength=8.0, top_m=args.m, top_k=min(args.m, 50), top_p=0.9,
+    params = SteeredParams(control_strength=args.strength, top_m=args.m, top_k=min(args.m, 50), top_p=0.9,
                            max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=args.batch,
-                           teacher_chunk_tokens=args.chunk_tokens)
+                           teacher_chunk_tokens=args.chunk_tokens, decode_parts=args.parts)
     return params, [GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(args.batch)]
 
 
@@ -80,6 +81,8 @@ def loop_runs(lm, lm_tok, teacher, cfg, device, args, peak) -> list[dict]:
             with profile(activities=acts) as prof:
                 gen.generate(reqs)
                 sync(device)
+        elif name == "stages":
+            stages = stage_profile(gen, teacher, reqs, device)
         else:
             gen.generate(reqs)
             sync(device)
@@ -94,6 +97,8 @@ def loop_runs(lm, lm_tok, teacher, cfg, device, args, peak) -> list[dict]:
             stats1 = torch.cuda.memory_stats(device)
             for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams"):
                 row[k] = stats1.get(k, 0) - stats0.get(k, 0)
+        if name == "stages":
+            row["stages"] = stages
         if name == "profiled":
             events = prof.key_averages()
             kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
@@ -104,6 +109,106 @@ def loop_runs(lm, lm_tok, teacher, cfg, device, args, peak) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def merged(spans) -> list[tuple[float, float]]:
+    """Sorted, non-overlapping union of ``(start, end)`` spans."""
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def overlap(xs, ys) -> float:
+    """Total length where two merged span lists intersect."""
+    i = j = 0
+    total = 0.0
+    while i < len(xs) and j < len(ys):
+        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        total += max(0.0, hi - lo)
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+# The engine's stages, labelled for the profiler by wrapping (the engine itself carries no profiling code).
+STAGES = {"lm_forward": ("gen", "_lm_forward"), "top_m": ("hf", "select_top_m"),
+          "teacher_inputs": ("TeacherRows", "inputs"), "teacher_forward": ("teacher", "forward_ids"),
+          "sample": ("hf", "sample_candidates"), "sample_unguided": ("hf", "sample_top_k"),
+          "advance_rows": ("TeacherRows", "advance")}
+
+
+def stage_profile(gen, teacher, reqs, device) -> dict:
+    """One guided run under ``torch.profiler`` with the engine's stages labelled: each stage's host
+    time and the GPU time of the kernels it launched, the GPU's busy time (union of kernels) against
+    the wall, and which stage the host was in while the GPU had nothing to do."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from dfkd_ray.generation import hf
+    from dfkd_ray.generation.token_map import TeacherRows
+
+    owners = {"gen": gen, "hf": hf, "TeacherRows": TeacherRows, "teacher": teacher}
+    missing = object()
+    saved = []
+
+    def labelled(fn, name):
+        def run(*a, **k):
+            with record_function("stage:" + name):
+                return fn(*a, **k)
+        return run
+
+    for name, (owner, attr) in STAGES.items():
+        obj = owners[owner]
+        saved.append((obj, attr, vars(obj).get(attr, missing)))  # what the object itself held, if anything
+        fn = vars(obj)[attr] if isinstance(obj, type) else getattr(obj, attr)  # a class: its plain function
+        setattr(obj, attr, labelled(fn, name))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            gen.generate(reqs)
+            sync(device)
+        wall = time.perf_counter() - t0
+    finally:
+        for obj, attr, original in saved:
+            if original is missing:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, original)
+    events = prof.events()
+    kernels = merged((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    busy = sum(b - a for a, b in kernels)
+    window = (min(e.time_range.start for e in events), max(e.time_range.end for e in events))
+    gaps = merged([(a, b) for (_, a), (b, _) in zip([(window[0], window[0])] + kernels, kernels + [(window[1], window[1])])
+                   if b > a])
+    out = {"wall_s": wall, "profiled_s": (window[1] - window[0]) / 1e6, "gpu_busy_s": busy / 1e6,
+           "gpu_idle_s": sum(b - a for a, b in gaps) / 1e6, "stages": {}}
+    covered_gaps = 0.0
+    for name in STAGES:
+        evs = [e for e in events if e.name == "stage:" + name]
+        spans = merged((e.time_range.start, e.time_range.end) for e in evs)
+        idle = overlap(spans, gaps)
+        covered_gaps += idle
+        out["stages"][name] = {"calls": len(evs), "host_s": sum(b - a for a, b in spans) / 1e6,
+                               "gpu_kernel_s": sum(e.device_time_total for e in evs) / 1e6,
+                               "gpu_idle_during_s": idle / 1e6}
+    syncs = merged((e.time_range.start, e.time_range.end) for e in events
+                   if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"))
+    out["host_in_sync_s"] = sum(b - a for a, b in syncs) / 1e6
+    out["gpu_idle_in_no_stage_s"] = (out["gpu_idle_s"] * 1e6 - covered_gaps) / 1e6
+    print(f"wall {wall:.2f} s (profiled window {out['profiled_s']:.2f} s): GPU busy {out['gpu_busy_s']:.2f} s, "
+          f"idle {out['gpu_idle_s']:.2f} s; host waiting in syncs {out['host_in_sync_s']:.2f} s", flush=True)
+    print("| stage | calls | host s | GPU kernel s | GPU idle during s |\n|---|---|---|---|---|")
+    for name, st in out["stages"].items():
+        print(f"| {name} | {st['calls']} | {st['host_s']:.2f} | {st['gpu_kernel_s']:.2f} | {st['gpu_idle_during_s']:.2f} |")
+    print(f"| (no stage) | | | | {out['gpu_idle_in_no_stage_s']:.2f} |", flush=True)
+    return out
 
 
 def chunk_flops(cfg, x: torch.Tensor, a: torch.Tensor | None) -> float:
@@ -141,12 +246,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--m", type=int, default=50)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--strength", type=float, default=8.0, help="lambda; 0 times the LM alone (loop runs)")
+    ap.add_argument("--parts", type=int, default=1, help="decode_parts (the engine's default: 1)")
     ap.add_argument("--teacher-max-length", type=int, default=128)
     ap.add_argument("--chunk-tokens", type=int, default=262_144)
     ap.add_argument("--every", type=int, default=3, help="replay every n-th recorded chunk")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", default="sdpa,sdpa_nomask,eager,sdpa_pad16,sdpa_pad64,compiled")
-    ap.add_argument("--loop", default="", help="comma list of in-loop runs: plain,again,compiled,profiled")
+    ap.add_argument("--loop", default="", help="comma list of in-loop runs: plain,again,compiled,profiled,stages "
+                                               "(stages: host and GPU time per engine stage, GPU idle by stage)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler kernel table of the current path")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
@@ -156,6 +264,11 @@ def main(argv=None) -> int:
     lm, lm_tok, teacher, cfg = build(args, device)
     peak = matmul_rate(device, 512 if args.tiny else 8192, torch.bfloat16 if device.type == "cuda" else torch.float32)
     loop_rows = loop_runs(lm, lm_tok, teacher, cfg, device, args, peak) if args.loop else []
+    if not args.variants:  # in-loop runs only
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"matmul_tflops": peak / 1e12, "loop": loop_rows}, indent=2))
+        return 0
     t0 = time.perf_counter()
     chunks = capture(lm, lm_tok, teacher, device, args)
     print(f"captured {len(chunks)} teacher chunks in {time.perf_counter() - t0:.1f} s; "
