@@ -17,6 +17,7 @@ GPU (the repository root; tokenizer files copied under .carry/generation_bench/{
     python benchmarks/generation.py --plan key --batching uniform --compare batching --out $OUT/key.json
     python benchmarks/generation.py --plan key --compare parts --out $OUT/parts.json
     python benchmarks/generation.py --plan one --parts 2 --compare parts --out $OUT/one.json
+    python benchmarks/generation.py --plan wide --parts 2 --compare parts --out $OUT/wide.json
 The comparison runs repeat the largest guided runs with the other ``sdpa`` (``--compare
 sdpa``, default), the other teacher batching (``--compare batching``) or two interleaved decoding
 parts against one (``--compare parts``). Before the runs, ``decode_parts=2`` is
@@ -250,9 +251,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", choices=("sdpa", "batching", "parts"), default="sdpa",
                     help="what the comparison runs change: the other sdpa, the other teacher batching, "
                          "or decode_parts (2 against the main runs' 1; 1 against more)")
-    ap.add_argument("--plan", choices=("full", "key", "pair", "one"), default="full",
+    ap.add_argument("--plan", choices=("full", "key", "pair", "one", "wide"), default="full",
                     help="key: only the largest guided runs of each m (and the naive reference for m=50); "
-                         "pair: m=50/256 rows and m=200/64 rows only; one: m=50/256 rows only")
+                         "pair: m=50/256 rows and m=200/64 rows only; one: m=50/256 rows only; wide: m=50 with "
+                         "512 rows against 256 (use with --parts 2 --compare parts)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
     if args.tiny:
         args.tokens = min(args.tokens, 12)
         plan_unguided = [(8, 16)]
-        plan_guided = [(10, 4, 8), (50, 8, 8), (200, 4, 4)]  # (m, batch, samples)
+        plan_guided = [(10, 4, 8), (50, 8, 8), (200, 4, 4), (50, 8, 8, 2)]  # (m, batch, samples[, parts])
         plan_other = [(50, 8, 8)]
         plan_naive = [(50, 2)]
         peak_n = 512
@@ -283,6 +285,9 @@ def main(argv=None) -> int:
             plan_naive = [(50, 4)]
         if args.plan == "one":
             plan_unguided, plan_guided, plan_other, plan_naive = [(256, 512)], [(50, 256, 512)], [(50, 256, 512)], []
+        if args.plan == "wide":  # 512 rows as 2 parts of 256 against 1 part of 512 and 1 part of 256
+            plan_unguided, plan_guided, plan_naive = [(256, 512)], [(50, 256, 512, 1), (50, 512, 1024)], []
+            plan_other = [(50, 512, 1024)]
 
     lm, lm_tok, teacher, cfg = build(args, device)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -309,10 +314,10 @@ def main(argv=None) -> int:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="unguided", batch=batch, samples=samples, m=args.top_k,
                             lam=0.0, token_map="auto", args=args, peak=peak))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}), flush=True)
-    for m, batch, samples in plan_guided:
+    for m, batch, samples, *parts in plan_guided:  # an optional 4th element: this run's decode_parts
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="guided", batch=batch, samples=samples, m=m,
                             lam=8.0, token_map="auto", args=args, peak=peak, batching=args.batching, sdpa=args.sdpa,
-                            parts=args.parts))
+                            parts=parts[0] if parts else args.parts))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}), flush=True)
     other_sdpa, other_batching, other_parts = args.sdpa, args.batching, args.parts
     if args.compare == "sdpa":
