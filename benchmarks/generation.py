@@ -102,13 +102,18 @@ def build(args, device: torch.device):
     return lm, lm_tok, teacher, cfg
 
 
+def guided_params(m: int, tokens: int, batch: int, *, strength: float = 8.0, top_k: int = 50, **extra) -> SteeredParams:
+    """The benchmarks' decoding settings: top-k = min(m, top_k), top-p 0.9, exactly ``tokens`` new tokens a row."""
+    return SteeredParams(control_strength=strength, top_m=m, top_k=min(m, top_k), top_p=0.9, max_new_tokens=tokens,
+                         min_new_tokens=tokens, batch_size=batch, **extra)
+
+
 def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples: int, m: int, lam: float,
             token_map: str, args, peak: float, batching: str = "padded", sdpa: str = "no_cudnn",
-            parts: int | None = None) -> dict:
-    params = SteeredParams(control_strength=lam, top_m=m, top_k=min(m, args.top_k), top_p=0.9,
-                           max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=batch,
+            parts: int = 1) -> dict:
+    params = guided_params(m, args.tokens, batch, strength=lam, top_k=args.top_k,
                            teacher_chunk_tokens=args.chunk_tokens, token_map=token_map, teacher_batching=batching,
-                           sdpa=sdpa, decode_parts=effective_parts(parts, device))
+                           sdpa=sdpa, decode_parts=parts)
     gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
     reqs = [GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(samples)]
     gen.generate(reqs[:min(batch, 4)])  # warm-up: token map, kernels
@@ -122,7 +127,7 @@ def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples
     row = {"run": label, "batch": batch, "samples": samples, "m": m if lam else None,
            "k": params.top_k, "lambda": lam, "token_map": token_map,
            "batching": batching if lam and token_map != "exact" else None,
-           "sdpa": sdpa if lam else None, "parts": min(effective_parts(parts, device), batch),
+           "sdpa": sdpa if lam else None, "parts": min(parts, batch),
            "wall_s": wall,
            "samples_per_s": samples / wall, "tokens_per_s": lm_tokens / wall, "lm_tokens": lm_tokens,
            "teacher_forwards": st["teacher_forwards"], "teacher_sequences": st["teacher_sequences"],
@@ -142,22 +147,15 @@ def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples
     return row
 
 
-def effective_parts(parts: int | None, device: torch.device) -> int:
-    """``decode_parts`` as the engine runs it (its default: 1)."""
-    return parts or 1
-
-
 def check_parts(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int = 50) -> dict:
     """Interleaved parts (``decode_parts=2``, one CUDA stream each) against each part decoded alone
     (``decode_parts=1``, a batch of the part's rows): the same rows in the same kernels, so the same
     tokens are expected whatever the overlap. Returns counts of rows compared and rows that differ."""
     reqs = [GenerationRequest("bert", i % 2, seed=104_729 + 31 * i) for i in range(rows)]
-    common = dict(control_strength=8.0, top_m=m, top_k=min(m, 50), top_p=0.9, max_new_tokens=tokens,
-                  min_new_tokens=tokens)
-    together = SteeredGenerator(lm, lm_tok, {"bert": teacher}, SteeredParams(batch_size=rows, decode_parts=2, **common),
+    together = SteeredGenerator(lm, lm_tok, {"bert": teacher}, guided_params(m, tokens, rows, decode_parts=2),
                                 device=device).generate(reqs)
     half = rows // 2
-    alone = SteeredGenerator(lm, lm_tok, {"bert": teacher}, SteeredParams(batch_size=half, decode_parts=1, **common),
+    alone = SteeredGenerator(lm, lm_tok, {"bert": teacher}, guided_params(m, tokens, half, decode_parts=1),
                              device=device)
     separate = alone.generate(reqs[:half]) + alone.generate(reqs[half:])
     differ = sum(a.token_ids != b.token_ids for a, b in zip(together, separate))
@@ -172,8 +170,7 @@ def sync_census(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int =
     import collections
     import warnings
 
-    params = SteeredParams(control_strength=8.0, top_m=m, top_k=min(m, 50), top_p=0.9, max_new_tokens=tokens,
-                           min_new_tokens=tokens, batch_size=rows)
+    params = guided_params(m, tokens, rows)
     gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
     reqs = [GenerationRequest("bert", i % 2, seed=15_485_863 + i) for i in range(rows)]
     gen.generate(reqs[:2])
@@ -186,7 +183,7 @@ def sync_census(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int =
             torch.cuda.set_sync_debug_mode(0)
     where = collections.Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
                                 for w in caught if "synchroniz" in str(w.message))
-    return {"rows": rows, "tokens": tokens, "parts": effective_parts(None, device), "total": sum(where.values()),
+    return {"rows": rows, "tokens": tokens, "parts": params.decode_parts, "total": sum(where.values()),
             "steps": gen.stats["steps"], "teacher_forwards": gen.stats["teacher_forwards"], "by_line": dict(where.most_common())}
 
 
@@ -246,7 +243,7 @@ def main(argv=None) -> int:
                     help="teacher batching of the guided runs")
     ap.add_argument("--sdpa", choices=("no_cudnn", "any"), default="no_cudnn",
                     help="sdpa of the main guided runs")
-    ap.add_argument("--parts", type=int, default=None,
+    ap.add_argument("--parts", type=int, default=1,
                     help="decode_parts of the main guided runs (default: the engine's, 1)")
     ap.add_argument("--compare", choices=("sdpa", "batching", "parts"), default="sdpa",
                     help="what the comparison runs change: the other sdpa, the other teacher batching, "
@@ -325,7 +322,7 @@ def main(argv=None) -> int:
     elif args.compare == "batching":
         other_batching = "uniform" if args.batching == "padded" else "padded"
     else:
-        other_parts = 1 if effective_parts(args.parts, device) > 1 else 2
+        other_parts = 1 if args.parts > 1 else 2
     for m, batch, samples in plan_other:
         rows.append(run_one(lm, lm_tok, teacher, cfg, device, label="guided", batch=batch, samples=samples, m=m,
                             lam=8.0, token_map="auto", args=args, peak=peak, batching=other_batching,

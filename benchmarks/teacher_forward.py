@@ -27,14 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.generation import HERE, build, matmul_rate, sync, teacher_flops  # noqa: E402
-from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams  # noqa: E402
+from benchmarks.generation import HERE, build, guided_params, matmul_rate, sync, teacher_flops  # noqa: E402
+from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams, covered  # noqa: E402
 
 
 def guided_run(args) -> tuple[SteeredParams, list[GenerationRequest]]:
     """The guided run every measurement here repeats: parameters and requests (one batch)."""
-    params = SteeredParams(control_strength=args.strength, top_m=args.m, top_k=min(args.m, 50), top_p=0.9,
-                           max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=args.batch,
+    params = guided_params(args.m, args.tokens, args.batch, strength=args.strength,
                            teacher_chunk_tokens=args.chunk_tokens, decode_parts=args.parts)
     return params, [GenerationRequest("bert", i % 2, seed=7919 * i + 1) for i in range(args.batch)]
 
@@ -183,24 +182,23 @@ def stage_profile(gen, teacher, reqs, device) -> dict:
                 setattr(obj, attr, original)
     events = prof.events()
     kernels = merged((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
-    busy = sum(b - a for a, b in kernels)
     window = (min(e.time_range.start for e in events), max(e.time_range.end for e in events))
-    gaps = merged([(a, b) for (_, a), (b, _) in zip([(window[0], window[0])] + kernels, kernels + [(window[1], window[1])])
-                   if b > a])
-    out = {"wall_s": wall, "profiled_s": (window[1] - window[0]) / 1e6, "gpu_busy_s": busy / 1e6,
-           "gpu_idle_s": sum(b - a for a, b in gaps) / 1e6, "stages": {}}
+    edges = [window[0], *(t for span in kernels for t in span), window[1]]  # window start, kernel spans, end
+    gaps = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b > a]  # before, between and after the kernels
+    out = {"wall_s": wall, "profiled_s": (window[1] - window[0]) / 1e6, "gpu_busy_s": covered(kernels) / 1e6,
+           "gpu_idle_s": covered(gaps) / 1e6, "stages": {}}
     covered_gaps = 0.0
     for name in STAGES:
         evs = [e for e in events if e.name == "stage:" + name]
         spans = merged((e.time_range.start, e.time_range.end) for e in evs)
         idle = overlap(spans, gaps)
         covered_gaps += idle
-        out["stages"][name] = {"calls": len(evs), "host_s": sum(b - a for a, b in spans) / 1e6,
+        out["stages"][name] = {"calls": len(evs), "host_s": covered(spans) / 1e6,
                                "gpu_kernel_s": sum(e.device_time_total for e in evs) / 1e6,
                                "gpu_idle_during_s": idle / 1e6}
-    syncs = merged((e.time_range.start, e.time_range.end) for e in events
-                   if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"))
-    out["host_in_sync_s"] = sum(b - a for a, b in syncs) / 1e6
+    syncs = [(e.time_range.start, e.time_range.end) for e in events
+             if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")]
+    out["host_in_sync_s"] = covered(syncs) / 1e6
     out["gpu_idle_in_no_stage_s"] = (out["gpu_idle_s"] * 1e6 - covered_gaps) / 1e6
     print(f"wall {wall:.2f} s (profiled window {out['profiled_s']:.2f} s): GPU busy {out['gpu_busy_s']:.2f} s, "
           f"idle {out['gpu_idle_s']:.2f} s; host waiting in syncs {out['host_in_sync_s']:.2f} s", flush=True)
