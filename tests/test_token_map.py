@@ -97,6 +97,29 @@ def test_fast_path_equals_full_tokenization(name, max_length, teachers, vocab, l
     assert _check_streams(tmap, vocab, lm_tokenizer, streams=6, seed=len(name) + max_length) > 1000
 
 
+def test_pair_cache_hits_and_clears_stay_exact(teachers, vocab, lm_tokenizer):
+    """Pairs seen before come from the cache with the same ids; a cache cleared at its limit mid-stream
+    (here after 50 pairs) and pairs longer than the teacher's capacity stay exact."""
+    tmap = TeacherTokenMap(vocab, teachers["alpha"].tokenizer, 10)
+    rows = tmap.rows([b"the goa"])
+    cand = np.array([[c for c in range(len(lm_tokenizer)) if not tmap.starts_word[c]][:40]])
+    first = rows.inputs(cand)
+    stored = len(tmap.pair_cache)
+    assert stored > 0
+    again = rows.inputs(cand)
+    assert len(tmap.pair_cache) == stored  # every pair was a hit
+    assert torch.equal(first.input_ids, again.input_ids) and np.array_equal(first.lengths, again.lengths)
+    # A pending word past the teacher's capacity: lengths stay true, ids are cut like the reference.
+    long_rows = tmap.rows([b"x" + b"ab" * 40])
+    long = long_rows.inputs(cand)
+    for j, c in enumerate(cand[0]):
+        expected = tmap.reference_ids("x" + "ab" * 40 + vocab.text([int(c)]))
+        assert long.input_ids[j, :long.lengths[j]].tolist() == expected
+    tmap.cache_limit = 50
+    assert _check_streams(tmap, vocab, lm_tokenizer, streams=4, seed=7) > 500
+    assert len(tmap.pair_cache) <= 50 + 4 * 12  # cleared whenever it passed the limit
+
+
 def test_reference_ids_are_what_teacher_tokenize_gives(teachers, vocab):
     rng = random.Random(1)
     for teacher in teachers.values():

@@ -211,8 +211,8 @@ class TeacherTokenMap:
         self.prefix_t = torch.tensor(self.prefix + [self.pad_id], dtype=torch.long, device=self.device)
         self.suffix_t = torch.tensor(self.suffix + [self.pad_id], dtype=torch.long, device=self.device)
         self.word_cache: dict[bytes, tuple[int, ...]] = {}
-        self.pair_cache: dict[tuple[bytes, int], tuple[int, ...]] = {}
         self.cache_limit = 1 << 21
+        self.pair_cache = PairCache(self.pad_id, self.capacity, len(vocab.token_bytes))
         self.family: _Family | None = None
         self.reason = "forced by mode='exact'" if mode == "exact" else self._analyze()
         self.fast = self.reason == ""
@@ -372,25 +372,22 @@ class TeacherTokenMap:
                 cache[b] = tuple(x)
         return [cache[b] for b in bufs]
 
-    def pair_ids(self, words: list[bytes], cands: list[int]) -> list[tuple[int, ...]]:
-        """Teacher ids of ``decode(word + bytes(candidate))`` for each pair, through a cache."""
+    def pair_ids(self, words: list[bytes], rows: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher ids of ``decode(words[rows[i]] + bytes(cands[i]))`` for each pair ``i``, through a cache.
+
+        Returns a right-padded ``(P, W)`` array (ids past the teacher's capacity dropped) and the
+        ``(P,)`` true lengths. Only pairs never seen before reach the tokenizer (in one batched call).
+        """
         cache, tb = self.pair_cache, self.vocab.token_bytes
-        out: list = [None] * len(words)
-        missing: dict[tuple[bytes, int], list[int]] = {}
-        for i, key in enumerate(zip(words, cands)):
-            hit = cache.get(key)
-            if hit is None:
-                missing.setdefault(key, []).append(i)
-            else:
-                out[i] = hit
-        if missing:
-            if len(cache) > self.cache_limit:
-                cache.clear()
-            for (key, where), x in zip(missing.items(), self.encode([_decode(w + tb[c]) for w, c in missing])):
-                cache[key] = x = tuple(x)
-                for i in where:
-                    out[i] = x
-        return out
+        if len(cache) > self.cache_limit or len(cache.words) > self.cache_limit:
+            cache.clear()
+        uniq, inv, slots = cache.find(words, np.asarray(rows, dtype=np.int64), np.asarray(cands, dtype=np.int64))
+        unseen = np.flatnonzero(slots < 0)
+        if len(unseen):
+            word_ids, cand_ids = np.divmod(uniq[unseen], cache.vocab_size)
+            texts = [_decode(cache.words[w] + tb[c]) for w, c in zip(word_ids.tolist(), cand_ids.tolist())]
+            slots[unseen] = cache.add(uniq[unseen], _pad(self.encode(texts), self.pad_id, width=self.capacity))
+        return cache.get(slots[inv])
 
     def rows(self, initial: Sequence[bytes | Sequence[int]]) -> "TeacherRows":
         """State for ``len(initial)`` rows whose text starts as given (prompt bytes, or LM ids for a
@@ -406,17 +403,88 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad: int) -> np.ndarray:
-    """Right-padded ``(len(seqs), max(1, longest))`` int64 array, filled without a Python loop over cells."""
+def _pad(seqs: Sequence[Sequence[int]], pad: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ``(len(seqs), max(1, longest))`` int64 array (at most ``width`` columns, longer
+    sequences cut) and the ``(len(seqs),)`` true lengths, filled without a Python loop over cells."""
     lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
-    out = np.full((len(seqs), max(1, int(lengths.max(initial=0)))), pad, dtype=np.int64)
+    cols_kept = max(1, int(lengths.max(initial=0)))
+    if width is not None:
+        cols_kept = max(1, min(cols_kept, width))
+    out = np.full((len(seqs), cols_kept), pad, dtype=np.int64)
     total = int(lengths.sum())
     if total:
         flat = np.fromiter((i for x in seqs for i in x), dtype=np.int64, count=total)
         rows = np.repeat(np.arange(len(seqs)), lengths)
         cols = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        out[rows, cols] = flat
-    return out
+        keep = cols < cols_kept
+        out[rows[keep], cols[keep]] = flat[keep]
+    return out, lengths
+
+
+class PairCache:
+    """Teacher ids of (pending word, LM candidate) pairs, stored as one padded array.
+
+    A pair's key is ``word id * V + candidate`` (``word id`` interned per distinct word bytes, ``V`` the
+    LM vocabulary). Lookups and results are whole numpy arrays, so a step's few thousand pairs cost
+    one ``np.unique`` and a dictionary probe per distinct pair instead of Python work per pair and
+    per id (measured in benchmarks/RESULTS.md, session 6).
+
+    Args:
+        pad: the teacher's pad id; width: ids kept per pair (the teacher's content capacity: later ids
+            are truncated away anyway); vocab_size: the LM's ``V``.
+    """
+
+    def __init__(self, pad: int, width: int, vocab_size: int):
+        self.pad, self.width, self.vocab_size = pad, width, vocab_size
+        self.clear()
+
+    def clear(self) -> None:
+        self.word_index: dict[bytes, int] = {}
+        self.words: list[bytes] = []
+        self.slot: dict[int, int] = {}  # key -> row of ``ids``/``lengths``
+        self.ids = np.full((1024, 1), self.pad, dtype=np.int64)  # (capacity, W)
+        self.lengths = np.zeros(1024, dtype=np.int64)  # (capacity,) true lengths
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def find(self, words: list[bytes], rows: np.ndarray, cands: np.ndarray):
+        """The distinct keys ``(U,)`` of the pairs ``(words[rows[i]], cands[i])``, each pair's index into
+        them ``(P,)``, and their slots ``(U,)`` (-1: not stored)."""
+        index = self.word_index
+        for w in words:
+            if w not in index:
+                index[w] = len(self.words)
+                self.words.append(w)
+        wid = np.fromiter((index[w] for w in words), dtype=np.int64, count=len(words))  # (n,)
+        uniq, inv = np.unique(wid[rows] * self.vocab_size + cands, return_inverse=True)  # (U,), (P,)
+        get = self.slot.get
+        return uniq, inv, np.fromiter((get(k, -1) for k in uniq.tolist()), dtype=np.int64, count=len(uniq))
+
+    def add(self, keys: np.ndarray, padded: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Store the padded ids and true lengths of distinct unstored ``keys``; returns their slots."""
+        ids, lengths = padded
+        n, w = ids.shape
+        need = self.count + n
+        if need > len(self.lengths) or w > self.ids.shape[1]:
+            cap = max(need, 2 * len(self.lengths)) if need > len(self.lengths) else len(self.lengths)
+            grown = np.full((cap, max(w, self.ids.shape[1])), self.pad, dtype=np.int64)
+            grown[:self.count, :self.ids.shape[1]] = self.ids[:self.count]
+            self.ids = grown
+            self.lengths = np.concatenate([self.lengths[:self.count], np.zeros(cap - self.count, dtype=np.int64)])
+        self.ids[self.count:need, :w] = ids
+        self.lengths[self.count:need] = lengths
+        slots = np.arange(self.count, need)
+        self.slot.update(zip(keys.tolist(), slots.tolist()))
+        self.count = need
+        return slots
+
+    def get(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Padded ids ``(P, W)`` and true lengths ``(P,)`` of stored slots."""
+        lengths = self.lengths[slots]
+        width = max(1, min(int(lengths.max(initial=0)), self.ids.shape[1]))
+        return self.ids[slots, :width], lengths
 
 
 @dataclass
@@ -572,9 +640,10 @@ class TeacherRows:
             texts = [_decode(self.full[r] + tb[c]) for r in range(n) for c in cand[r]]
         else:
             texts = [tm.vocab.text(self.full[r] + [int(c)]) for r in range(n) for c in cand[r]]
-        ids = [x[:tm.capacity] for x in tm.encode(texts)]
+        ids, lengths = _pad(tm.encode(texts), tm.pad_id, width=tm.capacity)
         none = np.zeros(n, dtype=np.int64)
-        return self._assemble(cand, None, np.zeros((n, m), dtype=bool), none, np.zeros((n, m), dtype=np.int64), none, ids)
+        return self._assemble(cand, None, np.zeros((n, m), dtype=bool), none, np.zeros((n, m), dtype=np.int64), none,
+                              (ids, np.minimum(lengths, tm.capacity)))
 
     def _fast_inputs(self, cand: np.ndarray, cand_dev: torch.Tensor) -> TeacherInputs:
         tm = self.map
@@ -589,7 +658,7 @@ class TeacherRows:
         p_ids = tm.word_ids(pend)
         p_len = np.array([len(x) for x in p_ids], dtype=np.int64)
         sr, sc = np.nonzero(~fast)
-        slow = tm.pair_ids([pend[r] for r in sr], cand[sr, sc].tolist()) if len(sr) else []
+        slow = tm.pair_ids(pend, sr, cand[sr, sc]) if len(sr) else None
         return self._assemble(cand, cand_dev, fast, p_len, tm.table_len[cand], self.settled_len, slow,
                               p_ids=p_ids, slow_rc=(sr, sc))
 
@@ -597,7 +666,8 @@ class TeacherRows:
         """Gather [prefix specials] + settled + pending + candidate tail + [suffix specials] on the device.
 
         For a fast pair the tail is ``pending ids + table[candidate]``; for a slow pair it is the
-        tokenized ``pending + candidate`` (in ``slow``, row-major over the ~fast pairs).
+        tokenized ``pending + candidate`` (``slow``: padded ids and lengths, row-major over the ~fast
+        pairs; None if there are none).
         """
         tm = self.map
         dev = tm.device
@@ -609,7 +679,7 @@ class TeacherRows:
             slow_rc = np.nonzero(~fast)
         sr, sc = slow_rc
         if len(sr):
-            slow_len[sr, sc] = [len(x) for x in slow]
+            slow_len[sr, sc] = slow[1]
         p_part = np.where(fast, np.asarray(p_len).reshape(n, 1), 0)  # (n, m) pending ids precede a fast tail
         t_part = np.where(fast, t_len, slow_len)  # (n, m)
         content = np.minimum(s_len[:, None] + p_part + t_part, C)  # (n, m) after truncation
@@ -629,7 +699,7 @@ class TeacherRows:
             s_vals = self.settled.gather(1, k.view(1, L).clamp(0, C - 1).expand(n, L)).view(n, 1, L)
             out = torch.where(k < s_len_d, s_vals, out)
         if p_ids is not None:
-            p_np = _pad(p_ids, tm.pad_id)
+            p_np, _ = _pad(p_ids, tm.pad_id)
             width = p_np.shape[1]
             p_tab = to_device(p_np, dev)
             p_vals = p_tab.gather(1, (k.view(1, L) - s_len_d.view(n, 1)).clamp(0, width - 1)).view(n, 1, L)
@@ -643,7 +713,7 @@ class TeacherRows:
             t_rows = tm.table[cand_dev]  # (n, m, W)
             tail = torch.where(fast_d, t_rows.gather(2, rel.clamp(0, width - 1)), tail)
         if len(sr):
-            r_np = _pad(slow, tm.pad_id)
+            r_np = slow[0]
             width = r_np.shape[1]
             r_tab = torch.full((n, m, width), tm.pad_id, dtype=torch.long, device=dev)
             where = to_device(np.stack([sr, sc]).astype(np.int64), dev)
