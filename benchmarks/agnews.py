@@ -13,6 +13,14 @@ scored on the full AG News test set (7,600 rows, ``title + " " + description``):
     stratanet       steered generation + RMD confidence + ST-amalg (block L2 + confidence-weighted KL)
     stratanet_msp   the same with maximum-softmax-probability confidence instead of RMD
     stratanet_nost  the same with ``fusion: no_st`` (linear layer over the confidence-weighted sum)
+    vanilla_real, stratanet_real   diagnostics: the same training on real AG News train text (no
+                    labels: the teachers label it, as for ``corpus``). The gap between these and the
+                    steered rows is what generation loses; the gap to ``supervised`` is what the
+                    teachers and the distillation lose.
+
+``--sweep`` writes small steered sets under several decoding settings (``name:key=value,...``,
+keys of ``transfer.steered``) and reports each one's teacher hit rate, judge agreement (by class)
+and distinct-2 -- a cheap way to choose the generation settings before a full-size set.
 
 Nothing here re-implements the pipeline: transfer sets come from
 :func:`dfkd_ray.transfer.writer.write_transfer_set` (the single-process twin of the Ray generation
@@ -61,14 +69,18 @@ LABELS = ["World", "Sports", "Business", "Sci/Tech"]  # AG News labels 1..4
 TEACHERS = {"world_sports": ["World", "Sports"], "business_scitech": ["Business", "Sci/Tech"]}
 SOURCES = {"vanilla_random": "random_words", "vanilla_corpus": "corpus", "vanilla_steered": "steered",
            "stratanet": "steered", "stratanet_msp": "steered", "stratanet_nost": "steered",
-           "stratanet_random": "random_words", "stratanet_corpus": "corpus"}
+           "stratanet_random": "random_words", "stratanet_corpus": "corpus",
+           "vanilla_real": "real", "stratanet_real": "real"}
+KIND = {"real": "corpus"}  # the transfer source that builds a set (real AG News text: a corpus file)
 AMALGAMATION = {"vanilla_random": {"method": "vanilla"}, "vanilla_corpus": {"method": "vanilla"},
                 "vanilla_steered": {"method": "vanilla"},
                 "stratanet": {"method": "stratanet", "confidence": "rmd", "fusion": "st"},
                 "stratanet_msp": {"method": "stratanet", "confidence": "msp", "fusion": "st"},
                 "stratanet_nost": {"method": "stratanet", "confidence": "rmd", "fusion": "no_st"},
                 "stratanet_random": {"method": "stratanet", "confidence": "rmd", "fusion": "st"},
-                "stratanet_corpus": {"method": "stratanet", "confidence": "rmd", "fusion": "st"}}
+                "stratanet_corpus": {"method": "stratanet", "confidence": "rmd", "fusion": "st"},
+                "vanilla_real": {"method": "vanilla"},
+                "stratanet_real": {"method": "stratanet", "confidence": "rmd", "fusion": "st"}}
 ROWS = list(SOURCES)
 
 
@@ -179,28 +191,60 @@ def train_supervised(cfg: JobConfig, data: dict, args, device) -> tuple[object, 
 
 # ---- configs --------------------------------------------------------------------------------
 
-def job_config(args, work: Path, row: str, seed: int) -> JobConfig:
-    source = SOURCES[row]
-    transfer = {"source": source, "samples_per_class": args.samples_per_class, "shard_size": args.shard_size,
+def real_text_file(work: Path) -> Path:
+    """The AG News train texts, one per line: the corpus of the ``real`` diagnostic rows."""
+    return work / "agnews_train_text.txt"
+
+
+def job_config(args, work: Path, row: str, seed: int, *, steered: dict | None = None,
+               samples_per_class: int | None = None) -> JobConfig:
+    """The job config of one row; ``steered`` overrides ``transfer.steered`` fields (``--sweep``)."""
+    source = SOURCES.get(row, "steered")
+    kind = KIND.get(source, source)
+    transfer = {"source": kind, "samples_per_class": samples_per_class or args.samples_per_class,
+                "shard_size": args.shard_size,
                 "dedup": "near", "heldout_fraction": args.heldout_fraction, "max_attempts": 3,
-                "min_confidence": args.min_confidence if source == "steered" else 0.0,
+                "min_confidence": args.min_confidence if kind == "steered" else 0.0,
                 "random_words": {"min_words": 16, "max_words": 48},
-                "corpus": {"path": str(args.corpus), "min_words": 8, "max_words": 64},
+                "corpus": {"path": str(real_text_file(work) if source == "real" else args.corpus),
+                           "min_words": 8, "max_words": 64},
                 "steered": {"engine": "hf", "lm_path": str(args.lm), "control_strength": args.control_strength,
                             "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
                             "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens), "prompt": args.prompt,
                             "lambda_schedule": args.lambda_schedule, "decay_rate": args.decay_rate,
-                            "batch_size": args.gen_batch}}
+                            "batch_size": args.gen_batch, **(steered or {})}}
     data = {"name": f"agnews-{row}", "seed": seed,
             "teachers": [{"name": n, "path": str(work / "teachers" / n), "max_length": args.max_length}
                          for n in TEACHERS],
             "transfer": transfer,
-            "amalgamation": {**AMALGAMATION[row], "amalg_dim": 256, "temperature": args.temperature},
+            "amalgamation": {**AMALGAMATION.get(row, {"method": "vanilla"}), "amalg_dim": 256, "temperature": args.temperature},
             "student": {"path": str(args.base), "num_layers": 3, "max_length": args.max_length},
             "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                       "warmup_epochs": min(1.0, args.epochs), "shuffle_buffer": 0},
             "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(work / "runs" / row)}}
     return validate_config(data, source=f"benchmark row {row}")
+
+
+def parse_sweep(spec: str) -> dict[str, dict]:
+    """``"name:key=value,key=value;name2:..."`` -> {name: {key: value}} (numbers and booleans parsed, the
+    rest kept as text, so a value cannot hold ',' or ';'; the keys are ``transfer.steered`` fields,
+    checked when each variant's config is validated)."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for part in filter(None, (x.strip() for x in spec.split(";"))):
+        name, _, body = part.partition(":")
+        if not name or name in out:
+            raise SystemExit(f"--sweep: variant {part!r} needs a new name before ':' (e.g. 'decay:lambda_schedule=decay')")
+        fields = {}
+        for item in filter(None, (x.strip() for x in body.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise SystemExit(f"--sweep: {item!r} in variant {name!r} is not key=value")
+            parsed = yaml.safe_load(value) if value.strip() else ""
+            fields[key.strip()] = parsed if isinstance(parsed, (bool, int, float)) else value.strip()
+        out[name] = fields
+    return out
 
 
 def transfer_dir(work: Path, source: str) -> Path:
@@ -225,6 +269,30 @@ def distill(cfg: JobConfig, table, teachers: dict, estimators, device) -> tuple[
     return distiller.student, {"rows": distiller.plan.rows, "steps": distiller.plan.total_steps,
                                "seconds": round(time.perf_counter() - start, 1),
                                "final": {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}}
+
+
+def profile_distill(cfg: JobConfig, table, teachers: dict, estimators, device, steps: int = 20) -> str:
+    """torch.profiler over ``steps`` optimiser steps (after 5 unprofiled ones) of this row's training:
+    where a distillation step's time goes (host, kernels, waits), as the profiler's top-20 table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dfkd_ray.distill.loop import Distiller, StepPlan
+
+    held = table.column("heldout").to_pylist()
+    texts = [t for t, h in zip(table.column("text").to_pylist(), held) if not h]
+    size = cfg.train.batch_size
+    batches_ = [[texts[(b * size + j) % len(texts)] for j in range(size)] for b in range(steps + 5)]
+    distiller = Distiller(cfg, StepPlan.of(len(texts), cfg, 1), device=device, teachers=teachers, estimators=estimators)
+    for b in batches_[:5]:
+        distiller.step(b)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for b in batches_[5:]:
+            distiller.step(b)
+    wall = time.perf_counter() - start
+    table_ = prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60)
+    return f"{steps} steps in {wall:.2f} s under the profiler ({1e3 * wall / steps:.1f} ms a step)\n{table_}"
 
 
 # ---- diagnostics ----------------------------------------------------------------------------
@@ -319,16 +387,25 @@ def main(argv=None) -> int:
     p.add_argument("--supervised-epochs", type=int, default=3)
     p.add_argument("--no-judge", action="store_true", help="skip the supervised row (and the judge diagnostics)")
     p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 train/test rows, 12 samples per class")
+    p.add_argument("--sweep", default="", help="steered variants to compare before the rows, e.g. "
+                   "\"base:;prompt:prompt=Category: {label};decay:lambda_schedule=decay,decay_rate=0.95\"")
+    p.add_argument("--sweep-samples", type=int, default=100, help="samples per class of each --sweep variant")
+    p.add_argument("--profile-distill", action="store_true",
+                   help="profile 20 steps of the first amalgamation row's training and print the table")
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad:
         p.error(f"--rows: unknown {bad}; choose from {ROWS}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    sweep = parse_sweep(args.sweep)
+    if sweep and args.no_judge:
+        p.error("--sweep compares variants by the judge's agreement: drop --no-judge")
     if args.tiny:
         args.samples_per_class, args.shard_size, args.gen_batch, args.max_new_tokens, args.top_m = 12, 24, 24, 12, 8
         args.epochs, args.teacher_epochs, args.supervised_epochs, args.max_length = 1, 1, 1, 64
         args.min_confidence, args.heldout_fraction, args.batch_size = 0.0, 0.5, 4
+        args.sweep_samples = min(args.sweep_samples, 6)
     device = torch.device(args.device)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (fine-tuning)
     work = args.work
@@ -337,7 +414,7 @@ def main(argv=None) -> int:
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "phases": {}, "transfer": {}, "auroc": {}, "rows": {}}
+                    "phases": {}, "transfer": {}, "sweep": {}, "auroc": {}, "rows": {}}
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -348,6 +425,8 @@ def main(argv=None) -> int:
     space = UnionLabelSpace.from_teachers(TEACHERS)
     assert list(space.names) == LABELS, space.names
     log(f"AG News: {len(data['train_texts'])} train rows, {len(data['test_texts'])} test rows; device {device}")
+    if any(SOURCES[r] == "real" for r in rows):
+        real_text_file(work).write_text("".join(" ".join(t.split()) + "\n" for t in data["train_texts"]))
 
     # 1. teachers, fine-tuned on their halves of the labels
     for name, names in TEACHERS.items():
@@ -375,6 +454,25 @@ def main(argv=None) -> int:
             evaluate_student(judge, data["test_texts"], data["test_labels"], space, batch_size=256))
         log(f"supervised: {report['rows']['supervised']}")
         save()
+
+    # 2b. small steered sets under each --sweep variant: the judge says which writes more of its class
+    for name, fields in sweep.items():
+        cfg = job_config(args, work, f"sweep-{name}", args.seed, steered=fields, samples_per_class=args.sweep_samples)
+        directory = work / "sweep" / name
+        start = time.perf_counter()
+        write_transfer_set(cfg, directory, device=str(device), progress=False)
+        table = read_transfer_table(directory)
+        summary = json.loads((directory / "summary.json").read_text())
+        diag = transfer_diagnostics(table, teachers, judge, space)
+        diag.update(settings=fields, seconds=round(time.perf_counter() - start, 1),
+                    samples_per_s=summary.get("samples_per_s"), rejects=summary.get("rejects"),
+                    distinct_2=round(summary.get("distinct_2", 0.0), 4),
+                    examples=[t[:160] for t in table.column("text").to_pylist()[::max(1, len(table) // 4)][:4]])
+        report["sweep"][name] = diag
+        log(f"sweep {name}: {json.dumps({k: v for k, v in diag.items() if k != 'examples'})}")
+        save()
+    if sweep:
+        print(sweep_markdown(report["sweep"]))
 
     # 3. transfer sets (one per source), shared by the rows that use that source
     tables = {}
@@ -418,6 +516,9 @@ def main(argv=None) -> int:
                         report["auroc"][f"{key[0]}/{key[1]}"] = confidence_auroc(table, teachers, estimators_cache[key])
                         log(f"confidence {key}: AUROC per block {report['auroc'][f'{key[0]}/{key[1]}']}")
                 est = estimators_cache[key]
+            if args.profile_distill and "profile" not in report:
+                report["profile"] = profile_distill(cfg, table, teachers, est, device)
+                print(report["profile"], flush=True)
             student, info = distill(cfg, table, teachers, est, device)
             result = accuracy_row(evaluate_student(student, data["test_texts"], data["test_labels"], space,
                                                    batch_size=256))
@@ -432,6 +533,22 @@ def main(argv=None) -> int:
     save()
     print(table_markdown(report))
     return 0
+
+
+def sweep_markdown(sweep: dict) -> str:
+    names = None
+    lines = []
+    for name, d in sweep.items():
+        by_class = d.get("judge_agreement_by_class", {})
+        if names is None:
+            names = list(by_class)
+            lines += ["| variant | settings | rows | teacher hit | judge agreement | " + " | ".join(names)
+                      + " | distinct-2 | samples/s |", "|---|---|---|---|---|" + "---|" * len(names) + "---|---|"]
+        settings = ", ".join(f"{k}={v}" for k, v in d["settings"].items()) or "(defaults)"
+        lines.append(f"| {name} | {settings} | {d['rows']} | {d['teacher_hit_rate']} | {d['judge_agreement']} | "
+                     + " | ".join(str(by_class.get(n, "-")) for n in names)
+                     + f" | {d['distinct_2']} | {d.get('samples_per_s') or 0:.1f} |")
+    return "\n".join(lines)
 
 
 def table_markdown(report: dict) -> str:

@@ -422,6 +422,10 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)")
     shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: no shuffle)")
     include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
+    sdpa: Literal["no_cudnn", "any"] = Field(
+        "no_cudnn", description="attention kernels of each distillation step (teachers, student, backward); no_cudnn: "
+                                "flash, memory-efficient or math (cuDNN's builds a plan per new batch width: half a "
+                                "step's host time on an H100); any: torch's own choice. Picks kernels, not results")
     stream_from_generation: bool = Field(
         False, description="jobs/amalgamate.py: train the first epoch on rows as the generator actors make them "
                            "(the held-out rows are made first, for the confidence statistics); later epochs read the "

@@ -33,6 +33,7 @@ import torch
 from dfkd_ray.config import JobConfig
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.math.losses import concat_target, kd_loss
+from dfkd_ray.models.kernels import attention_kernels
 
 CHECKPOINT_STATE = "state.json"
 
@@ -184,12 +185,13 @@ class Distiller:
     def step(self, texts: Sequence[str]) -> dict[str, float]:
         """One optimiser step on a batch of texts; returns the batch's metrics as floats."""
         self.model.train()
-        losses = self.losses(texts)
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"non-finite loss {losses['loss'].item()} at step {self.step_count}; lower "
-                                     "train.learning_rate or check the transfer set")
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        with attention_kernels(self.cfg.train.sdpa, self.device):
+            losses = self.losses(texts)
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"non-finite loss {losses['loss'].item()} at step {self.step_count}; lower "
+                                         "train.learning_rate or check the transfer set")
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()

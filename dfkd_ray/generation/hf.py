@@ -50,6 +50,7 @@ import torch
 from dfkd_ray.generation.token_map import LmVocabulary, TeacherInputs, TeacherRows, TeacherTokenMap, to_device
 from dfkd_ray.math.decoding import (SCHEDULES, control_weights, reweight, row_uniforms, sample_candidates,
                                     sample_top_k, select_top_m)
+from dfkd_ray.models.kernels import attention_kernels
 
 _STAT_KEYS = ("steps", "teacher_forwards", "teacher_sequences", "teacher_tokens", "teacher_padded_tokens",
               "teacher_tokens_sq", "teacher_seconds", "teacher_busy_seconds", "tokenizer_seconds", "lm_forwards")
@@ -264,25 +265,6 @@ def teacher_initial(vocab: LmVocabulary, prompt_ids: Sequence[int], bos_id: Opti
     if not keep_prompt:
         ids = []
     return vocab.bytes_of(ids) if vocab.byte_level else ids
-
-
-def attention_kernels(choice: str, device: torch.device):
-    """A context that limits ``scaled_dot_product_attention`` for the LM's steps and teacher scoring.
-
-    ``"no_cudnn"`` allows flash, memory-efficient and math kernels but not cuDNN's. cuDNN's fused
-    attention builds an execution plan the first time it sees an input shape, and decoding rarely
-    repeats one: the teacher gets a new ``(sequences, width)`` almost every forward (H100, BERT-base
-    teacher, ``benchmarks/teacher_forward.py``: a guided run took 43.7 s the first time and 25.0 s when
-    repeated with the same shapes), and the LM's key length grows by one every step (GPT-2-small
-    shape, 256 rows: 5 ms of host time per layer and step building plans, 30 ms a step, against
-    0.16 s of GPU kernels for 64 steps). ``"any"`` leaves the choice to torch. Models that do not use
-    SDPA, and CPUs, are not affected.
-    """
-    if choice == "any" or device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def attention_mask_4d(mask: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,8 @@ from dfkd_ray.orchestration import worker_device
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
 from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
 
-_TRAIN_ONLY_KEYS = ("report_every_steps", "checkpoint_every_steps", "max_failures")
+# Settings of how a run reports, recovers or picks kernels, not what it trains: out of the stage record.
+_TRAIN_ONLY_KEYS = ("report_every_steps", "checkpoint_every_steps", "max_failures", "sdpa")
 
 
 def confidence_dir(cfg: JobConfig) -> Path:
