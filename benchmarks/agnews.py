@@ -348,7 +348,11 @@ def confidence_auroc(table, teachers: dict, estimators: dict) -> dict:
 # ---- main -----------------------------------------------------------------------------------
 
 def accuracy_row(results: dict) -> dict:
-    return {"accuracy": round(results["accuracy"], 4), "macro_f1": round(results["macro_f1"], 4)}
+    """Accuracy, macro F1, recall per class and the confusion matrix (rows: true class): which class
+    a student gives up shows there, not in the accuracy."""
+    return {"accuracy": round(results["accuracy"], 4), "macro_f1": round(results["macro_f1"], 4),
+            "recall": {n: round(c["recall"], 4) for n, c in results["per_class"].items()},
+            "confusion": results["confusion"]}
 
 
 def main(argv=None) -> int:
@@ -369,10 +373,12 @@ def main(argv=None) -> int:
     p.add_argument("--samples-per-class", type=int, default=1250)
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--gen-batch", type=int, default=500)
-    p.add_argument("--control-strength", type=float, default=8.0)
+    p.add_argument("--control-strength", type=float, default=16.0,
+                   help="lambda; 16 with the class prompt wrote the most on-class text in the session-6 sweep")
     p.add_argument("--top-m", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompt", default="", help="steered prompt template, e.g. 'Category: {label}'")
+    p.add_argument("--prompt", default="Category: {label}",
+                   help="steered prompt template (StrataNet Table 1); '' for none. The set keeps only the continuation")
     p.add_argument("--lambda-schedule", choices=("constant", "decay"), default="constant")
     p.add_argument("--decay-rate", type=float, default=0.97, help="per-token lambda decay (decay schedule)")
     p.add_argument("--min-confidence", type=float, default=0.5, help="steered rows only")

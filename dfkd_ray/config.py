@@ -424,8 +424,9 @@ class TrainConfig(_Section):
     include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
     sdpa: Literal["no_cudnn", "any"] = Field(
         "no_cudnn", description="attention kernels of each distillation step (teachers, student, backward); no_cudnn: "
-                                "flash, memory-efficient or math (cuDNN's builds a plan per new batch width: half a "
-                                "step's host time on an H100); any: torch's own choice. Picks kernels, not results")
+                                "flash, memory-efficient or math (cuDNN's builds a plan per new batch width: half the "
+                                "host time of a profiled step on an H100, though a whole AG News row took about as long "
+                                "either way); any: torch's own choice. Picks kernels, not results")
     stream_from_generation: bool = Field(
         False, description="jobs/amalgamate.py: train the first epoch on rows as the generator actors make them "
                            "(the held-out rows are made first, for the confidence statistics); later epochs read the "
