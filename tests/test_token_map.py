@@ -118,6 +118,9 @@ def test_pair_cache_hits_and_clears_stay_exact(teachers, vocab, lm_tokenizer):
     tmap.cache_limit = 50
     assert _check_streams(tmap, vocab, lm_tokenizer, streams=4, seed=7) > 500
     assert len(tmap.pair_cache) <= 50 + 4 * 12  # cleared whenever it passed the limit
+    tmap.cache_limit, tmap.cache_bytes = 1 << 21, 1  # the byte bound clears it on every call
+    assert _check_streams(tmap, vocab, lm_tokenizer, streams=3, seed=8) > 300
+    assert len(tmap.pair_cache) <= 3 * 12
 
 
 def test_reference_ids_are_what_teacher_tokenize_gives(teachers, vocab):

@@ -211,7 +211,8 @@ class TeacherTokenMap:
         self.prefix_t = torch.tensor(self.prefix + [self.pad_id], dtype=torch.long, device=self.device)
         self.suffix_t = torch.tensor(self.suffix + [self.pad_id], dtype=torch.long, device=self.device)
         self.word_cache: dict[bytes, tuple[int, ...]] = {}
-        self.cache_limit = 1 << 21
+        self.cache_limit = 1 << 21  # entries of each cache before it is cleared
+        self.cache_bytes = 1 << 28  # and bytes of the pair cache's id array
         self.pair_cache = PairCache(self.pad_id, self.capacity, len(vocab.token_bytes))
         self.family: _Family | None = None
         self.reason = "forced by mode='exact'" if mode == "exact" else self._analyze()
@@ -379,7 +380,7 @@ class TeacherTokenMap:
         ``(P,)`` true lengths. Only pairs never seen before reach the tokenizer (in one batched call).
         """
         cache, tb = self.pair_cache, self.vocab.token_bytes
-        if len(cache) > self.cache_limit or len(cache.words) > self.cache_limit:
+        if len(cache) > self.cache_limit or len(cache.words) > self.cache_limit or cache.ids.nbytes > self.cache_bytes:
             cache.clear()
         uniq, inv, slots = cache.find(words, np.asarray(rows, dtype=np.int64), np.asarray(cands, dtype=np.int64))
         unseen = np.flatnonzero(slots < 0)
@@ -442,7 +443,7 @@ class PairCache:
         self.word_index: dict[bytes, int] = {}
         self.words: list[bytes] = []
         self.slot: dict[int, int] = {}  # key -> row of ``ids``/``lengths``
-        self.ids = np.full((1024, 1), self.pad, dtype=np.int64)  # (capacity, W)
+        self.ids = np.full((1024, 1), self.pad, dtype=np.int32)  # (capacity, W); int32 halves a wide cache
         self.lengths = np.zeros(1024, dtype=np.int64)  # (capacity,) true lengths
         self.count = 0
 
@@ -469,7 +470,7 @@ class PairCache:
         need = self.count + n
         if need > len(self.lengths) or w > self.ids.shape[1]:
             cap = max(need, 2 * len(self.lengths)) if need > len(self.lengths) else len(self.lengths)
-            grown = np.full((cap, max(w, self.ids.shape[1])), self.pad, dtype=np.int64)
+            grown = np.full((cap, max(w, self.ids.shape[1])), self.pad, dtype=np.int32)
             grown[:self.count, :self.ids.shape[1]] = self.ids[:self.count]
             self.ids = grown
             self.lengths = np.concatenate([self.lengths[:self.count], np.zeros(cap - self.count, dtype=np.int64)])
@@ -484,7 +485,7 @@ class PairCache:
         """Padded ids ``(P, W)`` and true lengths ``(P,)`` of stored slots."""
         lengths = self.lengths[slots]
         width = max(1, min(int(lengths.max(initial=0)), self.ids.shape[1]))
-        return self.ids[slots, :width], lengths
+        return self.ids[slots, :width].astype(np.int64), lengths
 
 
 @dataclass
