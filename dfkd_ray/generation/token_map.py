@@ -213,7 +213,7 @@ class TeacherTokenMap:
         self.word_cache: dict[bytes, tuple[int, ...]] = {}
         self.cache_limit = 1 << 21  # entries of each cache before it is cleared
         self.cache_bytes = 1 << 28  # and bytes of the pair cache's id array
-        self.pair_cache = PairCache(self.pad_id, self.capacity, len(vocab.token_bytes))
+        self.pair_cache = PairCache(self.pad_id, len(vocab.token_bytes))
         self.family: _Family | None = None
         self.reason = "forced by mode='exact'" if mode == "exact" else self._analyze()
         self.fast = self.reason == ""
@@ -387,6 +387,7 @@ class TeacherTokenMap:
         if len(unseen):
             word_ids, cand_ids = np.divmod(uniq[unseen], cache.vocab_size)
             texts = [_decode(cache.words[w] + tb[c]) for w, c in zip(word_ids.tolist(), cand_ids.tolist())]
+            # ids past the teacher's capacity are truncated away anyway: not stored
             slots[unseen] = cache.add(uniq[unseen], _pad(self.encode(texts), self.pad_id, width=self.capacity))
         return cache.get(slots[inv])
 
@@ -431,12 +432,11 @@ class PairCache:
     per id (measured in benchmarks/RESULTS.md, session 6).
 
     Args:
-        pad: the teacher's pad id; width: ids kept per pair (the teacher's content capacity: later ids
-            are truncated away anyway); vocab_size: the LM's ``V``.
+        pad: the teacher's pad id; vocab_size: the LM's ``V``.
     """
 
-    def __init__(self, pad: int, width: int, vocab_size: int):
-        self.pad, self.width, self.vocab_size = pad, width, vocab_size
+    def __init__(self, pad: int, vocab_size: int):
+        self.pad, self.vocab_size = pad, vocab_size
         self.clear()
 
     def clear(self) -> None:
