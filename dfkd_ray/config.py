@@ -36,6 +36,8 @@ _TEACHER_LABELS = "_teacher_labels"
 """Validation-context key: every teacher's label names, for ``transfer.class_weights``."""
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+# Attention kernels of a stage (dfkd_ray.models.kernels.attention_kernels): without cuDNN, or torch's choice.
+AttentionKernels = Literal["no_cudnn", "any"]
 
 
 class _Section(BaseModel):
@@ -204,7 +206,7 @@ class SteeredConfig(_Section):
     teacher_batching: Literal["padded", "uniform"] = Field(
         "padded", description="padded: length-sorted, padded chunks (measured faster on an H100); uniform: "
                               "candidates of one length share an unpadded, unmasked forward when enough of them do")
-    sdpa: Literal["no_cudnn", "any"] = Field(
+    sdpa: AttentionKernels = Field(
         "no_cudnn", description="attention kernels for teacher scoring and the hf engine's LM; no_cudnn: flash, "
                                 "memory-efficient or math (cuDNN's builds a plan per new input shape, ms to tens of ms "
                                 "each on an H100, and decoding rarely repeats a shape); any: torch's own choice. Picks "
@@ -422,7 +424,7 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)")
     shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: no shuffle)")
     include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
-    sdpa: Literal["no_cudnn", "any"] = Field(
+    sdpa: AttentionKernels = Field(
         "no_cudnn", description="attention kernels of each distillation step (teachers, student, backward); no_cudnn: "
                                 "flash, memory-efficient or math (cuDNN's builds a plan per new batch width: half the "
                                 "host time of a profiled step on an H100, though a whole AG News row took about as long "

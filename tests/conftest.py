@@ -6,6 +6,7 @@ Set ``DFKD_TEST_CACHE=/some/dir`` to reuse the built task across pytest sessions
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -92,3 +93,26 @@ def smoke_config(synthetic_task):
             f"eval.path={task.eval_file}", f"output.dir={out}", *overrides])
 
     return make
+
+
+class KernelRecorder:
+    """Stands in for ``attention_kernels``: records each choice it is entered with and whether code
+    runs inside it (``inside``)."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+        self.inside = False
+
+    @contextlib.contextmanager
+    def __call__(self, choice, device):
+        self.seen.append(choice)
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+
+@pytest.fixture
+def kernel_recorder() -> KernelRecorder:
+    return KernelRecorder()

@@ -130,11 +130,9 @@ def test_train_in_process_follows_the_plan_of_its_workers(job_dict, teachers):
 
 
 @pytest.mark.parametrize("sdpa", ["no_cudnn", "any"])
-def test_distillation_step_runs_under_its_attention_kernels(job_dict, teachers, monkeypatch, sdpa):
+def test_distillation_step_runs_under_its_attention_kernels(job_dict, teachers, monkeypatch, kernel_recorder, sdpa):
     """Teachers, student and backward run inside ``attention_kernels(train.sdpa)``; the choice picks
     kernels, not what is trained, so it stays out of the distill stage's record."""
-    import contextlib
-
     from dfkd_ray.distill import loop
     from dfkd_ray.orchestration.distill import _TRAIN_ONLY_KEYS
 
@@ -142,35 +140,27 @@ def test_distillation_step_runs_under_its_attention_kernels(job_dict, teachers, 
     job_dict["student"]["num_layers"] = 3
     job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "learning_rate": 1e-3, "sdpa": sdpa}
     cfg = validate_config(job_dict)
-    seen, inside, calls = [], [False], {"teacher": 0, "student": 0, "backward": 0}
-
-    @contextlib.contextmanager
-    def recording(choice, device):
-        seen.append(choice)
-        inside[0] = True
-        yield
-        inside[0] = False
-
-    monkeypatch.setattr(loop, "attention_kernels", recording)
+    calls = {"teacher": 0, "student": 0, "backward": 0}
+    monkeypatch.setattr(loop, "attention_kernels", kernel_recorder)
     d = Distiller(cfg, StepPlan.of(4, cfg), teachers=teachers)
     teacher_class = type(next(iter(teachers.values())))
     teacher_call = teacher_class.__call__
 
     def counting_call(self, *a, **k):
-        calls["teacher"] += inside[0]
+        calls["teacher"] += kernel_recorder.inside
         return teacher_call(self, *a, **k)
 
     monkeypatch.setattr(teacher_class, "__call__", counting_call)  # every teacher's forward
     student_forward = d.model.forward
 
     def counting_forward(*a, **k):
-        calls["student"] += inside[0]
+        calls["student"] += kernel_recorder.inside
         out = student_forward(*a, **k)
-        out.logits.register_hook(lambda g: calls.__setitem__("backward", calls["backward"] + inside[0]))
+        out.logits.register_hook(lambda g: calls.__setitem__("backward", calls["backward"] + kernel_recorder.inside))
         return out
 
     monkeypatch.setattr(d.model, "forward", counting_forward)
     d.step(["the striker scored", "bake the bread"])
-    assert seen == [sdpa]
+    assert kernel_recorder.seen == [sdpa]
     assert calls == {"teacher": len(teachers), "student": 1, "backward": 1}
     assert "sdpa" in _TRAIN_ONLY_KEYS

@@ -259,9 +259,7 @@ def test_interleave_resumes_parts_until_each_ends():
     assert seen == [("solo", 0), ("solo", 1), ("solo", "end")]
 
 
-def test_attention_kernels_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teachers, monkeypatch):
-    import contextlib
-
+def test_attention_kernels_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teachers, monkeypatch, kernel_recorder):
     from dfkd_ray.generation import hf
 
     cuda = torch.device("cuda")  # only flags change: no GPU needed
@@ -276,33 +274,26 @@ def test_attention_kernels_leaves_out_cudnn_on_cuda_only(lm_and_tokenizer, teach
     for choice, device in (("any", cuda), ("no_cudnn", torch.device("cpu"))):
         with hf.attention_kernels(choice, device):
             assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
-    seen, inside, forwards_inside, lm_inside = [], [False], [0], [0]  # LM steps and scoring run inside it
-
-    @contextlib.contextmanager
-    def recording(choice, device):
-        seen.append(choice)
-        inside[0] = True
-        yield
-        inside[0] = False
+    forwards_inside, lm_inside = [0], [0]  # LM steps and scoring run inside it
 
     original = teachers["alpha"].forward_ids
 
     def counting(*args, **kwargs):
-        forwards_inside[0] += inside[0]
+        forwards_inside[0] += kernel_recorder.inside
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "attention_kernels", recording)
+    monkeypatch.setattr(hf, "attention_kernels", kernel_recorder)
     monkeypatch.setattr(teachers["alpha"], "forward_ids", counting)
     gen = make(lm_and_tokenizer, teachers, sdpa="any", top_m=8, top_k=4, max_new_tokens=3, min_new_tokens=3)
     lm_forward = gen.lm.forward
 
     def lm_counting(*args, **kwargs):
-        lm_inside[0] += inside[0]
+        lm_inside[0] += kernel_recorder.inside
         return lm_forward(*args, **kwargs)
 
     monkeypatch.setattr(gen.lm, "forward", lm_counting)
     gen.generate([GenerationRequest("alpha", 1, seed=5)])
-    assert set(seen) == {"any"}
+    assert set(kernel_recorder.seen) == {"any"}
     assert forwards_inside[0] == gen.stats["teacher_forwards"] >= 3
     assert lm_inside[0] == gen.stats["lm_forwards"] >= 3
 
