@@ -54,10 +54,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfkd_ray.config import JobConfig, validate_config  # noqa: E402
+from dfkd_ray.config import JobConfig, SteeredConfig, validate_config  # noqa: E402
 from dfkd_ray.distill.loop import fit_confidence, train_in_process  # noqa: E402
 from dfkd_ray.evaluation import evaluate_student, evaluate_teachers  # noqa: E402
 from dfkd_ray.labels import UnionLabelSpace  # noqa: E402
@@ -196,6 +197,15 @@ def real_text_file(work: Path) -> Path:
     return work / "agnews_train_text.txt"
 
 
+def steered_section(args, overrides: dict | None = None) -> dict:
+    """``transfer.steered`` of every row, with a ``--sweep`` variant's ``overrides``."""
+    return {"engine": "hf", "lm_path": str(args.lm), "control_strength": args.control_strength,
+            "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
+            "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens), "prompt": args.prompt,
+            "lambda_schedule": args.lambda_schedule, "decay_rate": args.decay_rate,
+            "batch_size": args.gen_batch, **(overrides or {})}
+
+
 def job_config(args, work: Path, row: str, seed: int, *, steered: dict | None = None,
                samples_per_class: int | None = None) -> JobConfig:
     """The job config of one row; ``steered`` overrides ``transfer.steered`` fields (``--sweep``)."""
@@ -208,11 +218,7 @@ def job_config(args, work: Path, row: str, seed: int, *, steered: dict | None = 
                 "random_words": {"min_words": 16, "max_words": 48},
                 "corpus": {"path": str(real_text_file(work) if source == "real" else args.corpus),
                            "min_words": 8, "max_words": 64},
-                "steered": {"engine": "hf", "lm_path": str(args.lm), "control_strength": args.control_strength,
-                            "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
-                            "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens), "prompt": args.prompt,
-                            "lambda_schedule": args.lambda_schedule, "decay_rate": args.decay_rate,
-                            "batch_size": args.gen_batch, **(steered or {})}}
+                "steered": steered_section(args, steered)}
     data = {"name": f"agnews-{row}", "seed": seed,
             "teachers": [{"name": n, "path": str(work / "teachers" / n), "max_length": args.max_length}
                          for n in TEACHERS],
@@ -249,6 +255,12 @@ def parse_sweep(spec: str) -> dict[str, dict]:
 
 def transfer_dir(work: Path, source: str) -> Path:
     return work / "transfer" / source
+
+
+def make_transfer_set(cfg: JobConfig, directory: Path, device) -> tuple[object, dict]:
+    """Write ``cfg``'s transfer set to ``directory``; returns its table and summary."""
+    write_transfer_set(cfg, directory, device=str(device), progress=False)
+    return read_transfer_table(directory), json.loads((directory / "summary.json").read_text())
 
 
 # ---- distillation ---------------------------------------------------------------------------
@@ -407,6 +419,12 @@ def main(argv=None) -> int:
     sweep = parse_sweep(args.sweep)
     if sweep and args.no_judge:
         p.error("--sweep compares variants by the judge's agreement: drop --no-judge")
+    for name, fields in sweep.items():  # bad keys or values fail here, before any model is trained
+        try:
+            SteeredConfig.model_validate(steered_section(args, fields))
+        except ValidationError as e:
+            p.error(f"--sweep variant {name!r}: "
+                    + "; ".join(f"transfer.steered.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
     if args.tiny:
         args.samples_per_class, args.shard_size, args.gen_batch, args.max_new_tokens, args.top_m = 12, 24, 24, 12, 8
         args.epochs, args.teacher_epochs, args.supervised_epochs, args.max_length = 1, 1, 1, 64
@@ -466,9 +484,7 @@ def main(argv=None) -> int:
         cfg = job_config(args, work, f"sweep-{name}", args.seed, steered=fields, samples_per_class=args.sweep_samples)
         directory = work / "sweep" / name
         start = time.perf_counter()
-        write_transfer_set(cfg, directory, device=str(device), progress=False)
-        table = read_transfer_table(directory)
-        summary = json.loads((directory / "summary.json").read_text())
+        table, summary = make_transfer_set(cfg, directory, device)
         diag = transfer_diagnostics(table, teachers, judge, space)
         diag.update(settings=fields, seconds=round(time.perf_counter() - start, 1),
                     samples_per_s=summary.get("samples_per_s"), rejects=summary.get("rejects"),
@@ -492,9 +508,7 @@ def main(argv=None) -> int:
             summary = json.loads((args.transfer_from / f"{source}.summary.json").read_text())
             log(f"transfer set {source}: reusing {args.transfer_from / source}.parquet ({len(tables[source])} rows)")
         else:
-            write_transfer_set(cfg, directory, device=str(device), progress=False)
-            tables[source] = read_transfer_table(directory)
-            summary = json.loads((directory / "summary.json").read_text())
+            tables[source], summary = make_transfer_set(cfg, directory, device)
         diag = transfer_diagnostics(tables[source], teachers, judge, space) if judge is not None else {}
         diag.update(seconds=round(time.perf_counter() - start, 1),
                     samples_per_s=summary.get("samples_per_s"), rejects=summary.get("rejects"),
