@@ -134,6 +134,31 @@ def test_bad_inputs_raise_clear_errors():
         BlockAmalgamation(DIMS, N, 18, heads=4)
 
 
+def test_kd_teacher_weights_power_properties():
+    from dfkd_ray.math.amalgamation import kd_teacher_weights
+
+    c = torch.tensor([[0.84, 0.60, 0.10], [0.2, 0.2, 0.2], [0.0, 0.0, 0.0], [0.0, 0.5, 0.0], [1e-30, 1e-31, 0.0]])
+    torch.testing.assert_close(kd_teacher_weights(c, 1.0), normalized_weights(c))  # proportional (the paper)
+    torch.testing.assert_close(kd_teacher_weights(c, 0.0), torch.full_like(c, 1 / 3))  # uniform mix
+    for power in (0.5, 2.0, 8.0, 1000.0):
+        w = kd_teacher_weights(c, power)
+        assert torch.isfinite(w).all() and (w >= 0).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(len(c)))
+        ref = c[0].double() ** power / (c[0].double() ** power).sum()  # float64: 0.84^1000 ~ 1e-76
+        torch.testing.assert_close(w[0], ref.float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(w[1:3], torch.full((2, 3), 1 / 3))  # ties and all-zero rows: uniform
+        torch.testing.assert_close(w[3], torch.tensor([0.0, 1.0, 0.0]))
+    # sharper with the power, and the top teacher alone in the limit (no underflow to an all-zero row)
+    tops = [kd_teacher_weights(c, p)[0, 0].item() for p in (1.0, 2.0, 8.0, 1000.0)]
+    assert tops == sorted(tops) and tops[-1] == pytest.approx(1.0)
+    assert kd_teacher_weights(c, 8.0)[0, 1].item() == pytest.approx(0.0635, abs=1e-3)  # the docstring's example
+    assert kd_teacher_weights(c, 1000.0)[4].argmax().item() == 0  # tiny confidences still order the teachers
+    with pytest.raises(ValueError, match="power"):
+        kd_teacher_weights(c, -1.0)
+    with pytest.raises(ValueError, match=r"\(B, K\)"):
+        kd_teacher_weights(c[0], 2.0)
+
+
 # --------------------------------------------------------------------------------------------
 # the whole step with real heterogeneous teachers
 
@@ -240,28 +265,34 @@ def test_precomputed_teacher_outputs_give_the_same_losses(synthetic_task, teache
         torch.testing.assert_close(a[k], b[k])
 
 
-def test_step_kd_is_against_the_confidence_weighted_union_target(synthetic_task, teachers, fitted):
-    """Golden check of the KD term with heterogeneous teachers: weights are the last block's c_k^N."""
+@pytest.mark.parametrize("power", [1.0, 8.0])
+def test_step_kd_is_against_the_confidence_weighted_union_target(synthetic_task, teachers, fitted, power):
+    """Golden check of the KD term with heterogeneous teachers: weights are the last block's c_k^N raised
+    to ``kd_confidence_power`` and normalised."""
+    from dfkd_ray.math.amalgamation import kd_teacher_weights
     from dfkd_ray.math.losses import union_target
     from dfkd_ray.models.amalgamator import amalgamation_step, run_teachers
 
-    cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2)
+    cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2, kd_confidence_power=power)
     model = build(synthetic_task, teachers, cfg).eval()
     losses = amalgamation_step(model, TEXTS, teachers=teachers, estimators=fitted["rmd"])
     outs = run_teachers(teachers, TEXTS)
     space = UnionLabelSpace.from_teachers({n: t.labels for n, t in teachers.items()})
     conf = {n: fitted["rmd"][n](o) for n, o in outs.items()}  # (B, N)
-    w = torch.stack([conf["alpha"][:, -1], conf["beta"][:, -1]], dim=-1)  # (B, K)
+    c = torch.stack([conf["alpha"][:, -1], conf["beta"][:, -1]], dim=-1)  # (B, K)
+    w = c.pow(power) / c.pow(power).sum(-1, keepdim=True)  # (B, K) wbar_k, written out
     assert (w[:, 0] - w[:, 1]).abs().max() > 0.1  # the weights matter on these texts
-    target = union_target([outs["alpha"].logits, outs["beta"].logits],
-                          [torch.tensor(space.teacher_to_global[n]) for n in ("alpha", "beta")], w, 4,
-                          cfg.temperature)
+    index = [torch.tensor(space.teacher_to_global[n]) for n in ("alpha", "beta")]
+    logits = [outs["alpha"].logits, outs["beta"].logits]
+    target = union_target(logits, index, w, 4, cfg.temperature)
     with torch.no_grad():
         z_s = model.student.encode(TEXTS).logits
     torch.testing.assert_close(losses["kd"], kd_loss(z_s, target, cfg.temperature))
-    uniform = union_target([outs["alpha"].logits, outs["beta"].logits],
-                           [torch.tensor(space.teacher_to_global[n]) for n in ("alpha", "beta")], torch.ones(4, 2), 4,
-                           cfg.temperature)
+    for i, n in enumerate(("alpha", "beta")):  # the logged weights are the ones the target used
+        torch.testing.assert_close(losses[f"kd_weight/{n}"], w[:, i].mean())
+    other = union_target(logits, index, kd_teacher_weights(c, 9.0 - power), 4, cfg.temperature)  # 1 <-> 8
+    assert abs(losses["kd"].item() - kd_loss(z_s, other, cfg.temperature).item()) > 1e-3  # the power matters
+    uniform = union_target(logits, index, torch.ones(4, 2), 4, cfg.temperature)
     assert abs(losses["kd"].item() - kd_loss(z_s, uniform, cfg.temperature).item()) > 1e-3
 
 

@@ -69,7 +69,7 @@ def test_rmd_and_md_follow_equations_2_to_4():
     md0 = ((x - z0.mean(0)) @ torch.linalg.inv(bg_cov) * (x - z0.mean(0))).sum(-1)  # (5,)
     torch.testing.assert_close(mahalanobis_sq(x, stats["means"], stats["precision"]), md, rtol=1e-6, atol=1e-6)
 
-    # the estimator's scores use only the fit split; refit the formulas on exactly that split
+    # the estimator scores with its own fitted tensors (all samples by default: cross-fitted calibration)
     est_rmd = ConfidenceEstimator.fit(z, torch.zeros(300, C), y, method="rmd", shrinkage=0.0, calibration_fraction=0.25)
     est_md = ConfidenceEstimator.fit(z, torch.zeros(300, C), y, method="md", shrinkage=0.0, calibration_fraction=0.25)
     t = est_rmd.tensors
@@ -79,6 +79,44 @@ def test_rmd_and_md_follow_equations_2_to_4():
     torch.testing.assert_close(est_rmd.scores(xx, torch.zeros(5, C))[:, 0], (md_fit - md0_fit[:, None]).amin(1))
     torch.testing.assert_close(est_md.scores(xx, torch.zeros(5, C))[:, 0], md_fit.amin(1))
     assert not torch.allclose(md.amin(1), (md - md0[:, None]).amin(1))  # RMD is not MD
+
+
+def test_crossfit_calibrates_on_out_of_fold_scores_of_every_sample():
+    """Cross-fitting (default): the Gaussians that score new inputs use all M samples, and the
+    calibration scores are each sample's score under Gaussians fitted without its fold (slow reference)."""
+    m, folds = 61, 4
+    z, y = gaussian_blocks(m)
+    est = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, method="rmd", shrinkage=0.1, calibration_folds=folds, seed=3)
+    assert est.meta["num_fit"] == est.meta["num_calib"] == m
+    for b in range(N):
+        full = fit_gaussians(z[:, b], y, C, 0.1)
+        torch.testing.assert_close(est.tensors["means"][b], full["means"])
+        torch.testing.assert_close(est.tensors["precision"][b], full["precision"])
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(3))
+    ref = torch.empty(m, N, dtype=torch.float64)
+    for f in range(folds):
+        held = perm[[i for i in range(m) if i % folds == f]]
+        rest = perm[[i for i in range(m) if i % folds != f]]
+        for b in range(N):
+            st = fit_gaussians(z[rest, b], y[rest], C, 0.1)
+            x = z[held, b].double()
+            md = mahalanobis_sq(x, st["means"], st["precision"]).amin(1)  # (M_f,) min_c MD_c
+            ref[held, b] = md - mahalanobis_sq(x, st["bg_mean"][None], st["bg_precision"])[:, 0]  # RMD, Eq. 3-4
+    torch.testing.assert_close(est.tensors["calib_scores"], ref.T.sort(dim=1).values)
+    # out-of-fold scores are larger than in-sample ones (what the calibration must not be fitted on)
+    assert est.tensors["calib_scores"].median() > est.scores(z, torch.zeros(m, C)).median()
+
+
+def test_crossfit_calibration_moves_less_between_seeds_than_one_split():
+    """The calibration centre t_b (which sets how confident a teacher is relative to the others) moves
+    with the seed's random split; cross-fitting every sample moves it much less."""
+    z, y = gaussian_blocks(120)
+    probe = gaussian_blocks(200, shift=ood_shift(), seed=9)[0]
+    conf = {folds: torch.stack([ConfidenceEstimator.fit(z, torch.zeros(120, C), y, calibration_folds=folds, seed=s)
+                                .confidence(probe, torch.zeros(200, C)).mean(0) for s in range(8)])
+            for folds in (0, 5)}  # (seeds, N) mean confidence on shifted inputs
+    spread = {folds: (c.max(0).values - c.min(0).values) for folds, c in conf.items()}  # (N,)
+    assert (spread[5] < 0.5 * spread[0]).all(), spread
 
 
 def test_shrinkage_keeps_trace_and_reaches_scaled_identity():
@@ -113,7 +151,7 @@ def test_fewer_samples_than_dimensions_stays_finite(shrinkage):
 def test_identical_samples_and_absent_classes_stay_finite():
     z = torch.ones(6, 1, 4)
     y = torch.tensor([0, 0, 0, 0, 0, 0])  # classes 1 and 2 absent
-    est = ConfidenceEstimator.fit(z, torch.zeros(6, 3), y, method="rmd")
+    est = ConfidenceEstimator.fit(z, torch.zeros(6, 3), y, method="rmd", calibration_folds=2)
     assert est.tensors["present"].tolist() == [True, False, False]
     c = est.confidence(torch.randn(3, 1, 4), torch.zeros(3, 3))
     assert torch.isfinite(c).all() and torch.all((c >= 0) & (c <= 1))
@@ -199,7 +237,12 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="labels must be class ids"):
         ConfidenceEstimator.fit(z, torch.randn(60, C), y + 5)
     with pytest.raises(ValueError, match="held-out samples"):
-        ConfidenceEstimator.fit(z[:3], torch.randn(3, C), y[:3])
+        ConfidenceEstimator.fit(z[:3], torch.randn(3, C), y[:3], calibration_folds=0)
+    with pytest.raises(ValueError, match="at least 7 held-out samples for 5-fold.*calibration_folds"):
+        ConfidenceEstimator.fit(z[:6], torch.randn(6, C), y[:6])
+    ConfidenceEstimator.fit(z[:7], torch.randn(7, C), y[:7])  # 5 folds of 7: every fit has >= 5 samples
+    with pytest.raises(ValueError, match="calibration_folds must be 0"):
+        ConfidenceEstimator.fit(z, torch.randn(60, C), y, calibration_folds=1)
     with pytest.raises(ValueError, match="finite"):
         ConfidenceEstimator.fit(z * float("nan"), torch.randn(60, C), y)
     est = ConfidenceEstimator.fit(z, torch.randn(60, C), y)

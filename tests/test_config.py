@@ -65,6 +65,8 @@ BAD = [
     ("amalgamation.amalg_dim", 102, "amalgamation.amalg_heads", "divisible by amalg_heads"),
     ("amalgamation", {"alpha": 0, "beta": 0}, "amalgamation.beta", "nothing would be learned"),
     ("amalgamation.temperature", 0, "amalgamation.temperature", "greater than 0"),
+    ("amalgamation.calibration_folds", 1, "amalgamation.calibration_folds", "nothing to fit on"),
+    ("amalgamation.kd_confidence_power", -1, "amalgamation.kd_confidence_power", "greater than or equal to 0"),
     ("student.num_layers", 2, "student.num_layers", "either layers or num_layers"),
     ("train.warmup_epochs", 20, "train.warmup_epochs", "warmup_epochs (20.0) must be <= epochs"),
     ("student.layers", [1, 1], "student.layers", "distinct"),

@@ -49,6 +49,37 @@ def normalized_weights(weights: torch.Tensor, dim: int = -1, eps: float = 1e-12)
     return torch.where(total > eps, weights / total.clamp_min(eps), uniform)
 
 
+def kd_teacher_weights(confidences: torch.Tensor, power: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
+    """The KD weights of the teachers from their confidences: ``wbar_k = c_k^gamma / sum_j c_j^gamma``.
+
+    StrataNet (section 5, the KL term) weights the teachers by "confidence" without saying how
+    sharply. ``gamma = 1`` (``power``, ``AmalgamationConfig.kd_confidence_power``) is the literal
+    reading; ``gamma > 1`` lets the teacher that is clearly more in-domain dominate the target (a
+    teacher that is 0.84 confident on its own text and 0.6 on the other's keeps 42% of the
+    weight at ``gamma = 1`` but 6% at ``gamma = 8``); ``gamma = 0`` is the uniform mix and
+    ``gamma -> inf`` picks the most confident teacher. Computed as a softmax of ``gamma log c`` so a
+    large ``gamma`` cannot underflow to all zeros.
+
+    Args:
+        confidences: ``(B, K)`` ``c_k in [0, 1]``.
+        power: ``gamma >= 0``.
+        eps: confidences are floored here before the log; a row whose confidences are all below
+            it gets uniform weights (as :func:`normalized_weights` gives an all-zero row).
+
+    Returns:
+        ``(B, K)`` non-negative weights; every row sums to 1.
+    """
+    if power < 0 or not torch.isfinite(torch.tensor(float(power))):
+        raise ValueError(f"the KD confidence power must be finite and >= 0, got {power}")
+    if confidences.ndim != 2:
+        raise ValueError(f"confidences must be (B, K), got shape {tuple(confidences.shape)}")
+    c = confidences.float()
+    if power == 1.0:
+        return normalized_weights(c, dim=-1, eps=eps)
+    log_c = torch.log(c.clamp_min(eps))  # (B, K)
+    return torch.softmax(power * log_c, dim=-1)  # (B, K) wbar_k
+
+
 def check_teacher_inputs(block_states: Sequence[torch.Tensor], confidences: Sequence[torch.Tensor], *,
                          num_blocks: int | None = None, dims: Sequence[int] | None = None) -> tuple[int, int]:
     """Validate K teachers' ``(B, N, H_k)`` block states and ``(B, N)`` confidences; return ``(B, N)``.

@@ -25,8 +25,13 @@ Choices the paper leaves open, made here:
 - **Score -> confidence** ``c in [0, 1]``: the paper says only that higher OOD scores give lower
   confidence. Raw Mahalanobis scores have no fixed scale (they grow with the width ``H``), so each
   block is calibrated on held-out in-distribution scores that the Gaussians were *not* fitted on
-  (``calibration_fraction`` of ``D_k'``; in-sample scores are optimistically small when samples are
-  few). Two transforms (``AmalgamationConfig.confidence_transform``):
+  (in-sample scores are optimistically small when samples are few). By default these come from
+  ``calibration_folds``-fold cross-fitting: every sample of ``D_k'`` is scored by Gaussians fitted
+  on the other folds, and the final Gaussians use all of ``D_k'``. With a single random split
+  (``calibration_folds: 0``: ``calibration_fraction`` calibrates, the rest fits) the calibration of
+  ~60 samples per teacher moved the cross-teacher KD weights so much that the KD target's AG News
+  test accuracy ranged 59-81% over six split seeds (cross-fitted: 71-75%; benchmarks/RESULTS.md,
+  session 7). Two transforms (``AmalgamationConfig.confidence_transform``):
 
   * ``logistic`` (default): ``c = sigmoid((t_b - s) / tau_b)`` with ``t_b`` the ``quantile``
     (default 0.95) of the held-out scores and ``tau_b`` their robust spread (IQR / 1.349). A
@@ -210,19 +215,23 @@ class ConfidenceEstimator:
     @classmethod
     def fit(cls, block_states: torch.Tensor, logits: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
             method: str = "rmd", shrinkage: float = 0.1, transform: str = "logistic", quantile: float = 0.95,
-            calibration_fraction: float = 0.25, seed: int = 0) -> "ConfidenceEstimator":
+            calibration_fraction: float = 0.25, calibration_folds: int = 5, seed: int = 0) -> "ConfidenceEstimator":
         """Fit on a teacher's held-out pseudo-data ``D_k'`` (StrataNet section 5.1).
 
-        A seeded random ``calibration_fraction`` of the ``M`` samples calibrates the score ->
-        confidence transform; the rest fits the Gaussians (rmd/md). MSP calibrates on all ``M``.
+        rmd/md: with ``calibration_folds = F >= 2`` (cross-fitting), the ``M`` samples are split into
+        F seeded folds; each fold is scored by Gaussians fitted on the other folds, so all ``M``
+        out-of-fit scores calibrate the transform, and the Gaussians that score new inputs are
+        fitted on all ``M``. With ``calibration_folds = 0``, a seeded random
+        ``calibration_fraction`` of the samples calibrates and the rest fits. MSP calibrates on all
+        ``M`` (nothing to fit).
 
         Args:
             block_states: ``(M, N, H)`` block features ``h_k^b``.
             logits: ``(M, C)`` the teacher's logits (for MSP, and for labels when none are given).
             labels: ``(M,)`` the teacher's class of each sample (the class it was generated for);
                 ``None`` uses ``logits.argmax(-1)``.
-            method, shrinkage, transform, quantile, calibration_fraction, seed: see the module
-                docstring and :class:`~dfkd_ray.config.AmalgamationConfig`.
+            method, shrinkage, transform, quantile, calibration_fraction, calibration_folds, seed:
+                see the module docstring and :class:`~dfkd_ray.config.AmalgamationConfig`.
         """
         _check_method(method, transform)
         if block_states.ndim != 3:
@@ -233,6 +242,9 @@ class ConfidenceEstimator:
             raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
         if not 0.0 < calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+        if calibration_folds == 1 or calibration_folds < 0:
+            raise ValueError(f"calibration_folds must be 0 (a held-out split) or >= 2 (cross-fitting), "
+                             f"got {calibration_folds}")
         m, n, h = block_states.shape
         c = logits.shape[1]
         if labels is None:
@@ -245,7 +257,8 @@ class ConfidenceEstimator:
         if not (torch.isfinite(block_states).all() and torch.isfinite(logits).all()):
             raise ValueError("block_states and logits must be finite")
         meta = {"shrinkage": float(shrinkage), "quantile": float(quantile),
-                "calibration_fraction": float(calibration_fraction), "seed": int(seed), "num_samples": m}
+                "calibration_fraction": float(calibration_fraction), "calibration_folds": int(calibration_folds),
+                "seed": int(seed), "num_samples": m}
 
         if method == "msp":
             if m < 2:
@@ -254,23 +267,38 @@ class ConfidenceEstimator:
             calib = est._scores(block_states, logits)  # (M, 1)
             return est._calibrated(calib, quantile)
 
-        n_cal = max(2, int(round(calibration_fraction * m)))
-        if m - n_cal < 2:
-            raise ValueError(f"need at least {n_cal + 2} held-out samples ({n_cal} to calibrate and 2 to fit), got {m}")
         perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).to(block_states.device)
-        cal_idx, fit_idx = perm[:n_cal], perm[n_cal:]
-        stats = [fit_gaussians(block_states[fit_idx, b], labels[fit_idx], c, shrinkage) for b in range(n)]
-        tensors = {
-            "means": torch.stack([s["means"] for s in stats]),  # (N, C, H)
-            "present": stats[0]["present"],  # (C,)
-            "precision": torch.stack([s["precision"] for s in stats]),  # (N, H, H)
-            "bg_mean": torch.stack([s["bg_mean"] for s in stats]),  # (N, H)
-            "bg_precision": torch.stack([s["bg_precision"] for s in stats]),  # (N, H, H)
-        }
+
+        def gaussians(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+            stats = [fit_gaussians(block_states[idx, b], labels[idx], c, shrinkage) for b in range(n)]
+            return {"means": torch.stack([s["means"] for s in stats]),  # (N, C, H)
+                    "present": stats[0]["present"],  # (C,)
+                    "precision": torch.stack([s["precision"] for s in stats]),  # (N, H, H)
+                    "bg_mean": torch.stack([s["bg_mean"] for s in stats]),  # (N, H)
+                    "bg_precision": torch.stack([s["bg_precision"] for s in stats])}  # (N, H, H)
+
+        if calibration_folds:
+            if m < calibration_folds + 2:  # every fold non-empty, every fit on >= 2 samples
+                raise ValueError(f"need at least {calibration_folds + 2} held-out samples for {calibration_folds}-fold "
+                                 f"calibration, got {m}; lower amalgamation.calibration_folds or hold out more rows")
+            calib = torch.empty(m, n, dtype=torch.float64, device=block_states.device)  # (M, N) out-of-fit scores
+            for f in range(calibration_folds):
+                held, rest = perm[f::calibration_folds], torch.cat([perm[g::calibration_folds]
+                                                                    for g in range(calibration_folds) if g != f])
+                calib[held] = cls(method, transform, n, c, h, gaussians(rest), meta)._scores(
+                    block_states[held], logits[held]).to(calib.device)
+            fit_idx, n_cal = perm, m
+        else:
+            n_cal = max(2, int(round(calibration_fraction * m)))
+            if m - n_cal < 2:
+                raise ValueError(f"need at least {n_cal + 2} held-out samples ({n_cal} to calibrate and 2 to fit), got {m}")
+            fit_idx = perm[n_cal:]
+            calib = None
         meta.update(num_fit=int(fit_idx.numel()), num_calib=n_cal,
                     class_counts=torch.bincount(labels[fit_idx], minlength=c).tolist())
-        est = cls(method, transform, n, c, h, tensors, meta)
-        calib = est._scores(block_states[cal_idx], logits[cal_idx])  # (M_cal, N)
+        est = cls(method, transform, n, c, h, gaussians(fit_idx), meta)
+        if calib is None:
+            calib = est._scores(block_states[perm[:n_cal]], logits[perm[:n_cal]])  # (M_cal, N)
         return est._calibrated(calib, quantile)
 
     @classmethod

@@ -10,9 +10,10 @@ Per batch of transfer texts:
    both) computes the amalgamated targets (Eq. 5-6), the block loss (Eq. 7), the KD loss against the
    confidence-weighted union-space teacher distribution, and the total (Eq. 8).
 
-The KD weights of teacher ``k`` are its confidence at the LAST block, ``c_k^N``: the block that holds
-the layers the classifier reads (the paper weights "teacher models" without saying which block's
-score; for MSP every block carries the same final-layer score anyway).
+The KD weights of teacher ``k`` come from its confidence at the LAST block, ``c_k^N``: the block that
+holds the layers the classifier reads (the paper weights "teacher models" without saying which
+block's score; for MSP every block carries the same final-layer score anyway), raised to
+``kd_confidence_power`` and normalised (:func:`~dfkd_ray.math.amalgamation.kd_teacher_weights`).
 
 Example (CPU)::
 
@@ -34,7 +35,7 @@ from torch import nn
 
 from dfkd_ray.config import AmalgamationConfig
 from dfkd_ray.labels import UnionLabelSpace
-from dfkd_ray.math.amalgamation import BlockAmalgamation, normalized_weights
+from dfkd_ray.math.amalgamation import BlockAmalgamation, kd_teacher_weights
 from dfkd_ray.math.blocks import TeacherOutput
 from dfkd_ray.math.confidence import ConfidenceEstimator
 from dfkd_ray.math.losses import block_loss, kd_loss, total_loss, union_target
@@ -51,11 +52,12 @@ class Amalgamator(nn.Module):
         label_space: the union label space (student's labels must be its names).
         teacher_names: teacher order of every list input.
         alpha, beta, temperature: Eq. 8 weights and the KD temperature.
+        kd_power: ``gamma`` of the KD teacher weights ``c_k^gamma / sum_j c_j^gamma``.
     """
 
     def __init__(self, student: Student, fusion: BlockAmalgamation, label_space: UnionLabelSpace,
                  teacher_names: Sequence[str], *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 0.75,
-                 train_fusion: bool = True, center_blocks: bool = False):
+                 train_fusion: bool = True, center_blocks: bool = False, kd_power: float = 1.0):
         super().__init__()
         self.teacher_names = list(teacher_names)
         if not self.teacher_names:
@@ -71,13 +73,15 @@ class Amalgamator(nn.Module):
             raise ValueError(f"fusion has N = {fusion.num_blocks} blocks, the student {student.num_blocks}")
         if fusion.dim != student.amalg_dim:
             raise ValueError(f"fusion width D = {fusion.dim} differs from the student's projections ({student.amalg_dim})")
-        if temperature <= 0 or alpha < 0 or beta < 0:
-            raise ValueError(f"need temperature > 0, alpha >= 0, beta >= 0; got {temperature}, {alpha}, {beta}")
+        if temperature <= 0 or alpha < 0 or beta < 0 or kd_power < 0:
+            raise ValueError(f"need temperature > 0, alpha >= 0, beta >= 0, kd_power >= 0; got {temperature}, "
+                             f"{alpha}, {beta}, {kd_power}")
         self.student, self.fusion = student, fusion
         self.num_labels = label_space.num_labels
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
         self.train_fusion = bool(train_fusion)
         self.center_blocks = bool(center_blocks)
+        self.kd_power = float(kd_power)
         if not self.train_fusion:
             fusion.requires_grad_(False)  # fixed targets: no collapse (see forward), and nothing for DDP to sync
         for i, name in enumerate(self.teacher_names):
@@ -95,10 +99,14 @@ class Amalgamator(nn.Module):
                                    dropout=cfg.amalg_dropout, share_layer=cfg.share_st_layer).to(student.device)
         return cls(student, fusion, label_space, list(teachers), alpha=cfg.alpha, beta=cfg.beta,
                    temperature=cfg.temperature, train_fusion=cfg.train_fusion,
-                   center_blocks=cfg.center_block_loss)
+                   center_blocks=cfg.center_block_loss, kd_power=cfg.kd_confidence_power)
 
     def label_index(self, i: int) -> torch.Tensor:
         return getattr(self, f"label_index_{i}")
+
+    def kd_weights(self, confidences: Sequence[torch.Tensor]) -> torch.Tensor:
+        """K confidences ``(B, N)`` -> ``(B, K)`` KD teacher weights from the last block's ``c_k^N``."""
+        return kd_teacher_weights(torch.stack([c[:, -1] for c in confidences], dim=-1), self.kd_power)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 teacher_states: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
@@ -136,7 +144,7 @@ class Amalgamator(nn.Module):
         if not self.train_fusion:
             a = a.detach()
         l_block = block_loss(s.projections, a, center=self.center_blocks)  # Eq. 7
-        w = torch.stack([c[:, -1] for c in confidences], dim=-1)  # (B, K) c_k^N
+        w = self.kd_weights(confidences)  # (B, K) wbar_k from c_k^N
         p_t = union_target(teacher_logits, [self.label_index(i) for i in range(k)], w, self.num_labels,
                            self.temperature)  # (B, C)
         l_kd = kd_loss(s.logits, p_t, self.temperature)
@@ -210,7 +218,7 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, Confi
                    teacher_states=[o.block_states.detach().to(device) for o in outs],
                    teacher_logits=[o.logits.detach().to(device) for o in outs], confidences=conf)
     with torch.no_grad():
-        w = normalized_weights(torch.stack([c[:, -1] for c in conf], dim=-1))  # (B, K)
+        w = net.kd_weights(conf)  # (B, K), the weights the KD target used
         for i, n in enumerate(names):
             losses[f"confidence/{n}"] = conf[i].mean()
             losses[f"kd_weight/{n}"] = w[:, i].mean()
@@ -241,7 +249,7 @@ def fit_estimators(teachers: Mapping[str, object], texts: Mapping[str, Sequence[
         classes: each teacher's class of those texts (``teacher_class``); ``None``, or a teacher
             missing from it, uses the teacher's own argmax.
         cfg: ``confidence``, ``shrinkage``, ``confidence_transform``, ``confidence_quantile``,
-            ``calibration_fraction`` are read from it (defaults when ``None``).
+            ``calibration_fraction``, ``calibration_folds`` are read from it (defaults when ``None``).
     """
     cfg = cfg or AmalgamationConfig()
     missing = [n for n in teachers if n not in texts]
@@ -258,5 +266,5 @@ def fit_estimators(teachers: Mapping[str, object], texts: Mapping[str, Sequence[
         estimators[name] = ConfidenceEstimator.fit(
             states, logits, labels, method=cfg.confidence, shrinkage=cfg.shrinkage,
             transform=cfg.confidence_transform, quantile=cfg.confidence_quantile,
-            calibration_fraction=cfg.calibration_fraction, seed=seed)
+            calibration_fraction=cfg.calibration_fraction, calibration_folds=cfg.calibration_folds, seed=seed)
     return estimators

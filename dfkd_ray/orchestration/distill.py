@@ -67,7 +67,8 @@ def confidence_description(cfg: JobConfig, transfer_dir: Path, rows_dir: Path | 
             "num_blocks": student_num_blocks(cfg),
             "teachers": {t.name: str(Path(t.path).resolve()) for t in cfg.teachers},
             "amalgamation": {k: getattr(a, k) for k in ("confidence", "shrinkage", "confidence_transform",
-                                                          "confidence_quantile", "calibration_fraction")}}
+                                                          "confidence_quantile", "calibration_fraction",
+                                                          "calibration_folds")}}
 
 
 def _fit_confidence_task(config: dict, rows_dir: str, out: str, use_gpu: bool) -> dict:
