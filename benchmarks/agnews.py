@@ -62,7 +62,10 @@ from dfkd_ray.config import JobConfig, SteeredConfig, validate_config  # noqa: E
 from dfkd_ray.distill.loop import fit_confidence, train_in_process  # noqa: E402
 from dfkd_ray.evaluation import evaluate_student, evaluate_teachers  # noqa: E402
 from dfkd_ray.labels import UnionLabelSpace  # noqa: E402
+from dfkd_ray.math.amalgamation import kd_teacher_weights  # noqa: E402
 from dfkd_ray.math.confidence import auroc  # noqa: E402
+from dfkd_ray.math.losses import union_target  # noqa: E402
+from dfkd_ray.models.amalgamator import collect_outputs  # noqa: E402
 from dfkd_ray.transfer.store import read_transfer_table  # noqa: E402
 from dfkd_ray.transfer.writer import load_teachers, write_transfer_set  # noqa: E402
 
@@ -83,6 +86,7 @@ AMALGAMATION = {"vanilla_random": {"method": "vanilla"}, "vanilla_corpus": {"met
                 "vanilla_real": {"method": "vanilla"},
                 "stratanet_real": {"method": "stratanet", "confidence": "rmd", "fusion": "st"}}
 ROWS = list(SOURCES)
+TARGET_POWERS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 1000.0)  # kd_confidence_power values the target diagnostic scores
 
 
 def log(msg: str) -> None:
@@ -223,12 +227,20 @@ def job_config(args, work: Path, row: str, seed: int, *, steered: dict | None = 
             "teachers": [{"name": n, "path": str(work / "teachers" / n), "max_length": args.max_length}
                          for n in TEACHERS],
             "transfer": transfer,
-            "amalgamation": {**AMALGAMATION.get(row, {"method": "vanilla"}), "amalg_dim": 256, "temperature": args.temperature},
+            "amalgamation": amalgamation_section(args, row),
             "student": {"path": str(args.base), "num_layers": 3, "max_length": args.max_length},
             "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                       "warmup_epochs": min(1.0, args.epochs), "shuffle_buffer": 0},
             "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(work / "runs" / row)}}
     return validate_config(data, source=f"benchmark row {row}")
+
+
+def amalgamation_section(args, row: str) -> dict:
+    """``amalgamation`` of one row: its method/confidence/fusion plus the command line's KD settings."""
+    section = {**AMALGAMATION.get(row, {"method": "vanilla"}), "amalg_dim": 256, "temperature": args.temperature}
+    if section["method"] == "stratanet":
+        section.update(kd_confidence_power=args.kd_power, confidence_transform=args.confidence_transform)
+    return section
 
 
 def parse_sweep(spec: str) -> dict[str, dict]:
@@ -357,6 +369,71 @@ def confidence_auroc(table, teachers: dict, estimators: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def target_accuracy(cfg: JobConfig, table, teachers: dict, space: UnionLabelSpace, test_outputs: dict,
+                    labels: list[int]) -> dict:
+    """Where the confidence stage loses accuracy, on real text: the KD target (the confidence-weighted
+    union of the teachers, :func:`union_target` with :func:`kd_teacher_weights`, exactly as the
+    distillation loss builds it) scored as a classifier on the AG News test set, for every
+    ``kd_confidence_power`` in ``TARGET_POWERS`` and both confidence transforms (each fitted with
+    :func:`fit_confidence` on the transfer set's held-out rows, as the rows are).
+
+    Also per variant: ``selects_own`` (share of test texts whose largest KD weight goes to the teacher
+    that knows the true class) and ``auroc_last`` (last-block confidence, texts of the teacher's own
+    classes vs the others'); and ``oracle`` (all weight on the teacher that knows the class: the
+    target's ceiling with these teachers).
+    """
+    names = list(teachers)
+    y = torch.tensor(labels)  # (M,)
+    index = [torch.tensor(space.teacher_to_global[n]) for n in names]
+    logits = [test_outputs[n][1] for n in names]  # K x (M, C_k)
+    own = torch.stack([torch.isin(y, i) for i in index], dim=-1)  # (M, K) teacher k knows the true class
+    out = {"oracle": round(float((union_target(logits, index, own.float(), space.num_labels, cfg.amalgamation.temperature)
+                                  .argmax(-1) == y).float().mean()), 4)}
+    for transform in ("logistic", "ecdf"):
+        amalg = cfg.amalgamation.model_copy(update={"confidence_transform": transform})
+        variant = cfg.model_copy(update={"amalgamation": amalg})
+        estimators = fit_confidence(variant, table, teachers)
+        conf = torch.stack([estimators[n].confidence(*test_outputs[n])[:, -1] for n in names], dim=-1)  # (M, K)
+        row = {"selects_own": round(float(own.gather(1, conf.argmax(-1, keepdim=True)).float().mean()), 4),
+               "auroc_last": {n: round(auroc(-conf[own[:, i], i], -conf[~own[:, i], i]), 4)
+                              for i, n in enumerate(names)},
+               "accuracy_by_power": {}}
+        for power in TARGET_POWERS:
+            p_t = union_target(logits, index, kd_teacher_weights(conf, power), space.num_labels,
+                               cfg.amalgamation.temperature)  # (M, C)
+            row["accuracy_by_power"][str(power)] = round(float((p_t.argmax(-1) == y).float().mean()), 4)
+        out[f"{cfg.amalgamation.confidence}/{transform}"] = row
+    return out
+
+
+@torch.no_grad()
+def save_features(directory: Path, table, teachers: dict, test_outputs: dict, test_labels: list[int]) -> None:
+    """Teacher features of the transfer set and the test set as safetensors, one file per teacher and
+    block (``<teacher>-block<b>.safetensors``: ``transfer`` (M, H) and ``test`` (7600, H), float16) plus
+    ``meta.safetensors`` (logits, labels, held-out flags, source teacher ids): what confidence and
+    KD-weighting variants need, to be studied on a CPU without the GPU that trained the teachers."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = table.column("text").to_pylist()
+    names = list(teachers)
+    source = table.column("teacher").to_pylist()
+    meta = {"transfer_label": torch.tensor(table.column("label").to_pylist()),
+            "transfer_teacher": torch.tensor([names.index(t) for t in source]),
+            "transfer_class": torch.tensor(table.column("teacher_class").to_pylist()),
+            "transfer_heldout": torch.tensor(table.column("heldout").to_pylist()),
+            "test_label": torch.tensor(test_labels)}
+    for name, teacher in teachers.items():
+        states, logits = collect_outputs(teacher, texts, 256)  # (M, N, H), (M, C_k)
+        meta[f"{name}.transfer_logits"], meta[f"{name}.test_logits"] = logits, test_outputs[name][1]
+        for b in range(states.shape[1]):
+            save_file({"transfer": states[:, b].half().contiguous(),
+                       "test": test_outputs[name][0][:, b].half().contiguous()},
+                      str(directory / f"{name}-block{b + 1}.safetensors"))
+    save_file({k: v.contiguous() for k, v in meta.items()}, str(directory / "meta.safetensors"))
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 def accuracy_row(results: dict) -> dict:
@@ -397,6 +474,10 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="rows kept to fit confidence statistics")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.75)
+    p.add_argument("--kd-power", type=float, default=8.0,
+                   help="amalgamation.kd_confidence_power of the stratanet rows (gamma of the KD teacher weights)")
+    p.add_argument("--confidence-transform", choices=("logistic", "ecdf"), default="logistic",
+                   help="amalgamation.confidence_transform of the stratanet rows")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=float, default=6)
@@ -408,6 +489,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", default="", help="steered variants to compare before the rows, e.g. "
                    "\"base:;prompt:prompt=Category: {label};decay:lambda_schedule=decay,decay_rate=0.95\"")
     p.add_argument("--sweep-samples", type=int, default=100, help="samples per class of each --sweep variant")
+    p.add_argument("--save-features", type=Path, default=None,
+                   help="write the teachers' block features and logits on the steered set and the test set here "
+                        "(safetensors, see save_features) to study confidence variants offline")
     p.add_argument("--profile-distill", action="store_true",
                    help="profile 20 steps of the first amalgamation row's training and print the table")
     args = p.parse_args(argv)
@@ -416,6 +500,8 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--rows: unknown {bad}; choose from {ROWS}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.save_features is not None and not any(SOURCES[r] == "steered" for r in rows):
+        p.error("--save-features saves features of the steered set: add a steered row to --rows (e.g. stratanet)")
     sweep = parse_sweep(args.sweep)
     if sweep and args.no_judge:
         p.error("--sweep compares variants by the judge's agreement: drop --no-judge")
@@ -438,7 +524,7 @@ def main(argv=None) -> int:
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "phases": {}, "transfer": {}, "sweep": {}, "auroc": {}, "rows": {}}
+                    "phases": {}, "transfer": {}, "sweep": {}, "auroc": {}, "target": {}, "rows": {}}
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -523,18 +609,30 @@ def main(argv=None) -> int:
 
     # 4. amalgamation rows
     estimators_cache: dict = {}
+    test_outputs: dict = {}
+    if args.save_features is not None:
+        test_outputs.update({n: collect_outputs(t, data["test_texts"], 256) for n, t in teachers.items()})
+        save_features(args.save_features, tables["steered"], teachers, test_outputs, data["test_labels"])
+        log(f"teacher features -> {args.save_features}")
     for seed in seeds:
         for row in rows:
             cfg = job_config(args, work, row, seed)
             table = tables[SOURCES[row]]
             est = None
             if cfg.amalgamation.method == "stratanet":
-                key = (SOURCES[row], cfg.amalgamation.confidence)
+                # the Ray job fits with the job's seed (fold split), so each seed fits its own
+                key = (SOURCES[row], cfg.amalgamation.confidence, seed)
                 if key not in estimators_cache:
                     estimators_cache[key] = fit_confidence(cfg, table, teachers)
                     if cfg.amalgamation.confidence != "msp":
-                        report["auroc"][f"{key[0]}/{key[1]}"] = confidence_auroc(table, teachers, estimators_cache[key])
-                        log(f"confidence {key}: AUROC per block {report['auroc'][f'{key[0]}/{key[1]}']}")
+                        report["auroc"][f"{key[0]}/{key[1]}/seed{seed}"] = confidence_auroc(
+                            table, teachers, estimators_cache[key])
+                        log(f"confidence {key}: AUROC per block {report['auroc'][f'{key[0]}/{key[1]}/seed{seed}']}")
+                    if not test_outputs:  # every teacher on the test set once: (block states, logits)
+                        test_outputs.update({n: collect_outputs(t, data["test_texts"], 256) for n, t in teachers.items()})
+                    report["target"][f"{key[0]}/{key[1]}/seed{seed}"] = target_accuracy(
+                        cfg, table, teachers, space, test_outputs, data["test_labels"])
+                    log(f"KD target on the test set {key}: {json.dumps(report['target'][f'{key[0]}/{key[1]}/seed{seed}'])}")
                 est = estimators_cache[key]
             if args.profile_distill and "profile" not in report:
                 report["profile"] = profile_distill(cfg, table, teachers, est, device)
@@ -551,6 +649,8 @@ def main(argv=None) -> int:
             save()
     report["seconds"] = round(time.perf_counter() - began, 1)
     save()
+    if report["target"]:
+        print(target_markdown(report["target"]))
     print(table_markdown(report))
     return 0
 
@@ -568,6 +668,22 @@ def sweep_markdown(sweep: dict) -> str:
         lines.append(f"| {name} | {settings} | {d['rows']} | {d['teacher_hit_rate']} | {d['judge_agreement']} | "
                      + " | ".join(str(by_class.get(n, "-")) for n in names)
                      + f" | {d['distinct_2']} | {d.get('samples_per_s') or 0:.1f} |")
+    return "\n".join(lines)
+
+
+def target_markdown(target: dict) -> str:
+    """The KD target's test-set accuracy by confidence variant and ``kd_confidence_power``."""
+    lines = ["| transfer set / confidence / transform / fit seed | selects own teacher | "
+             + " | ".join(f"gamma {p:g}" for p in TARGET_POWERS) + " | oracle |",
+             "|---|---|" + "---|" * len(TARGET_POWERS) + "---|"]
+    for key, t in target.items():
+        for variant, v in t.items():
+            if variant == "oracle":
+                continue
+            accs = " | ".join(f"{100 * v['accuracy_by_power'][str(p)]:.2f}" for p in TARGET_POWERS)
+            source, _, seed = key.split("/")
+            lines.append(f"| {source} / {variant} / {seed} | {100 * v['selects_own']:.1f}% | {accs} | "
+                         f"{100 * t['oracle']:.2f} |")
     return "\n".join(lines)
 
 
