@@ -370,13 +370,14 @@ def confidence_auroc(table, teachers: dict, estimators: dict) -> dict:
 
 
 @torch.no_grad()
-def target_accuracy(cfg: JobConfig, table, teachers: dict, space: UnionLabelSpace, test_outputs: dict,
-                    labels: list[int]) -> dict:
+def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, space: UnionLabelSpace,
+                    test_outputs: dict, labels: list[int]) -> dict:
     """Where the confidence stage loses accuracy, on real text: the KD target (the confidence-weighted
     union of the teachers, :func:`union_target` with :func:`kd_teacher_weights`, exactly as the
     distillation loss builds it) scored as a classifier on the AG News test set, for every
-    ``kd_confidence_power`` in ``TARGET_POWERS`` and both confidence transforms (each fitted with
-    :func:`fit_confidence` on the transfer set's held-out rows, as the rows are).
+    ``kd_confidence_power`` in ``TARGET_POWERS`` and both confidence transforms: ``estimators`` (the
+    row's fit, with ``cfg``'s transform) and the other transform fitted the same way
+    (:func:`fit_confidence` on the transfer set's held-out rows).
 
     Also per variant: ``selects_own`` (share of test texts whose largest KD weight goes to the teacher
     that knows the true class) and ``auroc_last`` (last-block confidence, texts of the teacher's own
@@ -388,22 +389,24 @@ def target_accuracy(cfg: JobConfig, table, teachers: dict, space: UnionLabelSpac
     index = [torch.tensor(space.teacher_to_global[n]) for n in names]
     logits = [test_outputs[n][1] for n in names]  # K x (M, C_k)
     own = torch.stack([torch.isin(y, i) for i in index], dim=-1)  # (M, K) teacher k knows the true class
-    out = {"oracle": round(float((union_target(logits, index, own.float(), space.num_labels, cfg.amalgamation.temperature)
-                                  .argmax(-1) == y).float().mean()), 4)}
+
+    def target_accuracy_(weights: torch.Tensor) -> float:  # (M, K) teacher weights -> the target's accuracy
+        p_t = union_target(logits, index, weights, space.num_labels, cfg.amalgamation.temperature)  # (M, C)
+        return round(float((p_t.argmax(-1) == y).float().mean()), 4)
+
+    out = {"oracle": target_accuracy_(own.float())}
     for transform in ("logistic", "ecdf"):
-        amalg = cfg.amalgamation.model_copy(update={"confidence_transform": transform})
-        variant = cfg.model_copy(update={"amalgamation": amalg})
-        estimators = fit_confidence(variant, table, teachers)
-        conf = torch.stack([estimators[n].confidence(*test_outputs[n])[:, -1] for n in names], dim=-1)  # (M, K)
-        row = {"selects_own": round(float(own.gather(1, conf.argmax(-1, keepdim=True)).float().mean()), 4),
-               "auroc_last": {n: round(auroc(-conf[own[:, i], i], -conf[~own[:, i], i]), 4)
-                              for i, n in enumerate(names)},
-               "accuracy_by_power": {}}
-        for power in TARGET_POWERS:
-            p_t = union_target(logits, index, kd_teacher_weights(conf, power), space.num_labels,
-                               cfg.amalgamation.temperature)  # (M, C)
-            row["accuracy_by_power"][str(power)] = round(float((p_t.argmax(-1) == y).float().mean()), 4)
-        out[f"{cfg.amalgamation.confidence}/{transform}"] = row
+        if transform != cfg.amalgamation.confidence_transform:
+            amalg = cfg.amalgamation.model_copy(update={"confidence_transform": transform})
+            fitted = fit_confidence(cfg.model_copy(update={"amalgamation": amalg}), table, teachers)
+        else:
+            fitted = estimators
+        conf = torch.stack([fitted[n].confidence(*test_outputs[n])[:, -1] for n in names], dim=-1)  # (M, K)
+        out[f"{cfg.amalgamation.confidence}/{transform}"] = {
+            "selects_own": round(float(own.gather(1, conf.argmax(-1, keepdim=True)).float().mean()), 4),
+            "auroc_last": {n: round(auroc(-conf[own[:, i], i], -conf[~own[:, i], i]), 4) for i, n in enumerate(names)},
+            "accuracy_by_power": {str(power): target_accuracy_(kd_teacher_weights(conf, power))
+                                  for power in TARGET_POWERS}}
     return out
 
 
@@ -631,7 +634,7 @@ def main(argv=None) -> int:
                     if not test_outputs:  # every teacher on the test set once: (block states, logits)
                         test_outputs.update({n: collect_outputs(t, data["test_texts"], 256) for n, t in teachers.items()})
                     report["target"][f"{key[0]}/{key[1]}/seed{seed}"] = target_accuracy(
-                        cfg, table, teachers, space, test_outputs, data["test_labels"])
+                        cfg, estimators_cache[key], table, teachers, space, test_outputs, data["test_labels"])
                     log(f"KD target on the test set {key}: {json.dumps(report['target'][f'{key[0]}/{key[1]}/seed{seed}'])}")
                 est = estimators_cache[key]
             if args.profile_distill and "profile" not in report:

@@ -69,7 +69,7 @@ def kd_teacher_weights(confidences: torch.Tensor, power: float = 1.0, eps: float
     Returns:
         ``(B, K)`` non-negative weights; every row sums to 1.
     """
-    if power < 0 or not torch.isfinite(torch.tensor(float(power))):
+    if not 0.0 <= power < float("inf"):  # also rejects NaN
         raise ValueError(f"the KD confidence power must be finite and >= 0, got {power}")
     if confidences.ndim != 2:
         raise ValueError(f"confidences must be (B, K), got shape {tuple(confidences.shape)}")
