@@ -58,7 +58,7 @@ from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfkd_ray.config import JobConfig, SteeredConfig, validate_config  # noqa: E402
+from dfkd_ray.config import AmalgamationConfig, JobConfig, SteeredConfig, validate_config  # noqa: E402
 from dfkd_ray.distill.loop import fit_confidence, train_in_process  # noqa: E402
 from dfkd_ray.evaluation import evaluate_student, evaluate_teachers  # noqa: E402
 from dfkd_ray.labels import UnionLabelSpace  # noqa: E402
@@ -514,6 +514,10 @@ def main(argv=None) -> int:
         except ValidationError as e:
             p.error(f"--sweep variant {name!r}: "
                     + "; ".join(f"transfer.steered.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+    try:  # --kd-power / --confidence-transform: checked here, not after the teachers are fine-tuned
+        AmalgamationConfig.model_validate(amalgamation_section(args, "stratanet"))
+    except ValidationError as e:
+        p.error("; ".join(f"amalgamation.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
     if args.tiny:
         args.samples_per_class, args.shard_size, args.gen_batch, args.max_new_tokens, args.top_m = 12, 24, 24, 12, 8
         args.epochs, args.teacher_epochs, args.supervised_epochs, args.max_length = 1, 1, 1, 64

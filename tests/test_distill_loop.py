@@ -110,6 +110,22 @@ def test_distiller_steps_and_checkpoint_round_trip(job_dict, teachers, synthetic
     assert json.loads((exported / "config.json").read_text())["id2label"]["0"] == d.space.names[0]
 
 
+def test_too_few_heldout_rows_for_the_calibration_folds_fail_before_any_teacher_runs(job_dict):
+    from dfkd_ray.distill.loop import fit_confidence
+    from dfkd_ray.transfer.schema import rows_to_table
+
+    class Untouchable:
+        def __call__(self, *a, **k):
+            raise AssertionError("a teacher ran before the held-out rows were counted")
+
+    rows = [{"sample_id": f"{t}/{i}", "text": f"text {i}", "label": 0, "label_name": "x", "teacher": t,
+             "teacher_class": i % 2, "source": "corpus", "source_params": "{}", "confidence": 1.0,
+             "num_tokens": 2, "seed": i, "heldout": True} for t in ("alpha", "beta") for i in range(10)]
+    job_dict["amalgamation"] = {"calibration_folds": 9}
+    with pytest.raises(ValueError, match=r"need >= 11 per teacher with amalgamation.calibration_folds 9"):
+        fit_confidence(validate_config(job_dict), rows_to_table(rows), {"alpha": Untouchable(), "beta": Untouchable()})
+
+
 def test_train_in_process_follows_the_plan_of_its_workers(job_dict, teachers):
     """The benchmarks' loop: the step plan of ``world_size`` workers, their batches taken together,
     one on_epoch call per epoch, the same run twice under one seed."""

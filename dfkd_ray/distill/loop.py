@@ -100,10 +100,12 @@ def fit_confidence(cfg: JobConfig, table, teachers: dict) -> dict:
     from dfkd_ray.models.amalgamator import fit_estimators
 
     texts, classes = heldout_rows(table, list(teachers))
-    few = {n: len(v) for n, v in texts.items() if len(v) < 8}
+    need = max(8, cfg.amalgamation.calibration_folds + 2)  # a cross-fitted fold split needs F + 2 rows
+    few = {n: len(v) for n, v in texts.items() if len(v) < need}
     if few:
-        raise ValueError(f"too few held-out rows to fit confidence statistics: {few} (need >= 8 per teacher). "
-                         "Raise transfer.heldout_fraction or transfer.samples_per_class")
+        raise ValueError(f"too few held-out rows to fit confidence statistics: {few} (need >= {need} per teacher "
+                         f"with amalgamation.calibration_folds {cfg.amalgamation.calibration_folds}). "
+                         "Raise transfer.heldout_fraction or transfer.samples_per_class, or lower calibration_folds")
     return fit_estimators(teachers, texts, classes, cfg=cfg.amalgamation, seed=cfg.seed)
 
 
