@@ -348,8 +348,16 @@ class AmalgamationConfig(_Section):
     confidence_transform: Literal["logistic", "ecdf"] = Field(
         "logistic", description="OOD score -> confidence in [0, 1], calibrated on held-out in-distribution scores: "
                                 "logistic centred at confidence_quantile, or ecdf (conformal p-value)")
-    confidence_quantile: float = Field(0.95, gt=0.0, lt=1.0, description="logistic only: the held-out in-distribution "
-                                                                          "score quantile that maps to confidence 0.5")
+    confidence_quantile: float = Field(
+        0.995, gt=0.0, lt=1.0,
+        description="logistic only: the held-out in-distribution score quantile that maps to confidence 0.5; it sets "
+                    "the offset between teachers on text beyond their pseudo-data. 0.995: chosen on AG News "
+                    "development rows (benchmarks/RESULTS.md, session 8; 0.95 before)")
+    rmd_background: Literal["all_teachers", "own"] = Field(
+        "all_teachers",
+        description="rmd only: fit teacher k's background Gaussian (MD_0, Eq. 3) on its features of every teacher's "
+                    "held-out pseudo-data (all_teachers: the text the student sees) or of its own only (own: Ren "
+                    "et al.'s literal definition)")
     kd_confidence_power: float = Field(
         8.0, ge=0.0, le=1000.0,
         description="gamma of the KD teacher weights c_k^gamma / sum_j c_j^gamma (last-block confidences; the paper "

@@ -181,7 +181,10 @@ def fitted(teachers, heldout):
     from dfkd_ray.models.amalgamator import fit_estimators
 
     texts, classes = heldout
-    return {m: fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(confidence=m)) for m in ("rmd", "md", "msp")}
+    fits = {m: fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(confidence=m)) for m in ("rmd", "md", "msp")}
+    # centred lower, so that the two teachers' confidences differ on TEXTS at gamma 1 (the golden KD check)
+    fits["rmd_q95"] = fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(confidence_quantile=0.95))
+    return fits
 
 
 def build(synthetic_task, teachers, cfg: AmalgamationConfig, num_layers: int = 3):
@@ -212,6 +215,27 @@ def test_step_shapes_and_finite_losses(synthetic_task, teachers, fitted, confide
     assert losses["kd_weight/alpha"].item() + losses["kd_weight/beta"].item() == pytest.approx(1.0)
     assert 0.0 < losses["target_spread"].item() <= 1.0  # distinct texts give distinct targets at init
     assert all(not v.requires_grad for k, v in losses.items() if k not in ("loss", "block", "kd"))
+
+
+def test_fit_estimators_fits_each_rmd_background_on_every_teachers_heldout_texts(teachers, heldout, fitted):
+    """rmd_background all_teachers (default): teacher k's background Gaussian uses its own features of
+    all teachers' held-out texts; own: its texts only; md has none."""
+    from dfkd_ray.math.confidence import fit_gaussians
+    from dfkd_ray.models.amalgamator import collect_outputs, fit_estimators
+
+    texts, classes = heldout
+    own = fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(rmd_background="own"))
+    for name, teacher in teachers.items():
+        others = [t for n in teachers if n != name for t in texts[n]]
+        assert fitted["rmd"][name].meta["num_background"] == len(others) > 0
+        assert own[name].meta["num_background"] == fitted["md"][name].meta["num_background"] == 0
+        states, _ = collect_outputs(teacher, texts[name] + others)  # (M + M_o, N, H)
+        m = len(texts[name])
+        b = states.shape[1] - 1
+        ref = fit_gaussians(states[:m, b], torch.tensor(classes[name]), len(teacher.labels), 0.1,
+                            background=states[:, b])
+        torch.testing.assert_close(fitted["rmd"][name].tensors["bg_mean"][b], ref["bg_mean"])
+        torch.testing.assert_close(own[name].tensors["precision"][b], fitted["rmd"][name].tensors["precision"][b])
 
 
 def test_rmd_weights_each_teacher_up_on_its_own_topics(synthetic_task, teachers, fitted):
@@ -275,10 +299,10 @@ def test_step_kd_is_against_the_confidence_weighted_union_target(synthetic_task,
 
     cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2, kd_confidence_power=power)
     model = build(synthetic_task, teachers, cfg).eval()
-    losses = amalgamation_step(model, TEXTS, teachers=teachers, estimators=fitted["rmd"])
+    losses = amalgamation_step(model, TEXTS, teachers=teachers, estimators=fitted["rmd_q95"])
     outs = run_teachers(teachers, TEXTS)
     space = UnionLabelSpace.from_teachers({n: t.labels for n, t in teachers.items()})
-    conf = {n: fitted["rmd"][n](o) for n, o in outs.items()}  # (B, N)
+    conf = {n: fitted["rmd_q95"][n](o) for n, o in outs.items()}  # (B, N)
     c = torch.stack([conf["alpha"][:, -1], conf["beta"][:, -1]], dim=-1)  # (B, K)
     w = c.pow(power) / c.pow(power).sum(-1, keepdim=True)  # (B, K) wbar_k, written out
     assert (w[:, 0] - w[:, 1]).abs().max() > 0.1  # the weights matter on these texts

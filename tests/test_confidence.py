@@ -37,7 +37,7 @@ def ood_shift(seed: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("transform", ["logistic", "ecdf"])
 def test_in_distribution_gets_higher_confidence_than_shifted(method, transform):
     z, y = gaussian_blocks(400)
-    est = ConfidenceEstimator.fit(z, torch.randn(400, C), y, method=method, transform=transform)
+    est = ConfidenceEstimator.fit(z, torch.randn(400, C), y, method=method, transform=transform, quantile=0.95)
     z_in, _ = gaussian_blocks(200, seed=10)
     z_out, _ = gaussian_blocks(200, shift=ood_shift(), seed=11)
     c_in = est.confidence(z_in, torch.randn(200, C))  # (B, N)
@@ -117,6 +117,43 @@ def test_crossfit_calibration_moves_less_between_seeds_than_one_split():
             for folds in (0, 5)}  # (seeds, N) mean confidence on shifted inputs
     spread = {folds: (c.max(0).values - c.min(0).values) for folds, c in conf.items()}  # (N,)
     assert (spread[5] < 0.5 * spread[0]).all(), spread
+
+
+def test_shared_background_is_fitted_on_the_fit_rows_plus_the_other_teachers_rows():
+    """rmd_background all_teachers: each MD_0 (per fold and final) is fitted on the samples its class
+    Gaussians use plus the other teachers' rows; the class Gaussians do not see those rows."""
+    m, folds = 41, 3
+    z, y = gaussian_blocks(m)
+    other = gaussian_blocks(25, shift=ood_shift(), seed=5)[0]  # (M_o, N, H) another teacher's pseudo-data
+    est = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, calibration_folds=folds, seed=1, background_states=other)
+    assert est.meta["num_background"] == 25
+    own = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, calibration_folds=folds, seed=1)
+    assert own.meta["num_background"] == 0
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(1))
+    ref = torch.empty(m, N, dtype=torch.float64)
+    for b in range(N):
+        full = fit_gaussians(z[:, b], y, C, 0.1, background=torch.cat([z[:, b], other[:, b]]))
+        for key in ("means", "precision", "bg_mean", "bg_precision"):
+            torch.testing.assert_close(est.tensors[key][b], full[key])
+        torch.testing.assert_close(est.tensors["precision"][b], own.tensors["precision"][b])  # class part unchanged
+        assert not torch.allclose(est.tensors["bg_mean"][b], own.tensors["bg_mean"][b])
+        for f in range(folds):
+            held = perm[[i for i in range(m) if i % folds == f]]
+            rest = perm[[i for i in range(m) if i % folds != f]]
+            st = fit_gaussians(z[rest, b], y[rest], C, 0.1, background=torch.cat([z[rest, b], other[:, b]]))
+            x = z[held, b].double()
+            ref[held, b] = (mahalanobis_sq(x, st["means"], st["precision"]).amin(1)
+                            - mahalanobis_sq(x, st["bg_mean"][None], st["bg_precision"])[:, 0])
+    torch.testing.assert_close(est.tensors["calib_scores"], ref.T.sort(dim=1).values)
+    # md has no background: the other rows change nothing
+    md = [ConfidenceEstimator.fit(z, torch.zeros(m, C), y, method="md", background_states=bs) for bs in (None, other)]
+    torch.testing.assert_close(md[0].tensors["calib_scores"], md[1].tensors["calib_scores"])
+    with pytest.raises(ValueError, match="background_states"):
+        ConfidenceEstimator.fit(z, torch.zeros(m, C), y, background_states=other[:, :1])
+    with pytest.raises(ValueError, match="background_states must be finite"):
+        ConfidenceEstimator.fit(z, torch.zeros(m, C), y, background_states=other * float("nan"))
+    with pytest.raises(ValueError, match="background"):
+        fit_gaussians(z[:, 0], y, C, 0.1, background=other[:1, 0])
 
 
 def test_shrinkage_keeps_trace_and_reaches_scaled_identity():

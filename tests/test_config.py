@@ -67,6 +67,8 @@ BAD = [
     ("amalgamation.temperature", 0, "amalgamation.temperature", "greater than 0"),
     ("amalgamation.calibration_folds", 1, "amalgamation.calibration_folds", "nothing to fit on"),
     ("amalgamation.kd_confidence_power", -1, "amalgamation.kd_confidence_power", "greater than or equal to 0"),
+    ("amalgamation.rmd_background", "corpus", "amalgamation.rmd_background", "'all_teachers' or 'own'"),
+    ("amalgamation.confidence_quantile", 1.0, "amalgamation.confidence_quantile", "less than 1"),
     ("student.num_layers", 2, "student.num_layers", "either layers or num_layers"),
     ("train.warmup_epochs", 20, "train.warmup_epochs", "warmup_epochs (20.0) must be <= epochs"),
     ("student.layers", [1, 1], "student.layers", "distinct"),

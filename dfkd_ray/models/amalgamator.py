@@ -243,21 +243,30 @@ def fit_estimators(teachers: Mapping[str, object], texts: Mapping[str, Sequence[
                    seed: int = 0, batch_size: int = 64) -> dict[str, ConfidenceEstimator]:
     """Fit each teacher's confidence statistics on its held-out pseudo-data ``D_k'`` (section 5.1).
 
+    With ``confidence: rmd`` and ``rmd_background: all_teachers`` (the defaults) each teacher also
+    runs on the *other* teachers' held-out texts, and its background Gaussian is fitted on all of
+    them (:meth:`ConfidenceEstimator.fit`, ``background_states``).
+
     Args:
         teachers: loaded teachers by name.
         texts: each teacher's held-out texts (transfer-set rows with ``heldout`` and ``teacher == k``).
         classes: each teacher's class of those texts (``teacher_class``); ``None``, or a teacher
             missing from it, uses the teacher's own argmax.
         cfg: ``confidence``, ``shrinkage``, ``confidence_transform``, ``confidence_quantile``,
-            ``calibration_fraction``, ``calibration_folds`` are read from it (defaults when ``None``).
+            ``calibration_fraction``, ``calibration_folds``, ``rmd_background`` are read from it
+            (defaults when ``None``).
     """
     cfg = cfg or AmalgamationConfig()
     missing = [n for n in teachers if n not in texts]
     if missing:
         raise ValueError(f"no held-out texts for teachers {missing}")
+    shared_background = cfg.confidence == "rmd" and cfg.rmd_background == "all_teachers" and len(teachers) > 1
     estimators = {}
     for name, teacher in teachers.items():
-        states, logits = collect_outputs(teacher, texts[name], batch_size)
+        others = [t for n in teachers if n != name for t in texts[n]] if shared_background else []
+        states, logits = collect_outputs(teacher, list(texts[name]) + others, batch_size)  # (M + M_o, N, H)
+        m = len(texts[name])
+        background, states, logits = (states[m:] if others else None), states[:m], logits[:m]
         labels = None
         if classes is not None and name in classes:
             labels = torch.as_tensor(list(classes[name]), dtype=torch.long)
@@ -266,5 +275,6 @@ def fit_estimators(teachers: Mapping[str, object], texts: Mapping[str, Sequence[
         estimators[name] = ConfidenceEstimator.fit(
             states, logits, labels, method=cfg.confidence, shrinkage=cfg.shrinkage,
             transform=cfg.confidence_transform, quantile=cfg.confidence_quantile,
-            calibration_fraction=cfg.calibration_fraction, calibration_folds=cfg.calibration_folds, seed=seed)
+            calibration_fraction=cfg.calibration_fraction, calibration_folds=cfg.calibration_folds, seed=seed,
+            background_states=background)
     return estimators
