@@ -106,17 +106,20 @@ def read_agnews(directory: Path, limit: int = 0) -> dict:
         raise FileNotFoundError(f"{directory}/{stem}.csv(.xz) is missing; pass --agnews <shared/data/agnews>")
 
     test = pd.read_csv(find("test"), keep_default_na=False)
-    train = pd.concat([pd.read_csv(find(s), keep_default_na=False)
-                       for s in ("train_subset_lst5k_titledesc", "train_subset_dhim_desc")], ignore_index=True)
+    titledesc, desc = (pd.read_csv(find(s), keep_default_na=False)
+                       for s in ("train_subset_lst5k_titledesc", "train_subset_dhim_desc"))
+    train = pd.concat([titledesc, desc], ignore_index=True)
     data = {"test_texts": (test["title"] + " " + test["description"]).tolist(),
             "test_labels": (test["label"].astype(int) - 1).tolist(),
-            "train_texts": train["text"].tolist(), "train_labels": (train["label"].astype(int) - 1).tolist()}
+            "train_texts": train["text"].tolist(), "train_labels": (train["label"].astype(int) - 1).tolist(),
+            "titledesc_rows": len(titledesc)}  # the first train rows are title + description, like the test rows
     if limit:
         rng = random.Random(0)
         for split in ("test", "train"):
             idx = rng.sample(range(len(data[f"{split}_texts"])), min(limit, len(data[f"{split}_texts"])))
             data[f"{split}_texts"] = [data[f"{split}_texts"][i] for i in idx]
             data[f"{split}_labels"] = [data[f"{split}_labels"][i] for i in idx]
+        data["titledesc_rows"] = min(data["titledesc_rows"], len(data["train_texts"]))  # (mixed after sampling)
     return data
 
 
@@ -411,11 +414,16 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
 
 
 @torch.no_grad()
-def save_features(directory: Path, table, teachers: dict, test_outputs: dict, test_labels: list[int]) -> None:
-    """Teacher features of the transfer set and the test set as safetensors, one file per teacher and
-    block (``<teacher>-block<b>.safetensors``: ``transfer`` (M, H) and ``test`` (7600, H), float16) plus
-    ``meta.safetensors`` (logits, labels, held-out flags, source teacher ids): what confidence and
-    KD-weighting variants need, to be studied on a CPU without the GPU that trained the teachers."""
+def save_features(directory: Path, table, teachers: dict, test_outputs: dict, test_labels: list[int],
+                  dev_texts: list[str], dev_labels: list[int]) -> None:
+    """Teacher features of the transfer set, the test set and a development set as safetensors, one file
+    per teacher and block (``<teacher>-block<b>.safetensors``: ``transfer`` (M, H), ``test`` (7600, H)
+    and ``dev`` (M_dev, H), float16) plus ``meta.safetensors`` (logits, labels, held-out flags, source
+    teacher ids): what confidence and KD-weighting variants need, to be studied on a CPU without the GPU
+    that trained the teachers. The development rows are the title + description AG News *train* rows:
+    variants are chosen on them, so that the test set is only reported. (The teachers were fine-tuned on
+    them, so a teacher's features of its own classes' dev rows are in-sample: a biased, but test-free,
+    check of which teacher a variant trusts.)"""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -426,13 +434,16 @@ def save_features(directory: Path, table, teachers: dict, test_outputs: dict, te
             "transfer_teacher": torch.tensor([names.index(t) for t in source]),
             "transfer_class": torch.tensor(table.column("teacher_class").to_pylist()),
             "transfer_heldout": torch.tensor(table.column("heldout").to_pylist()),
-            "test_label": torch.tensor(test_labels)}
+            "test_label": torch.tensor(test_labels), "dev_label": torch.tensor(dev_labels)}
     for name, teacher in teachers.items():
         states, logits = collect_outputs(teacher, texts, 256)  # (M, N, H), (M, C_k)
+        dev_states, dev_logits = collect_outputs(teacher, dev_texts, 256)  # (M_dev, N, H), (M_dev, C_k)
         meta[f"{name}.transfer_logits"], meta[f"{name}.test_logits"] = logits, test_outputs[name][1]
+        meta[f"{name}.dev_logits"] = dev_logits
         for b in range(states.shape[1]):
             save_file({"transfer": states[:, b].half().contiguous(),
-                       "test": test_outputs[name][0][:, b].half().contiguous()},
+                       "test": test_outputs[name][0][:, b].half().contiguous(),
+                       "dev": dev_states[:, b].half().contiguous()},
                       str(directory / f"{name}-block{b + 1}.safetensors"))
     save_file({k: v.contiguous() for k, v in meta.items()}, str(directory / "meta.safetensors"))
 
@@ -619,7 +630,9 @@ def main(argv=None) -> int:
     test_outputs: dict = {}
     if args.save_features is not None:
         test_outputs.update({n: collect_outputs(t, data["test_texts"], 256) for n, t in teachers.items()})
-        save_features(args.save_features, tables["steered"], teachers, test_outputs, data["test_labels"])
+        dev = data["titledesc_rows"]
+        save_features(args.save_features, tables["steered"], teachers, test_outputs, data["test_labels"],
+                      data["train_texts"][:dev], data["train_labels"][:dev])
         log(f"teacher features -> {args.save_features}")
     for seed in seeds:
         for row in rows:

@@ -1,0 +1,123 @@
+"""Choose confidence settings on development rows, offline, from teacher features saved on the GPU.
+
+``benchmarks/agnews.py --save-features DIR`` writes the two teachers' block features and logits on the
+steered transfer set, the AG News test set and the title + description AG News *train* rows (the
+development rows). This script fits the confidence statistics exactly as the job does
+(:meth:`ConfidenceEstimator.fit` on each teacher's held-out rows, with the other teachers' held-out rows
+as ``background_states`` for ``rmd_background: all_teachers``) for a grid of settings and scores the KD
+target (``union_target`` with ``kd_teacher_weights``, as the loss builds it) as a classifier on the
+development rows and on the test set. Choose on the development columns; the test columns are what
+that choice then reports. CPU only, about a second per fit::
+
+    python benchmarks/confidence_variants.py --features DIR --out variants.json \\
+        --quantiles 0.95,0.99,0.995,0.999 --backgrounds own,all_teachers --seeds 0,1,2,3,4,5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dfkd_ray.math.amalgamation import kd_teacher_weights  # noqa: E402
+from dfkd_ray.math.confidence import ConfidenceEstimator  # noqa: E402
+from dfkd_ray.math.losses import union_target  # noqa: E402
+
+TEACHERS = {"world_sports": [0, 1], "business_scitech": [2, 3]}  # as in agnews.py
+
+
+def load_features(directory: Path) -> tuple[dict, dict]:
+    """``meta`` and ``{teacher: {split: (M, N_saved, H) float64}}`` over the saved blocks, in block order."""
+    from safetensors.torch import load_file
+
+    meta = load_file(str(directory / "meta.safetensors"))
+    feats = {}
+    for name in TEACHERS:
+        files = sorted(directory.glob(f"{name}-block*.safetensors"), key=lambda f: int(f.stem.rsplit("block", 1)[1]))
+        if not files:
+            raise FileNotFoundError(f"{directory} has no {name}-block*.safetensors: pass agnews.py's --save-features DIR")
+        blocks = [load_file(str(f)) for f in files]
+        feats[name] = {split: torch.stack([b[split].double() for b in blocks], 1) for split in blocks[0]}
+    if "dev_label" not in meta:
+        raise ValueError(f"{directory} has no development rows: save the features again with this agnews.py")
+    return meta, feats
+
+
+def fit(meta: dict, feats: dict, *, seed: int, background: str, **kwargs) -> dict[str, ConfidenceEstimator]:
+    held, source = meta["transfer_heldout"].bool(), meta["transfer_teacher"]
+    out = {}
+    for k, name in enumerate(TEACHERS):
+        own, others = held & (source == k), held & (source != k)
+        x = feats[name]["transfer"]
+        out[name] = ConfidenceEstimator.fit(
+            x[own], meta[f"{name}.transfer_logits"][own], meta["transfer_class"][own], seed=seed,
+            background_states=x[others] if background == "all_teachers" else None, **kwargs)
+    return out
+
+
+def score(meta: dict, feats: dict, estimators: dict, split: str, power: float) -> dict:
+    """The KD target as a classifier on ``split``: accuracy and the share whose top KD weight is the
+    teacher that knows the true class."""
+    labels = meta[f"{split}_label"]
+    index = [torch.tensor(ids) for ids in TEACHERS.values()]
+    logits = [meta[f"{n}.{split}_logits"].float() for n in TEACHERS]
+    conf = torch.stack([estimators[n].confidence(feats[n][split], logits[k])[:, -1]
+                        for k, n in enumerate(TEACHERS)], -1)  # (M, K) last-block c_k
+    own = torch.stack([torch.isin(labels, i) for i in index], -1)  # (M, K)
+    target = union_target(logits, index, kd_teacher_weights(conf, power), 4, 0.75)
+    return {"accuracy": float((target.argmax(-1) == labels).float().mean()),
+            "selects_own": float(own.gather(1, conf.argmax(-1, keepdim=True)).float().mean())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--features", type=Path, required=True, help="what agnews.py --save-features wrote")
+    p.add_argument("--out", type=Path, required=True, help="JSON of every variant and seed")
+    p.add_argument("--quantiles", default="0.95,0.99,0.995,0.999")
+    p.add_argument("--backgrounds", default="own,all_teachers")
+    p.add_argument("--seeds", default="0,1,2,3,4,5", help="fold-split seeds (the job uses its seed)")
+    p.add_argument("--power", type=float, default=8.0, help="kd_confidence_power")
+    args = p.parse_args(argv)
+    quantiles = [float(q) for q in args.quantiles.split(",")]
+    backgrounds = args.backgrounds.split(",")
+    bad = [b for b in backgrounds if b not in ("own", "all_teachers")]
+    if bad or not all(0 < q < 1 for q in quantiles):
+        p.error(f"--backgrounds takes own,all_teachers (got {bad}); --quantiles lie in (0, 1) (got {quantiles})")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    meta, feats = load_features(args.features)
+    results = []
+    print("| rmd_background | confidence_quantile | dev: target accuracy (mean, min) | dev: selects own "
+          "| test: target accuracy (mean, min) | test: selects own |\n|---|---|---|---|---|---|", flush=True)
+    for background in backgrounds:
+        for quantile in quantiles:
+            runs = []
+            for seed in seeds:
+                est = fit(meta, feats, seed=seed, background=background, quantile=quantile)
+                runs.append({split: score(meta, feats, est, split, args.power) for split in ("dev", "test")})
+            row = {"rmd_background": background, "confidence_quantile": quantile, "seeds": seeds, "runs": runs}
+            cells = []
+            for split in ("dev", "test"):
+                acc = [r[split]["accuracy"] for r in runs]
+                sel = [r[split]["selects_own"] for r in runs]
+                row[split] = {"accuracy_mean": sum(acc) / len(acc), "accuracy_min": min(acc),
+                              "selects_own_mean": sum(sel) / len(sel)}
+                cells += [f"{100 * row[split]['accuracy_mean']:.2f} ({100 * min(acc):.2f})",
+                          f"{100 * row[split]['selects_own_mean']:.1f}%"]
+            results.append(row)
+            print(f"| {background} | {quantile} | " + " | ".join(cells) + " |", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"features": str(args.features), "power": args.power, "variants": results}, indent=1))
+    best = max(results, key=lambda r: r["dev"]["accuracy_mean"])
+    print(f"best on the development rows: rmd_background {best['rmd_background']}, confidence_quantile "
+          f"{best['confidence_quantile']} (dev {100 * best['dev']['accuracy_mean']:.2f}%, test "
+          f"{100 * best['test']['accuracy_mean']:.2f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
