@@ -86,7 +86,7 @@ AMALGAMATION = {"vanilla_random": {"method": "vanilla"}, "vanilla_corpus": {"met
                 "vanilla_real": {"method": "vanilla"},
                 "stratanet_real": {"method": "stratanet", "confidence": "rmd", "fusion": "st"}}
 ROWS = list(SOURCES)
-TARGET_POWERS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 1000.0)  # kd_confidence_power values the target diagnostic scores
+TARGET_POWERS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 1000.0)  # kd_confidence_power values the target diagnostic scores
 
 
 def log(msg: str) -> None:
@@ -488,7 +488,7 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="rows kept to fit confidence statistics")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.75)
-    p.add_argument("--kd-power", type=float, default=8.0,
+    p.add_argument("--kd-power", type=float, default=64.0,
                    help="amalgamation.kd_confidence_power of the stratanet rows (gamma of the KD teacher weights)")
     p.add_argument("--confidence-transform", choices=("logistic", "ecdf"), default="logistic",
                    help="amalgamation.confidence_transform of the stratanet rows")
@@ -660,11 +660,16 @@ def main(argv=None) -> int:
             student, info = distill(cfg, table, teachers, est, device)
             result = accuracy_row(evaluate_student(student, data["test_texts"], data["test_labels"], space,
                                                    batch_size=256))
+            # the development rows (title + description train rows): choose settings here, not on the test set
+            dev = data["titledesc_rows"]
+            result["dev_accuracy"] = round(evaluate_student(student, data["train_texts"][:dev], data["train_labels"][:dev],
+                                                            space, batch_size=256)["accuracy"], 4)
             report["rows"].setdefault(row, {"seeds": {}})["seeds"][str(seed)] = {**result, **info}
             accs = [v["accuracy"] for v in report["rows"][row]["seeds"].values()]
             report["rows"][row].update(accuracy=round(sum(accs) / len(accs), 4),
                                        spread=round(max(accs) - min(accs), 4), n=len(accs))
-            log(f"{row} seed {seed}: accuracy {result['accuracy']:.4f} ({info['seconds']} s)")
+            log(f"{row} seed {seed}: accuracy {result['accuracy']:.4f}, development rows {result['dev_accuracy']:.4f} "
+                f"({info['seconds']} s)")
             del student
             save()
     report["seconds"] = round(time.perf_counter() - began, 1)
