@@ -50,6 +50,7 @@ import platform
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -112,14 +113,15 @@ def read_agnews(directory: Path, limit: int = 0) -> dict:
     data = {"test_texts": (test["title"] + " " + test["description"]).tolist(),
             "test_labels": (test["label"].astype(int) - 1).tolist(),
             "train_texts": train["text"].tolist(), "train_labels": (train["label"].astype(int) - 1).tolist(),
-            "titledesc_rows": len(titledesc)}  # the first train rows are title + description, like the test rows
+            # development rows: the title + description train rows (written like the test rows); settings
+            # are chosen on them, the test set only reports. The teachers are fine-tuned on them.
+            "dev_texts": titledesc["text"].tolist(), "dev_labels": (titledesc["label"].astype(int) - 1).tolist()}
     if limit:
         rng = random.Random(0)
-        for split in ("test", "train"):
+        for split in ("test", "train", "dev"):
             idx = rng.sample(range(len(data[f"{split}_texts"])), min(limit, len(data[f"{split}_texts"])))
             data[f"{split}_texts"] = [data[f"{split}_texts"][i] for i in idx]
             data[f"{split}_labels"] = [data[f"{split}_labels"][i] for i in idx]
-        data["titledesc_rows"] = min(data["titledesc_rows"], len(data["train_texts"]))  # (mixed after sampling)
     return data
 
 
@@ -392,12 +394,10 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
     index = [torch.tensor(space.teacher_to_global[n]) for n in names]
     logits = [test_outputs[n][1] for n in names]  # K x (M, C_k)
     own = torch.stack([torch.isin(y, i) for i in index], dim=-1)  # (M, K) teacher k knows the true class
-
-    def target_accuracy_(weights: torch.Tensor) -> float:  # (M, K) teacher weights -> the target's accuracy
-        p_t = union_target(logits, index, weights, space.num_labels, cfg.amalgamation.temperature)  # (M, C)
-        return round(float((p_t.argmax(-1) == y).float().mean()), 4)
-
-    out = {"oracle": target_accuracy_(own.float())}
+    score = partial(kd_target_scores, logits, index, y, num_labels=space.num_labels,
+                    temperature=cfg.amalgamation.temperature)
+    # oracle: power 1 on 0/1 confidences puts all weight on the teacher that knows the class
+    out = {"oracle": round(score(own.float(), powers=(1.0,))["accuracy_by_power"]["1.0"], 4)}
     for transform in ("logistic", "ecdf"):
         if transform != cfg.amalgamation.confidence_transform:
             amalg = cfg.amalgamation.model_copy(update={"confidence_transform": transform})
@@ -405,12 +405,30 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
         else:
             fitted = estimators
         conf = torch.stack([fitted[n].confidence(*test_outputs[n])[:, -1] for n in names], dim=-1)  # (M, K)
+        scores = score(conf, powers=TARGET_POWERS)
         out[f"{cfg.amalgamation.confidence}/{transform}"] = {
-            "selects_own": round(float(own.gather(1, conf.argmax(-1, keepdim=True)).float().mean()), 4),
+            "selects_own": round(scores["selects_own"], 4),
             "auroc_last": {n: round(auroc(-conf[own[:, i], i], -conf[~own[:, i], i]), 4) for i, n in enumerate(names)},
-            "accuracy_by_power": {str(power): target_accuracy_(kd_teacher_weights(conf, power))
-                                  for power in TARGET_POWERS}}
+            "accuracy_by_power": {p: round(a, 4) for p, a in scores["accuracy_by_power"].items()}}
     return out
+
+
+@torch.no_grad()
+def kd_target_scores(logits: list[torch.Tensor], index: list[torch.Tensor], labels: torch.Tensor,
+                     conf: torch.Tensor, *, powers, num_labels: int, temperature: float) -> dict:
+    """The KD target as a classifier: ``union_target`` of the teachers' ``logits`` (K x (M, C_k), placed
+    by ``index``) with ``kd_teacher_weights(conf, power)`` (``conf`` (M, K)), as the loss builds it.
+
+    Returns ``selects_own`` (share of rows whose largest weight is the teacher that knows the true
+    class) and ``accuracy_by_power`` ({str(power): accuracy}).
+    """
+    own = torch.stack([torch.isin(labels, i) for i in index], dim=-1)  # (M, K)
+    accuracy = {}
+    for power in powers:
+        p_t = union_target(logits, index, kd_teacher_weights(conf, power), num_labels, temperature)  # (M, C)
+        accuracy[str(power)] = float((p_t.argmax(-1) == labels).float().mean())
+    return {"selects_own": float(own.gather(1, conf.argmax(-1, keepdim=True)).float().mean()),
+            "accuracy_by_power": accuracy}
 
 
 @torch.no_grad()
@@ -504,8 +522,9 @@ def main(argv=None) -> int:
                    "\"base:;prompt:prompt=Category: {label};decay:lambda_schedule=decay,decay_rate=0.95\"")
     p.add_argument("--sweep-samples", type=int, default=100, help="samples per class of each --sweep variant")
     p.add_argument("--save-features", type=Path, default=None,
-                   help="write the teachers' block features and logits on the steered set and the test set here "
-                        "(safetensors, see save_features) to study confidence variants offline")
+                   help="write the teachers' block features and logits on the steered set, the test set and the "
+                        "development rows here (safetensors, see save_features) to choose confidence settings "
+                        "offline (benchmarks/confidence_variants.py)")
     p.add_argument("--profile-distill", action="store_true",
                    help="profile 20 steps of the first amalgamation row's training and print the table")
     args = p.parse_args(argv)
@@ -627,12 +646,16 @@ def main(argv=None) -> int:
 
     # 4. amalgamation rows
     estimators_cache: dict = {}
-    test_outputs: dict = {}
+    test_outputs: dict = {}  # every teacher on the test set, once: (block states, logits)
+
+    def teacher_test_outputs() -> dict:
+        if not test_outputs:
+            test_outputs.update({n: collect_outputs(t, data["test_texts"], 256) for n, t in teachers.items()})
+        return test_outputs
+
     if args.save_features is not None:
-        test_outputs.update({n: collect_outputs(t, data["test_texts"], 256) for n, t in teachers.items()})
-        dev = data["titledesc_rows"]
-        save_features(args.save_features, tables["steered"], teachers, test_outputs, data["test_labels"],
-                      data["train_texts"][:dev], data["train_labels"][:dev])
+        save_features(args.save_features, tables["steered"], teachers, teacher_test_outputs(), data["test_labels"],
+                      data["dev_texts"], data["dev_labels"])
         log(f"teacher features -> {args.save_features}")
     for seed in seeds:
         for row in rows:
@@ -648,10 +671,8 @@ def main(argv=None) -> int:
                         report["auroc"][f"{key[0]}/{key[1]}/seed{seed}"] = confidence_auroc(
                             table, teachers, estimators_cache[key])
                         log(f"confidence {key}: AUROC per block {report['auroc'][f'{key[0]}/{key[1]}/seed{seed}']}")
-                    if not test_outputs:  # every teacher on the test set once: (block states, logits)
-                        test_outputs.update({n: collect_outputs(t, data["test_texts"], 256) for n, t in teachers.items()})
                     report["target"][f"{key[0]}/{key[1]}/seed{seed}"] = target_accuracy(
-                        cfg, estimators_cache[key], table, teachers, space, test_outputs, data["test_labels"])
+                        cfg, estimators_cache[key], table, teachers, space, teacher_test_outputs(), data["test_labels"])
                     log(f"KD target on the test set {key}: {json.dumps(report['target'][f'{key[0]}/{key[1]}/seed{seed}'])}")
                 est = estimators_cache[key]
             if args.profile_distill and "profile" not in report:
@@ -660,10 +681,8 @@ def main(argv=None) -> int:
             student, info = distill(cfg, table, teachers, est, device)
             result = accuracy_row(evaluate_student(student, data["test_texts"], data["test_labels"], space,
                                                    batch_size=256))
-            # the development rows (title + description train rows): choose settings here, not on the test set
-            dev = data["titledesc_rows"]
-            result["dev_accuracy"] = round(evaluate_student(student, data["train_texts"][:dev], data["train_labels"][:dev],
-                                                            space, batch_size=256)["accuracy"], 4)
+            result["dev_accuracy"] = round(evaluate_student(student, data["dev_texts"], data["dev_labels"], space,
+                                                            batch_size=256)["accuracy"], 4)
             report["rows"].setdefault(row, {"seeds": {}})["seeds"][str(seed)] = {**result, **info}
             accs = [v["accuracy"] for v in report["rows"][row]["seeds"].values()]
             report["rows"][row].update(accuracy=round(sum(accs) / len(accs), 4),

@@ -23,12 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dfkd_ray.math.amalgamation import kd_teacher_weights  # noqa: E402
+from agnews import LABELS, TEACHERS, kd_target_scores  # noqa: E402
 from dfkd_ray.math.confidence import ConfidenceEstimator  # noqa: E402
-from dfkd_ray.math.losses import union_target  # noqa: E402
-
-TEACHERS = {"world_sports": [0, 1], "business_scitech": [2, 3]}  # as in agnews.py
 
 
 def load_features(directory: Path) -> tuple[dict, dict]:
@@ -60,18 +58,16 @@ def fit(meta: dict, feats: dict, *, seed: int, background: str, **kwargs) -> dic
     return out
 
 
-def score(meta: dict, feats: dict, estimators: dict, split: str, power: float) -> dict:
-    """The KD target as a classifier on ``split``: accuracy and the share whose top KD weight is the
-    teacher that knows the true class."""
-    labels = meta[f"{split}_label"]
-    index = [torch.tensor(ids) for ids in TEACHERS.values()]
+def score(meta: dict, feats: dict, estimators: dict, split: str, power: float, temperature: float) -> dict:
+    """The KD target as a classifier on ``split`` (agnews.py's :func:`kd_target_scores`): accuracy and
+    the share whose top KD weight is the teacher that knows the true class."""
+    index = [torch.tensor([LABELS.index(c) for c in classes]) for classes in TEACHERS.values()]
     logits = [meta[f"{n}.{split}_logits"].float() for n in TEACHERS]
     conf = torch.stack([estimators[n].confidence(feats[n][split], logits[k])[:, -1]
                         for k, n in enumerate(TEACHERS)], -1)  # (M, K) last-block c_k
-    own = torch.stack([torch.isin(labels, i) for i in index], -1)  # (M, K)
-    target = union_target(logits, index, kd_teacher_weights(conf, power), 4, 0.75)
-    return {"accuracy": float((target.argmax(-1) == labels).float().mean()),
-            "selects_own": float(own.gather(1, conf.argmax(-1, keepdim=True)).float().mean())}
+    s = kd_target_scores(logits, index, meta[f"{split}_label"], conf, powers=(power,), num_labels=len(LABELS),
+                         temperature=temperature)
+    return {"accuracy": s["accuracy_by_power"][str(power)], "selects_own": s["selects_own"]}
 
 
 def main(argv=None) -> int:
@@ -81,7 +77,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantiles", default="0.95,0.99,0.995,0.999")
     p.add_argument("--backgrounds", default="own,all_teachers")
     p.add_argument("--seeds", default="0,1,2,3,4,5", help="fold-split seeds (the job uses its seed)")
-    p.add_argument("--power", type=float, default=8.0, help="kd_confidence_power")
+    p.add_argument("--power", type=float, default=8.0,
+                   help="kd_confidence_power; 8 was the default when RESULTS.md session 8 chose the confidence settings")
+    p.add_argument("--temperature", type=float, default=0.75, help="amalgamation.temperature (agnews.py's default)")
     args = p.parse_args(argv)
     quantiles = [float(q) for q in args.quantiles.split(",")]
     backgrounds = args.backgrounds.split(",")
@@ -98,7 +96,8 @@ def main(argv=None) -> int:
             runs = []
             for seed in seeds:
                 est = fit(meta, feats, seed=seed, background=background, quantile=quantile)
-                runs.append({split: score(meta, feats, est, split, args.power) for split in ("dev", "test")})
+                runs.append({split: score(meta, feats, est, split, args.power, args.temperature)
+                             for split in ("dev", "test")})
             row = {"rmd_background": background, "confidence_quantile": quantile, "seeds": seeds, "runs": runs}
             cells = []
             for split in ("dev", "test"):
