@@ -245,28 +245,35 @@ def amalgamation_section(args, row: str) -> dict:
     section = {**AMALGAMATION.get(row, {"method": "vanilla"}), "amalg_dim": 256, "temperature": args.temperature}
     if section["method"] == "stratanet":
         section.update(kd_confidence_power=args.kd_power, confidence_transform=args.confidence_transform)
+        section.update(parse_fields(args.stratanet, "--stratanet"))
     return section
+
+
+def parse_fields(body: str, flag: str) -> dict:
+    """``"key=value,key=value"`` -> {key: value}: numbers and booleans parsed, the rest kept as text (so a
+    value cannot hold ',' or ';'); the keys are checked when the config that holds them is validated."""
+    import yaml
+
+    fields = {}
+    for item in filter(None, (x.strip() for x in body.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"{flag}: {item!r} is not key=value (e.g. alpha=0.3)")
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        fields[key.strip()] = parsed if isinstance(parsed, (bool, int, float)) else value.strip()
+    return fields
 
 
 def parse_sweep(spec: str) -> dict[str, dict]:
     """``"name:key=value,key=value;name2:..."`` -> {name: {key: value}} (numbers and booleans parsed, the
     rest kept as text, so a value cannot hold ',' or ';'; the keys are ``transfer.steered`` fields,
     checked when each variant's config is validated)."""
-    import yaml
-
     out: dict[str, dict] = {}
     for part in filter(None, (x.strip() for x in spec.split(";"))):
         name, _, body = part.partition(":")
         if not name or name in out:
             raise SystemExit(f"--sweep: variant {part!r} needs a new name before ':' (e.g. 'decay:lambda_schedule=decay')")
-        fields = {}
-        for item in filter(None, (x.strip() for x in body.split(","))):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise SystemExit(f"--sweep: {item!r} in variant {name!r} is not key=value")
-            parsed = yaml.safe_load(value) if value.strip() else ""
-            fields[key.strip()] = parsed if isinstance(parsed, (bool, int, float)) else value.strip()
-        out[name] = fields
+        out[name] = parse_fields(body, f"--sweep variant {name!r}")
     return out
 
 
@@ -510,6 +517,8 @@ def main(argv=None) -> int:
                    help="amalgamation.kd_confidence_power of the stratanet rows (gamma of the KD teacher weights)")
     p.add_argument("--confidence-transform", choices=("logistic", "ecdf"), default="logistic",
                    help="amalgamation.confidence_transform of the stratanet rows")
+    p.add_argument("--stratanet", default="", metavar="KEY=VALUE,...",
+                   help="amalgamation fields of the StrataNet rows (after --kd-power), e.g. 'alpha=0.3,train_fusion=false'")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=float, default=6)
@@ -544,7 +553,7 @@ def main(argv=None) -> int:
         except ValidationError as e:
             p.error(f"--sweep variant {name!r}: "
                     + "; ".join(f"transfer.steered.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
-    try:  # --kd-power / --confidence-transform: checked here, not after the teachers are fine-tuned
+    try:  # --kd-power / --confidence-transform / --stratanet: checked here, not after the teachers are fine-tuned
         AmalgamationConfig.model_validate(amalgamation_section(args, "stratanet"))
     except ValidationError as e:
         p.error("; ".join(f"amalgamation.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
