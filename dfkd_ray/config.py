@@ -342,7 +342,8 @@ class AmalgamationConfig(_Section):
     shrinkage: float = Field(0.1, ge=0.0, le=1.0, description="covariance shrinkage toward a scaled identity (few samples, wide features)")
     amalg_dim: int = Field(256, ge=8, le=8192, description="width of the amalgamated block space")
     amalg_heads: int = Field(4, ge=1, le=64)
-    alpha: float = Field(1.0, ge=0.0, description="weight of the block L2 loss")
+    alpha: float = Field(1.0, ge=0.0, description="weight of the block L2 loss (the paper gives no value; on AG News "
+                                                   "0.3, 1 and 3 tied within the seed spread: benchmarks/RESULTS.md, session 9)")
     beta: float = Field(1.0, ge=0.0, description="weight of the KL loss")
     temperature: float = Field(0.75, gt=0.0, le=100.0, description="KD temperature (paper appendix: 0.75)")
     confidence_transform: Literal["logistic", "ecdf"] = Field(
