@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -309,6 +310,17 @@ def test_results_record_parameters_and_keep_prompt(lm_and_tokenizer, teachers):
     json.dumps(res.params)
     probs, _ = teachers["beta"].predict([res.text])
     assert abs(float(probs[0, 1]) - res.teacher_confidence) < 1e-6
+
+
+def test_the_kv_cache_goes_by_the_name_this_transformers_reads(lm_and_tokenizer, teachers):
+    """transformers >= 5.2x reads ``cache`` and warns that ``past_key_values`` goes away in 5.40; older versions
+    know only ``past_key_values``: the generator passes whichever the LM's forward names, so no warning (the
+    cached decode itself is checked against full-prefix sampling above)."""
+    gen = make(lm_and_tokenizer, teachers, control_strength=4.0, top_m=10, top_k=5, max_new_tokens=4, min_new_tokens=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen.generate([GenerationRequest("alpha", 0, seed=5)])
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_bad_parameters_fail_before_generation(lm_and_tokenizer, teachers, monkeypatch):

@@ -38,6 +38,7 @@ the teacher the same truncated input).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -602,6 +603,9 @@ class SteeredGenerator:
         self.teachers = dict(teachers)
         self.device = torch.device(device) if device is not None else next(iter(self.teachers.values())).device
         self.lm = lm.to(device=self.device, dtype=resolve_lm_dtype(params.dtype, self.device)).eval().requires_grad_(False)
+        # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` is deprecated,
+        # to be removed in 5.40); older versions know only ``past_key_values``
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         self.lm_tokenizer = lm_tokenizer
         self.lm_name = lm_name or str(getattr(lm.config, "_name_or_path", ""))
         cfg = lm.config
@@ -655,7 +659,7 @@ class SteeredGenerator:
         self.stats["lm_forwards"] += 1
         with attention_kernels(self.params.sdpa, self.device):
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+                          use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
         logits = out.logits[:, -1, :]  # (B, V)
         return logits.clone() if logits.dtype == torch.float64 else logits.float()
 
