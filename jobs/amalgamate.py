@@ -18,14 +18,14 @@ def main() -> int:
 
     import ray
 
-    from dfkd_ray.orchestration import report_user_error, user_errors
+    from dfkd_ray.orchestration import init_local_ray, report_user_error, user_errors
     from dfkd_ray.orchestration.amalgamate import run_amalgamate
 
     if cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:
         # Local Ray: logical CPUs beyond the train workers' so dataset reads always get one.
         r = cfg.ray
         need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=False)
+        init_local_ray(max(os.cpu_count() or 1, int(need) + 2))
     else:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     try:

@@ -30,3 +30,37 @@ def report_user_error(error: BaseException) -> int:
     cause = getattr(error, "cause", None)  # raised in a Ray task: the original error, not the remote traceback
     print(f"error: {cause if isinstance(cause, BaseException) else error}", file=sys.stderr)
     return 2
+
+
+def worker_print(message: str) -> None:
+    """One line on the driver's console from inside a Ray Train worker.
+
+    Ray Train 2.60 patches ``print`` in its workers to log the line through the root logger *and*, because
+    Ray wraps the worker's ``sys.stdout``, to print it as well: every line reached the driver twice. The
+    process's own stdout (``sys.__stdout__``) is what Ray streams to the driver, once.
+    """
+    import sys
+
+    print(message, file=sys.__stdout__, flush=True)
+
+
+# Ray Train 2.60's placement-group cleaner asks the State API every second whether the train controller
+# lives; without a dashboard (a local ``ray.init(include_dashboard=False)``) every ask fails with a warning.
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_stateless_ray() -> None:
+    """``runtime_env`` ``worker_process_setup_hook`` of a local Ray without a dashboard: the placement-group
+    cleaner cannot work there and would warn once a second for a whole training run; errors still show."""
+    import logging
+
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def init_local_ray(num_cpus: int) -> None:
+    """Start a local Ray on this machine for a job: no dashboard (``ray[default]``'s packages are not
+    dependencies), and :func:`quiet_stateless_ray` in every worker process."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_stateless_ray"})

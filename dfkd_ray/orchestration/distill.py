@@ -40,7 +40,7 @@ import ray
 
 from dfkd_ray.config import JobConfig, validate_config
 from dfkd_ray.distill.loop import StepPlan, student_num_blocks
-from dfkd_ray.orchestration import worker_device
+from dfkd_ray.orchestration import worker_device, worker_print
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
 from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
 
@@ -180,14 +180,14 @@ def train_loop_per_worker(config: dict) -> dict:
         start_epoch, skip = int(state["epoch"]), int(state["batch"])
         resumed_from = distiller.step_count
         if rank == 0:
-            print(f"distill: resumed from the checkpoint of step {state['step']} (epoch {start_epoch}, batch {skip})")
+            worker_print(f"distill: resumed from the checkpoint of step {state['step']} (epoch {start_epoch}, batch {skip})")
     elif config.get("init_checkpoint"):
         state = distiller.load_checkpoint(config["init_checkpoint"])
         start_epoch, skip = int(state["epoch"]), int(state["batch"])
         if rank == 0:
-            print(f"distill: continuing after the streamed epoch from step {state['step']}, reading the finished set")
+            worker_print(f"distill: continuing after the streamed epoch from step {state['step']}, reading the finished set")
     elif rank == 0 and stream:
-        print("distill: streaming the first epoch from the generation pipeline from step 0")
+        worker_print("distill: streaming the first epoch from the generation pipeline from step 0")
     log = MetricsLog(config["metrics_path"], resume_step=distiller.step_count) if rank == 0 else None
 
     began, seen, metrics = time.perf_counter(), 0, {}
@@ -217,8 +217,8 @@ def train_loop_per_worker(config: dict) -> dict:
         if rank == 0:
             log.write(metrics)
             extra = "".join(f" {k} {metrics[k]:.4f}" for k in ("block", "kd", "agreement") if k in metrics)
-            print(f"distill: step {n}/{plan.total_steps} epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f}"
-                  f"{extra} lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+            worker_print(f"distill: step {n}/{plan.total_steps} epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f}"
+                         f"{extra} lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s")
         return metrics
 
     if stream:
