@@ -188,7 +188,8 @@ def fitted(teachers, heldout):
     texts, classes = heldout
     fits = {m: fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(confidence=m)) for m in ("rmd", "md", "msp")}
     # centred lower, so that the two teachers' confidences differ on TEXTS at gamma 1 (the golden KD check)
-    fits["rmd_q95"] = fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(confidence_quantile=0.95))
+    fits["rmd_q95"] = fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(confidence_center="quantile",
+                                                                                     confidence_quantile=0.95))
     return fits
 
 

@@ -37,7 +37,8 @@ def ood_shift(seed: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("transform", ["logistic", "ecdf"])
 def test_in_distribution_gets_higher_confidence_than_shifted(method, transform):
     z, y = gaussian_blocks(400)
-    est = ConfidenceEstimator.fit(z, torch.randn(400, C), y, method=method, transform=transform, quantile=0.95)
+    est = ConfidenceEstimator.fit(z, torch.randn(400, C), y, method=method, transform=transform, center="quantile",
+                                  quantile=0.95)
     z_in, _ = gaussian_blocks(200, seed=10)
     z_out, _ = gaussian_blocks(200, shift=ood_shift(), seed=11)
     c_in = est.confidence(z_in, torch.randn(200, C))  # (B, N)
@@ -86,7 +87,8 @@ def test_crossfit_calibrates_on_out_of_fold_scores_of_every_sample():
     calibration scores are each sample's score under Gaussians fitted without its fold (slow reference)."""
     m, folds = 61, 4
     z, y = gaussian_blocks(m)
-    est = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, method="rmd", shrinkage=0.1, calibration_folds=folds, seed=3)
+    est = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, method="rmd", shrinkage=0.1, calibration_folds=folds, seed=3,
+                                  calibration_repeats=1)
     assert est.meta["num_fit"] == est.meta["num_calib"] == m
     for b in range(N):
         full = fit_gaussians(z[:, b], y, C, 0.1)
@@ -119,13 +121,62 @@ def test_crossfit_calibration_moves_less_between_seeds_than_one_split():
     assert (spread[5] < 0.5 * spread[0]).all(), spread
 
 
+def test_repeated_crossfit_pools_every_split_and_keeps_the_final_gaussians():
+    """calibration_repeats R: R fold splits, each sample scored once per split (R M calibration scores);
+    the first split is the one R = 1 uses, and the Gaussians that score new inputs are the same."""
+    m = 50
+    z, y = gaussian_blocks(m)
+    one = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, calibration_folds=5, calibration_repeats=1, seed=4)
+    three = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, calibration_folds=5, calibration_repeats=3, seed=4)
+    assert three.meta["num_calib"] == 3 * m and three.tensors["calib_scores"].shape == (N, 3 * m)
+    for key in ("means", "precision", "bg_mean", "bg_precision"):
+        torch.testing.assert_close(three.tensors[key], one.tensors[key])
+    for b in range(N):  # R = 1's scores are among R = 3's (multiset inclusion)
+        pooled = three.tensors["calib_scores"][b].tolist()
+        for score in one.tensors["calib_scores"][b].tolist():
+            pooled.remove(score)
+        assert len(pooled) == 2 * m
+    # other splits give other out-of-fold scores
+    assert not torch.equal(three.tensors["calib_scores"], one.tensors["calib_scores"].repeat_interleave(3, dim=1))
+
+
+@pytest.mark.parametrize("sd", [2.0, 6.0])
+def test_moments_center_is_mean_plus_z_standard_deviations(sd):
+    z, y = gaussian_blocks(80)
+    est = ConfidenceEstimator.fit(z, torch.zeros(80, C), y, center="moments", center_sd=sd)
+    t = est.tensors
+    torch.testing.assert_close(t["calib_center"], t["calib_scores"].mean(1) + sd * t["calib_scores"].std(1))
+    assert est.meta["center"] == "moments" and est.meta["center_sd"] == sd
+    # Cantelli: at most 1 / (1 + z^2) of the calibration scores lie beyond the centre
+    beyond = (t["calib_scores"] > t["calib_center"][:, None]).double().mean(1)
+    assert (beyond <= 1 / (1 + sd ** 2)).all(), beyond
+
+
+def test_moments_center_with_repeats_moves_less_between_seeds_than_the_extreme_quantile():
+    """The KD weights hang on the centre t_b. An extreme empirical quantile of the out-of-fold scores
+    (one split) moves with the fold seed; mean + z sd over repeated splits moves much less."""
+    m = 120
+    z, y = gaussian_blocks(m)
+
+    def centers(**kw):  # (seeds, N)
+        return torch.stack([ConfidenceEstimator.fit(z, torch.zeros(m, C), y, seed=s, **kw).tensors["calib_center"]
+                            for s in range(8)])
+
+    quantile = centers(center="quantile", quantile=0.995, calibration_repeats=1)
+    moments = centers(center="moments", center_sd=3.0, calibration_repeats=4)
+    spread = {name: (c.max(0).values - c.min(0).values) / c.mean(0) for name, c in
+              {"quantile": quantile, "moments": moments}.items()}  # (N,) relative spread
+    assert (spread["moments"] < 0.5 * spread["quantile"]).all(), spread
+
+
 def test_shared_background_is_fitted_on_the_fit_rows_plus_the_other_teachers_rows():
     """rmd_background all_teachers: each MD_0 (per fold and final) is fitted on the samples its class
     Gaussians use plus the other teachers' rows; the class Gaussians do not see those rows."""
     m, folds = 41, 3
     z, y = gaussian_blocks(m)
     other = gaussian_blocks(25, shift=ood_shift(), seed=5)[0]  # (M_o, N, H) another teacher's pseudo-data
-    est = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, calibration_folds=folds, seed=1, background_states=other)
+    est = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, calibration_folds=folds, seed=1, background_states=other,
+                                  calibration_repeats=1)
     assert est.meta["num_background"] == 25
     own = ConfidenceEstimator.fit(z, torch.zeros(m, C), y, calibration_folds=folds, seed=1)
     assert own.meta["num_background"] == 0
@@ -253,7 +304,7 @@ def test_score_to_confidence_transforms_on_hand_values():
 
 def test_logistic_puts_the_quantile_at_one_half():
     z, y = gaussian_blocks(400)
-    est = ConfidenceEstimator.fit(z, torch.randn(400, C), y, quantile=0.9)
+    est = ConfidenceEstimator.fit(z, torch.randn(400, C), y, center="quantile", quantile=0.9)
     t = est.tensors
     torch.testing.assert_close(t["calib_center"], torch.quantile(t["calib_scores"], 0.9, dim=1))
     share_above_half = (scores_to_confidence(t["calib_scores"].T, t["calib_scores"], t["calib_center"],
@@ -269,6 +320,12 @@ def test_auroc_helper_matches_sklearn():
 
 def test_bad_inputs_raise_clear_errors():
     z, y = gaussian_blocks(60)
+    with pytest.raises(ValueError, match="unknown calibration center"):
+        ConfidenceEstimator.fit(z, torch.randn(60, C), y, center="median")
+    with pytest.raises(ValueError, match="center_sd must be finite and > 0"):
+        ConfidenceEstimator.fit(z, torch.randn(60, C), y, center_sd=float("nan"))
+    with pytest.raises(ValueError, match="calibration_repeats must be >= 1"):
+        ConfidenceEstimator.fit(z, torch.randn(60, C), y, calibration_repeats=0)
     with pytest.raises(ValueError, match="unknown confidence method"):
         ConfidenceEstimator.fit(z, torch.randn(60, C), y, method="energy")
     with pytest.raises(ValueError, match="labels must be class ids"):

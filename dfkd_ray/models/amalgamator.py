@@ -252,8 +252,9 @@ def fit_estimators(teachers: Mapping[str, object], texts: Mapping[str, Sequence[
         texts: each teacher's held-out texts (transfer-set rows with ``heldout`` and ``teacher == k``).
         classes: each teacher's class of those texts (``teacher_class``); ``None``, or a teacher
             missing from it, uses the teacher's own argmax.
-        cfg: ``confidence``, ``shrinkage``, ``confidence_transform``, ``confidence_quantile``,
-            ``calibration_fraction``, ``calibration_folds``, ``rmd_background`` are read from it
+        cfg: ``confidence``, ``shrinkage``, ``confidence_transform``, ``confidence_center``,
+            ``confidence_center_sd``, ``confidence_quantile``, ``calibration_fraction``,
+            ``calibration_folds``, ``calibration_repeats``, ``rmd_background`` are read from it
             (defaults when ``None``).
     """
     cfg = cfg or AmalgamationConfig()
@@ -274,7 +275,8 @@ def fit_estimators(teachers: Mapping[str, object], texts: Mapping[str, Sequence[
                 raise ValueError(f"teacher {name!r}: {labels.shape[0]} classes for {states.shape[0]} texts")
         estimators[name] = ConfidenceEstimator.fit(
             states, logits, labels, method=cfg.confidence, shrinkage=cfg.shrinkage,
-            transform=cfg.confidence_transform, quantile=cfg.confidence_quantile,
-            calibration_fraction=cfg.calibration_fraction, calibration_folds=cfg.calibration_folds, seed=seed,
+            transform=cfg.confidence_transform, quantile=cfg.confidence_quantile, center=cfg.confidence_center,
+            center_sd=cfg.confidence_center_sd, calibration_fraction=cfg.calibration_fraction,
+            calibration_folds=cfg.calibration_folds, calibration_repeats=cfg.calibration_repeats, seed=seed,
             background_states=background)
     return estimators

@@ -67,8 +67,10 @@ def confidence_description(cfg: JobConfig, transfer_dir: Path, rows_dir: Path | 
             "num_blocks": student_num_blocks(cfg),
             "teachers": {t.name: str(Path(t.path).resolve()) for t in cfg.teachers},
             "amalgamation": {k: getattr(a, k) for k in ("confidence", "shrinkage", "confidence_transform",
+                                                          "confidence_center", "confidence_center_sd",
                                                           "confidence_quantile", "calibration_fraction",
-                                                          "calibration_folds", "rmd_background")}}
+                                                          "calibration_folds", "calibration_repeats",
+                                                          "rmd_background")}}
 
 
 def _fit_confidence_task(config: dict, rows_dir: str, out: str, use_gpu: bool) -> dict:
