@@ -278,8 +278,9 @@ class ConfidenceEstimator:
         F seeded folds; each fold is scored by Gaussians fitted on the other folds, so all ``M``
         out-of-fit scores calibrate the transform, and the Gaussians that score new inputs are
         fitted on all ``M``; ``calibration_repeats = R`` does that for R seeded fold splits and
-        calibrates on all ``R M`` scores (the first split is the one ``R = 1`` uses). With ``calibration_folds = 0``, a seeded random
-        ``calibration_fraction`` of the samples calibrates and the rest fits. MSP calibrates on all
+        calibrates on all ``R M`` scores (the first split is the one ``R = 1`` uses). With
+        ``calibration_folds = 0``, a seeded random ``calibration_fraction`` of the samples calibrates
+        and the rest fits. MSP calibrates on all
         ``M`` (nothing to fit). ``calibration_repeats`` only repeats cross-fitting: with
         ``calibration_folds = 0`` and for MSP it changes nothing.
 
@@ -400,8 +401,7 @@ class ConfidenceEstimator:
         return cls.fit(torch.cat([o.block_states for o in outputs]), torch.cat([o.logits for o in outputs]),
                        labels, **kwargs)
 
-    def _calibrated(self, calib: torch.Tensor, quantile: float, center: str = "moments",
-                    center_sd: float = 4.0) -> "ConfidenceEstimator":
+    def _calibrated(self, calib: torch.Tensor, quantile: float, center: str, center_sd: float) -> "ConfidenceEstimator":
         calib = calib.T.to(torch.float64).sort(dim=1).values  # (N, M_cal)
         center = calibration_center(calib, center, quantile=quantile, sd=center_sd)  # (N,) t_b
         scale = _robust_scale(calib, center)  # (N,) tau_b
