@@ -186,7 +186,11 @@ class SteeredConfig(_Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers (CPU reference, any GPU); vllm: a vLLM logits "
                                                           "processor, GPU nodes with pip install 'dfkd-ray[vllm]'")
     lm_path: Optional[Path] = Field(None, description="local causal-LM directory (the base PLM)")
-    control_strength: float = Field(8.0, ge=0.0, le=1000.0, description="lambda in Eq. 1; 0 = plain LM sampling")
+    control_strength: float = Field(
+        8.0, ge=0.0, le=1000.0,
+        description="lambda in Eq. 1; 0 = plain LM sampling. Depends on the LM and teachers: choose it by the student "
+                    "on development rows, not by how on-class the text is (AG News with the class prompt: 32 best; 64 "
+                    "wrote more on-class text but broke the confidence calibration; benchmarks/RESULTS.md, session 11)")
     lambda_schedule: Literal["constant", "decay"] = Field(
         "constant", description="decay: lambda_t = lambda * max(lambda_floor, decay_rate**t), stronger early (Gu et al. 2022)")
     decay_rate: float = Field(0.97, gt=0.0, le=1.0)
