@@ -53,6 +53,8 @@ from dfkd_ray.math.decoding import (SCHEDULES, control_weights, reweight, row_un
                                     sample_top_k, select_top_m)
 from dfkd_ray.models.kernels import attention_kernels
 
+# Work counters of a generator (``stats``). ``steps`` and ``lm_forwards`` count per decoding part: with
+# ``decode_parts`` P a batch's token position is P steps (one per part), so divide by P for positions.
 _STAT_KEYS = ("steps", "teacher_forwards", "teacher_sequences", "teacher_tokens", "teacher_padded_tokens",
               "teacher_tokens_sq", "teacher_seconds", "teacher_busy_seconds", "tokenizer_seconds", "lm_forwards")
 

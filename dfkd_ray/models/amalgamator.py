@@ -53,6 +53,10 @@ class Amalgamator(nn.Module):
         teacher_names: teacher order of every list input.
         alpha, beta, temperature: Eq. 8 weights and the KD temperature.
         kd_power: ``gamma`` of the KD teacher weights ``c_k^gamma / sum_j c_j^gamma``.
+
+    The constructor's defaults are the paper's literal reading (``kd_power`` 1, uncentred block loss);
+    :meth:`build` takes the config's, whose defaults were chosen on AG News (``kd_confidence_power`` 64,
+    ``center_block_loss`` true; see :class:`~dfkd_ray.config.AmalgamationConfig`).
     """
 
     def __init__(self, student: Student, fusion: BlockAmalgamation, label_space: UnionLabelSpace,
