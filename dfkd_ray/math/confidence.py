@@ -401,9 +401,10 @@ class ConfidenceEstimator:
         return cls.fit(torch.cat([o.block_states for o in outputs]), torch.cat([o.logits for o in outputs]),
                        labels, **kwargs)
 
-    def _calibrated(self, calib: torch.Tensor, quantile: float, center: str, center_sd: float) -> "ConfidenceEstimator":
+    def _calibrated(self, calib: torch.Tensor, quantile: float, center_kind: str,
+                    center_sd: float) -> "ConfidenceEstimator":
         calib = calib.T.to(torch.float64).sort(dim=1).values  # (N, M_cal)
-        center = calibration_center(calib, center, quantile=quantile, sd=center_sd)  # (N,) t_b
+        center = calibration_center(calib, center_kind, quantile=quantile, sd=center_sd)  # (N,) t_b
         scale = _robust_scale(calib, center)  # (N,) tau_b
         tensors = {**self.tensors, "calib_scores": calib, "calib_center": center, "calib_scale": scale}
         return replace(self, tensors=tensors)
