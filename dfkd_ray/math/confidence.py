@@ -280,8 +280,8 @@ class ConfidenceEstimator:
         fitted on all ``M``; ``calibration_repeats = R`` does that for R seeded fold splits and
         calibrates on all ``R M`` scores (the first split is the one ``R = 1`` uses). With
         ``calibration_folds = 0``, a seeded random ``calibration_fraction`` of the samples calibrates
-        and the rest fits. MSP calibrates on all
-        ``M`` (nothing to fit). ``calibration_repeats`` only repeats cross-fitting: with
+        and the rest fits. MSP calibrates on all ``M`` (nothing to fit, so its calibration is the same
+        for every seed). ``calibration_repeats`` only repeats cross-fitting: with
         ``calibration_folds = 0`` and for MSP it changes nothing.
 
         Args:
