@@ -25,7 +25,7 @@ and distinct-2 -- a cheap way to choose the generation settings before a full-si
 Nothing here re-implements the pipeline: transfer sets come from
 :func:`dfkd_ray.transfer.writer.write_transfer_set` (the single-process twin of the Ray generation
 stage, sharing ``make_shard``/sources/filters), confidence statistics from
-:func:`dfkd_ray.distill.loop.fit_confidence`, training from :class:`dfkd_ray.distill.loop.Distiller`
+:func:`dfkd_ray.train.loop.fit_confidence`, training from :class:`dfkd_ray.train.loop.Distiller`
 (+ ``iterate_epochs``), scores from :mod:`dfkd_ray.evaluation`. The GPU machine has no Ray.
 
 Diagnostics per transfer set: the source teacher's hit rate (its argmax equals the row's target
@@ -60,7 +60,7 @@ from pydantic import ValidationError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfkd_ray.config import AmalgamationConfig, JobConfig, SteeredConfig, validate_config  # noqa: E402
-from dfkd_ray.distill.loop import fit_confidence, train_in_process  # noqa: E402
+from dfkd_ray.train.loop import fit_confidence, train_in_process  # noqa: E402
 from dfkd_ray.evaluation import evaluate_student, evaluate_teachers  # noqa: E402
 from dfkd_ray.labels import UnionLabelSpace  # noqa: E402
 from dfkd_ray.math.amalgamation import kd_teacher_weights  # noqa: E402
@@ -68,7 +68,8 @@ from dfkd_ray.math.confidence import auroc  # noqa: E402
 from dfkd_ray.math.losses import union_target  # noqa: E402
 from dfkd_ray.models.amalgamator import collect_outputs  # noqa: E402
 from dfkd_ray.transfer.store import read_transfer_table  # noqa: E402
-from dfkd_ray.transfer.writer import load_teachers, write_transfer_set  # noqa: E402
+from dfkd_ray.models.teacher import load_teachers  # noqa: E402
+from dfkd_ray.transfer.writer import write_transfer_set  # noqa: E402
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]  # AG News labels 1..4
 TEACHERS = {"world_sports": ["World", "Sports"], "business_scitech": ["Business", "Sci/Tech"]}
@@ -312,7 +313,7 @@ def profile_distill(cfg: JobConfig, table, teachers: dict, estimators, device, s
     where a distillation step's time goes (host, kernels, waits), as the profiler's top-20 table."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dfkd_ray.distill.loop import Distiller, StepPlan
+    from dfkd_ray.train.loop import Distiller, StepPlan
 
     held = table.column("heldout").to_pylist()
     texts = [t for t, h in zip(table.column("text").to_pylist(), held) if not h]
@@ -593,7 +594,7 @@ def main(argv=None) -> int:
             args.base, work / "teachers" / name, names, [data["train_texts"][i] for i in idx],
             [ids.index(data["train_labels"][i]) for i in idx], args, device)
     base_cfg = job_config(args, work, "stratanet", args.seed)
-    teachers = load_teachers(base_cfg, num_blocks=3, device=str(device))
+    teachers = load_teachers(base_cfg.teachers, num_blocks=3, device=str(device))
     scored = evaluate_teachers(teachers, data["test_texts"], data["test_labels"], space, batch_size=256)
     for i, (name, m) in enumerate(scored["teachers"].items()):
         report["rows"][f"teacher {i + 1} ({name})"] = {"accuracy": round(m["accuracy"], 4),

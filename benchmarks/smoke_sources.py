@@ -2,7 +2,7 @@
 
 The smoke preset (``jobs/configs/smoke.yaml``) on the synthetic task, as ``jobs/amalgamate.py``
 runs it, minus Ray: the transfer set (``write_transfer_set``), the confidence statistics
-(``fit_confidence``, stratanet only), a :class:`~dfkd_ray.distill.loop.Distiller` in one process
+(``fit_confidence``, stratanet only), a :class:`~dfkd_ray.train.loop.Distiller` in one process
 with the batch of all train workers together (2 x 16: the DDP step of the preset's 2 workers, same
 step plan), export, and ``run_evaluation`` on the labelled eval file. One transfer set per
 (source, seed), shared by the methods; ``seed`` is the job seed (request seeds, initialisation).
@@ -25,10 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfkd_ray.config import load_config  # noqa: E402
-from dfkd_ray.distill.loop import fit_confidence, student_num_blocks, train_in_process  # noqa: E402
+from dfkd_ray.train.loop import fit_confidence, student_num_blocks, train_in_process  # noqa: E402
 from dfkd_ray.evaluation import run_evaluation  # noqa: E402
 from dfkd_ray.transfer.store import read_transfer_table  # noqa: E402
-from dfkd_ray.transfer.writer import load_teachers, write_transfer_set  # noqa: E402
+from dfkd_ray.models.teacher import load_teachers  # noqa: E402
+from dfkd_ray.transfer.writer import write_transfer_set  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.yaml"
 
@@ -53,7 +54,7 @@ def run(demo: Path, out: Path, source: str, seed: int, methods: list[str]) -> di
         start = time.perf_counter()
         texts = [t for t, held in zip(transfer.column("text").to_pylist(), transfer.column("heldout").to_pylist())
                  if not held]
-        teachers = load_teachers(cfg, num_blocks=student_num_blocks(cfg))
+        teachers = load_teachers(cfg.teachers, num_blocks=student_num_blocks(cfg))
         estimators = fit_confidence(cfg, transfer, teachers) if method == "stratanet" else None
         distiller, _ = train_in_process(cfg, texts, teachers=teachers, estimators=estimators,
                                         world_size=cfg.ray.num_train_workers)

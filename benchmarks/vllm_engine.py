@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     if "vllm" in engines:
         import vllm
 
-        from dfkd_ray.generation.vllm_engine import VllmSteeredGenerator
+        from dfkd_ray.generation.vllm import VllmSteeredGenerator
 
         report["vllm"] = vllm.__version__
         # One engine for every lambda: lambda travels with each request (SamplingParams.extra_args).

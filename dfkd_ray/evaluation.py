@@ -489,9 +489,9 @@ def run_evaluation(cfg, student_dir: Union[str, Path, None], *, teachers: Option
         results["student"] = evaluate_student(student, texts, labels, space, ev.batch_size)
         del student
     if teachers is None:
-        from dfkd_ray.transfer.writer import load_teachers
+        from dfkd_ray.models.teacher import load_teachers
 
-        teachers = load_teachers(cfg, device=str(device))
+        teachers = load_teachers(cfg.teachers, device=str(device))
     results.update(evaluate_teachers(teachers, texts, labels, space, ev.batch_size))
     report = write_eval_report(results, Path(out_dir) if out_dir is not None else cfg.output.dir / "eval")
     results["summary"] = report.summary

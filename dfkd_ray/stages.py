@@ -13,8 +13,6 @@ import json
 import os
 from pathlib import Path
 
-from dfkd_ray.transfer.store import _diff
-
 STAGE_FILE = "stage.json"
 
 
@@ -23,7 +21,20 @@ class StageMismatch(ValueError):
 
 
 def fingerprint(description: dict) -> str:
+    """The 16-hex-digit hash of a stage description (the key of every stage record and transfer set)."""
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def diff_descriptions(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key.path: old -> new`` for every field where two descriptions differ."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_descriptions(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def stage_done(directory: str | Path, description: dict, *, stage: str) -> bool:
@@ -37,7 +48,7 @@ def stage_done(directory: str | Path, description: dict, *, stage: str) -> bool:
     record = json.loads(path.read_text())
     if record.get("fingerprint") == fingerprint(description):
         return True
-    changes = _diff(record.get("description", {}), json.loads(json.dumps(description, default=str)))
+    changes = diff_descriptions(record.get("description", {}), json.loads(json.dumps(description, default=str)))
     raise StageMismatch(f"{stage}: {directory} holds results made with a different configuration (changed: "
                         f"{'; '.join(changes[:8]) or 'unknown'}). They were not touched: choose another output.dir, "
                         f"or delete {directory} to redo this stage and those after it")

@@ -18,7 +18,7 @@ def main() -> int:
 
     import ray
 
-    from dfkd_ray.orchestration import init_local_ray, report_user_error, user_errors
+    from dfkd_ray.orchestration.runtime import init_local_ray, report_user_error, user_errors
     from dfkd_ray.orchestration.amalgamate import run_amalgamate
 
     if cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:

@@ -16,7 +16,7 @@ def main() -> int:
 
     import ray
 
-    from dfkd_ray.orchestration import report_user_error, user_errors
+    from dfkd_ray.orchestration.runtime import report_user_error, user_errors
     from dfkd_ray.orchestration.generate import run_generate
 
     ray.init(address=cfg.ray.address, log_to_driver=False)

@@ -17,14 +17,14 @@ workhorse wherever vLLM is absent:
   BLAS kernels are not batch-invariant (a row's logits change in the last bits with the batch
   size: MKL's sgemm does, cuBLAS does), so bitwise equality across batch compositions holds when
   those last bits cannot move a decision; run the LM and teachers in float64 (``dtype``) for a
-  reference where they practically never can. See ``tests/test_steered.py``.
+  reference where they practically never can. See ``tests/generation/test_hf.py``.
 
 The teacher's confidence in the target is recorded for every sample. It is what the teacher
 believes, not evidence that the text is of the class: the reweighting can find text that fools a
 teacher. Never report it as quality.
 
 The step itself -- top-``m`` of the LM, the teacher term, Eq. 1 -- is :func:`steer_candidates` with a
-:class:`TeacherScorer`; the vLLM engine (:mod:`dfkd_ray.generation.vllm_engine`) calls the same two, as
+:class:`TeacherScorer`; the vLLM engine (:mod:`dfkd_ray.generation.vllm`) calls the same two, as
 do request checking (:func:`prepare_rows`) and results (:func:`finish_results`).
 
 Choices the paper leaves open (fields of :class:`SteeredParams` / ``SteeredConfig``): the teacher

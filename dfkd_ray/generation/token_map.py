@@ -4,7 +4,7 @@ Eq. 1 of StrataNet needs ``log P_teacher(c | x_<=t)`` for every row and each of 
 tokens, but the teacher's tokenizer generally differs from the LM's. Re-tokenizing ``prefix +
 candidate`` for all ``B*m`` pairs every step makes the tokenizer the bottleneck (measured: 61% of
 the time). This module keeps the tokenizer out of the hot loop and still gives exactly the ids that
-tokenizing the full text gives (``tests/test_token_map.py`` checks it on random token streams,
+tokenizing the full text gives (``tests/generation/test_token_map.py`` checks it on random token streams,
 non-ASCII, control characters and literal special-token strings included).
 
 How. A row's text is cut into *words* at every position where a whitespace character follows a

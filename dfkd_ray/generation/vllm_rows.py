@@ -21,8 +21,8 @@ added, moved"):
 same step appears only in ``added`` (``BatchUpdateBuilder.pop_removed`` in ``_register_add_request``).
 
 This module is plain Python: no vLLM import, so the bookkeeping is tested on CPU against a model of
-the batch as a list (``tests/test_vllm_engine.py``). The adapter in
-:mod:`dfkd_ray.generation.vllm_engine` feeds it vLLM's real ``BatchUpdate`` objects, whose fields
+the batch as a list (``tests/generation/test_vllm.py``). The adapter in
+:mod:`dfkd_ray.generation.vllm` feeds it vLLM's real ``BatchUpdate`` objects, whose fields
 have the same names; a direction is vLLM's ``MoveDirectionality`` or one of the strings below.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -126,3 +127,11 @@ class Teacher:
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text under this teacher's tokenizer, special tokens excluded."""
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def load_teachers(teachers: Sequence, *, num_blocks: int = 1, device: str | torch.device = "cpu") -> dict[str, Teacher]:
+    """Every teacher of a job, by name in config order, from its ``TeacherConfig`` section
+    (``name``, ``path``, ``max_length``, ``dtype``, ``trust_remote_code``)."""
+    return {t.name: Teacher.from_pretrained(t.name, t.path, num_blocks=num_blocks, max_length=t.max_length,
+                                            device=device, dtype=t.dtype, trust_remote_code=t.trust_remote_code)
+            for t in teachers}

@@ -9,7 +9,7 @@ config (by the caller), the labelled eval file's columns and label names, the ou
 The held-out rows that fit the confidence statistics are generated with the transfer set (their
 ``heldout`` flag), so statistics are fitted after generation, not before as a separate pass.
 With ``train.stream_from_generation`` they are made first, and training reads its first epoch from
-the live generation pipeline (:mod:`dfkd_ray.orchestration.stream`).
+the live generation pipeline (:mod:`dfkd_ray.orchestration.streaming`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 import ray
 
 from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
-from dfkd_ray.orchestration import worker_device
-from dfkd_ray.orchestration.distill import distill_dir, run_confidence, run_distill
+from dfkd_ray.orchestration.runtime import worker_device
+from dfkd_ray.orchestration.train import distill_dir, run_confidence, run_distill
 from dfkd_ray.orchestration.generate import run_generate
-from dfkd_ray.orchestration.stream import run_streaming
+from dfkd_ray.orchestration.streaming import run_streaming
 from dfkd_ray.stages import mark_done, read_record, stage_done
 
 

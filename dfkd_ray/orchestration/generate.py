@@ -9,7 +9,7 @@ lists each shard in the manifest as it arrives, and shows progress; it never hol
 Killed at any point, a rerun with the same config skips listed shards (and adopts renamed
 ones the manifest missed), so it ends with the same set as an uninterrupted run.
 
-With ``train.stream_from_generation`` (:mod:`dfkd_ray.orchestration.stream`) the same actor has
+With ``train.stream_from_generation`` (:mod:`dfkd_ray.orchestration.streaming`) the same actor has
 two more parts to play: the held-out pass (``part="heldout"``: each shard's held-out requests only,
 into their own directory) and the live training stream (``stream=True``: it writes each shard the
 same way, commits nothing, and returns the shard's training texts, which a Ray Train
@@ -29,10 +29,12 @@ import pyarrow.parquet as pq
 import ray
 
 from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
-from dfkd_ray.orchestration import worker_device
+from dfkd_ray.models.teacher import load_teachers
+from dfkd_ray.orchestration.runtime import worker_device
+from dfkd_ray.stages import fingerprint
 from dfkd_ray.transfer.store import TransferSetStore, read_shard_stats, shard_name, write_shard_file
 from dfkd_ray.transfer.stream import HELDOUT_PASS_DIR, ReplaySource, heldout_part, training_texts
-from dfkd_ray.transfer.writer import (final_line, finalize_transfer_set, fingerprint_of, load_teachers, make_shard,
+from dfkd_ray.transfer.writer import (final_line, finalize_transfer_set, make_shard,
                                       plan_transfer_set, regenerate_duplicates, transfer_set_dir)
 
 
@@ -51,7 +53,7 @@ def _build_source(config: dict):
         if problem:
             raise RuntimeError(problem)
         return cfg, shards, source_class(cfg, None, space)
-    return cfg, shards, source_class(cfg, load_teachers(cfg, device=device), space)
+    return cfg, shards, source_class(cfg, load_teachers(cfg.teachers, device=device), space)
 
 
 def _regenerate_task(config: dict, directory: str, duplicates: dict) -> dict:
@@ -156,7 +158,7 @@ def run_heldout_pass(cfg: JobConfig, *, progress: bool = True) -> Path:
     directory = heldout_pass_dir(cfg)
     _, shards, description = plan_transfer_set(cfg)
     description = {**description, "part": "heldout"}
-    store = TransferSetStore.open(directory, fingerprint=fingerprint_of(description), description=description,
+    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
                                   num_shards=len(shards))
     if store.complete:
         return directory
@@ -183,7 +185,7 @@ def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int
     claim_output_dir(cfg)
     directory = transfer_set_dir(cfg)
     _, shards, description = plan_transfer_set(cfg)
-    store = TransferSetStore.open(directory, fingerprint=fingerprint_of(description), description=description,
+    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
                                   num_shards=len(shards))
     if store.complete:
         print(f"transfer set already complete: {directory}")

@@ -32,6 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dfkd_ray.stages import diff_descriptions
 from dfkd_ray.transfer.schema import TRANSFER_SCHEMA, validate_table
 
 FORMAT = "dfkd-transfer-set/1"
@@ -55,18 +56,6 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out = []
-    for k in keys:
-        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -144,7 +133,7 @@ class TransferSetStore:
         if path.is_file():
             manifest = read_manifest(directory)
             if manifest["fingerprint"] != fingerprint:
-                changes = _diff(manifest.get("description", {}), description)
+                changes = diff_descriptions(manifest.get("description", {}), description)
                 raise TransferSetError(
                     f"{directory} holds a transfer set made with a different configuration "
                     f"(fingerprint {manifest['fingerprint']} != {fingerprint}; changed: "

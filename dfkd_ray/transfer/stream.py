@@ -1,6 +1,6 @@
 """Pure helpers for streaming a transfer set into training while it is generated (no Ray here).
 
-With ``train.stream_from_generation`` the job (:mod:`dfkd_ray.orchestration.stream`) first makes
+With ``train.stream_from_generation`` the job (:mod:`dfkd_ray.orchestration.streaming`) first makes
 the held-out requests of every shard (a *held-out pass*: they fit the confidence statistics), then
 trains on the rows of the whole set as the generator actors make it. The helpers here decide what
 the pass makes, the order the stream makes shards in, how many training rows the plan counts on,

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from dfkd_ray.config import JobConfig, load_config
 from dfkd_ray.labels import UnionLabelSpace
+from dfkd_ray.stages import fingerprint
 from dfkd_ray.transfer.filters import Deduplicator
 from dfkd_ray.transfer.requests import Request, build_requests, retry_request
 from dfkd_ray.transfer.schema import rows_to_table
@@ -64,21 +65,6 @@ def plan_transfer_set(cfg: JobConfig) -> tuple[UnionLabelSpace, list[list[Reques
     size = cfg.transfer.shard_size
     shards = [requests[i:i + size] for i in range(0, len(requests), size)]
     return space, shards, transfer_description(cfg, teacher_labels)
-
-
-def load_teachers(cfg: JobConfig, *, num_blocks: int = 1, device: str = "cpu") -> dict:
-    from dfkd_ray.models.teacher import Teacher
-
-    return {t.name: Teacher.from_pretrained(t.name, t.path, num_blocks=num_blocks, max_length=t.max_length,
-                                            device=device, dtype=t.dtype, trust_remote_code=t.trust_remote_code)
-            for t in cfg.teachers}
-
-
-def fingerprint_of(description: dict) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class TransferSetEmpty(ValueError):
@@ -295,11 +281,12 @@ def write_transfer_set(cfg: JobConfig, directory: str | Path | None = None, *, d
     """Make (or finish) the transfer set of ``cfg`` in this process; returns its directory."""
     from tqdm.auto import tqdm
 
+    from dfkd_ray.models.teacher import load_teachers
     from dfkd_ray.transfer.sources import get_source_class
 
     directory = Path(directory) if directory is not None else transfer_set_dir(cfg)
     space, shards, description = plan_transfer_set(cfg)
-    store = TransferSetStore.open(directory, fingerprint=fingerprint_of(description), description=description,
+    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
                                   num_shards=len(shards))
     if store.complete:
         return directory
@@ -311,7 +298,7 @@ def write_transfer_set(cfg: JobConfig, directory: str | Path | None = None, *, d
         nonlocal source
         if source is None:
             cls = get_source_class(cfg.transfer.source)
-            source = cls(cfg, None if cls.builds_engine_first(cfg) else load_teachers(cfg, device=device), space)
+            source = cls(cfg, None if cls.builds_engine_first(cfg) else load_teachers(cfg.teachers, device=device), space)
         return source
 
     if todo:

@@ -3,7 +3,7 @@
 Each request (teacher, class, seed) becomes one text written with teacher-reweighted top-m decoding
 (Eq. 1) by the engine ``transfer.steered.engine`` names: ``hf``,
 :class:`~dfkd_ray.generation.hf.SteeredGenerator` (transformers), or ``vllm``,
-:class:`~dfkd_ray.generation.vllm_engine.VllmSteeredGenerator` (imported only then). The base
+:class:`~dfkd_ray.generation.vllm.VllmSteeredGenerator` (imported only then). The base
 class then labels the row with the target class and records the teacher's confidence in it; that
 confidence is what the teacher believes, not evidence of the class (steering can fool a teacher),
 so never report it as quality. ``source_params`` holds the engine, the decoding parameters, the
@@ -33,7 +33,7 @@ class SteeredSource(TransferSource):
             raise ValueError("transfer.steered.lm_path is not set: give a local causal-LM directory")
         self.params = SteeredParams.from_config(cfg)
         if cfg.engine == "vllm":
-            from dfkd_ray.generation.vllm_engine import VllmSteeredGenerator
+            from dfkd_ray.generation.vllm import VllmSteeredGenerator
 
             specs = {t.name: {"path": str(t.path), "max_length": t.max_length, "dtype": t.dtype,
                               "trust_remote_code": t.trust_remote_code} for t in config.teachers}

@@ -17,7 +17,7 @@ import torch
 
 from dfkd_ray.generation import hf
 from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams, candidate_logits
-from dfkd_ray.generation.vllm_engine import PROCESSOR, SETTINGS_KEY, SteeringCore, engine_settings
+from dfkd_ray.generation.vllm import PROCESSOR, SETTINGS_KEY, SteeringCore, engine_settings
 from dfkd_ray.generation.vllm_rows import (STEER_KEY, SWAP, UNIDIRECTIONAL, RowBook, SteerArgs, direction,
                                            parse_steer_args)
 
@@ -486,7 +486,7 @@ def test_generator_steers_through_the_processor(synthetic_task, teachers, monkey
     """End to end on CPU with a stand-in ``vllm``: requests become SamplingParams with plain extra_args,
     the engine settings reach the processor, texts come back in order with HF-shaped results, and
     steering moves each teacher's prediction to the target (chance without it, by construction)."""
-    from dfkd_ray.generation.vllm_engine import VllmSteeredGenerator
+    from dfkd_ray.generation.vllm import VllmSteeredGenerator
 
     fake = _fake_vllm(synthetic_task.lm)
     monkeypatch.setitem(sys.modules, "vllm", fake)
@@ -514,7 +514,7 @@ def test_generator_steers_through_the_processor(synthetic_task, teachers, monkey
 
 
 def test_generator_without_vllm_says_how_to_install(synthetic_task, monkeypatch):
-    from dfkd_ray.generation.vllm_engine import VllmSteeredGenerator
+    from dfkd_ray.generation.vllm import VllmSteeredGenerator
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails
     _keep_vllm_env(monkeypatch)
@@ -527,7 +527,7 @@ def test_generator_without_vllm_says_how_to_install(synthetic_task, monkeypatch)
 def test_importing_the_adapter_does_not_import_vllm():
     import subprocess
 
-    code = ("import sys, dfkd_ray.generation.vllm_engine, dfkd_ray.generation.vllm_rows\n"
+    code = ("import sys, dfkd_ray.generation.vllm, dfkd_ray.generation.vllm_rows\n"
             "print('vllm' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
@@ -541,7 +541,7 @@ def test_adapter_is_a_vllm_logits_processor_and_passes_its_validation():
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import LogitsProcessor, validate_logits_processors_parameters
 
-    from dfkd_ray.generation.vllm_engine import logits_processor_class
+    from dfkd_ray.generation.vllm import logits_processor_class
 
     cls = logits_processor_class()
     assert issubclass(cls, LogitsProcessor) and not getattr(cls, "__abstractmethods__", None)

@@ -17,7 +17,7 @@ import yaml
 from dfkd_ray.config import load_config, validate_config
 from dfkd_ray.stages import StageMismatch
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 
 
@@ -139,7 +139,7 @@ _CONSOLE_JOB = """
 import time
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
-from dfkd_ray.orchestration import init_local_ray, worker_print
+from dfkd_ray.orchestration.runtime import init_local_ray, worker_print
 
 def loop():
     worker_print("distill: one line from the worker")

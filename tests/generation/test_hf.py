@@ -360,7 +360,7 @@ def test_config_rejects_bad_steered_settings(job_dict, synthetic_task):
     validate_config(with_steered())
     for steered, message in [({"top_k": 60, "top_m": 50}, "top_k"), ({"control_strength": -1}, "control_strength"),
                              ({"token_map": "fast"}, "token_map"), ({"sdpa": "cudnn"}, "sdpa"),
-                             ({"decode_parts": 0}, "decode_parts")]:  # engine: vllm in tests/test_vllm_engine.py
+                             ({"decode_parts": 0}, "decode_parts")]:  # engine: vllm in tests/generation/test_vllm.py
         with pytest.raises(ConfigError, match=message):
             validate_config(with_steered(**steered))
 

@@ -1,6 +1,6 @@
 """Distilling the student on a transfer set: the per-worker engine (no Ray here).
 
-The Ray Train loop (:mod:`dfkd_ray.orchestration.distill`) and the GPU benchmarks (no Ray) both
+The Ray Train loop (:mod:`dfkd_ray.orchestration.train`) and the GPU benchmarks (no Ray) both
 drive :class:`Distiller`; one :meth:`Distiller.step` is one optimiser step on one batch of texts:
 
 * ``amalgamation.method: stratanet``: frozen teachers (no grad) -> fitted confidence statistics
@@ -136,7 +136,7 @@ class Distiller:
 
         from dfkd_ray.models.amalgamator import Amalgamator
         from dfkd_ray.models.student import Student
-        from dfkd_ray.transfer.writer import load_teachers
+        from dfkd_ray.models.teacher import load_teachers
 
         self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
         a = cfg.amalgamation
@@ -145,7 +145,7 @@ class Distiller:
         torch.manual_seed(cfg.seed)  # classifier head, projections and ST-amalg start the same on every worker
         student = Student.from_config(cfg.student, labels=self.space.names, amalg_dim=a.amalg_dim)
         self.teachers = teachers if teachers is not None else load_teachers(
-            cfg, num_blocks=student.num_blocks, device=self.device)
+            cfg.teachers, num_blocks=student.num_blocks, device=self.device)
         self.names = [t.name for t in cfg.teachers]
         if self.vanilla:
             student.proj.requires_grad_(False)  # no block loss: keep DDP from waiting for their gradients

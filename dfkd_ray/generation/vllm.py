@@ -29,7 +29,7 @@ Python types). Per engine (teacher directories, the lambda schedule, ``keep_prom
 What vLLM does differently from the Hugging Face engine: its own per-request random streams
 (``SamplingParams.seed``), so a request's text is not the same text as the HF engine's for the same
 seed -- the distribution it is drawn from is the same (tested on CPU: identical logits in give
-identical reweighted logits out, ``tests/test_vllm_engine.py``).
+identical reweighted logits out, ``tests/generation/test_vllm.py``).
 
 Checked against vLLM 0.26.0 (the PyPI wheel's source): ``LogitsProcessor`` has ``validate_params``
 (classmethod), ``__init__(vllm_config, device, is_pin_memory)``, ``is_argmax_invariant``,

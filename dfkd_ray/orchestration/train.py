@@ -6,7 +6,7 @@ statistics on its held-out rows of the transfer set -> ``output.dir/confidence/`
 ``run_distill``: a Ray Train ``TorchTrainer``. The transfer set is read as a Ray Dataset
 (``read_parquet`` of the manifest's shards, held-out rows dropped) and split across
 ``ray.num_train_workers`` workers; each worker's loop (:func:`train_loop_per_worker`) builds a
-:class:`~dfkd_ray.distill.loop.Distiller` (student + ST-amalg under DDP, frozen teachers in the
+:class:`~dfkd_ray.train.loop.Distiller` (student + ST-amalg under DDP, frozen teachers in the
 config's dtype, the fitted estimators), reads ``get_dataset_shard("train")`` in batches with a
 per-epoch seeded local shuffle, and reports metrics every ``train.report_every_steps`` and a
 checkpoint (model, optimiser, schedule, step, epoch and batch position) every
@@ -17,7 +17,7 @@ from its last checkpoint too. Rank 0 writes ``distill/metrics.jsonl``, ``distill
 and the exported student ``output.dir/student`` (a standard Hugging Face directory).
 
 ``run_stream_epoch`` (``train.stream_from_generation``, driven by
-:mod:`dfkd_ray.orchestration.stream`): the same loop on a ``"train"`` dataset that is the live
+:mod:`dfkd_ray.orchestration.streaming`): the same loop on a ``"train"`` dataset that is the live
 generation pipeline, for the first epoch only; then ``run_distill`` continues from its last
 checkpoint on the finished Parquet set (``after_stream``) with exact row counts.
 
@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 import ray
 
 from dfkd_ray.config import JobConfig, validate_config
-from dfkd_ray.distill.loop import StepPlan, student_num_blocks
-from dfkd_ray.orchestration import worker_device, worker_print
+from dfkd_ray.train.loop import StepPlan, student_num_blocks
+from dfkd_ray.orchestration.runtime import worker_device, worker_print
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
 from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
 
@@ -74,12 +74,12 @@ def confidence_description(cfg: JobConfig, transfer_dir: Path, rows_dir: Path | 
 
 
 def _fit_confidence_task(config: dict, rows_dir: str, out: str, use_gpu: bool) -> dict:
-    from dfkd_ray.distill.loop import fit_confidence
+    from dfkd_ray.train.loop import fit_confidence
     from dfkd_ray.math.confidence import save_estimators
-    from dfkd_ray.transfer.writer import load_teachers
+    from dfkd_ray.models.teacher import load_teachers
 
     cfg = validate_config(config, check_paths=False)
-    teachers = load_teachers(cfg, num_blocks=student_num_blocks(cfg), device=worker_device(use_gpu))
+    teachers = load_teachers(cfg.teachers, num_blocks=student_num_blocks(cfg), device=worker_device(use_gpu))
     estimators = fit_confidence(cfg, read_transfer_table(rows_dir), teachers)
     tmp = Path(tempfile.mkdtemp(prefix=".confidence-", dir=Path(out).parent))
     save_estimators(tmp, estimators)
@@ -139,7 +139,7 @@ def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker loop: data shard -> teachers (no grad) -> confidences -> step; report + checkpoint.
 
     ``config["stream"]``: the shard is the live generation stream, read once (the first epoch; see
-    :func:`~dfkd_ray.distill.loop.iterate_stream`), ending with a checkpoint and no export.
+    :func:`~dfkd_ray.train.loop.iterate_stream`), ending with a checkpoint and no export.
     ``config["init_checkpoint"]``: where to start when Ray Train has no checkpoint of this run (the
     end of the streamed epoch).
     """
@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from dfkd_ray.distill.loop import Distiller, MetricsLog, iterate_epochs, iterate_stream, prefetch
+    from dfkd_ray.train.loop import Distiller, MetricsLog, iterate_epochs, iterate_stream, prefetch
     from dfkd_ray.math.confidence import load_estimators
 
     cfg = validate_config(config["job"], check_paths=False)

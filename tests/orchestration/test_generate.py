@@ -19,7 +19,7 @@ from dfkd_ray.transfer.schema import validate_table
 from dfkd_ray.transfer.store import MANIFEST, TransferSetError, read_transfer_table, transfer_set_files
 from dfkd_ray.transfer.writer import TransferSetEmpty
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def _cfg(job_dict, out: Path, **transfer):

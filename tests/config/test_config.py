@@ -11,7 +11,7 @@ import yaml
 
 from dfkd_ray.config import JOB_MARKER, ConfigError, apply_overrides, claim_output_dir, load_config, validate_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml"))
 
 
 def _edit(d: dict, dotted: str, value):

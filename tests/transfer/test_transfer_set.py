@@ -277,7 +277,7 @@ def test_teacher_remote_code_is_off_by_default(job_dict, synthetic_task, tmp_pat
     classes: the code is never imported unless teachers[i].trust_remote_code is true."""
     import shutil
 
-    from dfkd_ray.transfer.writer import load_teachers
+    from dfkd_ray.models.teacher import load_teachers
 
     d = tmp_path / "teacher"
     shutil.copytree(synthetic_task.teachers["alpha"], d)
@@ -293,6 +293,6 @@ def test_teacher_remote_code_is_off_by_default(job_dict, synthetic_task, tmp_pat
     job = {**job_dict, "teachers": [{"name": "alpha", "path": str(d)}]}
     cfg = validate_config(job)
     assert cfg.teachers[0].trust_remote_code is False
-    teacher = load_teachers(cfg)["alpha"]
+    teacher = load_teachers(cfg.teachers)["alpha"]
     assert type(teacher.model).__name__ == "BertForSequenceClassification"
     assert not ran.exists()

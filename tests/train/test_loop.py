@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dfkd_ray.config import validate_config
-from dfkd_ray.distill.loop import Distiller, MetricsLog, StepPlan, iterate_epochs
+from dfkd_ray.train.loop import Distiller, MetricsLog, StepPlan, iterate_epochs
 from dfkd_ray.math.losses import block_loss, concat_target
 from dfkd_ray.stages import StageMismatch, mark_done, stage_done
 
@@ -77,7 +77,7 @@ def test_metrics_log_drops_lines_after_the_resumed_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("method", ["stratanet", "vanilla"])
 def test_distiller_steps_and_checkpoint_round_trip(job_dict, teachers, synthetic_task, tmp_path, method):
-    from dfkd_ray.distill.loop import fit_confidence, student_num_blocks
+    from dfkd_ray.train.loop import fit_confidence, student_num_blocks
     from dfkd_ray.transfer.schema import rows_to_table
 
     job_dict["amalgamation"] = {"method": method, "amalg_dim": 16, "amalg_heads": 2}
@@ -111,7 +111,7 @@ def test_distiller_steps_and_checkpoint_round_trip(job_dict, teachers, synthetic
 
 
 def test_too_few_heldout_rows_for_the_calibration_folds_fail_before_any_teacher_runs(job_dict):
-    from dfkd_ray.distill.loop import fit_confidence
+    from dfkd_ray.train.loop import fit_confidence
     from dfkd_ray.transfer.schema import rows_to_table
 
     class Untouchable:
@@ -129,7 +129,7 @@ def test_too_few_heldout_rows_for_the_calibration_folds_fail_before_any_teacher_
 def test_train_in_process_follows_the_plan_of_its_workers(job_dict, teachers):
     """The benchmarks' loop: the step plan of ``world_size`` workers, their batches taken together,
     one on_epoch call per epoch, the same run twice under one seed."""
-    from dfkd_ray.distill.loop import train_in_process
+    from dfkd_ray.train.loop import train_in_process
 
     job_dict["amalgamation"] = {"method": "vanilla"}
     job_dict["student"]["num_layers"] = 3
@@ -150,7 +150,7 @@ def test_distillation_step_runs_under_its_attention_kernels(job_dict, teachers, 
     """Teachers, student and backward run inside ``attention_kernels(train.sdpa)``; the choice picks
     kernels, not what is trained, so it stays out of the distill stage's record."""
     from dfkd_ray.distill import loop
-    from dfkd_ray.orchestration.distill import _TRAIN_ONLY_KEYS
+    from dfkd_ray.orchestration.train import _TRAIN_ONLY_KEYS
 
     job_dict["amalgamation"] = {"method": "vanilla"}
     job_dict["student"]["num_layers"] = 3

@@ -69,7 +69,7 @@ def test_stream_overlaps_generation_and_makes_the_same_set(smoke_config, tmp_pat
 
 
 def test_warns_when_the_cluster_cannot_hold_trainers_and_actors_at_once(smoke_config, tmp_path, ray_local):
-    from dfkd_ray.orchestration.stream import check_room
+    from dfkd_ray.orchestration.streaming import check_room
 
     assert check_room(smoke_config(tmp_path, "train.stream_from_generation=true")) == ""  # 2 + 2 of 8 CPUs
     warning = check_room(smoke_config(tmp_path, "train.stream_from_generation=true", "ray.num_generation_actors=7"))

@@ -1,0 +1,66 @@
+"""The Ray runtime of a job: starting Ray, where workers run their models, and what the user sees of errors and progress."""
+
+
+def worker_device(want_gpu: bool) -> str:
+    """Where a Ray task or actor that asked for a GPU (``want_gpu``) runs its models: ``cuda`` when
+    one is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The project's errors that describe something the user fixes (a directory holding another
+    configuration's results, filtering that emptied the set, an unreadable eval file, ...): a job
+    script prints them without a traceback and exits 2, like a bad config (``parse_job_args``)."""
+    from dfkd_ray.config import ConfigError
+    from dfkd_ray.evaluation import EvalDataError
+    from dfkd_ray.labels import LabelSpaceError
+    from dfkd_ray.stages import StageMismatch
+    from dfkd_ray.transfer.store import TransferSetError
+    from dfkd_ray.transfer.writer import TransferSetEmpty
+
+    return ConfigError, EvalDataError, LabelSpaceError, StageMismatch, TransferSetEmpty, TransferSetError
+
+
+def report_user_error(error: BaseException) -> int:
+    """Print one of :func:`user_errors` for the user; returns the exit status (2)."""
+    import sys
+
+    cause = getattr(error, "cause", None)  # raised in a Ray task: the original error, not the remote traceback
+    print(f"error: {cause if isinstance(cause, BaseException) else error}", file=sys.stderr)
+    return 2
+
+
+def worker_print(message: str) -> None:
+    """One line on the driver's console from inside a Ray Train worker.
+
+    Ray Train 2.60 patches ``print`` in its workers to log the line through the root logger *and*, because
+    Ray wraps the worker's ``sys.stdout``, to print it as well: every line reached the driver twice. The
+    process's own stdout (``sys.__stdout__``) is what Ray streams to the driver, once.
+    """
+    import sys
+
+    print(message, file=sys.__stdout__, flush=True)
+
+
+# Ray Train 2.60's placement-group cleaner asks the State API every second whether the train controller
+# lives; without a dashboard (a local ``ray.init(include_dashboard=False)``) every ask fails with a warning.
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_stateless_ray() -> None:
+    """``runtime_env`` ``worker_process_setup_hook`` of a local Ray without a dashboard: the placement-group
+    cleaner cannot work there and would warn once a second for a whole training run; errors still show."""
+    import logging
+
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def init_local_ray(num_cpus: int) -> None:
+    """Start a local Ray on this machine for a job: no dashboard (``ray[default]``'s packages are not
+    dependencies), and :func:`quiet_stateless_ray` in every worker process."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_stateless_ray"})
