@@ -29,7 +29,9 @@ PATTERNS = [
     (r"\b(this|the) dev(elopment)? machine\b", "the machine the project was developed on"),
     (r"\b(no longer|not|never) lent\b|\blent any more\b", "the development machines' availability"),
     (r"\bnvidia-h[12]00(-x\d)?\b", "a development tool's machine kind; name the GPU (NVIDIA H100)"),
+    (r"\bthe GPU machine\b", "the machine the project was measured on; name the device"),
     (r"[.]carry/", "a development tool's folder"),
+    (r"(?<![\w-])[.]whl/", "a development tool's folder of carried wheels"),
     (r"[.][.]/shared\b", "a path outside the repository"),
     (r"(?<![\w.-])shared/(fixtures|data|notes|papers|hooks)\b", "a path outside the repository"),
     (r"/work/", "a path outside the repository"),
@@ -94,6 +96,8 @@ def hits(text: str) -> list[tuple[int, str, str]]:
     "cd /work/main && make",
     "host farm-gpu-3",
     "--out $OUT/generation.json",
+    "The GPU machine has no Ray.",
+    "pydantic + datasketch wheels in .whl/",
     "written to /home/alice/runs/",
 ])
 def test_process_words_are_found(text):
@@ -113,6 +117,8 @@ def test_process_words_are_found(text):
     "file_mounts: ~/dfkd-ray",
     "python benchmarks/agnews.py --lm LM_DIR --out agnews.json",
     "transfer_set/ (shards, manifest, summary.png)",
+    "On a 16-core GPU machine, run one process per seed",
+    "dist/dfkd_ray-0.1.0-py3-none-any.whl",
     "see docs/steered-generation.md and the issues tab",
     "hidden states (B, N, H) # (B, m)",
 ])
