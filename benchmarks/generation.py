@@ -12,19 +12,20 @@ run, the same over the time any teacher forward was running (CUDA events), paddi
 CPU token-map time.
 The naive reference guides one sequence at a time and re-tokenizes every candidate's full text.
 
-GPU (the repository root; tokenizer files copied under .carry/generation_bench/{lm,teacher}):
-    python benchmarks/generation.py --out $OUT/generation.json
-    python benchmarks/generation.py --plan key --batching uniform --compare batching --out $OUT/key.json
-    python benchmarks/generation.py --plan key --compare parts --out $OUT/parts.json
-    python benchmarks/generation.py --plan one --parts 2 --compare parts --out $OUT/one.json
-    python benchmarks/generation.py --plan wide --parts 2 --compare parts --out $OUT/wide.json
+GPU, from the repository root (``--tokenizers DIR`` holds ``lm/`` and ``teacher/`` tokenizer files;
+default: ``generation_bench`` in the repository's git-ignored ``.carry`` folder):
+    python benchmarks/generation.py --out results/generation.json
+    python benchmarks/generation.py --plan key --batching uniform --compare batching --out results/key.json
+    python benchmarks/generation.py --plan key --compare parts --out results/parts.json
+    python benchmarks/generation.py --plan one --parts 2 --compare parts --out results/one.json
+    python benchmarks/generation.py --plan wide --parts 2 --compare parts --out results/wide.json
 The comparison runs repeat the largest guided runs with the other ``sdpa`` (``--compare
 sdpa``, default), the other teacher batching (``--compare batching``) or two interleaved decoding
 parts against one (``--compare parts``). Before the runs, ``decode_parts=2`` is
 checked against each part decoded alone (the same tokens are expected).
 CPU smoke test (tiny shapes):
     python benchmarks/generation.py --tiny --device cpu
-Imports torch, transformers, tokenizers and dfkd_ray's math and generation modules only.
+Imports torch, transformers, tokenizers and dfkd_ray's config, math and generation modules only.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams  # noqa: E402
-from dfkd_ray.models.teacher import Teacher  # noqa: E402
+from dfkd_ray.config import SteeredConfig
+from dfkd_ray.generation.hf import SteeredGenerator
+from dfkd_ray.generation.steering import GenerationRequest
+from dfkd_ray.models.teacher import Teacher
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -102,9 +103,9 @@ def build(args, device: torch.device):
     return lm, lm_tok, teacher, cfg
 
 
-def guided_params(m: int, tokens: int, batch: int, *, strength: float = 8.0, top_k: int = 50, **extra) -> SteeredParams:
+def guided_params(m: int, tokens: int, batch: int, *, strength: float = 8.0, top_k: int = 50, **extra) -> SteeredConfig:
     """The benchmarks' decoding settings: top-k = min(m, top_k), top-p 0.9, exactly ``tokens`` new tokens a row."""
-    return SteeredParams(control_strength=strength, top_m=m, top_k=min(m, top_k), top_p=0.9, max_new_tokens=tokens,
+    return SteeredConfig(control_strength=strength, top_m=m, top_k=min(m, top_k), top_p=0.9, max_new_tokens=tokens,
                          min_new_tokens=tokens, batch_size=batch, **extra)
 
 
@@ -130,18 +131,18 @@ def run_one(lm, lm_tok, teacher, cfg, device, *, label: str, batch: int, samples
            "sdpa": sdpa if lam else None, "parts": min(parts, batch),
            "wall_s": wall,
            "samples_per_s": samples / wall, "tokens_per_s": lm_tokens / wall, "lm_tokens": lm_tokens,
-           "teacher_forwards": st["teacher_forwards"], "teacher_sequences": st["teacher_sequences"],
-           "teacher_tokens": st["teacher_tokens"], "teacher_padded_tokens": st["teacher_padded_tokens"],
-           "teacher_seconds": st["teacher_seconds"], "teacher_busy_seconds": st["teacher_busy_seconds"],
-           "token_map_seconds": st["tokenizer_seconds"]}
+           "teacher_forwards": st.teacher_forwards, "teacher_sequences": st.teacher_sequences,
+           "teacher_tokens": st.teacher_tokens, "teacher_padded_tokens": st.teacher_padded_tokens,
+           "teacher_seconds": st.teacher_seconds, "teacher_busy_seconds": st.teacher_busy_seconds,
+           "token_map_seconds": st.tokenizer_seconds}
     if lam:
-        useful = teacher_flops(cfg, st["teacher_tokens"], st["teacher_tokens_sq"], st["teacher_sequences"])
+        useful = teacher_flops(cfg, st.teacher_tokens, st.teacher_tokens_sq, st.teacher_sequences)
         row["teacher_tflops"] = useful / 1e12
         row["teacher_frac_of_peak_wall"] = useful / wall / peak
         # over the time any teacher forward ran (parts on separate streams may overlap forwards)
-        row["teacher_frac_of_peak_in_forward"] = useful / max(st["teacher_busy_seconds"], 1e-9) / peak
-        row["padding_overhead"] = st["teacher_padded_tokens"] / max(st["teacher_tokens"], 1) - 1
-        row["teacher_share_of_wall"] = st["teacher_busy_seconds"] / wall
+        row["teacher_frac_of_peak_in_forward"] = useful / max(st.teacher_busy_seconds, 1e-9) / peak
+        row["padding_overhead"] = st.teacher_padded_tokens / max(st.teacher_tokens, 1) - 1
+        row["teacher_share_of_wall"] = st.teacher_busy_seconds / wall
     example = results[0].text
     row["example"] = example[:120]
     return row
@@ -184,7 +185,7 @@ def sync_census(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int =
     where = collections.Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
                                 for w in caught if "synchroniz" in str(w.message))
     return {"rows": rows, "tokens": tokens, "parts": params.decode_parts, "total": sum(where.values()),
-            "steps": gen.stats["steps"], "teacher_forwards": gen.stats["teacher_forwards"], "by_line": dict(where.most_common())}
+            "steps": gen.stats.steps, "teacher_forwards": gen.stats.teacher_forwards, "by_line": dict(where.most_common())}
 
 
 def check_token_map(lm_tok, teacher, device, streams: int = 8, steps: int = 40, n_cand: int = 50) -> tuple[int, int]:

@@ -7,10 +7,10 @@ each timed with CUDA events over the whole list (median of ``--reps`` passes), a
 teacher's useful FLOPs (real tokens only) per second as a fraction of the bf16 matmul rate measured in
 the same run. A ``torch.profiler`` table of the current path shows which kernels take the time.
 
-GPU (tokenizers under .carry/generation_bench/{lm,teacher}, as benchmarks/generation.py):
-      python benchmarks/teacher_forward.py --profile --out $OUT/teacher_forward.json
-      python benchmarks/teacher_forward.py --loop plain,again,profiled --variants sdpa --out $OUT/loop.json
-      python benchmarks/teacher_forward.py --loop plain,stages --variants "" --parts 1 --out $OUT/stages.json
+GPU (tokenizers as for benchmarks/generation.py, ``--tokenizers``):
+      python benchmarks/teacher_forward.py --profile --out results/teacher_forward.json
+      python benchmarks/teacher_forward.py --loop plain,again,profiled --variants sdpa --out results/loop.json
+      python benchmarks/teacher_forward.py --loop plain,stages --variants "" --parts 1 --out results/stages.json
 CPU smoke test:  python benchmarks/teacher_forward.py --tiny --device cpu
 """
 
@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dfkd_ray.config import SteeredConfig
+from dfkd_ray.generation.hf import SteeredGenerator
+from dfkd_ray.generation.steering import GenerationRequest
+from dfkd_ray.generation.streams import covered
+from generation import HERE, build, guided_params, matmul_rate, sync, teacher_flops  # benchmarks/generation.py, beside this file
 
-from benchmarks.generation import HERE, build, guided_params, matmul_rate, sync, teacher_flops  # noqa: E402
-from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams, covered  # noqa: E402
 
-
-def guided_run(args) -> tuple[SteeredParams, list[GenerationRequest]]:
+def guided_run(args) -> tuple[SteeredConfig, list[GenerationRequest]]:
     """The guided run every measurement here repeats: parameters and requests (one batch)."""
     params = guided_params(args.m, args.tokens, args.batch, strength=args.strength,
                            teacher_chunk_tokens=args.chunk_tokens, decode_parts=args.parts)
@@ -88,10 +89,10 @@ def loop_runs(lm, lm_tok, teacher, cfg, device, args, peak) -> list[dict]:
         wall = time.perf_counter() - t0
         teacher.model = model
         st = gen.stats
-        useful = teacher_flops(cfg, st["teacher_tokens"], st["teacher_tokens_sq"], st["teacher_sequences"])
-        row = {"loop": name, "wall_s": wall, "teacher_s": st["teacher_seconds"], "forwards": st["teacher_forwards"],
-               "frac_wall": useful / wall / peak, "frac_in_forward": useful / max(st["teacher_seconds"], 1e-9) / peak,
-               "token_map_s": st["tokenizer_seconds"]}
+        useful = teacher_flops(cfg, st.teacher_tokens, st.teacher_tokens_sq, st.teacher_sequences)
+        row = {"loop": name, "wall_s": wall, "teacher_s": st.teacher_seconds, "forwards": st.teacher_forwards,
+               "frac_wall": useful / wall / peak, "frac_in_forward": useful / max(st.teacher_seconds, 1e-9) / peak,
+               "token_map_s": st.tokenizer_seconds}
         if device.type == "cuda":
             stats1 = torch.cuda.memory_stats(device)
             for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams"):
@@ -136,7 +137,7 @@ def overlap(xs, ys) -> float:
 
 
 # The engine's stages, labelled for the profiler by wrapping (the engine itself carries no profiling code).
-STAGES = {"lm_forward": ("gen", "_lm_forward"), "top_m": ("hf", "select_top_m"),
+STAGES = {"lm_forward": ("gen", "_lm_forward"), "top_m": ("steering", "select_top_m"),
           "teacher_inputs": ("TeacherRows", "inputs"), "teacher_forward": ("teacher", "forward_ids"),
           "sample": ("hf", "sample_candidates"), "sample_unguided": ("hf", "sample_top_k"),
           "advance_rows": ("TeacherRows", "advance")}
@@ -148,10 +149,10 @@ def stage_profile(gen, teacher, reqs, device) -> dict:
     the wall, and which stage the host was in while the GPU had nothing to do."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from dfkd_ray.generation import hf
+    from dfkd_ray.generation import hf, steering
     from dfkd_ray.generation.token_map import TeacherRows
 
-    owners = {"gen": gen, "hf": hf, "TeacherRows": TeacherRows, "teacher": teacher}
+    owners = {"gen": gen, "hf": hf, "steering": steering, "TeacherRows": TeacherRows, "teacher": teacher}
     missing = object()
     saved = []
 

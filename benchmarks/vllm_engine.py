@@ -13,7 +13,7 @@ GPU node with the extra installed (``pip install 'dfkd-ray[vllm]'``), from the r
     python benchmarks/vllm_engine.py --lm /models/gpt2 --teacher agnews=/models/bert-agnews \\
         --teacher yelp=/models/roberta-yelp --per-class 32 --out vllm_engine.json
 ``--help`` works without vLLM; ``--device cpu --engines hf`` is a CPU smoke run of the HF half.
-Imports torch, transformers, vLLM (when run) and dfkd_ray's generation modules only.
+Imports torch, transformers, vLLM (when run) and dfkd_ray's config, models and generation modules only.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams  # noqa: E402
+from dfkd_ray.config import SteeredConfig, TeacherConfig
+from dfkd_ray.generation.hf import SteeredGenerator
+from dfkd_ray.generation.steering import GenerationRequest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,6 +100,8 @@ def main(argv=None) -> dict:
     report = {"lm": str(args.lm), "teachers": specs, "params": base, "per_class": args.per_class,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "python": platform.python_version(), "runs": []}
+    config = SteeredConfig(lm_path=args.lm, **base)
+    teacher_configs = [TeacherConfig(name=n, **s) for n, s in specs.items()]
     teachers = None
     gens = {}
     if "vllm" in engines:
@@ -110,17 +111,16 @@ def main(argv=None) -> dict:
 
         report["vllm"] = vllm.__version__
         # One engine for every lambda: lambda travels with each request (SamplingParams.extra_args).
-        gens["vllm"] = VllmSteeredGenerator(args.lm, specs, SteeredParams(**base), device=str(device),
+        gens["vllm"] = VllmSteeredGenerator(config, teacher_configs, device=str(device),
                                             engine_kwargs={"gpu_memory_utilization": args.gpu_memory_utilization,
                                                            "seed": args.seed})
         teachers = gens["vllm"].teachers
     if teachers is None:
-        from dfkd_ray.models.teacher import Teacher
+        from dfkd_ray.models.teacher import load_teachers
 
-        teachers = {n: Teacher.from_pretrained(n, s["path"], num_blocks=1, max_length=s["max_length"], device=device)
-                    for n, s in specs.items()}
+        teachers = load_teachers(teacher_configs, device=device)
     if "hf" in engines:
-        gens["hf"] = SteeredGenerator.from_pretrained(args.lm, teachers, SteeredParams(**base), device=device)
+        gens["hf"] = SteeredGenerator.from_pretrained(config, teachers, device=device)
     reqs = requests_for(teachers, args.per_class, args.seed)
     for lam in strengths:
         lam_reqs = [GenerationRequest(q.teacher, q.target, q.seed, control_strength=lam) for q in reqs]

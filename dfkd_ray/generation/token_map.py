@@ -2,10 +2,10 @@
 
 Eq. 1 of StrataNet needs ``log P_teacher(c | x_<=t)`` for every row and each of its ``m`` candidate
 tokens, but the teacher's tokenizer generally differs from the LM's. Re-tokenizing ``prefix +
-candidate`` for all ``B*m`` pairs every step makes the tokenizer the bottleneck (measured: 61% of
-the time). This module keeps the tokenizer out of the hot loop and still gives exactly the ids that
-tokenizing the full text gives (``tests/generation/test_token_map.py`` checks it on random token streams,
-non-ASCII, control characters and literal special-token strings included).
+candidate`` for all ``B*m`` pairs every step makes the tokenizer the bottleneck. This module keeps
+the tokenizer out of the hot loop and still gives exactly the ids that tokenizing the full text
+gives (``tests/generation/test_token_map.py`` checks it on random token streams, non-ASCII, control
+characters and literal special-token strings included).
 
 How. A row's text is cut into *words* at every position where a whitespace character follows a
 non-whitespace one. The teacher tokenizers we accept never merge across such a cut: WordPiece and
@@ -429,7 +429,7 @@ class PairCache:
     A pair's key is ``word id * V + candidate`` (``word id`` interned per distinct word bytes, ``V`` the
     LM vocabulary). Lookups and results are whole numpy arrays, so a step's few thousand pairs cost
     one ``np.unique`` and a dictionary probe per distinct pair instead of Python work per pair and
-    per id (measured in benchmarks/RESULTS.md, session 6).
+    per id.
 
     Args:
         pad: the teacher's pad id; vocab_size: the LM's ``V``.

@@ -1,4 +1,4 @@
-"""The steered generator (StrataNet Eq. 1) on vLLM: a thin adapter around the Hugging Face engine's math.
+"""The steered generator (StrataNet Eq. 1) on vLLM: a thin adapter around the shared steering step.
 
 vLLM V1 has no per-request logits processors; its extension point is one batch-level
 ``LogitsProcessor`` registered at engine start (``LLM(..., logits_processors=["module:Class"])``)
@@ -7,11 +7,11 @@ and built inside the engine process. This module holds three layers:
 - :class:`SteeringCore` (no vLLM import): the processor's logic. It keeps each steered row's state
   exact under vLLM's batch updates (:mod:`dfkd_ray.generation.vllm_rows`), keeps each row's text
   teacher-side (:class:`~dfkd_ray.generation.token_map.TeacherRows`, one pool per teacher), and in
-  ``apply`` runs the SAME step as the Hugging Face engine --
-  :func:`~dfkd_ray.generation.hf.steer_candidates` with a :class:`~dfkd_ray.generation.hf.TeacherScorer`
-  -- then writes the reweighted top-``m`` back as logits, ``-inf`` elsewhere. Temperature, top-k and
-  top-p are left to vLLM's sampler, which applies them after the processors (vLLM 0.26.0,
-  ``vllm/v1/sample/sampler.py``: ``apply_logits_processors`` then ``sample``).
+  ``apply`` runs the same step as the Hugging Face engine,
+  :func:`~dfkd_ray.generation.steering.steer_step`, then writes the reweighted top-``m`` back as
+  logits, ``-inf`` elsewhere. Temperature, top-k and top-p are left to vLLM's sampler, which applies
+  them after the processors (vLLM 0.26.0, ``vllm/v1/sample/sampler.py``: ``apply_logits_processors``
+  then ``sample``).
 - ``SteeredLogitsProcessor``: the subclass of vLLM's real
   ``vllm.v1.sample.logits_processor.LogitsProcessor``, made by :func:`logits_processor_class` the
   first time it is asked for (``vllm`` is imported then, never at import of this module). vLLM
@@ -22,8 +22,9 @@ and built inside the engine process. This module holds three layers:
   engine's device, at the first step that needs each.
 
 Per request: ``SamplingParams.extra_args[STEER_KEY]`` = teacher, target class, lambda, m (plain
-Python types). Per engine (teacher directories, the lambda schedule, ``keep_prompt``, chunking):
-``LLM(additional_config={SETTINGS_KEY: ...})``, which reaches the processor as
+Python types; vLLM passes nothing else per request to a processor). Per engine: the
+``transfer.steered`` section and the teachers' sections, as JSON
+(``LLM(additional_config={SETTINGS_KEY: ...})``), which reach the processor as
 ``vllm_config.additional_config``.
 
 What vLLM does differently from the Hugging Face engine: its own per-request random streams
@@ -35,25 +36,25 @@ Checked against vLLM 0.26.0 (the PyPI wheel's source): ``LogitsProcessor`` has `
 (classmethod), ``__init__(vllm_config, device, is_pin_memory)``, ``is_argmax_invariant``,
 ``update_state(batch_update)``, ``apply(logits)``; custom processors make the engine fall back from
 Model Runner V2 (``vllm/config/vllm.py``), and are refused with speculative decoding
-(``build_logitsprocs``). See ``../shared/notes/vllm.md``.
+(``build_logitsprocs``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from dfkd_ray.generation.hf import (GenerationRequest, GenerationResult, LmTokenRoles, SteeredParams, TeacherScorer,
-                                    _Row, candidate_logits, finish_results, prepare_rows, steer_candidates,
-                                    teacher_initial)
-from dfkd_ray.generation.token_map import LmVocabulary, TeacherRows, TeacherTokenMap, to_device
+from dfkd_ray.generation.steering import (GenerationRequest, GenerationResult, LmInfo, RowControls, SteeredRow,
+                                          TeacherScorer, TokenMasks, candidate_logits, finish_results, lm_dtype,
+                                          prepare_rows, steer_step, teacher_initial)
+from dfkd_ray.generation.token_map import TeacherRows, TeacherTokenMap, to_device
 from dfkd_ray.generation.vllm_rows import STEER_KEY, RowBook, RowState, SteerArgs, parse_steer_args
-from dfkd_ray.math.decoding import control_weights
+
+if TYPE_CHECKING:
+    from dfkd_ray.config import SteeredConfig, TeacherConfig
 
 SETTINGS_KEY = "dfkd_steered"
 """Key of ``LLM(additional_config=...)`` holding the engine-wide settings (:func:`engine_settings`)."""
@@ -64,18 +65,18 @@ PROCESSOR = f"{__name__}:SteeredLogitsProcessor"
 INSTALL_HINT = "pip install 'dfkd-ray[vllm]' on a GPU node (vLLM's wheels are CUDA builds)"
 
 
-def engine_settings(teachers: dict[str, dict], params: SteeredParams) -> dict:
-    """The engine-wide settings, JSON-able (vLLM hashes ``additional_config`` as JSON).
+def engine_settings(config: "SteeredConfig", teachers: Sequence["TeacherConfig"]) -> dict:
+    """The engine-wide settings, JSON (vLLM hashes ``additional_config`` as JSON): the
+    ``transfer.steered`` section and the teachers' sections, dumped as they were validated."""
+    return {"steered": config.model_dump(mode="json"), "teachers": [t.model_dump(mode="json") for t in teachers]}
 
-    Args:
-        teachers: name -> ``{"path", "max_length", "dtype", "trust_remote_code"}`` (a teacher directory
-            as :class:`~dfkd_ray.config.TeacherConfig` has it).
-    """
-    specs = {}
-    for name, t in teachers.items():
-        specs[str(name)] = {"path": str(t["path"]), "max_length": int(t.get("max_length", 128)),
-                            "dtype": str(t.get("dtype", "auto")), "trust_remote_code": bool(t.get("trust_remote_code", False))}
-    return {"teachers": specs, "params": dataclasses.asdict(params)}
+
+def _settings_sections(settings: dict) -> tuple["SteeredConfig", dict[str, "TeacherConfig"]]:
+    """The sections back from :func:`engine_settings` (validated when the job's config loaded)."""
+    from dfkd_ray.config import SteeredConfig, TeacherConfig
+
+    teachers = [TeacherConfig.model_construct(**t) for t in settings["teachers"]]
+    return SteeredConfig.model_construct(**settings["steered"]), {t.name: t for t in teachers}
 
 
 class _TextPool:
@@ -116,58 +117,43 @@ class SteeringCore:
     """The logits processor's logic, without vLLM: row bookkeeping, teacher-side texts, Eq. 1.
 
     Args:
-        vocab: the LM's :class:`LmVocabulary`.
-        roles: the LM's EOS / BOS / banned ids (:class:`~dfkd_ray.generation.hf.LmTokenRoles`).
-        params: engine-wide :class:`SteeredParams` (schedule, ``min_new_tokens``, ``keep_prompt``,
+        lm: the base LM's :class:`~dfkd_ray.generation.steering.LmInfo`.
+        config: the ``transfer.steered`` section (schedule, ``min_new_tokens``, ``keep_prompt``,
             chunking, token map); per-request lambda and m come with each row.
         device: the engine's device.
         load_teacher: name -> :class:`~dfkd_ray.models.teacher.Teacher`, called once per teacher, at
             the first step that needs it.
     """
 
-    def __init__(self, vocab: LmVocabulary, roles: LmTokenRoles, params: SteeredParams, device: torch.device | str,
+    def __init__(self, lm: LmInfo, config: "SteeredConfig", device: torch.device | str,
                  load_teacher: Callable[[str], Any]):
-        self.vocab = vocab
-        self.roles = roles
-        self.params = params
+        self.lm = lm
+        self.config = config
         self.device = torch.device(device)
         self.load_teacher = load_teacher
         self.book = RowBook()
-        self.scorer = TeacherScorer({}, vocab, params, self.device)
+        self.scorer = TeacherScorer({}, lm, config, self.device)
+        self.masks = TokenMasks.of(lm, config.min_new_tokens, self.device)
         self.pools: dict[str, _TextPool] = {}
-        self._banned = torch.tensor(roles.banned, dtype=torch.long, device=self.device)
-        self._eos = torch.tensor(roles.eos_ids, dtype=torch.long, device=self.device)
 
     @classmethod
     def from_settings(cls, settings: dict, lm_path: str, tokenizer_path: Optional[str], device: torch.device | str,
                       trust_remote_code: bool = False) -> "SteeringCore":
         """Inside the engine process: the LM's tokenizer and config from its directory; teachers from
-        the settings' directories, loaded when first needed."""
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        their sections in the settings, loaded when first needed."""
+        from dfkd_ray.models.teacher import load_teachers
 
-        from dfkd_ray.models.teacher import Teacher
-
-        params = SteeredParams(**settings["params"])
-        tok = AutoTokenizer.from_pretrained(tokenizer_path or lm_path, trust_remote_code=trust_remote_code)
-        cfg = AutoConfig.from_pretrained(lm_path, trust_remote_code=trust_remote_code)
-        try:
-            gen_cfg = GenerationConfig.from_pretrained(lm_path)
-        except OSError:  # no generation_config.json
-            gen_cfg = None
-        vocab_size = int(getattr(cfg, "vocab_size", len(tok)))
-        vocab = LmVocabulary(tok, vocab_size)
-        specs = settings["teachers"]
+        config, specs = _settings_sections(settings)
+        lm = LmInfo.from_dir(lm_path, tokenizer_path=tokenizer_path, trust_remote_code=trust_remote_code)
         dev = torch.device(device)
 
         def load(name: str):
             if name not in specs:
                 raise KeyError(f"steered request names teacher {name!r}, but the engine knows only {sorted(specs)}")
-            s = specs[name]
             with torch.inference_mode(False):  # apply() may run under inference mode; weights are ordinary tensors
-                return Teacher.from_pretrained(name, s["path"], num_blocks=1, max_length=s["max_length"], device=dev,
-                                               dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+                return load_teachers([specs[name]], num_blocks=1, device=dev)[name]
 
-        return cls(vocab, LmTokenRoles.of(cfg, gen_cfg, tok, vocab_size), params, dev, load)
+        return cls(lm, config, dev, load)
 
     # ------------------------------------------------------------------ vLLM's two calls
 
@@ -182,12 +168,11 @@ class SteeringCore:
         """Reweight the steered rows of ``(num_reqs, V)`` logits in place; other rows are untouched.
 
         Every steered row: banned ids and (before ``min_new_tokens``) EOS get ``-inf``. Rows with
-        lambda > 0: Eq. 1 over the LM's top-``m`` (rows grouped by ``m``; within a group, teacher
-        forwards are batched per teacher), ``-inf`` outside the top-``m``.
+        lambda > 0: Eq. 1 over the LM's top-``m`` (:func:`steer_step`; rows grouped by ``m``; within a
+        group, teacher forwards are batched per teacher), ``-inf`` outside the top-``m``.
         """
         if not len(self.book):
             return logits
-        p = self.params
         items = list(self.book.items())  # (slot, state), slots ascending
         steps = [self._sync_len(s) for _, s in items]  # t: tokens generated so far
         guided = [(i, s, t) for (i, s), t in zip(items, steps) if s.args.control_strength > 0]
@@ -195,32 +180,33 @@ class SteeringCore:
 
         slots = to_device(np.array([i for i, _ in items], dtype=np.int64), self.device)
         sub = logits[slots].float()  # (n, V)
-        if len(self._banned):
-            sub.index_fill_(1, self._banned, float("-inf"))
-        early = [j for j, t in enumerate(steps) if t < p.min_new_tokens]
-        if early and len(self._eos):
-            rows = to_device(np.array(early, dtype=np.int64), self.device)
-            sub[rows.view(-1, 1), self._eos.view(1, -1)] = float("-inf")
+        plain = [j for j, (_, s) in enumerate(items) if not s.args.control_strength > 0]
+        if plain:  # unguided rows: the masks only; vLLM's sampler does the rest
+            rows = to_device(np.array(plain, dtype=np.int64), self.device)
+            x = sub[rows]  # (b, V)
+            self.masks.apply(x, torch.tensor([steps[j] for j in plain], device=self.device))
+            sub[rows] = x
         pos = {i: j for j, (i, _) in enumerate(items)}  # slot -> row of sub
 
         for m in sorted({s.args.top_m for _, s, _ in guided}):
             group = [(i, s, t) for i, s, t in guided if s.args.top_m == m]
             rows = to_device(np.array([pos[i] for i, _, _ in group], dtype=np.int64), self.device)
             x = sub[rows]  # (b, V)
-            t = torch.tensor([t for _, _, t in group], device=self.device)
-            strength = torch.tensor([s.args.control_strength for _, s, _ in group], dtype=torch.float32, device=self.device)
-            lam = control_weights(t, strength, p.lambda_schedule, decay_rate=p.decay_rate, floor=p.lambda_floor)  # (b,)
-            targets = torch.tensor([s.args.target for _, s, _ in group], dtype=torch.long, device=self.device)
+            t = torch.tensor([t for _, _, t in group], device=self.device)  # (b,)
+            controls = RowControls(
+                strength=torch.tensor([s.args.control_strength for _, s, _ in group], dtype=torch.float32,
+                                      device=self.device),
+                targets=torch.tensor([s.args.target for _, s, _ in group], dtype=torch.long, device=self.device))
             groups = {}
             for name in sorted({s.teacher for _, s, _ in group}):
                 members = np.array([j for j, (_, s, _) in enumerate(group) if s.teacher == name], dtype=np.int64)
                 pool = self.pools[name]
                 groups[name] = (members, pool.rows.subset(np.array([group[j][1].slot for j in members], dtype=np.int64)))
-            scores, cand = steer_candidates(x, lam, targets, groups, self.scorer, m)  # (b, m) Eq. 1
+            scores, cand = steer_step(x, t, controls, groups, masks=self.masks, scorer=self.scorer, top_m=m)  # (b, m)
             sub[rows] = candidate_logits(scores, cand, x.shape[-1])
         logits[slots] = sub.to(logits.dtype)
-        if len(self.scorer.events) > 256:  # CUDA timing events: fold them into stats now and then
-            self.scorer.settle_timing()
+        if len(self.scorer.stats.pending) > 256:  # CUDA timing events: fold them into the stats now and then
+            self.scorer.stats.settle_timing(self.device)
         return logits
 
     # ------------------------------------------------------------------ helpers
@@ -246,12 +232,11 @@ class SteeringCore:
         by_teacher: dict[str, list[RowState]] = {}
         for s in states:
             by_teacher.setdefault(s.teacher, []).append(s)
-        p, bos = self.params, self.roles.bos_id
         for name, group in by_teacher.items():
             pool = self._teacher_pool(name)
             new = [s for s in group if s.slot < 0]
             if new:
-                pool.add(new, [teacher_initial(self.vocab, s.prompt_ids, bos, p.keep_prompt) for s in new])
+                pool.add(new, [teacher_initial(self.lm, s.prompt_ids, self.config.keep_prompt) for s in new])
             slots, ids = [], []
             for s in group:
                 n = self._sync_len(s)
@@ -333,10 +318,10 @@ class VllmSteeredGenerator:
     """Teacher-reweighted top-m decoding with vLLM; the interface of the Hugging Face ``SteeredGenerator``.
 
     Args:
-        lm_path: local causal-LM directory (decoder-only; vLLM no longer runs encoder-decoders).
-        teachers: name -> ``{"path", "max_length", "dtype", "trust_remote_code"}``: what the engine loads.
-        params: :class:`SteeredParams`; ``batch_size`` becomes vLLM's ``max_num_seqs``, ``dtype``
-            the LM's (``auto``: bfloat16; float64 is not a vLLM dtype).
+        config: the ``transfer.steered`` section; ``lm_path`` is a local causal-LM directory
+            (decoder-only; vLLM no longer runs encoder-decoders), ``batch_size`` becomes vLLM's
+            ``max_num_seqs``, ``dtype`` the LM's (``auto``: bfloat16; float64 is not a vLLM dtype).
+        teachers: the teachers' sections (:class:`~dfkd_ray.config.TeacherConfig`): what the engine loads.
         loaded_teachers: name -> :class:`~dfkd_ray.models.teacher.Teacher` for labels and the final
             confidence on this side; default: loaded here on ``device``, after the engine is built.
         device: for teachers loaded here.
@@ -345,15 +330,13 @@ class VllmSteeredGenerator:
             teachers (weights and activations) are loaded after vLLM has sized its KV cache.
     """
 
-    def __init__(self, lm_path: str | Path, teachers: dict[str, dict], params: SteeredParams = SteeredParams(), *,
+    def __init__(self, config: "SteeredConfig", teachers: Sequence["TeacherConfig"], *,
                  loaded_teachers: Optional[dict] = None, device: str = "cuda", engine_kwargs: Optional[dict] = None):
-        params.validate()
-        if params.dtype == "float64":
+        if config.dtype == "float64":
             raise ValueError("dtype float64 is not supported by the vLLM engine; use auto, bfloat16, float16 or float32")
         if not teachers:
             raise ValueError("no teachers: the steered generator needs at least one teacher")
-        self.params = params
-        self.lm_path = Path(lm_path)
+        self.config = config
         # Model Runner V2 (default for dense models in 0.26) has no custom logits processors; say so
         # up front instead of relying on the fallback. The FlashInfer sampler JIT-compiles kernels.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -363,66 +346,51 @@ class VllmSteeredGenerator:
         except ImportError as e:
             raise ImportError(f"transfer.steered.engine=vllm needs vLLM: {INSTALL_HINT}") from e
 
-        kwargs = dict(model=str(self.lm_path), logits_processors=[PROCESSOR],
-                      additional_config={SETTINGS_KEY: engine_settings(teachers, params)},
-                      dtype="bfloat16" if params.dtype == "auto" else params.dtype, seed=0,
-                      max_num_seqs=params.batch_size, gpu_memory_utilization=0.6)
+        dtype = str(lm_dtype(config.dtype, torch.device("cuda"))).removeprefix("torch.")  # vLLM runs on CUDA
+        kwargs = dict(model=str(config.lm_path), logits_processors=[PROCESSOR],
+                      additional_config={SETTINGS_KEY: engine_settings(config, teachers)}, dtype=dtype, seed=0,
+                      max_num_seqs=config.batch_size, gpu_memory_utilization=0.6)
         kwargs.update(engine_kwargs or {})
         self.llm = vllm.LLM(**kwargs)  # before any teacher of ours touches the GPU
 
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-        self.lm_tokenizer = AutoTokenizer.from_pretrained(self.lm_path)
-        cfg = AutoConfig.from_pretrained(self.lm_path)
-        try:
-            gen_cfg = GenerationConfig.from_pretrained(self.lm_path)
-        except OSError:
-            gen_cfg = None
-        self.vocab_size = int(getattr(cfg, "vocab_size", len(self.lm_tokenizer)))
-        self.vocab = LmVocabulary(self.lm_tokenizer, self.vocab_size)
-        roles = LmTokenRoles.of(cfg, gen_cfg, self.lm_tokenizer, self.vocab_size)
-        self.eos_ids, self.bos_id = roles.eos_ids, roles.bos_id
-        self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
-        self.lm_name = self.lm_path.name
+        self.lm_info = LmInfo.from_dir(config.lm_path)
         if loaded_teachers is None:
-            from dfkd_ray.models.teacher import Teacher
+            from dfkd_ray.models.teacher import load_teachers
 
-            loaded_teachers = {n: Teacher.from_pretrained(n, t["path"], num_blocks=1, max_length=int(t.get("max_length", 128)),
-                                                          device=device, dtype=t.get("dtype", "auto"),
-                                                          trust_remote_code=bool(t.get("trust_remote_code", False)))
-                               for n, t in teachers.items()}
+            loaded_teachers = load_teachers(teachers, num_blocks=1, device=device)
         self.teachers = dict(loaded_teachers)
         self._maps: dict[str, TeacherTokenMap] = {}  # for the results' "token_map" field only (CPU)
 
-    def sampling_params(self, row: _Row):
+    def sampling_params(self, row: SteeredRow):
         """The row's ``vllm.SamplingParams``: the steering in ``extra_args``, the draw left to vLLM."""
         from vllm import SamplingParams
 
-        p = self.params
-        steer = SteerArgs(row.request.teacher, int(row.request.target), float(row.strength), int(p.top_m))
-        return SamplingParams(n=1, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                              seed=int(row.request.seed) % (1 << 63), max_tokens=p.max_new_tokens,
-                              min_tokens=p.min_new_tokens, stop_token_ids=list(self.eos_ids), detokenize=False,
+        c = self.config
+        steer = SteerArgs(row.request.teacher, int(row.request.target), float(row.strength), int(c.top_m))
+        return SamplingParams(n=1, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                              seed=int(row.request.seed) % (1 << 63), max_tokens=c.max_new_tokens,
+                              min_tokens=c.min_new_tokens, stop_token_ids=list(self.lm_info.eos_ids), detokenize=False,
                               extra_args=steer.to_extra_args())
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Texts for the requests, in order; vLLM schedules them (``max_num_seqs`` at a time)."""
-        rows = prepare_rows(requests, self.teachers, self.params, self.lm_tokenizer, self.bos_id, self.context)
+        rows = prepare_rows(requests, self.teachers, self.config, self.lm_info)
         outputs = self.llm.generate([{"prompt_token_ids": r.prompt_ids} for r in rows],
                                     [self.sampling_params(r) for r in rows], use_tqdm=False)
+        eos_ids = self.lm_info.eos_ids
         for r, o in zip(rows, outputs):
             c = o.outputs[0]
             ids = [int(x) for x in c.token_ids]
-            if c.finish_reason == "stop" and ids and ids[-1] in self.eos_ids:
+            if c.finish_reason == "stop" and ids and ids[-1] in eos_ids:
                 ids.pop()
                 r.stop = "eos"
             else:
                 r.stop = "length" if c.finish_reason == "length" else str(c.finish_reason)
             r.generated = ids
-        for name in sorted({r.request.teacher for r in rows if r.strength > 0}):
+        for name in sorted({r.request.teacher for r in rows if r.guided}):
             if name not in self._maps:
                 t = self.teachers[name]
-                self._maps[name] = TeacherTokenMap(self.vocab, t.tokenizer, t.max_length, "cpu", mode=self.params.token_map)
-        return finish_results(rows, vocab=self.vocab, bos_id=self.bos_id, params=self.params, teachers=self.teachers,
-                              maps=self._maps, lm_name=self.lm_name, engine="vllm")
-
+                self._maps[name] = TeacherTokenMap(self.lm_info.vocab, t.tokenizer, t.max_length, "cpu",
+                                                   mode=self.config.token_map)
+        return finish_results(rows, lm=self.lm_info, config=self.config, teachers=self.teachers, maps=self._maps,
+                              engine="vllm")

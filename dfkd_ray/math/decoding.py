@@ -11,8 +11,8 @@ sampling from the LM's top-``k``: :func:`sample_candidates` on the top-``m`` wit
 term gives, bit for bit, what :func:`sample_top_k` gives on the full logits with the same draws.
 
 Every function here works on logits/log-probabilities ``(B, V)``, candidate scores ``(B, m)`` and
-per-row uniforms ``(B,)``; none sees a model or a tokenizer, so the Hugging Face engine
-(:mod:`dfkd_ray.generation.hf`) and a vLLM logits processor call the same code. Imports torch only.
+per-row uniforms ``(B,)``; none sees a model or a tokenizer. Both engines run them through one
+step, :func:`dfkd_ray.generation.steering.steer_step`. Imports torch only.
 
 Choices the paper leaves open (documented here, configurable in ``SteeredConfig``):
 
@@ -139,8 +139,8 @@ def reweight(lm_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, lam: Sca
 
 
 def _on_cpu(x: Scalar) -> bool:
-    """Values are checked when that costs no device synchronisation (floats, CPU tensors); the engine
-    validates its parameters once, before decoding."""
+    """Values are checked when that costs no device synchronisation (floats, CPU tensors); the engines'
+    parameters are validated once, where the job's config loads."""
     return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
 
 
@@ -213,24 +213,3 @@ def sample_top_k(logits: torch.Tensor, u: torch.Tensor, *, top_k: int, top_p: Sc
     logprobs = torch.log_softmax(_real(logits), dim=-1)  # (B, V)
     values, ids = select_top_m(logprobs, top_k)
     return sample_candidates(values, ids, u, top_k=top_k, top_p=top_p, temperature=temperature)
-
-
-def guided_step(logits: torch.Tensor, teacher_scorer, u: torch.Tensor, lam: torch.Tensor, *, top_m: int,
-                top_k: int, top_p: Scalar = 1.0, temperature: Scalar = 1.0) -> torch.Tensor:
-    """One step of Eq. 1: top-``m`` of the LM, teacher log-probs for them, reweight, sample.
-
-    Args:
-        logits: ``(B, V)`` LM logits.
-        teacher_scorer: ``callable(ids (B, m)) -> (B, m)`` teacher log-probabilities of each row's
-            target class with each candidate appended (the engine's cross-tokenizer scoring).
-        u: ``(B,)`` uniforms; lam: ``(B,)`` ``lambda_t``.
-
-    Returns:
-        ``(B,)`` int64 token ids.
-    """
-    if top_k > top_m:
-        raise ValueError(f"top_k ({top_k}) must be <= top_m ({top_m})")
-    logprobs = torch.log_softmax(_real(logits), dim=-1)  # (B, V)
-    values, ids = select_top_m(logprobs, top_m)  # (B, m)
-    scores = reweight(values, teacher_scorer(ids), lam)  # (B, m)
-    return sample_candidates(scores, ids, u, top_k=top_k, top_p=top_p, temperature=temperature)

@@ -6,6 +6,7 @@ processor and passes vLLM's own parameter validation."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import sys
 import types
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from dfkd_ray.config import SteeredConfig, TeacherConfig
 from dfkd_ray.generation import hf
-from dfkd_ray.generation.hf import GenerationRequest, SteeredGenerator, SteeredParams, candidate_logits
+from dfkd_ray.generation.hf import SteeredGenerator
+from dfkd_ray.generation.steering import GenerationRequest, candidate_logits, prepare_rows
 from dfkd_ray.generation.vllm import PROCESSOR, SETTINGS_KEY, SteeringCore, engine_settings
 from dfkd_ray.generation.vllm_rows import (STEER_KEY, SWAP, UNIDIRECTIONAL, RowBook, SteerArgs, direction,
                                            parse_steer_args)
@@ -231,12 +234,9 @@ def lm_and_tokenizer(synthetic_task):
             AutoTokenizer.from_pretrained(synthetic_task.lm))
 
 
-def _core_like(gen: SteeredGenerator, params: SteeredParams) -> SteeringCore:
-    """The adapter's core with the HF generator's vocabulary, token roles and (already loaded) teachers."""
-    from dfkd_ray.generation.hf import LmTokenRoles
-
-    roles = LmTokenRoles(gen.eos_ids, gen.bos_id, gen.pad_id, gen.banned)
-    return SteeringCore(gen.vocab, roles, params, "cpu", load_teacher=lambda name: gen.teachers[name])
+def _core_like(gen: SteeredGenerator, config: SteeredConfig) -> SteeringCore:
+    """The adapter's core with the HF generator's LM info and (already loaded) teachers."""
+    return SteeringCore(gen.lm_info, config, "cpu", load_teacher=lambda name: gen.teachers[name])
 
 
 @pytest.mark.parametrize("keep_prompt", [False, True])
@@ -247,7 +247,7 @@ def test_apply_gives_the_hf_engines_reweighted_logits(lm_and_tokenizer, teachers
     re-added with its tokens). Every steered row's output must equal the HF scores as logits."""
     lm, tok = lm_and_tokenizer
     V = lm.config.vocab_size
-    params = SteeredParams(control_strength=6.0, lambda_schedule="decay", decay_rate=0.8, lambda_floor=0.3, top_m=12,
+    params = SteeredConfig(control_strength=6.0, lambda_schedule="decay", decay_rate=0.8, lambda_floor=0.3, top_m=12,
                            top_k=6, max_new_tokens=9, min_new_tokens=3, keep_prompt=keep_prompt, batch_size=64)
     gen = SteeredGenerator(copy.deepcopy(lm), tok, teachers, params)
     prompts = ["", "Category: {label}", "the", None]
@@ -275,7 +275,7 @@ def test_apply_gives_the_hf_engines_reweighted_logits(lm_and_tokenizer, teachers
         chosen = real_sample(scores, cand, u, **kw)
         for b, r in enumerate(list(active)):
             if ends.get(r) == t:
-                chosen[b] = gen.eos_ids[0]
+                chosen[b] = gen.lm_info.eos_ids[0]
         active[:] = [r for r in active if ends.get(r) != t]
         return chosen
 
@@ -283,7 +283,7 @@ def test_apply_gives_the_hf_engines_reweighted_logits(lm_and_tokenizer, teachers
     monkeypatch.setattr(hf, "sample_candidates", fake_sample)
     results = gen.generate(reqs)
     monkeypatch.undo()
-    rows = gen._prepare(reqs)
+    rows = prepare_rows(reqs, gen.teachers, gen.config, gen.lm_info)
     assert [r.stop_reason for r in results].count("eos") == len(ends)
 
     # Replay through the core.
@@ -318,12 +318,12 @@ def test_apply_gives_the_hf_engines_reweighted_logits(lm_and_tokenizer, teachers
                 checked += 1
             else:  # unguided: only banned tokens (and EOS before min_new_tokens) masked; top-k is vLLM's
                 masked = x[i].clone()
-                masked[gen.banned] = float("-inf")
+                masked[gen.lm_info.banned] = float("-inf")
                 if t < params.min_new_tokens:
-                    masked[gen.eos_ids] = float("-inf")
+                    masked[gen.lm_info.eos_ids] = float("-inf")
                 assert torch.equal(y[i], masked)
         # The step's tokens reach vLLM's live lists; finished requests leave; the batch reshuffles.
-        chosen = {r: (results[r].token_ids + gen.eos_ids)[t] for r in act}
+        chosen = {r: (results[r].token_ids + gen.lm_info.eos_ids)[t] for r in act}
         for r in act:
             outs[r].append(chosen[r])
         for r in act:
@@ -347,15 +347,15 @@ def test_apply_gives_the_hf_engines_reweighted_logits(lm_and_tokenizer, teachers
 def test_per_row_m_banned_ids_and_min_new_tokens(lm_and_tokenizer, teachers):
     """Each row keeps its own m; banned ids are never candidates; EOS is banned before min_new_tokens."""
     lm, tok = lm_and_tokenizer
-    params = SteeredParams(top_m=10, top_k=5, min_new_tokens=2)
+    params = SteeredConfig(top_m=10, top_k=5, min_new_tokens=2)
     gen = SteeredGenerator(copy.deepcopy(lm), tok, teachers, params)
-    eos, banned = gen.eos_ids, [5, 7, 11]
-    core = SteeringCore(gen.vocab, hf.LmTokenRoles(eos, gen.bos_id, gen.pad_id, banned), params, "cpu",
+    eos, banned = gen.lm_info.eos_ids, [5, 7, 11]
+    core = SteeringCore(dataclasses.replace(gen.lm_info, banned=banned), params, "cpu",
                         load_teacher=lambda name: teachers[name])
-    core.update_state(Update(4, added=[(0, params_for("alpha", 0, 4.0, 5), [gen.bos_id], [11, 12]),
-                                       (1, params_for("beta", 1, 4.0, 9), [gen.bos_id], []),
-                                       (2, params_for("beta", 0, 4.0, 5), [gen.bos_id], [13, 14, 15]),
-                                       (3, params_for("beta", 0, 0.0, 5), [gen.bos_id], [])]))
+    core.update_state(Update(4, added=[(0, params_for("alpha", 0, 4.0, 5), [gen.lm_info.bos_id], [11, 12]),
+                                       (1, params_for("beta", 1, 4.0, 9), [gen.lm_info.bos_id], []),
+                                       (2, params_for("beta", 0, 4.0, 5), [gen.lm_info.bos_id], [13, 14, 15]),
+                                       (3, params_for("beta", 0, 0.0, 5), [gen.lm_info.bos_id], [])]))
     x = torch.randn(4, lm.config.vocab_size, generator=torch.Generator().manual_seed(1))
     x[:, banned + eos] = 50.0  # the LM's favourites, all forbidden (EOS only early)
     y = core.apply(x.clone())
@@ -369,15 +369,14 @@ def test_per_row_m_banned_ids_and_min_new_tokens(lm_and_tokenizer, teachers):
 
 def test_teachers_load_lazily_and_rows_free_their_text(lm_and_tokenizer, teachers):
     lm, tok = lm_and_tokenizer
-    params = SteeredParams(top_m=6, top_k=3, min_new_tokens=0)
+    params = SteeredConfig(top_m=6, top_k=3, min_new_tokens=0)
     gen = SteeredGenerator(copy.deepcopy(lm), tok, teachers, params)
     loaded = []
-    core = SteeringCore(gen.vocab, hf.LmTokenRoles(gen.eos_ids, gen.bos_id, gen.pad_id, gen.banned), params, "cpu",
-                        load_teacher=lambda name: loaded.append(name) or teachers[name])
+    core = SteeringCore(gen.lm_info, params, "cpu", load_teacher=lambda name: loaded.append(name) or teachers[name])
     core.update_state(Update(2, added=[(0, PLAIN, [1], []), (1, params_for("beta", 0, 0.0), [1], [])]))
     core.apply(torch.zeros(2, lm.config.vocab_size))
     assert loaded == []  # no row needed a teacher yet
-    many = [(i, params_for("alpha", i % 2), [gen.bos_id], [20 + i]) for i in range(80)]
+    many = [(i, params_for("alpha", i % 2), [gen.lm_info.bos_id], [20 + i]) for i in range(80)]
     core.update_state(Update(80, added=many))
     core.apply(torch.zeros(80, lm.config.vocab_size))
     assert loaded == ["alpha"] and core.pools["alpha"].rows.n == 80
@@ -491,23 +490,23 @@ def test_generator_steers_through_the_processor(synthetic_task, teachers, monkey
     fake = _fake_vllm(synthetic_task.lm)
     monkeypatch.setitem(sys.modules, "vllm", fake)
     _keep_vllm_env(monkeypatch)
-    specs = {n: {"path": str(p), "max_length": 128} for n, p in synthetic_task.teachers.items()}
+    specs = [TeacherConfig(name=n, path=p) for n, p in synthetic_task.teachers.items()]
     reqs = [GenerationRequest(t, c, seed=20_000 + 101 * i) for t in ("alpha", "beta") for c in range(2) for i in range(8)]
     accuracy = {}
     for lam in (0.0, 8.0):
-        params = SteeredParams(control_strength=lam, top_m=20, top_k=10, max_new_tokens=12, min_new_tokens=4,
-                               batch_size=32)
-        gen = VllmSteeredGenerator(synthetic_task.lm, specs, params, loaded_teachers=teachers, device="cpu")
+        params = SteeredConfig(lm_path=synthetic_task.lm, control_strength=lam, top_m=20, top_k=10, max_new_tokens=12,
+                               min_new_tokens=4, batch_size=32)
+        gen = VllmSteeredGenerator(params, specs, loaded_teachers=teachers, device="cpu")
         results = gen.generate(reqs)
         for name in ("alpha", "beta"):
             pairs = [(res, q) for res, q in zip(results, reqs) if q.teacher == name]
             accuracy[name, lam] = sum(res.teacher_prediction == q.target for res, q in pairs) / len(pairs)
     built = fake.built
-    assert built["max_num_seqs"] == 32 and built["additional_config"][SETTINGS_KEY] == engine_settings(specs, params)
+    assert built["max_num_seqs"] == 32 and built["additional_config"][SETTINGS_KEY] == engine_settings(params, specs)
     res = results[0]
     assert res.params["engine"] == "vllm" and res.params["control_strength"] == 8.0 and res.params["token_map"] == "fast"
-    assert res.stop_reason in ("eos", "length") and 4 <= res.num_tokens <= 12 and gen.eos_ids[0] not in res.token_ids
-    assert res.text == gen.vocab.text(res.token_ids)
+    assert res.stop_reason in ("eos", "length") and 4 <= res.num_tokens <= 12 and gen.lm_info.eos_ids[0] not in res.token_ids
+    assert res.text == gen.lm_info.vocab.text(res.token_ids)
     for name in ("alpha", "beta"):
         assert accuracy[name, 0.0] == 0.5, accuracy
         assert accuracy[name, 8.0] >= 0.85, accuracy
@@ -518,10 +517,11 @@ def test_generator_without_vllm_says_how_to_install(synthetic_task, monkeypatch)
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails
     _keep_vllm_env(monkeypatch)
+    teachers = [TeacherConfig(name="alpha", path="x")]
     with pytest.raises(ImportError, match=r"pip install 'dfkd-ray\[vllm\]'"):
-        VllmSteeredGenerator(synthetic_task.lm, {"alpha": {"path": "x"}}, SteeredParams())
+        VllmSteeredGenerator(SteeredConfig(lm_path=synthetic_task.lm), teachers)
     with pytest.raises(ValueError, match="float64"):
-        VllmSteeredGenerator(synthetic_task.lm, {"alpha": {"path": "x"}}, SteeredParams(dtype="float64"))
+        VllmSteeredGenerator(SteeredConfig(lm_path=synthetic_task.lm, dtype="float64"), teachers)
 
 
 def test_importing_the_adapter_does_not_import_vllm():
@@ -608,16 +608,16 @@ def test_config_vllm_engine_needs_vllm_and_a_gpu(job_dict, synthetic_task, monke
 
 def test_steered_source_builds_the_engine_the_config_names(job_dict, synthetic_task, teachers, monkeypatch):
     from dfkd_ray.config import validate_config
-    from dfkd_ray.generation import vllm_engine
+    from dfkd_ray.generation import vllm as adapter
     from dfkd_ray.transfer.sources.steered import SteeredSource
 
     made = {}
 
     class Recorder:
-        def __init__(self, lm_path, specs, params, *, loaded_teachers):
-            made.update(lm_path=lm_path, specs=specs, params=params, loaded=loaded_teachers)
+        def __init__(self, config, teacher_configs, *, loaded_teachers):
+            made.update(config=config, teacher_configs=teacher_configs, loaded=loaded_teachers)
 
-    monkeypatch.setattr(vllm_engine, "VllmSteeredGenerator", Recorder)
+    monkeypatch.setattr(adapter, "VllmSteeredGenerator", Recorder)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     import importlib.util
 
@@ -626,5 +626,6 @@ def test_steered_source_builds_the_engine_the_config_names(job_dict, synthetic_t
     cfg = validate_config(_steered(job_dict, synthetic_task, engine="vllm", top_m=12, top_k=6))
     source = SteeredSource(cfg, teachers, None)
     assert isinstance(source.generator, Recorder) and made["loaded"] is teachers
-    assert made["params"].top_m == 12 and set(made["specs"]) == set(teachers)
-    assert made["specs"]["alpha"]["path"] == str(synthetic_task.teachers["alpha"])
+    assert made["config"] is cfg.transfer.steered and made["config"].top_m == 12
+    assert [t.name for t in made["teacher_configs"]] == list(teachers)
+    assert made["teacher_configs"][0].path == synthetic_task.teachers["alpha"]

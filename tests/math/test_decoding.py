@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from dfkd_ray.math.decoding import (control_weights, guided_step, reweight, row_uniforms, sample_candidates,
-                                    sample_top_k, select_top_m)
+from dfkd_ray.math.decoding import (control_weights, reweight, row_uniforms, sample_candidates, sample_top_k,
+                                    select_top_m)
 
 
 def _logits(B: int, V: int, seed: int, *, quantize: bool = False) -> torch.Tensor:
@@ -65,15 +65,18 @@ def test_reweight_is_eq1_and_drops_the_teacher_at_lambda_zero():
 @pytest.mark.parametrize("top_k,m,top_p,temperature", [(1, 5, 1.0, 1.0), (10, 10, 0.9, 1.0), (20, 50, 0.9, 0.7),
                                                         (50, 200, 1.0, 1.3), (5, 300, 0.5, 1.0)])
 def test_lambda_zero_equals_plain_top_k_sampling(quantize, top_k, m, top_p, temperature):
-    """Eq. 1 with lambda = 0 over the top-m samples exactly what top-k sampling of the full logits samples."""
+    """Eq. 1 with lambda = 0 over the top-m samples exactly what top-k sampling of the full logits samples
+    (the step that composes these functions, ``steer_step``, is checked the same way in
+    tests/generation/test_steering.py)."""
     B, V = 64, 300
     logits = _logits(B, V, seed=top_k + m, quantize=quantize)
-    teacher = torch.log_softmax(_logits(B, m, seed=99), -1)
+    teacher = torch.log_softmax(_logits(B, min(m, V), seed=99), -1)
     for step in range(4):
         u = row_uniforms(list(range(100 + step * B, 100 + (step + 1) * B)), 1)[:, 0]
         plain = sample_top_k(logits, u, top_k=top_k, top_p=top_p, temperature=temperature)
-        guided = guided_step(logits, lambda ids: teacher, u, torch.zeros(B), top_m=m, top_k=top_k, top_p=top_p,
-                             temperature=temperature)
+        values, ids = select_top_m(torch.log_softmax(logits, -1), m)  # (B, m)
+        scores = reweight(values, teacher, torch.zeros(B))  # (B, m) Eq. 1 with lambda_t = 0
+        guided = sample_candidates(scores, ids, u, top_k=top_k, top_p=top_p, temperature=temperature)
         assert torch.equal(plain, guided)
 
 
@@ -119,8 +122,6 @@ def test_bad_sampling_arguments_raise():
         sample_candidates(s, i, u, top_k=2, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         sample_candidates(s, i, u, top_k=2, top_p=1.5)
-    with pytest.raises(ValueError, match="top_k"):
-        guided_step(torch.zeros(2, 10), lambda ids: torch.zeros(2, 3), u, torch.ones(2), top_m=3, top_k=4)
 
 
 def test_row_uniforms_do_not_depend_on_the_batch():

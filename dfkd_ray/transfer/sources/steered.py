@@ -3,11 +3,12 @@
 Each request (teacher, class, seed) becomes one text written with teacher-reweighted top-m decoding
 (Eq. 1) by the engine ``transfer.steered.engine`` names: ``hf``,
 :class:`~dfkd_ray.generation.hf.SteeredGenerator` (transformers), or ``vllm``,
-:class:`~dfkd_ray.generation.vllm.VllmSteeredGenerator` (imported only then). The base
-class then labels the row with the target class and records the teacher's confidence in it; that
-confidence is what the teacher believes, not evidence of the class (steering can fool a teacher),
-so never report it as quality. ``source_params`` holds the engine, the decoding parameters, the
-filled prompt, the LM token count and why decoding stopped.
+:class:`~dfkd_ray.generation.vllm.VllmSteeredGenerator` (imported only then). Either engine takes the
+``transfer.steered`` section as it was validated. The base class then labels the row with the target
+class and records the teacher's confidence in it; that confidence is what the teacher believes, not
+evidence of the class (steering can fool a teacher), so never report it as quality.
+``source_params`` holds the engine, the decoding parameters, the filled prompt, the LM token count
+and why decoding stopped.
 """
 
 from __future__ import annotations
@@ -26,30 +27,21 @@ class SteeredSource(TransferSource):
 
     def __init__(self, config, teachers, label_space):
         super().__init__(config, teachers, label_space)
-        from dfkd_ray.generation.hf import SteeredParams
-
-        cfg = config.transfer.steered
-        if cfg.lm_path is None:
-            raise ValueError("transfer.steered.lm_path is not set: give a local causal-LM directory")
-        self.params = SteeredParams.from_config(cfg)
-        if cfg.engine == "vllm":
+        steered = config.transfer.steered
+        if steered.engine == "vllm":
             from dfkd_ray.generation.vllm import VllmSteeredGenerator
 
-            specs = {t.name: {"path": str(t.path), "max_length": t.max_length, "dtype": t.dtype,
-                              "trust_remote_code": t.trust_remote_code} for t in config.teachers}
             # vllm.LLM first; with teachers=None the generator loads ours after it, on the same device
-            self.generator = VllmSteeredGenerator(cfg.lm_path, specs, self.params, loaded_teachers=teachers)
+            self.generator = VllmSteeredGenerator(steered, config.teachers, loaded_teachers=teachers)
             if teachers is None:
                 self.teachers = self.generator.teachers
-        elif cfg.engine == "hf":
+        else:
             from dfkd_ray.generation.hf import SteeredGenerator
 
-            self.generator = SteeredGenerator.from_pretrained(cfg.lm_path, teachers, self.params)
-        else:
-            raise ValueError(f"transfer.steered.engine must be 'hf' or 'vllm', got {cfg.engine!r}")
+            self.generator = SteeredGenerator.from_pretrained(steered, teachers)
 
     def texts(self, requests: list[Request]) -> list[tuple[str, dict]]:
-        from dfkd_ray.generation.hf import GenerationRequest
+        from dfkd_ray.generation.steering import GenerationRequest
 
         results = self.generator.generate(
             [GenerationRequest(teacher=r.teacher, target=r.teacher_class, seed=r.seed) for r in requests])
