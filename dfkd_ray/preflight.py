@@ -69,26 +69,7 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         from dfkd_ray.synthetic import build_synthetic_task
 
         build_synthetic_task(cfg.demo)  # cached: a no-op once built
-    problems = []
-
-    teachers = list(cfg.teachers or [])
-    all_read = bool(teachers)
-    for i, t in enumerate(teachers):
-        labels, problem = _read_teacher(t) if t.path is not None else (None, "")
-        if problem:
-            problems.append((f"teachers[{i}].path", problem))
-        elif labels is not None and t.labels is not None and t.labels != labels:
-            problems.append((f"teachers[{i}].labels", f"{t.labels} differ from id2label in {t.path / 'config.json'}, "
-                                                      f"{labels}; remove teachers[{i}].labels or make them equal"))
-        elif labels is not None:
-            teachers[i] = t.model_copy(update={"labels": labels})
-            continue
-        all_read = False
-    # Checks against the teachers' labels need all of them: an incomplete set would flag real labels.
-    known = {t.name: t.labels for t in teachers}
-    if not all_read or None in known or len(known) < len(teachers):
-        known = None
-
+    teachers, problems, known = _read_teachers(list(cfg.teachers or []))
     for field, path in (("student.path", cfg.student.path), ("transfer.steered.lm_path", cfg.transfer.steered.lm_path)):
         if path is not None:
             try:
@@ -96,7 +77,8 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
             except ValueError as e:
                 problems.append((field, str(e)))
     if cfg.transfer.corpus.path is not None:
-        problem = _file_problem(cfg.transfer.corpus.path, "corpus file", "; give a text file with one document per line")
+        problem = _file_problem(cfg.transfer.corpus.path, "corpus file",
+                                "; give a text file with one document per line")
         if problem:
             problems.append(("transfer.corpus.path", problem))
     if cfg.transfer.steered.engine == "vllm" and not os.environ.get("RAY_ADDRESS"):
@@ -119,6 +101,30 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         if problem:
             problems.append(("output.dir", problem))
     return cfg.model_copy(update={"teachers": teachers}), problems
+
+
+def _read_teachers(teachers: list[TeacherConfig]) -> tuple[list[TeacherConfig], list[tuple[str, str]],
+                                                            dict[str, list[str]] | None]:
+    """The teachers with ``labels`` filled, the problems found, and ``{name: labels}`` of all
+    teachers (None unless every one was read under a distinct name: checks against an incomplete
+    set would flag real labels)."""
+    problems, read = [], 0
+    for i, t in enumerate(teachers):
+        if t.path is None:
+            continue
+        labels, problem = _read_teacher(t)
+        if problem:
+            problems.append((f"teachers[{i}].path", problem))
+        elif t.labels is not None and t.labels != labels:
+            problems.append((f"teachers[{i}].labels", f"{t.labels} differ from id2label in {t.path / 'config.json'}, "
+                                                      f"{labels}; remove teachers[{i}].labels or make them equal"))
+        else:
+            teachers[i] = t.model_copy(update={"labels": labels})
+            read += 1
+    known = {t.name: t.labels for t in teachers}
+    if not teachers or read < len(teachers) or len(known) < len(teachers) or None in known:
+        known = None
+    return teachers, problems, known
 
 
 def _read_teacher(t: TeacherConfig) -> tuple[list[str] | None, str]:
