@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfkd_ray.config import load_config  # noqa: E402
+from dfkd_ray.preflight import preflight  # noqa: E402
 from dfkd_ray.train.loop import fit_confidence, student_num_blocks, train_in_process  # noqa: E402
 from dfkd_ray.evaluation import run_evaluation  # noqa: E402
 from dfkd_ray.transfer.store import read_transfer_table  # noqa: E402
@@ -46,7 +47,7 @@ def run(demo: Path, out: Path, source: str, seed: int, methods: list[str]) -> di
     result = {"source": source, "seed": seed}
     transfer = None
     for method in methods:
-        cfg = load_config(SMOKE, overrides(demo, out, source, seed, method)).absolute()
+        cfg = preflight(load_config(SMOKE, overrides(demo, out, source, seed, method)))
         if transfer is None:  # the transfer set does not depend on the method
             start = time.perf_counter()
             transfer = read_transfer_table(write_transfer_set(cfg, progress=False))

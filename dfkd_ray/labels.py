@@ -3,14 +3,17 @@
 Teachers name their classes in ``id2label``. Names are compared after :func:`normalize_label`
 (Unicode NFKC, case-folded, runs of whitespace, ``_`` and ``-`` folded to one space), so
 ``"Sci/Tech"``, ``"sci/tech"`` and ``"Sci/Tech "`` are one global label; the display name is the
-spelling of the first teacher that has it. Pure Python: no torch, no transformers.
+spelling of the first teacher that has it. :func:`read_teacher_labels` is the one reader of a
+teacher directory's ``id2label``. Pure Python: no torch, no transformers.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _SEPARATORS = re.compile(r"[\s_\-]+")
 
@@ -49,6 +52,37 @@ def label_clashes(names: list[str]) -> list[tuple[str, str]]:
         else:
             seen[key] = name
     return clashes
+
+
+def read_teacher_labels(path: str | Path) -> list[str]:
+    """A teacher's class names in id order, from ``id2label`` in its directory's ``config.json``.
+
+    Raises :class:`LabelSpaceError` when the file cannot be read, has no ``id2label``, has ids
+    other than ``0..C-1``, only placeholder names (``LABEL_0``, ...), or two names that are one
+    label after :func:`normalize_label`.
+    """
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise LabelSpaceError(f"cannot read {file}: {e}") from e
+    id2label = config.get("id2label") if isinstance(config, dict) else None
+    if not id2label:
+        raise LabelSpaceError(f"{file} has no id2label; a teacher must name its classes: set "
+                              "model.config.id2label = {0: 'name', ...} and save_pretrained again")
+    try:
+        labels = ordered_labels(id2label)
+    except LabelSpaceError as e:
+        raise LabelSpaceError(f"{file}: {e}") from e
+    if all(label.upper().startswith("LABEL_") for label in labels):
+        raise LabelSpaceError(f"{file} id2label only has placeholder names {labels}; give the classes their real "
+                              "names so teachers' labels can be merged")
+    clashes = label_clashes(labels)
+    if clashes:
+        a, b = clashes[0]
+        raise LabelSpaceError(f"labels {a!r} and {b!r} in {file} are the same label after normalisation (case, "
+                              "spaces, '_' and '-' are ignored); rename one")
+    return labels
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Each stage writes its output under ``output.dir`` with a record of what made it
 (:mod:`dfkd_ray.stages`; the transfer set keeps its manifest), so a rerun skips finished stages and
 continues an unfinished one (transfer-set shards, the last training checkpoint), and a changed
-config is refused rather than mixed with old results. Checks that need no model run first: the
-config (by the caller), the labelled eval file's columns and label names, the output directory.
+config is refused rather than mixed with old results. Checks that need no model (the config's
+files, the labelled eval file's columns and label names, the output directory) are the job
+script's preflight (:mod:`dfkd_ray.preflight`), before Ray starts.
 
 The held-out rows that fit the confidence statistics are generated with the transfer set (their
 ``heldout`` flag), so statistics are fitted after generation, not before as a separate pass.
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import ray
 
-from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
+from dfkd_ray.config import JobConfig
 from dfkd_ray.orchestration.runtime import worker_device
 from dfkd_ray.orchestration.train import distill_dir, run_confidence, run_distill
 from dfkd_ray.orchestration.generate import run_generate
 from dfkd_ray.orchestration.streaming import run_streaming
+from dfkd_ray.preflight import claim_output_dir
 from dfkd_ray.stages import mark_done, read_record, stage_done
 
 
@@ -32,23 +34,9 @@ def eval_dir(cfg: JobConfig) -> Path:
     return cfg.output.dir / "eval"
 
 
-def check_eval_file(cfg: JobConfig) -> int:
-    """Read the labelled eval file now (columns, label names) so a bad one fails before any generation."""
-    from dfkd_ray.evaluation import load_labelled
-    from dfkd_ray.labels import UnionLabelSpace
-
-    if cfg.eval.path is None:
-        return 0
-    ev = cfg.eval
-    texts, _ = load_labelled(ev.path, text_column=ev.text_column, label_column=ev.label_column,
-                             label_map=ev.label_map, label_space=UnionLabelSpace.from_teachers(cfg.teacher_labels()))
-    return len(texts)
-
-
-def _evaluate_task(config: dict, student: str, out: str, use_gpu: bool) -> dict:
+def _evaluate_task(cfg: JobConfig, student: str, out: str, use_gpu: bool) -> dict:
     from dfkd_ray.evaluation import run_evaluation
 
-    cfg = validate_config(config, check_paths=False)
     return run_evaluation(cfg, student, device=worker_device(use_gpu), out_dir=out)
 
 
@@ -65,7 +53,7 @@ def run_evaluate(cfg: JobConfig, student: Path) -> dict | None:
         return results
     gpu = 1 if cfg.ray.use_gpu else 0
     task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_evaluate_task)
-    results = ray.get(task.remote(cfg.to_dict(), str(student), str(out), bool(gpu)))
+    results = ray.get(task.remote(cfg, str(student), str(out), bool(gpu)))
     mark_done(out, desc, summary=results["summary"])
     return results
 
@@ -74,9 +62,6 @@ def run_amalgamate(cfg: JobConfig, *, progress: bool = True) -> dict:
     """Run (or finish) every stage of ``cfg``; returns where each output is and the headline numbers."""
     start = time.perf_counter()
     cfg = cfg.absolute()
-    rows = check_eval_file(cfg)
-    if rows:
-        print(f"eval file {cfg.eval.path}: {rows} labelled rows (used for evaluation only)")
     claim_output_dir(cfg)
     if cfg.train.stream_from_generation:
         transfer, confidence, student = run_streaming(cfg, progress=progress)

@@ -28,9 +28,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
+from dfkd_ray.config import JobConfig
 from dfkd_ray.models.teacher import load_teachers
 from dfkd_ray.orchestration.runtime import worker_device
+from dfkd_ray.preflight import claim_output_dir, vllm_engine_problem
 from dfkd_ray.stages import fingerprint
 from dfkd_ray.transfer.store import TransferSetStore, read_shard_stats, shard_name, write_shard_file
 from dfkd_ray.transfer.stream import HELDOUT_PASS_DIR, ReplaySource, heldout_part, training_texts
@@ -38,17 +39,14 @@ from dfkd_ray.transfer.writer import (final_line, finalize_transfer_set, make_sh
                                       plan_transfer_set, regenerate_duplicates, transfer_set_dir)
 
 
-def _build_source(config: dict):
+def _build_source(cfg: JobConfig):
     from dfkd_ray.transfer.sources import get_source_class
 
     # Validated once on the driver; paths are the driver's view of shared storage.
-    cfg = validate_config(config, check_paths=False)
     space, shards, _ = plan_transfer_set(cfg)
     device = worker_device(cfg.ray.gpus_per_generation_actor > 0)
     source_class = get_source_class(cfg.transfer.source)
     if source_class.builds_engine_first(cfg):  # e.g. vLLM: its engine before any teacher touches the GPU
-        from dfkd_ray.config import vllm_engine_problem
-
         problem = vllm_engine_problem()
         if problem:
             raise RuntimeError(problem)
@@ -56,9 +54,9 @@ def _build_source(config: dict):
     return cfg, shards, source_class(cfg, load_teachers(cfg.teachers, device=device), space)
 
 
-def _regenerate_task(config: dict, directory: str, duplicates: dict) -> dict:
+def _regenerate_task(cfg: JobConfig, directory: str, duplicates: dict) -> dict:
     """Ray task: regenerate rows duplicated across shards, with a generator actor's resources."""
-    cfg, _, source = _build_source(config)
+    cfg, _, source = _build_source(cfg)
     return regenerate_duplicates(source, cfg, directory, {int(k): v for k, v in duplicates.items()})
 
 
@@ -66,7 +64,7 @@ class GenerationActor:
     """Ray Data callable class: builds the engine in ``__init__``, makes whole shards in ``__call__``.
 
     Args:
-        config: the job config (as a dict).
+        config: the job config.
         directory: where the shards go.
         part: ``"all"`` requests of each shard, or ``"heldout"``: only its held-out ones (the
             held-out pass of streaming mode).
@@ -75,7 +73,7 @@ class GenerationActor:
         replay_dir: a held-out pass whose rows the shards reuse rather than generate again.
     """
 
-    def __init__(self, config: dict, directory: str, part: str = "all", stream: bool = False,
+    def __init__(self, config: JobConfig, directory: str, part: str = "all", stream: bool = False,
                  replay_dir: str | None = None):
         self.directory = Path(directory)
         self.cfg, self.shards, self.source = _build_source(config)
@@ -124,7 +122,7 @@ def generation_pipeline(cfg: JobConfig, directory: Path, shards: list[int], **ac
     ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
     return ds.map_batches(
         GenerationActor,
-        fn_constructor_kwargs={"config": cfg.to_dict(), "directory": str(directory), **actor_kwargs},
+        fn_constructor_kwargs={"config": cfg, "directory": str(directory), **actor_kwargs},
         batch_size=1, concurrency=min(r.num_generation_actors, len(shards)),
         num_gpus=r.gpus_per_generation_actor, num_cpus=r.cpus_per_generation_actor, batch_format="numpy")
 
@@ -201,7 +199,7 @@ def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int
     def regenerate(duplicates: dict) -> dict:
         task = ray.remote(num_cpus=r.cpus_per_generation_actor, num_gpus=r.gpus_per_generation_actor)(_regenerate_task)
         print(f"regenerating {sum(map(len, duplicates.values()))} rows duplicated across shards")
-        return {int(k): v for k, v in ray.get(task.remote(cfg.to_dict(), str(directory), duplicates)).items()}
+        return {int(k): v for k, v in ray.get(task.remote(cfg, str(directory), duplicates)).items()}
 
     summary = finalize_transfer_set(store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated,
                                     regenerate=regenerate)

@@ -30,9 +30,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dfkd_ray.config import JobConfig, claim_output_dir
+from dfkd_ray.config import JobConfig
 from dfkd_ray.orchestration.train import run_confidence, run_distill, run_stream_epoch, stream_dir
 from dfkd_ray.orchestration.generate import generation_pipeline, run_generate, run_heldout_pass
+from dfkd_ray.preflight import claim_output_dir
 from dfkd_ray.stages import fingerprint, read_record
 from dfkd_ray.transfer.store import TransferSetStore
 from dfkd_ray.transfer.stream import planned_training_rows, stream_order

@@ -74,7 +74,7 @@ class StepPlan:
 
 def student_num_blocks(cfg: JobConfig) -> int:
     """``N``: the student's kept depth, read from its ``config.json`` (no weights loaded)."""
-    from dfkd_ray.config import read_model_config
+    from dfkd_ray.preflight import read_model_config
     from dfkd_ray.models.student import select_layers
 
     if cfg.student.path is None:

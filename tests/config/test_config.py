@@ -1,4 +1,7 @@
-"""Config validation: every problem reported at once, each naming its field and the fix."""
+"""Config validation and the preflight: every problem reported at once, each naming its field and the fix.
+
+``check_config`` is what a job script runs (schema + preflight); ``load_config`` / ``validate_config``
+check the schema only and touch nothing on disk."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dfkd_ray.config import JOB_MARKER, ConfigError, apply_overrides, claim_output_dir, load_config, validate_config
+from dfkd_ray.config import ConfigError, apply_overrides, load_config, parse_job_args, validate_config
+from dfkd_ray.preflight import JOB_MARKER, check_config, claim_output_dir, preflight
 
 CONFIGS = sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml"))
 
@@ -35,6 +39,7 @@ def _teacher_dir(tmp_path: Path, id2label, name="t") -> str:
     if id2label is not None:
         cfg["id2label"] = id2label
     (d / "config.json").write_text(json.dumps(cfg))
+    (d / "tokenizer.json").write_text("{}")
     return str(d)
 
 
@@ -92,7 +97,7 @@ def test_bad_config_names_field(job_dict, dotted, value, field, words):
         d["student"]["layers"] = [0, 1]
     _edit(d, dotted, value)
     with pytest.raises(ConfigError) as err:
-        validate_config(d)
+        check_config(d)
     problems = dict(err.value.problems)
     assert field in problems, f"{field!r} not among {problems}"  # the exact dotted path, not its section
     assert words in problems[field], problems[field]
@@ -110,7 +115,7 @@ def test_teacher_dir_problems(job_dict, tmp_path):
         {"name": "d", "path": str(tmp_path)},  # a directory, but no config.json
     ]
     with pytest.raises(ConfigError) as err:
-        validate_config(d)
+        check_config(d)
     problems = dict(err.value.problems)
     assert "no id2label" in problems["teachers[0].path"]
     assert "placeholder" in problems["teachers[1].path"]
@@ -125,7 +130,7 @@ def test_all_problems_reported_at_once(job_dict):
     d["amalgamation"] = {"fusoin": "st"}
     d["teachers"][0]["path"] = "/nope"
     with pytest.raises(ConfigError) as err:
-        validate_config(d)
+        check_config(d)
     fields = {p for p, _ in err.value.problems}
     assert {"transfer.samples_per_class", "train.epochs", "amalgamation.fusoin", "teachers[0].path"} <= fields
     assert "did you mean 'fusion'" in dict(err.value.problems)["amalgamation.fusoin"]
@@ -142,7 +147,7 @@ def test_field_and_cross_field_problems_reported_together(job_dict):
     d["train"] = {"epochs": 1, "warmup_epochs": 3}
     d["tune"] = {"search_space": {"train.lr": {"values": [1e-5]}}}
     with pytest.raises(ConfigError) as err:
-        validate_config(d)
+        check_config(d)
     problems = dict(err.value.problems)
     assert "did you mean 'samples_per_class'" in problems["transfer.smaples_per_class"]
     assert "holds the results of job 'someone-else'" in problems["output.dir"]
@@ -153,15 +158,17 @@ def test_field_and_cross_field_problems_reported_together(job_dict):
 
 
 def test_output_dir_of_another_job_is_refused(job_dict):
-    cfg = validate_config(job_dict)
+    cfg = check_config(job_dict)
     claim_output_dir(cfg)
     other = copy.deepcopy(job_dict)
     other["name"] = "another-job"
     with pytest.raises(ConfigError) as err:
-        validate_config(other)
+        check_config(other)
     assert "holds the results of job 'test-job'" in dict(err.value.problems)["output.dir"]
+    with pytest.raises(ConfigError, match="holds the results of job 'test-job'"):
+        claim_output_dir(validate_config(other))
     # the same job may come back to its directory (resume)
-    assert validate_config(job_dict).name == "test-job"
+    assert check_config(job_dict).name == "test-job"
     assert json.loads((cfg.output.dir / JOB_MARKER).read_text())["name"] == "test-job"
 
 
@@ -171,7 +178,6 @@ def test_valid_config_is_frozen_and_typed(job_dict):
     assert cfg.transfer.steered.top_p == 0.9 and cfg.amalgamation.temperature == 0.75
     with pytest.raises(Exception):
         cfg.seed = 3  # frozen
-    assert cfg.fingerprint("transfer") == validate_config(job_dict).fingerprint("transfer")
 
 
 def test_overrides(job_dict, tmp_path):
@@ -209,7 +215,7 @@ def test_every_job_yaml_loads(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and ("python" in first or "ray job submit" in first), \
         f"{path.name} must start with the command that runs it"
-    cfg = load_config(path, check_paths=False)
+    cfg = load_config(path)
     assert cfg.name
 
 
@@ -233,3 +239,129 @@ def test_streaming_without_heldout_rows_reported_with_other_problems(job_dict):
     d["amalgamation"] = {"method": "vanilla"}
     del d["eval"]["bach_size"]
     assert validate_config(d).train.stream_from_generation
+
+
+def test_loading_has_no_side_effects(job_dict, tmp_path):
+    """load_config reads the YAML only: no demo task is built, nothing is created or checked on disk."""
+    d = copy.deepcopy(job_dict)
+    d["demo"] = str(tmp_path / "demo")
+    d["teachers"][0]["path"] = str(tmp_path / "no-such-teacher")
+    d["output"]["dir"] = str(tmp_path / "out")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(d))
+    cfg = load_config(path)
+    assert cfg.demo == tmp_path / "demo" and cfg.teachers[0].labels is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+def test_teacher_folder_without_tokenizer_files_is_refused(job_dict, synthetic_task, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((synthetic_task.teachers["alpha"] / "config.json").read_text())
+    d = copy.deepcopy(job_dict)
+    d["teachers"][0]["path"] = str(bare)
+    with pytest.raises(ConfigError) as err:
+        preflight(validate_config(d))
+    problems = dict(err.value.problems)
+    assert list(problems) == ["teachers[0].path"], problems
+    assert "no tokenizer files" in problems["teachers[0].path"]
+
+
+def test_path_problems_say_what_is_there(job_dict, synthetic_task, tmp_path):
+    """A file where a folder belongs and a folder where a file belongs are named as such, all at once."""
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x\n")
+    d = copy.deepcopy(job_dict)
+    d["teachers"][0]["path"] = str(a_file)
+    d["transfer"]["corpus"]["path"] = str(tmp_path)
+    d["eval"]["path"] = str(tmp_path)
+    d["output"]["dir"] = str(a_file)
+    with pytest.raises(ConfigError) as err:
+        check_config(d)
+    problems = dict(err.value.problems)
+    assert set(problems) == {"teachers[0].path", "transfer.corpus.path", "eval.path", "output.dir"}, problems
+    assert "is a file, not a model directory" in problems["teachers[0].path"]
+    assert "is a folder, not a file" in problems["transfer.corpus.path"]
+    assert "is a folder, not a file" in problems["eval.path"]
+    assert f"{str(a_file)!r} is a file" in problems["output.dir"]
+    d["output"]["dir"] = str(a_file / "out")  # below a file: cannot be made
+    with pytest.raises(ConfigError) as err:
+        check_config(d)
+    assert "cannot be made" in dict(err.value.problems)["output.dir"]
+
+
+def test_preflight_fills_labels_once_and_makes_paths_absolute(job_dict, synthetic_task, monkeypatch, tmp_path):
+    import dfkd_ray.labels
+    import dfkd_ray.preflight
+
+    reads = []
+    real = dfkd_ray.labels.read_teacher_labels
+
+    def counting(path):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(dfkd_ray.preflight, "read_teacher_labels", counting)
+    monkeypatch.setattr(dfkd_ray.labels, "read_teacher_labels", counting)
+    monkeypatch.chdir(tmp_path)
+    d = copy.deepcopy(job_dict)
+    d["output"]["dir"] = "relative/out"
+    raw = validate_config(d)
+    assert raw.output.dir == Path("relative/out")
+    cfg = preflight(raw)
+    assert len(reads) == 2  # once per teacher
+    assert cfg.teacher_labels() == {"alpha": ["sports", "cooking"], "beta": ["space", "finance"]}
+    assert [t.labels for t in cfg.teachers] == [["sports", "cooking"], ["space", "finance"]]
+    assert len(reads) == 2  # filled: not read again
+    assert cfg.output.dir == tmp_path / "relative" / "out" and cfg.teachers[0].path.is_absolute()
+    assert not (tmp_path / "relative").exists()  # the preflight checks output.dir, it does not make it
+    # without the preflight, the labels are read from config.json (library use)
+    assert raw.teacher_labels() == cfg.teacher_labels() and len(reads) == 4
+
+    d["teachers"][0]["labels"] = ["sports", "cooking"]
+    assert preflight(validate_config(d)).teachers[0].labels == ["sports", "cooking"]
+    d["teachers"][0]["labels"] = ["cooking", "sports"]
+    with pytest.raises(ConfigError) as err:
+        preflight(validate_config(d))
+    assert "differ from id2label" in dict(err.value.problems)["teachers[0].labels"]
+
+
+def test_eval_file_columns_and_labels_are_checked_before_ray(job_dict, tmp_path):
+    d = copy.deepcopy(job_dict)
+    d["eval"]["text_column"] = "body"
+    with pytest.raises(ConfigError) as err:
+        check_config(d)
+    assert "no column 'body' (eval.text_column)" in dict(err.value.problems)["eval.path"]
+    unknown = tmp_path / "eval.csv"
+    unknown.write_text("text,label\nit rained all day,weather\n")
+    d = copy.deepcopy(job_dict)
+    d["eval"]["path"] = str(unknown)
+    with pytest.raises(ConfigError) as err:
+        check_config(d)
+    assert "weather" in dict(err.value.problems)["eval.path"]
+
+
+def test_vllm_engine_is_checked_where_the_job_starts_unless_submitted(job_dict, synthetic_task, monkeypatch):
+    import importlib.util
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find(name, *a))
+    d = copy.deepcopy(job_dict)
+    d["transfer"]["steered"] = {"engine": "vllm", "lm_path": str(synthetic_task.lm)}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="not installed"):
+        check_config(d)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # `ray job submit`: the generation actors check there
+    assert check_config(d).transfer.steered.engine == "vllm"
+
+
+def test_job_args_print_every_problem_and_exit_2(job_dict, tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict))
+    with pytest.raises(SystemExit) as exit_:
+        parse_job_args("test", ["--config", str(path), "teachers.0.path=/nonexistent/teacher",
+                                "transfer.smaples_per_class=3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "teachers[0].path" in err and "transfer.smaples_per_class" in err
+    assert parse_job_args("test", ["--config", str(path)]).teachers[0].labels == ["sports", "cooking"]

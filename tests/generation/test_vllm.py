@@ -589,21 +589,22 @@ def test_config_vllm_engine_needs_vllm_and_a_gpu(job_dict, synthetic_task, monke
     import importlib.util
 
     from dfkd_ray.config import ConfigError, validate_config
+    from dfkd_ray.preflight import preflight
 
     real_find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find(name, *a))
     with pytest.raises(ConfigError) as e:
-        validate_config(_steered(job_dict, synthetic_task, engine="vllm"))
+        preflight(validate_config(_steered(job_dict, synthetic_task, engine="vllm")))
     msg = str(e.value)
     assert "transfer.steered.engine" in msg and "pip install 'dfkd-ray[vllm]'" in msg and "not installed" in msg
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"transfer\.steered\.engine.*CUDA GPU"):
-        validate_config(_steered(job_dict, synthetic_task, engine="vllm"))
+        preflight(validate_config(_steered(job_dict, synthetic_task, engine="vllm")))
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert validate_config(_steered(job_dict, synthetic_task, engine="vllm")).transfer.steered.engine == "vllm"
+    assert preflight(validate_config(_steered(job_dict, synthetic_task, engine="vllm"))).transfer.steered.engine == "vllm"
 
 
 def test_steered_source_builds_the_engine_the_config_names(job_dict, synthetic_task, teachers, monkeypatch):

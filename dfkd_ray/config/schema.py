@@ -1,0 +1,453 @@
+"""The sections of a job's config: every field with its type, range and default, and the rules
+that relate fields to each other.
+
+Single-field limits are pydantic constraints (``Field(ge=...)``, ``Literal``, an
+``AfterValidator`` in the field's type). A rule between fields is declared with :func:`rule`; it
+runs as a field validator of the field it reports at, so it is reported together with every other
+problem, at its exact path. Nothing here reads the filesystem (see :mod:`dfkd_ray.preflight`).
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+# Attention kernels of a stage (dfkd_ray.models.kernels.attention_kernels): without cuDNN, or torch's choice.
+AttentionKernels = Literal["no_cudnn", "any"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def rule(field: str, *reads: str) -> Callable:
+    """Declare a rule between fields of one section, reported at ``field`` or below it.
+
+    The decorated ``check(value, *values_of_reads)`` returns None when the rule holds, else the
+    problem: a message for ``field`` itself, or ``(loc, message)`` for a place below it, e.g.
+    ``(("path",), ...)`` from a rule on ``transfer.corpus`` reports at ``transfer.corpus.path``.
+    ``reads`` are fields declared before ``field``; the rule runs only when all of them validated
+    (a failed one reports its own problem). It runs as a field validator, not a model validator,
+    because pydantic skips model validators once any field fails: this way every problem of a
+    config is reported at once.
+    """
+    def decorate(check: Callable) -> Any:
+        def validate(cls, value, info: ValidationInfo):
+            if all(name in info.data for name in reads):
+                problem = check(value, *(info.data[name] for name in reads))
+                if problem:
+                    loc, message = problem if isinstance(problem, tuple) else ((), problem)
+                    raise ValidationError.from_exception_data(
+                        "rule", [{"type": PydanticCustomError("rule", message), "loc": loc, "input": value}])
+            return value
+
+        return field_validator(field)(classmethod(validate))
+
+    return decorate
+
+
+def section_type(annotation: Any) -> Optional[type[BaseModel]]:
+    """The section model a field holds: itself, or inside ``Optional``, ``list`` or ``dict``."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def is_field_path(dotted: str) -> bool:
+    """Whether ``dotted`` (e.g. ``transfer.steered.control_strength``, list indices allowed) names a config field."""
+    model: Optional[type[BaseModel]] = JobConfig
+    for part in dotted.split("."):
+        if part.isdigit():
+            continue
+        if model is None or part not in model.model_fields:
+            return False
+        model = section_type(model.model_fields[part].annotation)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# teachers
+
+
+class TeacherConfig(_Section):
+    """One fine-tuned teacher: a local ``AutoModelForSequenceClassification`` directory."""
+
+    name: Annotated[str, Field(pattern=_NAME, description="short id used in the transfer set and logs")]
+    path: Path = Field(description="local HF model directory with config.json (id2label) and tokenizer files")
+    labels: Optional[list[str]] = Field(
+        None, min_length=1, description="class names in id order; filled from the directory's config.json id2label "
+                                        "by the preflight, or given and then checked against it")
+    trust_remote_code: bool = Field(False, description="allow the directory's own modelling code; off by default")
+    max_length: int = Field(128, ge=8, le=8192, description="teacher tokenizer truncation length")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU")
+
+
+# --------------------------------------------------------------------------------------------
+# transfer set and its sources
+
+
+class RandomWordsConfig(_Section):
+    """StrataNet Table 3 baseline 'R': texts of random words from a teacher's vocabulary."""
+
+    min_words: int = Field(8, ge=1, le=4096, description="fewest words in a text")
+    max_words: int = Field(48, ge=1, le=4096, description="most words in a text")
+
+    @rule("max_words", "min_words")
+    def _words_in_order(max_words, min_words):
+        if min_words > max_words:
+            return f"min_words ({min_words}) must be <= max_words ({max_words})"
+
+
+class CorpusConfig(_Section):
+    """StrataNet Table 3 baseline 'CD': cross-domain documents from a text file.
+
+    One document per line; ``.txt``, ``.txt.gz``, ``.txt.xz`` and ``.txt.bz2`` are read.
+    """
+
+    path: Optional[Path] = Field(None, description="text file, one document per line")
+    max_words: int = Field(128, ge=1, le=100_000, description="documents are cut to this many words")
+    min_words: int = Field(4, ge=1, description="shorter lines are skipped")
+
+
+class SteeredConfig(_Section):
+    """StrataNet section 4.2: a base LM whose top-m next tokens a teacher reweights (Eq. 1)."""
+
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers (CPU or GPU); vllm: a vLLM logits processor on GPU nodes")
+    lm_path: Optional[Path] = Field(None, description="local causal-LM directory (the base PLM)")
+    control_strength: float = Field(
+        8.0, ge=0.0, le=1000.0, description="lambda in Eq. 1 (0: plain LM sampling); choose it by the student's "
+                                            "accuracy on development rows")
+    lambda_schedule: Literal["constant", "decay"] = Field(
+        "constant", description="decay: lambda_t = lambda * max(lambda_floor, decay_rate**t), stronger early")
+    decay_rate: float = Field(0.97, gt=0.0, le=1.0, description="per-token factor of lambda_schedule decay")
+    lambda_floor: float = Field(0.25, ge=0.0, le=1.0, description="lambda_schedule decay never goes below this "
+                                                                  "share of lambda")
+    top_m: int = Field(50, ge=1, le=1_000_000, description="candidates the teacher scores per step")
+    top_k: int = Field(50, ge=1, description="sampled from the reweighted top-m; must be <= top_m")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus threshold after reweighting")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="sampling temperature after reweighting")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="longest continuation, in LM tokens")
+    min_new_tokens: int = Field(8, ge=0, le=8192, description="EOS is banned before this many new tokens")
+    prompt: str = Field("", description="prefix template; '{label}' becomes the target class name")
+    keep_prompt: bool = Field(False, description="keep the prompt in the text the teacher scores and the set stores")
+    batch_size: int = Field(32, ge=1, le=65536, description="requests decoded together by one engine")
+    teacher_chunk_tokens: int = Field(262_144, ge=1, description="padded teacher tokens per forward; bounds memory")
+    teacher_batching: Literal["padded", "uniform"] = Field(
+        "padded", description="padded: length-sorted padded chunks; uniform: unpadded forwards per candidate length")
+    sdpa: AttentionKernels = Field(
+        "no_cudnn", description="attention kernels of teacher scoring and the hf LM; not part of the set's fingerprint")
+    decode_parts: int = Field(
+        1, ge=1, le=64, description="interleaved parts per batch, each on its own CUDA stream; not part of the "
+                                    "set's fingerprint")
+    token_map: Literal["auto", "exact"] = Field(
+        "auto", description="auto: incremental cross-tokenizer ids; exact: re-tokenize every candidate (reference)")
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
+        "auto", description="LM dtype; auto: bfloat16 on GPU, float32 on CPU")
+
+    @rule("top_k", "top_m")
+    def _top_k_within_top_m(top_k, top_m):
+        if top_k > top_m:
+            return f"top_k ({top_k}) must be <= top_m ({top_m}): top-k samples among the teacher-scored top-m"
+
+    @rule("min_new_tokens", "max_new_tokens")
+    def _min_within_max(min_new, max_new):
+        if min_new > max_new:
+            return f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})"
+
+
+SourceName = Literal["random_words", "corpus", "steered", "prompt_tuned", "embedding_guessing"]
+IMPLEMENTED_SOURCES = ("random_words", "corpus", "steered")
+"""Sources with an implementation in :mod:`dfkd_ray.transfer.sources`; others are planned."""
+
+
+def _implemented(source: str) -> str:
+    if source not in IMPLEMENTED_SOURCES:
+        raise ValueError(f"transfer source {source!r} is not implemented yet; choose one of {list(IMPLEMENTED_SOURCES)}")
+    return source
+
+
+def _non_negative(weights: dict[str, float]) -> dict[str, float]:
+    bad = {k: v for k, v in weights.items() if not v >= 0}
+    if bad:
+        raise ValueError(f"class weights must be >= 0, got {bad}")
+    return weights
+
+
+class TransferConfig(_Section):
+    """The transfer set: which source writes it, how many samples per class, filters, sharding."""
+
+    source: Annotated[SourceName, AfterValidator(_implemented)] = Field(
+        description="which transfer source writes the set; see IMPLEMENTED_SOURCES")
+    samples_per_class: int = Field(200, ge=1, le=10_000_000, description="requests per (teacher, class)")
+    class_weights: Annotated[dict[str, float], AfterValidator(_non_negative)] = Field(
+        default_factory=dict, description="label name -> multiplier of samples_per_class (default 1.0 each)")
+    shard_size: int = Field(256, ge=1, le=10_000_000, description="requests per Parquet shard (the unit of resume)")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="drop rows whose teacher confidence is below")
+    max_attempts: int = Field(3, ge=1, le=100, description="tries per request (a new seed each) before it is given up")
+    dedup: Literal["none", "exact", "near"] = Field(
+        "exact", description="exact: same normalised text; near: also MinHash Jaccard >= near_duplicate_threshold")
+    near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Jaccard of word 3-grams, with dedup=near")
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of each teacher's rows kept for the "
+                                                                     "confidence statistics")
+    random_words: RandomWordsConfig = RandomWordsConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    steered: SteeredConfig = SteeredConfig()
+
+    @rule("corpus", "source")
+    def _corpus_has_path(corpus, source):
+        if source == "corpus" and corpus.path is None:
+            return ("path",), "source 'corpus' needs transfer.corpus.path (a text file, one document per line)"
+
+    @rule("steered", "source")
+    def _steered_has_lm(steered, source):
+        if source == "steered" and steered.lm_path is None:
+            return ("lm_path",), "source 'steered' needs transfer.steered.lm_path (a local causal-LM directory)"
+
+
+# --------------------------------------------------------------------------------------------
+# amalgamation, student, training, evaluation, tune, resources, output
+
+
+def _folds(folds: int) -> int:
+    if folds == 1:
+        raise ValueError("calibration_folds 1 leaves nothing to fit on: use >= 2 folds (cross-fitting) or 0 "
+                         "(one calibration_fraction split)")
+    return folds
+
+
+class AmalgamationConfig(_Section):
+    """StrataNet sections 4.3-5: confidence estimation, block fusion and the loss weights (Eq. 8).
+
+    ``method: vanilla`` is the papers' baseline: KL to one softmax over the concatenated teacher
+    logits, no confidence statistics, no block loss (``alpha``, ``fusion`` and ``confidence`` unused).
+    """
+
+    method: Literal["stratanet", "vanilla"] = Field(
+        "stratanet", description="stratanet: confidence-weighted KD + block loss; vanilla: KL to concatenated teachers")
+    confidence: Literal["rmd", "md", "msp"] = Field(
+        "rmd", description="rmd: relative Mahalanobis distance (Ren et al. 2021); md: Mahalanobis; msp: max softmax")
+    fusion: Literal["st", "mul", "no_st"] = Field("st", description="st: Selective Transformer; mul and no_st: "
+                                                                    "the paper's ablations")
+    shrinkage: float = Field(0.1, ge=0.0, le=1.0, description="covariance shrinkage toward a scaled identity")
+    amalg_dim: int = Field(256, ge=8, le=8192, description="width of the amalgamated block space")
+    amalg_heads: int = Field(4, ge=1, le=64, description="attention heads of the ST-amalg layer; must divide amalg_dim")
+    alpha: float = Field(1.0, ge=0.0, description="weight of the block L2 loss (Eq. 8)")
+    beta: float = Field(1.0, ge=0.0, description="weight of the KL loss (Eq. 8)")
+    temperature: float = Field(0.75, gt=0.0, le=100.0, description="KD temperature")
+    confidence_transform: Literal["logistic", "ecdf"] = Field(
+        "logistic", description="OOD score -> confidence: logistic centred at confidence_center, or ecdf (p-value)")
+    confidence_center: Literal["quantile", "moments"] = Field(
+        "quantile", description="logistic centre: the confidence_quantile of held-out scores, or mean + "
+                                "confidence_center_sd sd")
+    confidence_center_sd: float = Field(4.0, gt=0.0, le=100.0, description="z of the moments centre mean + z sd")
+    confidence_quantile: float = Field(0.995, gt=0.0, lt=1.0, description="held-out score quantile that maps to "
+                                                                         "confidence 0.5")
+    rmd_background: Literal["all_teachers", "own"] = Field(
+        "all_teachers", description="rmd background Gaussian (Eq. 3) fitted on every teacher's held-out rows, or "
+                                    "on its own only")
+    kd_confidence_power: float = Field(
+        64.0, ge=0.0, le=1000.0, description="gamma of the KD teacher weights c_k^gamma / sum_j c_j^gamma "
+                                             "(0: uniform, 1: proportional)")
+    calibration_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="calibration_folds 0 only: share of "
+                                                                         "held-out rows that calibrates the transform")
+    calibration_folds: Annotated[int, AfterValidator(_folds)] = Field(
+        5, ge=0, le=100, description="rmd/md: cross-fitted calibration over F folds; 0: one calibration_fraction "
+                                     "split")
+    calibration_repeats: int = Field(1, ge=1, le=100, description="repeat the cross-fitting with this many fold "
+                                                                  "splits (calibration_folds >= 2)")
+    share_st_layer: bool = Field(False, description="one ST-amalg layer for all blocks (default: one per block)")
+    amalg_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside the ST-amalg layer")
+    center_block_loss: bool = Field(True, description="Eq. 7 on batch-centred vectors")
+    train_fusion: bool = Field(True, description="train ST-amalg through the block loss; false: fixed random fusion")
+
+    @rule("amalg_heads", "amalg_dim")
+    def _heads_divide_dim(heads, dim):
+        if dim % heads:
+            return f"amalg_dim ({dim}) must be divisible by amalg_heads ({heads})"
+
+    @rule("beta", "alpha")
+    def _some_loss(beta, alpha):
+        if alpha == 0 and beta == 0:
+            return "alpha and beta are both 0: nothing would be learned; set beta > 0 (KL) and/or alpha > 0 (blocks)"
+
+
+def _distinct(layers: list[int]) -> list[int]:
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be a non-empty list of distinct layer indices, got {layers}")
+    return layers
+
+
+class StudentConfig(_Section):
+    """The compact student: a pretrained encoder directory, optionally with a subset of its layers."""
+
+    path: Optional[Path] = Field(None, description="local HF encoder directory the student starts from")
+    layers: Optional[Annotated[list[Annotated[int, Field(ge=0)]], AfterValidator(_distinct)]] = Field(
+        None, description="which layers to keep, e.g. [0, 2, 4]")
+    num_layers: Optional[int] = Field(None, ge=1, le=256, description="keep this many layers, evenly spaced")
+    max_length: int = Field(128, ge=8, le=8192, description="student tokenizer truncation length")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="classifier dropout")
+
+    @rule("num_layers", "layers")
+    def _layers_or_num_layers(num_layers, layers):
+        if num_layers is not None and layers is not None:
+            return "set either layers or num_layers, not both"
+
+
+class TrainConfig(_Section):
+    """Distillation schedule; defaults are StrataNet's appendix (Table 4)."""
+
+    learning_rate: float = Field(2e-5, gt=0.0, le=1.0, description="peak learning rate")
+    batch_size: int = Field(16, ge=1, le=65536, description="per worker")
+    epochs: float = Field(10, gt=0.0, le=10_000, description="passes over the transfer set")
+    warmup_epochs: float = Field(2, ge=0.0, description="linear warmup, then linear decay to 0")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0.0, description="gradient norm clip")
+    report_every_steps: int = Field(20, ge=1, description="steps between metric reports")
+    checkpoint_every_steps: int = Field(200, ge=1, description="steps between checkpoints")
+    max_failures: int = Field(3, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)")
+    shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: no shuffle)")
+    include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
+    sdpa: AttentionKernels = Field("no_cudnn", description="attention kernels of each distillation step")
+    stream_from_generation: bool = Field(
+        False, description="train the first epoch on rows as the generator actors make them (jobs/amalgamate.py)")
+
+    @rule("warmup_epochs", "epochs")
+    def _warmup_within_epochs(warmup, epochs):
+        if warmup > epochs:
+            return f"warmup_epochs ({warmup}) must be <= epochs ({epochs})"
+
+
+class EvalConfig(_Section):
+    """A labelled file (CSV, JSONL or Parquet) scored after training; never used for training."""
+
+    path: Optional[Path] = Field(None, description="labelled .csv, .tsv, .jsonl or .parquet file")
+    text_column: str = Field("text", description="column holding the texts")
+    label_column: str = Field("label", description="column holding the labels")
+    label_map: dict[str, str] = Field(default_factory=dict, description="raw label value -> label name, e.g. "
+                                                                        "{'1': 'World'}")
+    batch_size: int = Field(64, ge=1, description="texts per forward")
+
+
+class SearchDim(_Section):
+    """One dimension of a Tune search space: a grid of values or a range."""
+
+    values: Optional[list[Any]] = Field(None, description="grid of values")
+    low: Optional[float] = Field(None, description="lower end of a range")
+    high: Optional[float] = Field(None, description="upper end of a range")
+    log: bool = Field(False, description="log-uniform range")
+
+    # A rule about the whole dimension, reported at the dimension itself.
+    @model_validator(mode="after")
+    def _values_or_range(self) -> "SearchDim":
+        if (self.values is None) == (self.low is None or self.high is None):
+            raise ValueError("give either values: [...] or both low and high")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError("log-uniform ranges need low > 0")
+        return self
+
+
+def _search_key(key: str) -> str:
+    if not is_field_path(key):
+        raise ValueError(f"search-space key {key!r} is not a config field (e.g. 'transfer.steered.control_strength')")
+    return key
+
+
+class TuneConfig(_Section):
+    """Ray Tune sweep over dotted config keys (e.g. ``transfer.steered.control_strength``)."""
+
+    # Keys are validated as dict keys: reported at tune.search_space.<key>, together with its value's errors.
+    search_space: dict[Annotated[str, AfterValidator(_search_key)], SearchDim] = Field(
+        default_factory=dict, description="dotted config key -> its values or range")
+    num_samples: int = Field(1, ge=1, description="trials (per grid point)")
+    metric: str = Field("eval_accuracy", description="metric a trial is ranked by")
+    mode: Literal["max", "min"] = Field("max", description="whether metric is maximised or minimised")
+    max_concurrent_trials: int = Field(1, ge=1, description="trials running at once")
+
+
+class RayConfig(_Section):
+    """Where the job runs and how much of the cluster each stage takes."""
+
+    address: Optional[str] = Field(None, description="None: local Ray, or the cluster under `ray job submit`")
+    num_generation_actors: int = Field(1, ge=1, description="generator actors making the transfer set")
+    gpus_per_generation_actor: float = Field(0.0, ge=0.0, le=8.0, description="fractional allowed")
+    cpus_per_generation_actor: float = Field(1.0, gt=0.0, description="CPUs each generator actor reserves")
+    num_train_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel)")
+    use_gpu: bool = Field(False, description="one GPU per train worker (and for the confidence and eval tasks)")
+    cpus_per_train_worker: float = Field(1.0, gt=0.0, description="CPUs each train worker reserves")
+
+
+class OutputConfig(_Section):
+    dir: Path = Field(description="everything the job writes lands here; one job per directory")
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+class JobConfig(_Section):
+    """A whole job: teachers -> transfer set -> amalgamation -> student -> evaluation -> export."""
+
+    name: Annotated[str, Field(pattern=_NAME, description="the job's name; it owns output.dir")]
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds requests, initialisation and shuffling")
+    teachers: list[TeacherConfig] = Field(min_length=1, description="the teachers to amalgamate")
+    transfer: TransferConfig
+    amalgamation: AmalgamationConfig = AmalgamationConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
+    ray: RayConfig = RayConfig()
+    output: OutputConfig
+    demo: Optional[Path] = Field(None, description="build the offline synthetic demo task here on first use "
+                                                   "(smoke presets)")
+
+    @rule("teachers")
+    def _unique_names(teachers):
+        seen: set[str] = set()
+        for i, t in enumerate(teachers):
+            if t.name in seen:
+                return (i, "name"), f"teacher names must be unique, {t.name!r} repeats; rename one"
+            seen.add(t.name)
+
+    @rule("train", "transfer", "amalgamation")
+    def _stream_needs_heldout(train, transfer, amalgamation):
+        if train.stream_from_generation and amalgamation.method == "stratanet" and transfer.heldout_fraction == 0:
+            return ("stream_from_generation",), (
+                "train.stream_from_generation with amalgamation.method stratanet fits the confidence statistics on "
+                "held-out rows made before training starts, and transfer.heldout_fraction is 0: set "
+                "transfer.heldout_fraction > 0 (e.g. 0.1), or amalgamation.method: vanilla")
+
+    def teacher_labels(self) -> dict[str, list[str]]:
+        """Each teacher's class names in id order: ``labels`` as the preflight filled them, else read
+        from the directory's config.json (library use without the preflight)."""
+        from dfkd_ray.labels import read_teacher_labels
+
+        return {t.name: t.labels if t.labels is not None else read_teacher_labels(t.path) for t in self.teachers}
+
+    def absolute(self) -> "JobConfig":
+        """The same config with every path made absolute against the current directory.
+
+        Ray Train workers run in their own directories, and a cluster's workers on other nodes: the
+        driver resolves relative paths once, before handing the config to any of them.
+        """
+        def walk(obj):
+            if isinstance(obj, BaseModel):
+                return obj.model_copy(update={k: walk(getattr(obj, k)) for k in type(obj).model_fields})
+            if isinstance(obj, Path):
+                return obj.expanduser().absolute()
+            if isinstance(obj, list):
+                return [walk(x) for x in obj]
+            return obj
+
+        return walk(self)

@@ -1,0 +1,253 @@
+"""What a job checks before Ray starts: the directories and files its config points at, the
+machine, and the output directory.
+
+:func:`preflight` takes a schema-valid :class:`~dfkd_ray.config.JobConfig`, builds the demo task
+when ``demo:`` is set, and checks: each teacher directory (``config.json`` with real, distinct
+``id2label`` names, tokenizer files), the student and LM directories, the corpus file, the eval
+file (format, columns, label names), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
+the job was submitted to a cluster: ``RAY_ADDRESS`` set), and that ``output.dir`` can be written
+and holds no other job's results. Every problem comes in one :class:`~dfkd_ray.config.ConfigError`,
+each at its field path. It returns the config with every path absolute and each teacher's
+``labels`` filled: the one place a job reads them.
+
+:func:`check_config` is the schema and the preflight together, every problem of both at once;
+job scripts run it through :func:`~dfkd_ray.config.parse_job_args`. Engine layer: torch is
+imported only for the eval file and the vLLM check, never Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from dfkd_ray.config import ConfigError, EvalConfig, JobConfig, TeacherConfig, salvage_config, validate_config
+from dfkd_ray.labels import LabelSpaceError, UnionLabelSpace, normalize_label, read_teacher_labels
+
+JOB_MARKER = "dfkd_job.json"
+"""File in ``output.dir`` recording which job owns the directory."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+"""A teacher directory holds at least one of these (its tokenizer, saved with ``save_pretrained``)."""
+
+EVAL_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+def preflight(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with every path absolute and teachers' ``labels`` filled; raises one
+    :class:`~dfkd_ray.config.ConfigError` listing every problem found."""
+    cfg, problems = _inspect(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def check_config(data: dict, *, source: str = "config") -> JobConfig:
+    """:func:`~dfkd_ray.config.validate_config`, then :func:`preflight`, reporting every problem of
+    both in one :class:`~dfkd_ray.config.ConfigError`: when the schema fails, the preflight still
+    checks the fields that validated (:func:`~dfkd_ray.config.salvage_config`)."""
+    try:
+        cfg = validate_config(data, source=source)
+    except ConfigError as e:
+        _, found = _inspect(salvage_config(data))
+        reported = {path for path, _ in e.problems}
+        raise ConfigError(e.problems + [p for p in found if p[0] not in reported], source) from None
+    cfg, problems = _inspect(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
+    """The preflight's config and problems. ``cfg`` may be salvaged from an invalid config: a
+    field that failed validation is None, and the checks that need it are skipped."""
+    cfg = cfg.absolute()
+    if cfg.demo is not None:
+        from dfkd_ray.synthetic import build_synthetic_task
+
+        build_synthetic_task(cfg.demo)  # cached: a no-op once built
+    teachers, problems, known = _read_teachers(list(cfg.teachers or []))
+    for field, path in (("student.path", cfg.student.path), ("transfer.steered.lm_path", cfg.transfer.steered.lm_path)):
+        if path is not None:
+            try:
+                read_model_config(path)
+            except ValueError as e:
+                problems.append((field, str(e)))
+    if cfg.transfer.corpus.path is not None:
+        problem = _file_problem(cfg.transfer.corpus.path, "corpus file",
+                                "; give a text file with one document per line")
+        if problem:
+            problems.append(("transfer.corpus.path", problem))
+    if cfg.transfer.steered.engine == "vllm" and not os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` (RAY_ADDRESS set) the head node may lack vLLM and GPUs by design:
+        # the generation actors check there.
+        problem = vllm_engine_problem()
+        if problem:
+            problems.append(("transfer.steered.engine", problem))
+    if cfg.transfer.class_weights and known is not None:
+        names = sorted({n for labels in known.values() for n in labels})
+        normalized = {normalize_label(n) for n in names}
+        unknown = [k for k in cfg.transfer.class_weights if normalize_label(k) not in normalized]
+        if unknown:
+            problems.append(("transfer.class_weights", f"names labels no teacher has: {unknown}; known: {names}"))
+    problem = _eval_problem(cfg.eval, known)
+    if problem:
+        problems.append(("eval.path", problem))
+    if cfg.output.dir is not None and cfg.name is not None:
+        problem = _output_dir_problem(cfg.output.dir, cfg.name)
+        if problem:
+            problems.append(("output.dir", problem))
+    return cfg.model_copy(update={"teachers": teachers}), problems
+
+
+def _read_teachers(teachers: list[TeacherConfig]) -> tuple[list[TeacherConfig], list[tuple[str, str]],
+                                                            dict[str, list[str]] | None]:
+    """The teachers with ``labels`` filled, the problems found, and ``{name: labels}`` of all
+    teachers (None unless every one was read under a distinct name: checks against an incomplete
+    set would flag real labels)."""
+    problems, read = [], 0
+    for i, t in enumerate(teachers):
+        if t.path is None:
+            continue
+        labels, problem = _read_teacher(t)
+        if problem:
+            problems.append((f"teachers[{i}].path", problem))
+        elif t.labels is not None and t.labels != labels:
+            problems.append((f"teachers[{i}].labels", f"{t.labels} differ from id2label in {t.path / 'config.json'}, "
+                                                      f"{labels}; remove teachers[{i}].labels or make them equal"))
+        else:
+            teachers[i] = t.model_copy(update={"labels": labels})
+            read += 1
+    known = {t.name: t.labels for t in teachers}
+    if not teachers or read < len(teachers) or len(known) < len(teachers) or None in known:
+        known = None
+    return teachers, problems, known
+
+
+def _read_teacher(t: TeacherConfig) -> tuple[list[str] | None, str]:
+    """A teacher directory's labels, or the problem with the directory."""
+    problem = _model_dir_problem(t.path)
+    if problem:
+        return None, problem
+    try:
+        labels = read_teacher_labels(t.path)
+    except LabelSpaceError as e:
+        return None, str(e)
+    if not any((t.path / f).is_file() for f in TOKENIZER_FILES):
+        return None, (f"{str(t.path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the teacher's "
+                      "tokenizer there too (`tokenizer.save_pretrained(DIR)`)")
+    return labels, ""
+
+
+def _model_dir_problem(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        return (f"directory {str(path)!r} does not exist; point it at a local Hugging Face model directory "
+                "(download hub models first, e.g. `hf download NAME --local-dir DIR`)")
+    if not path.is_dir():
+        return f"{str(path)!r} is a file, not a model directory; point it at the directory that holds config.json"
+    if not (path / "config.json").is_file():
+        return (f"{str(path)!r} has no config.json; it is not a Hugging Face model directory "
+                "(save one with `model.save_pretrained(DIR)`)")
+    return ""
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The ``config.json`` of a Hugging Face model directory; raises ValueError saying what is wrong."""
+    problem = _model_dir_problem(Path(path))
+    if problem:
+        raise ValueError(problem)
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); re-save the model") from e
+
+
+def _file_problem(path: Path, what: str, hint: str = "") -> str:
+    if not path.exists():
+        return f"{what} {str(path)!r} does not exist{hint}"
+    if not path.is_file():
+        return f"{what} {str(path)!r} is a folder, not a file{hint}"
+    return ""
+
+
+def _eval_problem(ev: EvalConfig, teacher_labels: dict[str, list[str]] | None) -> str:
+    """The eval file's problem: missing, a folder, an unknown format, or (read now, so a bad file
+    fails before any generation) missing columns, empty texts or labels that no teacher has."""
+    if ev.path is None:
+        return ""
+    problem = _file_problem(ev.path, "eval file")
+    if problem:
+        return problem
+    if not str(ev.path).endswith(EVAL_SUFFIXES):
+        return f"eval file {str(ev.path)!r} must be .csv, .tsv, .jsonl or .parquet"
+    if teacher_labels is None or None in (ev.text_column, ev.label_column, ev.label_map):
+        return ""
+    from dfkd_ray.evaluation import EvalDataError, load_labelled
+
+    try:
+        load_labelled(ev.path, text_column=ev.text_column, label_column=ev.label_column, label_map=ev.label_map,
+                      label_space=UnionLabelSpace.from_teachers(teacher_labels))
+    except (EvalDataError, LabelSpaceError) as e:
+        return str(e)
+    return ""
+
+
+def vllm_engine_problem() -> str:
+    """Why ``transfer.steered.engine: vllm`` cannot run on this machine, or '' when it can (vLLM
+    importable and a CUDA GPU visible). Cheap: vLLM is looked up, not imported; torch is imported
+    only when vLLM is there, to ask for CUDA."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return ("transfer.steered.engine=vllm needs vLLM, which is not installed here: on a GPU node run "
+                "pip install 'dfkd-ray[vllm]' (vLLM's wheels are CUDA builds), or set transfer.steered.engine=hf")
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("transfer.steered.engine=vllm needs a CUDA GPU and none is visible here: run on a GPU node with "
+                "pip install 'dfkd-ray[vllm]', or set transfer.steered.engine=hf")
+    return ""
+
+
+def _output_dir_problem(out: Path, name: str) -> str:
+    """Why job ``name`` cannot write to ``out``: a file, another job's results, or not writable; '' when it can."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        return f"{str(out)!r} is a file; output.dir must be a directory (one per job)"
+    marker = out / JOB_MARKER
+    if marker.is_file():
+        try:
+            owner = json.loads(marker.read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            owner = "<unreadable>"
+        if owner != name:
+            return (f"{str(out)!r} holds the results of job {owner!r}; give job {name!r} its own output.dir "
+                    "(nothing there was touched)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{str(out)!r} cannot be made: {str(existing)!r} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{str(out)!r} cannot be written: {str(existing)!r} is not writable"
+    return ""
+
+
+def claim_output_dir(cfg: JobConfig) -> Path:
+    """Create ``output.dir``, record that this job owns it (idempotent for the same job) and save the
+    config there as ``config.yaml``; raises ConfigError when another job owns it or it cannot be written."""
+    out = cfg.output.dir
+    problem = _output_dir_problem(out, cfg.name)
+    if problem:
+        raise ConfigError([("output.dir", problem)])
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / JOB_MARKER
+    if not marker.is_file():
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"name": cfg.name}, indent=2))
+        os.replace(tmp, marker)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return out
