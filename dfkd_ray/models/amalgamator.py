@@ -82,7 +82,7 @@ class Amalgamator(nn.Module):
         if student.amalg_dim != cfg.amalg_dim:
             raise ValueError(f"student projections have D = {student.amalg_dim}, config amalg_dim = {cfg.amalg_dim}")
         dims = [t if isinstance(t, int) else int(getattr(t, "hidden_size")) for t in teachers.values()]
-        fusion = BlockAmalgamation(dims, student.num_blocks, cfg.amalg_dim, cfg.amalg_heads, cfg.fusion,
+        fusion = BlockAmalgamation(dims, student.num_blocks, cfg.amalg_dim, heads=cfg.amalg_heads, fusion=cfg.fusion,
                                    dropout=cfg.amalg_dropout, share_layer=cfg.share_st_layer).to(student.device)
         return cls(student, fusion, label_space, list(teachers), cfg)
 

@@ -16,6 +16,12 @@ N, D, B = 3, 16, 5
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
+def module(dims=DIMS, num_blocks: int = N, dim: int = D, **settings) -> BlockAmalgamation:
+    """A fusion module with ``settings`` over ST-amalg's (4 heads, no dropout, one layer per block)."""
+    return BlockAmalgamation(dims, num_blocks, dim, **{"heads": 4, "fusion": "st", "dropout": 0.0,
+                                                       "share_layer": False, **settings})
+
+
 def inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     states = [torch.randn(B, N, h, generator=g) for h in DIMS]  # K x (B, N, H_k)
@@ -26,21 +32,21 @@ def inputs(seed: int = 0):
 @pytest.mark.parametrize("fusion", ["st", "mul", "no_st"])
 @pytest.mark.parametrize("share", [False, True])
 def test_shapes_with_heterogeneous_widths(fusion, share):
-    m = BlockAmalgamation(DIMS, N, D, heads=4, fusion=fusion, share_layer=share)
+    m = module(heads=4, fusion=fusion, share_layer=share)
     states, conf = inputs()
     out = m(states, conf)
     assert out.shape == (B, N, D) and torch.isfinite(out).all()
 
 
 def test_share_layer_uses_one_transformer_layer():
-    per_block = BlockAmalgamation(DIMS, N, D, fusion="st")
-    shared = BlockAmalgamation(DIMS, N, D, fusion="st", share_layer=True)
+    per_block = module(fusion="st")
+    shared = module(fusion="st", share_layer=True)
     assert len(per_block.layers) == N and len(shared.layers) == 1
     assert shared.amalg_token.shape == (N, D)  # each block keeps its own [AMALG] token
 
 
 def test_st_enriches_with_confidence_so_a_zero_confidence_teacher_still_speaks():
-    m = BlockAmalgamation(DIMS, N, D, fusion="st").eval()
+    m = module(fusion="st").eval()
     states, conf = inputs()
     conf[1] = torch.zeros(B, N)
     changed = list(states)
@@ -52,7 +58,7 @@ def test_st_enriches_with_confidence_so_a_zero_confidence_teacher_still_speaks()
 
 
 def test_mul_multiplies_so_a_zero_confidence_teacher_is_silenced():
-    m = BlockAmalgamation(DIMS, N, D, fusion="mul").eval()
+    m = module(fusion="mul").eval()
     assert not hasattr(m, "conf_embed")
     states, conf = inputs()
     conf[1] = torch.zeros(B, N)
@@ -66,7 +72,7 @@ def test_mul_multiplies_so_a_zero_confidence_teacher_is_silenced():
 
 
 def test_no_st_is_a_linear_layer_over_the_confidence_weighted_mean():
-    m = BlockAmalgamation(DIMS, N, D, fusion="no_st").eval()
+    m = module(fusion="no_st").eval()
     assert not hasattr(m, "layers") and not hasattr(m, "amalg_token")
     states, conf = inputs()
     w = normalized_weights(torch.stack(conf, -1))  # (B, N, K)
@@ -84,13 +90,13 @@ def test_fusions_differ_on_the_same_inputs():
     outs = {}
     for fusion in ("st", "mul", "no_st"):
         torch.manual_seed(0)
-        outs[fusion] = BlockAmalgamation(DIMS, N, D, fusion=fusion).eval()(states, conf)
+        outs[fusion] = module(fusion=fusion).eval()(states, conf)
     assert not torch.allclose(outs["st"], outs["mul"]) and not torch.allclose(outs["mul"], outs["no_st"])
 
 
 @pytest.mark.parametrize("fusion", ["st", "mul", "no_st"])
 def test_gradients_reach_every_parameter_and_not_the_inputs(fusion):
-    m = BlockAmalgamation(DIMS, N, D, fusion=fusion)
+    m = module(fusion=fusion)
     states, conf = inputs()
     m(states, conf).pow(2).sum().backward()
     for name, p in m.named_parameters():
@@ -99,12 +105,12 @@ def test_gradients_reach_every_parameter_and_not_the_inputs(fusion):
 
 
 def test_bad_inputs_raise_clear_errors():
-    m = BlockAmalgamation(DIMS, N, D)
+    m = module()
     states, conf = inputs()
     with pytest.raises(ValueError, match="K = 0"):
         m([], [])
     with pytest.raises(ValueError, match="K = 0"):
-        BlockAmalgamation([], N, D)
+        module([])
     with pytest.raises(ValueError, match="confidences of 2"):
         m(states, conf[:2])
     with pytest.raises(ValueError, match="built for 3 teachers"):
@@ -122,9 +128,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"\(B, N\)"):
         m(states, [torch.rand(B, N + 1)] + conf[1:])
     with pytest.raises(ValueError, match="unknown fusion"):
-        BlockAmalgamation(DIMS, N, D, fusion="concat")
+        module(fusion="concat")
     with pytest.raises(ValueError, match="divisible"):
-        BlockAmalgamation(DIMS, N, 18, heads=4)
+        module(dim=18)
 
 
 def test_kd_teacher_weights_power_properties():
