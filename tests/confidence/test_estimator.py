@@ -18,33 +18,18 @@ H, C, N = 16, 3, 2
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
-def gaussian_blocks(m: int, shift: torch.Tensor | float = 0.0, seed: int = 0):
-    """``C`` well-separated class Gaussians in ``H`` dims; block 1 is block 0 scaled and rotated."""
-    g_means = torch.Generator().manual_seed(1)
-    mu = torch.randn(C, H, generator=g_means) * 3.0  # (C, H)
-    rot = torch.linalg.qr(torch.randn(H, H, generator=g_means))[0]  # (H, H)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(C, (m,), generator=g)  # (M,)
-    z = mu[y] + torch.randn(m, H, generator=g) + shift  # (M, H)
-    return torch.stack([z, 2.0 * z @ rot], dim=1), y  # (M, N, H), (M,)
-
-
-def ood_shift(seed: int = 2) -> torch.Tensor:
-    return torch.randn(H, generator=torch.Generator().manual_seed(seed)) * 2.0
-
-
 def fit(z, logits, y, *, seed: int = 0, **fields):
     return fit_estimator(z, logits, y, AmalgamationConfig(**fields), seed=seed)
 
 
 @pytest.mark.parametrize("method", ["rmd", "md"])
 @pytest.mark.parametrize("transform", ["logistic", "ecdf"])
-def test_in_distribution_gets_higher_confidence_than_shifted(method, transform):
+def test_in_distribution_gets_higher_confidence_than_shifted(gaussian_blocks, ood_shift, method, transform):
     z, y = gaussian_blocks(400)
     est = fit(z, torch.randn(400, C), y, confidence=method, confidence_transform=transform,
               confidence_center="quantile", confidence_quantile=0.95)
     z_in, _ = gaussian_blocks(200, seed=10)
-    z_out, _ = gaussian_blocks(200, shift=ood_shift(), seed=11)
+    z_out, _ = gaussian_blocks(200, shift=ood_shift, seed=11)
     c_in = est.confidence(z_in, torch.randn(200, C))  # (B, N)
     c_out = est.confidence(z_out, torch.randn(200, C))
     assert c_in.shape == (200, N) and c_in.dtype == torch.float32
@@ -56,7 +41,7 @@ def test_in_distribution_gets_higher_confidence_than_shifted(method, transform):
     assert c_in.mean() > 0.4 and c_out.mean() < 0.1
 
 
-def test_scores_use_the_estimators_own_statistics():
+def test_scores_use_the_estimators_own_statistics(gaussian_blocks):
     """rmd scores min_c MD_c - MD_0 and md scores min_c MD_c with the fitted tensors (Eq. 2-4)."""
     z, y = gaussian_blocks(300)
     x = torch.randn(5, H, dtype=torch.float64) * 3
@@ -87,7 +72,7 @@ def test_msp_broadcasts_final_layer_score_to_all_blocks():
     assert torch.all(c[:2] > c[2:])
 
 
-def test_logistic_puts_the_quantile_at_one_half():
+def test_logistic_puts_the_quantile_at_one_half(gaussian_blocks):
     z, y = gaussian_blocks(400)
     est = fit(z, torch.randn(400, C), y, confidence_center="quantile", confidence_quantile=0.9)
     t = est.tensors
@@ -97,7 +82,7 @@ def test_logistic_puts_the_quantile_at_one_half():
     assert abs(share_above_half.item() - 0.9) < 0.02
 
 
-def test_scoring_input_errors():
+def test_scoring_input_errors(gaussian_blocks):
     z, y = gaussian_blocks(60)
     est = fit(z, torch.randn(60, C), y)
     with pytest.raises(ValueError, match="N = 2 blocks"):

@@ -17,26 +17,11 @@ H, C, N = 16, 3, 2
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
-def gaussian_blocks(m: int, shift: torch.Tensor | float = 0.0, seed: int = 0):
-    """``C`` well-separated class Gaussians in ``H`` dims; block 1 is block 0 scaled and rotated."""
-    g_means = torch.Generator().manual_seed(1)
-    mu = torch.randn(C, H, generator=g_means) * 3.0  # (C, H)
-    rot = torch.linalg.qr(torch.randn(H, H, generator=g_means))[0]  # (H, H)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(C, (m,), generator=g)  # (M,)
-    z = mu[y] + torch.randn(m, H, generator=g) + shift  # (M, H)
-    return torch.stack([z, 2.0 * z @ rot], dim=1), y  # (M, N, H), (M,)
-
-
-def ood_shift(seed: int = 2) -> torch.Tensor:
-    return torch.randn(H, generator=torch.Generator().manual_seed(seed)) * 2.0
-
-
 def fit(z, logits, y, *, seed: int = 0, background_states=None, **fields):
     return fit_estimator(z, logits, y, AmalgamationConfig(**fields), seed=seed, background_states=background_states)
 
 
-def test_crossfit_calibrates_on_out_of_fold_scores_of_every_sample():
+def test_crossfit_calibrates_on_out_of_fold_scores_of_every_sample(gaussian_blocks):
     """Cross-fitting (default): the Gaussians that score new inputs use all M samples, and the
     calibration scores are each sample's score under Gaussians fitted without its fold (slow reference)."""
     m, folds = 61, 4
@@ -63,11 +48,11 @@ def test_crossfit_calibrates_on_out_of_fold_scores_of_every_sample():
     assert est.tensors["calib_scores"].median() > est.scores(z, torch.zeros(m, C)).median()
 
 
-def test_crossfit_calibration_moves_less_between_seeds_than_one_split():
+def test_crossfit_calibration_moves_less_between_seeds_than_one_split(gaussian_blocks, ood_shift):
     """The calibration centre t_b (which sets how confident a teacher is relative to the others) moves
     with the seed's random split; cross-fitting every sample moves it much less."""
     z, y = gaussian_blocks(120)
-    probe = gaussian_blocks(200, shift=ood_shift(), seed=9)[0]
+    probe = gaussian_blocks(200, shift=ood_shift, seed=9)[0]
     conf = {folds: torch.stack([fit(z, torch.zeros(120, C), y, calibration_folds=folds, seed=s)
                                 .confidence(probe, torch.zeros(200, C)).mean(0) for s in range(8)])
             for folds in (0, 5)}  # (seeds, N) mean confidence on shifted inputs
@@ -75,7 +60,7 @@ def test_crossfit_calibration_moves_less_between_seeds_than_one_split():
     assert (spread[5] < 0.5 * spread[0]).all(), spread
 
 
-def test_one_split_calibrates_on_a_held_out_fraction():
+def test_one_split_calibrates_on_a_held_out_fraction(gaussian_blocks):
     """calibration_folds 0: a seeded calibration_fraction of the rows calibrates, the rest fits."""
     m = 40
     z, y = gaussian_blocks(m)
@@ -89,7 +74,7 @@ def test_one_split_calibrates_on_a_held_out_fraction():
                                est.scores(z[perm[:10]], torch.zeros(10, C)).T.sort(dim=1).values)
 
 
-def test_repeated_crossfit_pools_every_split_and_keeps_the_final_gaussians():
+def test_repeated_crossfit_pools_every_split_and_keeps_the_final_gaussians(gaussian_blocks):
     """calibration_repeats R: R fold splits, each sample scored once per split (R M calibration scores);
     the first split is the one R = 1 uses, and the Gaussians that score new inputs are the same."""
     m = 50
@@ -109,7 +94,7 @@ def test_repeated_crossfit_pools_every_split_and_keeps_the_final_gaussians():
 
 
 @pytest.mark.parametrize("sd", [2.0, 6.0])
-def test_moments_center_is_mean_plus_z_standard_deviations(sd):
+def test_moments_center_is_mean_plus_z_standard_deviations(gaussian_blocks, sd):
     z, y = gaussian_blocks(80)
     est = fit(z, torch.zeros(80, C), y, confidence_center="moments", confidence_center_sd=sd)
     t = est.tensors
@@ -120,7 +105,7 @@ def test_moments_center_is_mean_plus_z_standard_deviations(sd):
     assert (beyond <= 1 / (1 + sd ** 2)).all(), beyond
 
 
-def test_moments_center_with_repeats_moves_less_between_seeds_than_the_extreme_quantile():
+def test_moments_center_with_repeats_moves_less_between_seeds_than_the_extreme_quantile(gaussian_blocks):
     """The KD weights hang on the centre t_b. An extreme empirical quantile of the out-of-fold scores
     (one split) moves with the fold seed; mean + z sd over repeated splits moves much less."""
     m = 120
@@ -136,12 +121,12 @@ def test_moments_center_with_repeats_moves_less_between_seeds_than_the_extreme_q
     assert (spread["moments"] < 0.5 * spread["quantile"]).all(), spread
 
 
-def test_shared_background_is_fitted_on_the_fit_rows_plus_the_other_teachers_rows():
+def test_shared_background_is_fitted_on_the_fit_rows_plus_the_other_teachers_rows(gaussian_blocks, ood_shift):
     """rmd_background all_teachers: each MD_0 (per fold and final) is fitted on the samples its class
     Gaussians use plus the other teachers' rows; the class Gaussians do not see those rows."""
     m, folds = 41, 3
     z, y = gaussian_blocks(m)
-    other = gaussian_blocks(25, shift=ood_shift(), seed=5)[0]  # (M_o, N, H) another teacher's pseudo-data
+    other = gaussian_blocks(25, shift=ood_shift, seed=5)[0]  # (M_o, N, H) another teacher's pseudo-data
     est = fit(z, torch.zeros(m, C), y, calibration_folds=folds, seed=1, background_states=other, calibration_repeats=1)
     assert est.meta["num_background"] == 25
     own = fit(z, torch.zeros(m, C), y, calibration_folds=folds, seed=1)
@@ -198,7 +183,7 @@ def test_identical_samples_and_absent_classes_stay_finite():
     assert torch.isfinite(c).all() and torch.all((c >= 0) & (c <= 1))
 
 
-def test_bad_data_raise_clear_errors():
+def test_bad_data_raise_clear_errors(gaussian_blocks):
     z, y = gaussian_blocks(60)
     with pytest.raises(ValueError, match="labels must be class ids"):
         fit(z, torch.randn(60, C), y + 5)

@@ -16,15 +16,13 @@ H, C, N = 16, 3, 2
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
-def gaussian_blocks(m: int, shift: torch.Tensor | float = 0.0, seed: int = 0):
-    """``C`` well-separated class Gaussians in ``H`` dims; block 1 is block 0 scaled and rotated."""
-    g_means = torch.Generator().manual_seed(1)
-    mu = torch.randn(C, H, generator=g_means) * 3.0  # (C, H)
-    rot = torch.linalg.qr(torch.randn(H, H, generator=g_means))[0]  # (H, H)
+def gaussian_blocks(m: int, shift: float = 0.0, seed: int = 0):
+    """``(M, N, H)`` features of ``C`` separated classes (block 1 = block 0 squared elementwise) and ``(M,)`` classes."""
     g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(C, H, generator=torch.Generator().manual_seed(1)) * 3.0  # (C, H)
     y = torch.randint(C, (m,), generator=g)  # (M,)
-    z = mu[y] + torch.randn(m, H, generator=g) + shift  # (M, H)
-    return torch.stack([z, 2.0 * z @ rot], dim=1), y  # (M, N, H), (M,)
+    z = centres[y] + torch.randn(m, H, generator=g) + shift  # (M, H)
+    return torch.stack([z, z.pow(2)], dim=1), y
 
 
 def test_fit_gaussians_and_mahalanobis_follow_equations_2_and_3():
