@@ -3,14 +3,13 @@
 ``benchmarks/agnews.py --save-features DIR`` writes the two teachers' block features and logits on the
 steered transfer set, the AG News test set and the title + description AG News *train* rows (the
 development rows). This script fits the confidence statistics exactly as the job does
-(:meth:`ConfidenceEstimator.fit` on each teacher's held-out rows, with the other teachers' held-out rows
+(:func:`~dfkd_ray.confidence.fit_estimator` on each teacher's held-out rows, with the other teachers' held-out rows
 as ``background_states`` for ``rmd_background: all_teachers``) for a grid of settings and scores the KD
-target (``union_target`` with ``kd_teacher_weights``, as the loss builds it) as a classifier on the
+target (:func:`dfkd_ray.evaluation.kd_target_scores`, built as the loss builds it) as a classifier on the
 development rows and on the test set. Choose on the development columns; the test columns are what
-that choice then reports. The KD target's accuracy on real text is not the student's: in session 10 a
-centre that raised it from 83.9% to 86.8% on the development rows lowered the StrataNet student there from
-81.2% to 78.0% (benchmarks/RESULTS.md), so confirm a choice with ``agnews.py`` rows. CPU only, about a
-second per fit::
+that choice then reports. The KD target's accuracy on real text is not the student's (a target that is
+right on real text is not necessarily one the student learns from the transfer set), so confirm a
+choice with ``agnews.py`` rows. CPU only, about a second per fit::
 
     python benchmarks/confidence_variants.py --features DIR --out variants.json \\
         --centers quantile:0.995,moments:4,moments:5.5,moments:6 --repeats 1,4 --seeds 0,1,2,3,4,5
@@ -24,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dfkd_ray.config import AmalgamationConfig
+from dfkd_ray.confidence import ConfidenceEstimator, fit_estimator
+from dfkd_ray.evaluation import kd_target_scores
 
-from agnews import LABELS, TEACHERS, kd_target_scores  # noqa: E402
-from dfkd_ray.math.confidence import ConfidenceEstimator  # noqa: E402
+from agnews_setup import LABELS, TEACHERS
 
 
 def load_features(directory: Path) -> tuple[dict, dict]:
@@ -54,34 +52,35 @@ def load_features(directory: Path) -> tuple[dict, dict]:
 
 
 def parse_center(spec: str) -> dict:
-    """``quantile:0.995`` / ``moments:5.5`` -> ConfidenceEstimator.fit keyword arguments."""
+    """``quantile:0.995`` / ``moments:5.5`` -> the ``amalgamation`` fields of that centre."""
     kind, _, value = spec.partition(":")
     try:
         number = float(value)
     except ValueError:
         raise SystemExit(f"--centers: {spec!r} is not quantile:Q or moments:Z (e.g. moments:5.5)") from None
     if kind == "quantile" and 0 < number < 1:
-        return {"center": "quantile", "quantile": number}
+        return {"confidence_center": "quantile", "confidence_quantile": number}
     if kind == "moments" and number > 0:
-        return {"center": "moments", "center_sd": number}
+        return {"confidence_center": "moments", "confidence_center_sd": number}
     raise SystemExit(f"--centers: {spec!r} is not quantile:Q with 0 < Q < 1 or moments:Z with Z > 0")
 
 
-def fit(meta: dict, feats: dict, *, seed: int, background: str, **kwargs) -> dict[str, ConfidenceEstimator]:
+def fit(meta: dict, feats: dict, cfg: AmalgamationConfig, *, seed: int) -> dict[str, ConfidenceEstimator]:
+    """Every teacher's statistics from its held-out transfer rows, as the job fits them."""
     held, source = meta["transfer_heldout"].bool(), meta["transfer_teacher"]
     out = {}
     for k, name in enumerate(TEACHERS):
         own, others = held & (source == k), held & (source != k)
         x = feats[name]["transfer"]
-        out[name] = ConfidenceEstimator.fit(
-            x[own], meta[f"{name}.transfer_logits"][own], meta["transfer_class"][own], seed=seed,
-            background_states=x[others] if background == "all_teachers" else None, **kwargs)
+        out[name] = fit_estimator(
+            x[own], meta[f"{name}.transfer_logits"][own], meta["transfer_class"][own], cfg, seed=seed,
+            background_states=x[others] if cfg.rmd_background == "all_teachers" else None)
     return out
 
 
 def score(meta: dict, feats: dict, estimators: dict, split: str, power: float, temperature: float) -> dict:
-    """The KD target as a classifier on ``split`` (agnews.py's :func:`kd_target_scores`): accuracy and
-    the share whose top KD weight is the teacher that knows the true class."""
+    """The KD target as a classifier on ``split`` (:func:`kd_target_scores`): accuracy and the share
+    whose top KD weight is the teacher that knows the true class."""
     index = [torch.tensor([LABELS.index(c) for c in classes]) for classes in TEACHERS.values()]
     logits = [meta[f"{n}.{split}_logits"].float() for n in TEACHERS]
     conf = torch.stack([estimators[n].confidence(feats[n][split], logits[k])[:, -1]
@@ -101,8 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", default="1,4", help="calibration_repeats values")
     p.add_argument("--backgrounds", default="all_teachers")
     p.add_argument("--seeds", default="0,1,2,3,4,5", help="fold-split seeds (the job uses its seed)")
-    p.add_argument("--power", type=float, default=64.0,
-                   help="kd_confidence_power (64, the default since session 8; session 8 chose the quantile at 8)")
+    p.add_argument("--power", type=float, default=64.0, help="kd_confidence_power (the config's default)")
     p.add_argument("--temperature", type=float, default=0.75, help="amalgamation.temperature (agnews.py's default)")
     args = p.parse_args(argv)
     specs = [c for c in args.centers.split(",") if c] + [f"quantile:{q}" for q in args.quantiles.split(",") if q]
@@ -124,7 +122,8 @@ def main(argv=None) -> int:
             for rep in repeats:
                 runs = []
                 for seed in seeds:
-                    est = fit(meta, feats, seed=seed, background=background, calibration_repeats=rep, **center)
+                    cfg = AmalgamationConfig(rmd_background=background, calibration_repeats=rep, **center)
+                    est = fit(meta, feats, cfg, seed=seed)
                     runs.append({split: score(meta, feats, est, split, args.power, args.temperature)
                                  for split in ("dev", "test")})
                 row = {"rmd_background": background, "center": spec, "calibration_repeats": rep, "seeds": seeds,

@@ -2,7 +2,7 @@
 
 The smoke preset (``jobs/configs/smoke.yaml``) on the synthetic task, as ``jobs/amalgamate.py``
 runs it, minus Ray: the transfer set (``write_transfer_set``), the confidence statistics
-(``fit_confidence``, stratanet only), a :class:`~dfkd_ray.train.loop.Distiller` in one process
+(``fit_confidence``, stratanet only), a :class:`~dfkd_ray.train.step.Distiller` in one process
 with the batch of all train workers together (2 x 16: the DDP step of the preset's 2 workers, same
 step plan), export, and ``run_evaluation`` on the labelled eval file. One transfer set per
 (source, seed), shared by the methods; ``seed`` is the job seed (request seeds, initialisation).
@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dfkd_ray.config import load_config  # noqa: E402
-from dfkd_ray.preflight import preflight  # noqa: E402
-from dfkd_ray.train.loop import fit_confidence, student_num_blocks, train_in_process  # noqa: E402
-from dfkd_ray.evaluation import run_evaluation  # noqa: E402
-from dfkd_ray.transfer.store import read_transfer_table  # noqa: E402
-from dfkd_ray.models.teacher import load_teachers  # noqa: E402
-from dfkd_ray.transfer.writer import write_transfer_set  # noqa: E402
+from dfkd_ray.config import load_config
+from dfkd_ray.preflight import preflight
+from dfkd_ray.confidence import fit_confidence
+from dfkd_ray.evaluation import run_evaluation
+from dfkd_ray.models.teacher import load_teachers
+from dfkd_ray.train.epochs import student_num_blocks
+from dfkd_ray.train.step import train_in_process
+from dfkd_ray.transfer.store import read_transfer_table
+from dfkd_ray.transfer.writer import write_transfer_set
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.yaml"
 

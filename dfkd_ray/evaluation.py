@@ -12,6 +12,9 @@ confusion matrix over all union labels (rows: true label, columns: prediction). 
 the labels that occur in the file or in the predictions (scikit-learn's default), so an eval file
 covering only some labels is not penalised for the others; per-class rows list every union label.
 
+Confidence diagnostics: :func:`auroc` (how well a score separates two sets of texts) and
+:func:`kd_target_scores` (the distillation's KD target scored as a classifier on labelled text).
+
 Teachers are scored over the union label space too: a teacher's predictions are mapped through
 ``UnionLabelSpace.teacher_to_global``, so it can only be right on rows of its own classes; its
 accuracy on those rows is reported as ``own_accuracy``. The ensemble predicts the argmax of the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -356,6 +360,53 @@ def evaluate_teachers(teachers: Mapping[str, object], texts: Sequence[str], labe
     ensemble["rule"] = ENSEMBLE_RULE
     result["ensemble"] = ensemble
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# confidence diagnostics
+
+
+def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """Probability that a random OOD score exceeds a random in-distribution score (ties count 1/2);
+    NaN when either side is empty. Any shapes (flattened)."""
+    a, b = in_scores.flatten().double(), out_scores.flatten().double()
+    if not a.numel() or not b.numel():
+        return math.nan
+    greater = (b[:, None] > a[None]).double().mean()
+    ties = (b[:, None] == a[None]).double().mean()
+    return float(greater + 0.5 * ties)
+
+
+@torch.no_grad()
+def kd_target_scores(logits: Sequence[torch.Tensor], index: Sequence[torch.Tensor], labels: torch.Tensor,
+                     conf: torch.Tensor, *, powers: Sequence[float], num_labels: int, temperature: float) -> dict:
+    """The KD target as a classifier on labelled text, built as the distillation loss builds it:
+    :func:`~dfkd_ray.math.losses.union_target` of the teachers' logits with
+    :func:`~dfkd_ray.math.amalgamation.kd_teacher_weights` of their confidences.
+
+    Args:
+        logits: K tensors ``(M, C_k)``, each teacher's logits.
+        index: K long tensors ``(C_k,)``, teacher class -> union label id.
+        labels: ``(M,)`` true union label ids.
+        conf: ``(M, K)`` the teachers' (last-block) confidences.
+        powers: the ``kd_confidence_power`` values to score.
+        num_labels: ``C``, the union labels.
+        temperature: ``amalgamation.temperature``.
+
+    Returns:
+        ``selects_own``: share of rows whose largest confidence is a teacher that knows the true
+        class; ``accuracy_by_power``: ``{str(power): accuracy of the target's argmax}``.
+    """
+    from dfkd_ray.math.amalgamation import kd_teacher_weights
+    from dfkd_ray.math.losses import union_target
+
+    own = torch.stack([torch.isin(labels, i) for i in index], dim=-1)  # (M, K) teacher k knows the true class
+    accuracy = {}
+    for power in powers:
+        p_t = union_target(logits, index, kd_teacher_weights(conf, power), num_labels, temperature)  # (M, C)
+        accuracy[str(power)] = float((p_t.argmax(-1) == labels).float().mean())
+    return {"selects_own": float(own.gather(1, conf.argmax(-1, keepdim=True)).float().mean()),
+            "accuracy_by_power": accuracy}
 
 
 # --------------------------------------------------------------------------------------------

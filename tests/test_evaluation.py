@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 
 import pandas as pd
 import pytest
 import torch
 
-from dfkd_ray.evaluation import (EvalDataError, ExportedStudent, ensemble_predictions, evaluate_predictions,
-                                 evaluate_student, evaluate_teachers, load_labelled, plot_confusion, run_evaluation,
-                                 teacher_logits, write_eval_report)
+from dfkd_ray.evaluation import (EvalDataError, ExportedStudent, auroc, ensemble_predictions, evaluate_predictions,
+                                 evaluate_student, evaluate_teachers, kd_target_scores, load_labelled, plot_confusion,
+                                 run_evaluation, teacher_logits, write_eval_report)
 from dfkd_ray.labels import UnionLabelSpace
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
@@ -214,14 +215,51 @@ def test_report_files_and_summary(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# confidence diagnostics
+
+
+def test_auroc_matches_sklearn_and_counts_ties_half():
+    from sklearn.metrics import roc_auc_score
+
+    a, b = torch.randn(50), torch.randn(60) + 0.5
+    expected = roc_auc_score([0] * 50 + [1] * 60, torch.cat([a, b]).numpy())
+    assert auroc(a, b) == pytest.approx(expected)
+    assert auroc(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 3.0])) == pytest.approx(0.875)  # 3 of 4 greater, 1 tie
+    assert math.isnan(auroc(torch.tensor([]), b))
+
+
+def test_kd_target_scores_score_the_confidence_weighted_union_target():
+    """Two teachers over disjoint halves of four labels: the target is ``union_target`` with
+    ``kd_teacher_weights``; gamma 0 mixes uniformly, a large gamma follows the more confident teacher."""
+    from dfkd_ray.math.amalgamation import kd_teacher_weights
+    from dfkd_ray.math.losses import union_target
+
+    index = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    logits = [torch.tensor([[3.0, 0.0], [0.0, 1.0], [2.0, 0.0]]),  # teacher 0: labels 0, 1
+              torch.tensor([[0.0, 1.0], [4.0, 0.0], [0.0, 2.5]])]  # teacher 1: labels 2, 3
+    labels = torch.tensor([0, 2, 3])
+    conf = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])  # (M, K); row 2 trusts the wrong teacher
+    s = kd_target_scores(logits, index, labels, conf, powers=(0.0, 1.0, 64.0), num_labels=4, temperature=1.0)
+    assert s["selects_own"] == pytest.approx(2 / 3)
+    assert set(s["accuracy_by_power"]) == {"0.0", "1.0", "64.0"}
+    for power in (0.0, 1.0, 64.0):
+        p_t = union_target(logits, index, kd_teacher_weights(conf, power), 4, 1.0)
+        assert s["accuracy_by_power"][str(power)] == pytest.approx(float((p_t.argmax(-1) == labels).float().mean()))
+    assert s["accuracy_by_power"]["64.0"] == pytest.approx(2 / 3)  # the most confident teacher's argmax
+    assert s["accuracy_by_power"]["0.0"] == pytest.approx(1.0)  # the uniform mix gets row 2 right
+
+
+# --------------------------------------------------------------------------------------------
 # the exported student
 
 
 @pytest.fixture(scope="module")
 def exported(synthetic_task, tmp_path_factory):
+    from dfkd_ray.config import StudentConfig
     from dfkd_ray.models.student import Student
 
-    student = Student.from_pretrained(synthetic_task.student, labels=NAMES, amalg_dim=16, num_layers=2, max_length=48)
+    student = Student.from_config(StudentConfig(path=synthetic_task.student, num_layers=2, max_length=48),
+                                  labels=NAMES, amalg_dim=16)
     directory = student.save_pretrained(tmp_path_factory.mktemp("export") / "student")
     return student.eval(), directory
 

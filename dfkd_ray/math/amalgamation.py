@@ -49,7 +49,7 @@ def normalized_weights(weights: torch.Tensor, dim: int = -1, eps: float = 1e-12)
     return torch.where(total > eps, weights / total.clamp_min(eps), uniform)
 
 
-def kd_teacher_weights(confidences: torch.Tensor, power: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
+def kd_teacher_weights(confidences: torch.Tensor, power: float, eps: float = 1e-12) -> torch.Tensor:
     """The KD weights of the teachers from their confidences: ``wbar_k = c_k^gamma / sum_j c_j^gamma``.
 
     StrataNet (section 5, the KL term) weights the teachers by "confidence" without saying how
@@ -126,8 +126,8 @@ class BlockAmalgamation(nn.Module):
         share_layer: one Transformer layer for all blocks (``share_st_layer``).
     """
 
-    def __init__(self, teacher_dims: Sequence[int], num_blocks: int, dim: int, heads: int = 4, fusion: str = "st",
-                 dropout: float = 0.0, share_layer: bool = False):
+    def __init__(self, teacher_dims: Sequence[int], num_blocks: int, dim: int, *, heads: int, fusion: str,
+                 dropout: float, share_layer: bool):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")

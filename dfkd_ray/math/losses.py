@@ -15,8 +15,9 @@ combination"): teacher ``k``'s tempered softmax over its OWN ``C_k`` labels, ``s
 is scattered to its global ids (``UnionLabelSpace.teacher_to_global``); a class the teacher does not
 know gets probability 0 from it, so it never votes against classes outside its expertise (the
 paper's single-teacher baseline also assigns 0 to such classes). The per-teacher distributions are
-mixed with weights ``wbar_k = c_k / sum_j c_j`` from each sample's confidences (uniform if all are
-0), so ``p_T`` sums to 1 and a label shared by several teachers collects mass from each of them.
+mixed with weights ``wbar_k`` from each sample's confidences (``c_k^gamma / sum_j c_j^gamma``,
+:func:`~dfkd_ray.math.amalgamation.kd_teacher_weights`; uniform if all are 0), so ``p_T`` sums to 1
+and a label shared by several teachers collects mass from each of them.
 Pure torch.
 """
 

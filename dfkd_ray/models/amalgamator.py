@@ -1,11 +1,11 @@
-"""One amalgamation step (StrataNet sections 4.3-5), callable by the Ray Train loop, benchmarks and tests.
+"""One amalgamation step (StrataNet sections 4.3-5), callable by the training step, benchmarks and tests.
 
 Per batch of transfer texts:
 
 1. every teacher runs under ``no_grad`` -> :class:`~dfkd_ray.math.blocks.TeacherOutput` (logits over
    its own labels, ``N`` block features);
-2. each teacher's fitted :class:`~dfkd_ray.math.confidence.ConfidenceEstimator` gives ``c_k^b``
-   ``(B, N)`` (Eq. 2-4);
+2. each teacher's fitted :class:`~dfkd_ray.confidence.ConfidenceEstimator` gives ``c_k^b`` ``(B, N)``
+   (Eq. 2-4);
 3. :class:`Amalgamator` (the trainable part: student + ST-amalg, so that one DDP wrapper covers
    both) computes the amalgamated targets (Eq. 5-6), the block loss (Eq. 7), the KD loss against the
    confidence-weighted union-space teacher distribution, and the total (Eq. 8).
@@ -13,14 +13,14 @@ Per batch of transfer texts:
 The KD weights of teacher ``k`` come from its confidence at the LAST block, ``c_k^N``: the block that
 holds the layers the classifier reads (the paper weights "teacher models" without saying which
 block's score; for MSP every block carries the same final-layer score anyway), raised to
-``kd_confidence_power`` and normalised (:func:`~dfkd_ray.math.amalgamation.kd_teacher_weights`).
+``amalgamation.kd_confidence_power`` and normalised (:func:`~dfkd_ray.math.amalgamation.kd_teacher_weights`).
 
 Example (CPU)::
 
-    student = Student.from_pretrained(student_dir, labels=space.names, amalg_dim=cfg.amalg_dim)
-    teachers = {n: Teacher.from_pretrained(n, p, num_blocks=student.num_blocks) for n, p in dirs.items()}
-    estimators = fit_estimators(teachers, heldout_texts, heldout_classes, cfg=cfg)
-    model = Amalgamator.build(student, teachers, space, cfg)
+    student = Student.from_config(cfg.student, labels=space.names, amalg_dim=cfg.amalgamation.amalg_dim)
+    teachers = load_teachers(cfg.teachers, num_blocks=student.num_blocks)
+    estimators = fit_estimators(teachers, heldout_texts, heldout_classes, cfg.amalgamation, seed=cfg.seed)
+    model = Amalgamator.build(student, teachers, space, cfg.amalgamation)
     losses = amalgamation_step(model, texts, teachers=teachers, estimators=estimators)
     losses["loss"].backward()
 """
@@ -37,31 +37,22 @@ from dfkd_ray.config import AmalgamationConfig
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.math.amalgamation import BlockAmalgamation, kd_teacher_weights
 from dfkd_ray.math.blocks import TeacherOutput
-from dfkd_ray.math.confidence import ConfidenceEstimator
 from dfkd_ray.math.losses import block_loss, kd_loss, total_loss, union_target
 from dfkd_ray.models.student import Student
+from dfkd_ray.models.teacher import run_teachers
 
 
 class Amalgamator(nn.Module):
-    """Student + block fusion module; ``forward`` returns the StrataNet losses.
+    """Student + block fusion module; ``forward`` returns the StrataNet losses and the KD weights.
 
-    Args:
-        student: the :class:`Student` (its ``num_blocks`` = teachers' ``N``).
-        fusion: :class:`~dfkd_ray.math.amalgamation.BlockAmalgamation` built for the teachers'
-            widths in ``teacher_names`` order and ``D`` = ``student.amalg_dim``.
-        label_space: the union label space (student's labels must be its names).
-        teacher_names: teacher order of every list input.
-        alpha, beta, temperature: Eq. 8 weights and the KD temperature.
-        kd_power: ``gamma`` of the KD teacher weights ``c_k^gamma / sum_j c_j^gamma``.
-
-    The constructor's defaults are the paper's literal reading (``kd_power`` 1, uncentred block loss);
-    :meth:`build` takes the config's, whose defaults were chosen on AG News (``kd_confidence_power`` 64,
-    ``center_block_loss`` true; see :class:`~dfkd_ray.config.AmalgamationConfig`).
+    Build it with :meth:`build`. The constructor takes an already built ``fusion``
+    (:class:`~dfkd_ray.math.amalgamation.BlockAmalgamation` for the teachers' widths in
+    ``teacher_names`` order and ``D`` = ``student.amalg_dim``) and reads ``alpha``, ``beta``,
+    ``temperature``, ``kd_confidence_power``, ``center_block_loss`` and ``train_fusion`` from ``cfg``.
     """
 
     def __init__(self, student: Student, fusion: BlockAmalgamation, label_space: UnionLabelSpace,
-                 teacher_names: Sequence[str], *, alpha: float = 1.0, beta: float = 1.0, temperature: float = 0.75,
-                 train_fusion: bool = True, center_blocks: bool = False, kd_power: float = 1.0):
+                 teacher_names: Sequence[str], cfg: AmalgamationConfig):
         super().__init__()
         self.teacher_names = list(teacher_names)
         if not self.teacher_names:
@@ -77,40 +68,26 @@ class Amalgamator(nn.Module):
             raise ValueError(f"fusion has N = {fusion.num_blocks} blocks, the student {student.num_blocks}")
         if fusion.dim != student.amalg_dim:
             raise ValueError(f"fusion width D = {fusion.dim} differs from the student's projections ({student.amalg_dim})")
-        if temperature <= 0 or alpha < 0 or beta < 0 or kd_power < 0:
-            raise ValueError(f"need temperature > 0, alpha >= 0, beta >= 0, kd_power >= 0; got {temperature}, "
-                             f"{alpha}, {beta}, {kd_power}")
-        self.student, self.fusion = student, fusion
+        self.student, self.fusion, self.cfg = student, fusion, cfg
         self.num_labels = label_space.num_labels
-        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
-        self.train_fusion = bool(train_fusion)
-        self.center_blocks = bool(center_blocks)
-        self.kd_power = float(kd_power)
-        if not self.train_fusion:
+        if not cfg.train_fusion:
             fusion.requires_grad_(False)  # fixed targets: no collapse (see forward), and nothing for DDP to sync
         for i, name in enumerate(self.teacher_names):
             self.register_buffer(f"label_index_{i}", torch.tensor(label_space.teacher_to_global[name]), persistent=False)
 
     @classmethod
     def build(cls, student: Student, teachers: Mapping[str, object], label_space: UnionLabelSpace,
-              cfg: Optional[AmalgamationConfig] = None) -> "Amalgamator":
-        """From the config: ``teachers`` maps names (in order) to :class:`Teacher` objects or hidden sizes."""
-        cfg = cfg or AmalgamationConfig()
+              cfg: AmalgamationConfig) -> "Amalgamator":
+        """``teachers`` maps names (in order) to :class:`Teacher` objects or hidden sizes."""
         if student.amalg_dim != cfg.amalg_dim:
             raise ValueError(f"student projections have D = {student.amalg_dim}, config amalg_dim = {cfg.amalg_dim}")
         dims = [t if isinstance(t, int) else int(getattr(t, "hidden_size")) for t in teachers.values()]
-        fusion = BlockAmalgamation(dims, student.num_blocks, cfg.amalg_dim, cfg.amalg_heads, cfg.fusion,
+        fusion = BlockAmalgamation(dims, student.num_blocks, cfg.amalg_dim, heads=cfg.amalg_heads, fusion=cfg.fusion,
                                    dropout=cfg.amalg_dropout, share_layer=cfg.share_st_layer).to(student.device)
-        return cls(student, fusion, label_space, list(teachers), alpha=cfg.alpha, beta=cfg.beta,
-                   temperature=cfg.temperature, train_fusion=cfg.train_fusion,
-                   center_blocks=cfg.center_block_loss, kd_power=cfg.kd_confidence_power)
+        return cls(student, fusion, label_space, list(teachers), cfg)
 
     def label_index(self, i: int) -> torch.Tensor:
         return getattr(self, f"label_index_{i}")
-
-    def kd_weights(self, confidences: Sequence[torch.Tensor]) -> torch.Tensor:
-        """K confidences ``(B, N)`` -> ``(B, K)`` KD teacher weights from the last block's ``c_k^N``."""
-        return kd_teacher_weights(torch.stack([c[:, -1] for c in confidences], dim=-1), self.kd_power)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 teacher_states: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
@@ -124,15 +101,17 @@ class Amalgamator(nn.Module):
             confidences: K tensors ``(B, N)`` in ``[0, 1]``.
 
         Returns:
-            ``loss`` (Eq. 8), ``block`` (Eq. 7), ``kd``; detached diagnostics ``agreement`` (share of
-            the batch where the student's and the target's argmax agree) and ``target_spread`` (see
-            below); all scalars.
+            ``loss`` (Eq. 8), ``block`` (Eq. 7), ``kd``; ``kd_weights`` ``(B, K)``, the teacher weights
+            ``wbar_k`` the KD target used; detached diagnostics ``agreement`` (share of the batch where
+            the student's and the target's argmax agree) and ``target_spread`` (see below); all but
+            ``kd_weights`` are scalars.
 
         Both sides of Eq. 7 are trainable (student projections and ST-amalg), so a fusion module that
         maps every input to one constant vector is a trivial minimum of ``L_block``; the paper does not
         discuss it. ``target_spread`` = 1 - ||batch mean of the unit targets||, averaged over blocks,
         watches for it: it falls to 0 when the targets collapse.
         """
+        cfg = self.cfg
         k = len(self.teacher_names)
         if not (len(teacher_states) == len(teacher_logits) == len(confidences) == k):
             raise ValueError(f"expected inputs of {k} teachers {self.teacher_names}, got {len(teacher_states)} "
@@ -145,19 +124,21 @@ class Amalgamator(nn.Module):
                 raise ValueError(f"teacher {name!r} has batch size {h.shape[0]}, the student {input_ids.shape[0]}")
         s = self.student(input_ids, attention_mask, token_type_ids)  # logits (B, C), projections (B, N, D)
         a = self.fusion(teacher_states, confidences)  # (B, N, D) amalgamated targets, Eq. 5-6
-        if not self.train_fusion:
+        if not cfg.train_fusion:
             a = a.detach()
-        l_block = block_loss(s.projections, a, center=self.center_blocks)  # Eq. 7
-        w = self.kd_weights(confidences)  # (B, K) wbar_k from c_k^N
+        l_block = block_loss(s.projections, a, center=cfg.center_block_loss)  # Eq. 7
+        w = kd_teacher_weights(torch.stack([c[:, -1] for c in confidences], dim=-1),
+                               cfg.kd_confidence_power)  # (B, K) wbar_k from c_k^N
         p_t = union_target(teacher_logits, [self.label_index(i) for i in range(k)], w, self.num_labels,
-                           self.temperature)  # (B, C)
-        l_kd = kd_loss(s.logits, p_t, self.temperature)
-        loss = total_loss(l_block, l_kd, self.alpha, self.beta)  # Eq. 8
+                           cfg.temperature)  # (B, C)
+        l_kd = kd_loss(s.logits, p_t, cfg.temperature)
+        loss = total_loss(l_block, l_kd, cfg.alpha, cfg.beta)  # Eq. 8
         with torch.no_grad():
             agreement = (s.logits.argmax(-1) == p_t.argmax(-1)).float().mean()
             # 1 - |batch mean of unit targets|, averaged over blocks: 0 when every input gets the same target
             target_spread = 1.0 - F.normalize(a.float(), dim=-1).mean(0).norm(dim=-1).mean()
-        return {"loss": loss, "block": l_block, "kd": l_kd, "agreement": agreement, "target_spread": target_spread}
+        return {"loss": loss, "block": l_block, "kd": l_kd, "kd_weights": w.detach(), "agreement": agreement,
+                "target_spread": target_spread}
 
 
 def _texts(batch) -> list[str]:
@@ -171,18 +152,7 @@ def _texts(batch) -> list[str]:
     return texts
 
 
-def run_teachers(teachers: Mapping[str, object], texts: Sequence[str],
-                 names: Optional[Sequence[str]] = None) -> dict[str, TeacherOutput]:
-    """Every (frozen) teacher on the batch, under ``no_grad``."""
-    names = list(names or teachers)
-    missing = [n for n in names if n not in teachers]
-    if missing:
-        raise ValueError(f"no loaded teacher for {missing} (have {list(teachers)})")
-    with torch.no_grad():
-        return {n: teachers[n](list(texts)) for n in names}
-
-
-def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, ConfidenceEstimator],
+def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, object],
                       teachers: Optional[Mapping[str, object]] = None,
                       teacher_outputs: Optional[Mapping[str, TeacherOutput]] = None) -> dict[str, torch.Tensor]:
     """Losses of one batch: teachers (no grad) -> confidences -> ST-amalg -> Eq. 7 + KD -> Eq. 8.
@@ -191,7 +161,7 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, Confi
         model: an :class:`Amalgamator`, or one wrapped by DDP (its ``forward`` is what runs, so
             gradients are synchronised).
         batch: texts, or a mapping with a ``text`` column (a Ray Data batch).
-        estimators: fitted confidence statistics for every teacher.
+        estimators: every teacher's fitted :class:`~dfkd_ray.confidence.ConfidenceEstimator`.
         teachers: loaded teachers (``Teacher`` or anything returning ``TeacherOutput`` for texts);
             not needed when ``teacher_outputs`` are given.
         teacher_outputs: the teachers' outputs on this batch, already computed.
@@ -199,7 +169,8 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, Confi
     Returns:
         ``loss``, ``block``, ``kd`` (with gradients), the detached diagnostics ``agreement`` and
         ``target_spread`` (:meth:`Amalgamator.forward`), and per teacher ``confidence/<name>`` (mean
-        ``c_k^b`` over batch and blocks) and ``kd_weight/<name>`` (mean normalised KD weight).
+        ``c_k^b`` over batch and blocks) and ``kd_weight/<name>`` (mean KD weight the target used);
+        all scalars.
     """
     net = getattr(model, "module", model)
     names = net.teacher_names
@@ -221,66 +192,9 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, Confi
     losses = model(**net.student.tokenize(texts),
                    teacher_states=[o.block_states.detach().to(device) for o in outs],
                    teacher_logits=[o.logits.detach().to(device) for o in outs], confidences=conf)
+    w = losses.pop("kd_weights")  # (B, K)
     with torch.no_grad():
-        w = net.kd_weights(conf)  # (B, K), the weights the KD target used
         for i, n in enumerate(names):
             losses[f"confidence/{n}"] = conf[i].mean()
             losses[f"kd_weight/{n}"] = w[:, i].mean()
     return losses
-
-
-def collect_outputs(teacher, texts: Sequence[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """A teacher's block states ``(M, N, H)`` and logits ``(M, C)`` on ``texts``, in batches, on CPU."""
-    if not texts:
-        raise ValueError("no texts to run the teacher on")
-    states, logits = [], []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            out = teacher(list(texts[i:i + batch_size]))
-            states.append(out.block_states.float().cpu())
-            logits.append(out.logits.float().cpu())
-    return torch.cat(states), torch.cat(logits)
-
-
-def fit_estimators(teachers: Mapping[str, object], texts: Mapping[str, Sequence[str]],
-                   classes: Optional[Mapping[str, Sequence[int]]] = None, *, cfg: Optional[AmalgamationConfig] = None,
-                   seed: int = 0, batch_size: int = 64) -> dict[str, ConfidenceEstimator]:
-    """Fit each teacher's confidence statistics on its held-out pseudo-data ``D_k'`` (section 5.1).
-
-    With ``confidence: rmd`` and ``rmd_background: all_teachers`` (the defaults) each teacher also
-    runs on the *other* teachers' held-out texts, and its background Gaussian is fitted on all of
-    them (:meth:`ConfidenceEstimator.fit`, ``background_states``).
-
-    Args:
-        teachers: loaded teachers by name.
-        texts: each teacher's held-out texts (transfer-set rows with ``heldout`` and ``teacher == k``).
-        classes: each teacher's class of those texts (``teacher_class``); ``None``, or a teacher
-            missing from it, uses the teacher's own argmax.
-        cfg: ``confidence``, ``shrinkage``, ``confidence_transform``, ``confidence_center``,
-            ``confidence_center_sd``, ``confidence_quantile``, ``calibration_fraction``,
-            ``calibration_folds``, ``calibration_repeats``, ``rmd_background`` are read from it
-            (defaults when ``None``).
-    """
-    cfg = cfg or AmalgamationConfig()
-    missing = [n for n in teachers if n not in texts]
-    if missing:
-        raise ValueError(f"no held-out texts for teachers {missing}")
-    shared_background = cfg.confidence == "rmd" and cfg.rmd_background == "all_teachers" and len(teachers) > 1
-    estimators = {}
-    for name, teacher in teachers.items():
-        others = [t for n in teachers if n != name for t in texts[n]] if shared_background else []
-        states, logits = collect_outputs(teacher, list(texts[name]) + others, batch_size)  # (M + M_o, N, H)
-        m = len(texts[name])
-        background, states, logits = (states[m:] if others else None), states[:m], logits[:m]
-        labels = None
-        if classes is not None and name in classes:
-            labels = torch.as_tensor(list(classes[name]), dtype=torch.long)
-            if labels.shape[0] != states.shape[0]:
-                raise ValueError(f"teacher {name!r}: {labels.shape[0]} classes for {states.shape[0]} texts")
-        estimators[name] = ConfidenceEstimator.fit(
-            states, logits, labels, method=cfg.confidence, shrinkage=cfg.shrinkage,
-            transform=cfg.confidence_transform, quantile=cfg.confidence_quantile, center=cfg.confidence_center,
-            center_sd=cfg.confidence_center_sd, calibration_fraction=cfg.calibration_fraction,
-            calibration_folds=cfg.calibration_folds, calibration_repeats=cfg.calibration_repeats, seed=seed,
-            background_states=background)
-    return estimators

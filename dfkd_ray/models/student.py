@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from dfkd_ray.config import StudentConfig
 from dfkd_ray.math.blocks import partition_layers, pool_blocks
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,12 @@ class StudentOutput:
 class Student(nn.Module):
     """A HF sequence classifier over the union labels plus per-block projections ``P^b: H_s -> D``.
 
-    Build with :meth:`from_pretrained` or :meth:`from_config`. ``forward`` takes token ids (so DDP can
+    Build with :meth:`from_config`. ``forward`` takes token ids (so DDP can
     wrap the module); :meth:`encode` takes raw texts.
     """
 
     def __init__(self, model: nn.Module, tokenizer, labels: Sequence[str], kept_layers: Sequence[int], *,
-                 amalg_dim: int, num_blocks: Optional[int] = None, max_length: int = 128):
+                 amalg_dim: int, num_blocks: Optional[int], max_length: int):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -146,27 +147,26 @@ class Student(nn.Module):
         self._accepts_token_types = getattr(cfg, "type_vocab_size", 1) > 1
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, labels: Sequence[str], amalg_dim: int,
-                        layers: Optional[Sequence[int]] = None, num_layers: Optional[int] = None,
-                        num_blocks: Optional[int] = None, dropout: float = 0.2, max_length: int = 128,
-                        trust_remote_code: bool = False) -> "Student":
-        """Build from a local encoder (or classifier) directory with its tokenizer.
+    def from_config(cls, cfg: StudentConfig, *, labels: Sequence[str], amalg_dim: int,
+                    num_blocks: Optional[int] = None) -> "Student":
+        """Build from the ``student`` section: its encoder (or classifier) directory ``path`` with its
+        tokenizer, the kept ``layers`` / ``num_layers`` (see the module docstring), classifier
+        ``dropout`` and tokenizer ``max_length``.
 
         Args:
-            path: HF directory (``config.json``, weights, tokenizer).
+            cfg: the :class:`~dfkd_ray.config.StudentConfig` (``path`` must be set).
             labels: the union label names, in global id order.
-            amalg_dim: ``D``.
-            layers / num_layers: which layers to keep (see the module docstring); neither keeps all.
+            amalg_dim: ``D`` (``amalgamation.amalg_dim``).
             num_blocks: ``N``; default the kept depth.
-            dropout: classifier dropout (paper appendix: 0.2).
-            max_length: truncation of the student's tokenizer.
         """
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+        if cfg.path is None:
+            raise ValueError("student.path is not set: point it at a local HF encoder directory")
         if not labels:
             raise ValueError("the student needs at least one label")
-        path = Path(path)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        path = Path(cfg.path)
+        config = AutoConfig.from_pretrained(path)
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}
@@ -174,33 +174,23 @@ class Student(nn.Module):
         if dropout_field is None:
             log.warning("student %s: %s has no classifier dropout setting; using its default", path, type(config).__name__)
         else:
-            setattr(config, dropout_field, float(dropout))
+            setattr(config, dropout_field, float(cfg.dropout))
         total = int(config.num_hidden_layers)
-        keep = select_layers(total, layers, num_layers)
+        keep = select_layers(total, cfg.layers, cfg.num_layers)
         # Encoder weights only: a fine-tuned classifier directory's old head (other labels) is never reused.
-        encoder = AutoModel.from_pretrained(path, config=config, dtype=torch.float32,
-                                            trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code).float()
+        encoder = AutoModel.from_pretrained(path, config=config, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_config(config).float()
         missing, _ = model.base_model.load_state_dict(encoder.state_dict(), strict=False)  # extra: e.g. an unused pooler
         if missing:
             raise ValueError(f"student {path}: the encoder lacks weights the classifier needs: {missing[:5]}")
         del encoder
         if len(keep) < total:
             keep_layers(model, keep)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         return cls(model.train(), tokenizer, labels, keep, amalg_dim=amalg_dim, num_blocks=num_blocks,
-                   max_length=max_length)
-
-    @classmethod
-    def from_config(cls, cfg, *, labels: Sequence[str], amalg_dim: int, num_blocks: Optional[int] = None) -> "Student":
-        """From a :class:`~dfkd_ray.config.StudentConfig` (``path`` must be set)."""
-        if cfg.path is None:
-            raise ValueError("student.path is not set: point it at a local HF encoder directory")
-        return cls.from_pretrained(cfg.path, labels=labels, amalg_dim=amalg_dim, layers=cfg.layers,
-                                   num_layers=cfg.num_layers, num_blocks=num_blocks, dropout=cfg.dropout,
-                                   max_length=cfg.max_length)
+                   max_length=cfg.max_length)
 
     @property
     def device(self) -> torch.device:

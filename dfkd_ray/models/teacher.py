@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -135,3 +135,27 @@ def load_teachers(teachers: Sequence, *, num_blocks: int = 1, device: str | torc
     return {t.name: Teacher.from_pretrained(t.name, t.path, num_blocks=num_blocks, max_length=t.max_length,
                                             device=device, dtype=t.dtype, trust_remote_code=t.trust_remote_code)
             for t in teachers}
+
+
+def run_teachers(teachers: Mapping[str, object], texts: Sequence[str],
+                 names: Optional[Sequence[str]] = None) -> dict[str, TeacherOutput]:
+    """Every (frozen) teacher on one batch, under ``no_grad``; ``names`` picks and orders them."""
+    names = list(names or teachers)
+    missing = [n for n in names if n not in teachers]
+    if missing:
+        raise ValueError(f"no loaded teacher for {missing} (have {list(teachers)})")
+    with torch.no_grad():
+        return {n: teachers[n](list(texts)) for n in names}
+
+
+def collect_outputs(teacher, texts: Sequence[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's block states ``(M, N, H)`` and logits ``(M, C)`` on ``texts``, in batches, float32 on CPU."""
+    if not texts:
+        raise ValueError("no texts to run the teacher on")
+    states, logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            out = teacher(list(texts[i:i + batch_size]))
+            states.append(out.block_states.float().cpu())
+            logits.append(out.logits.float().cpu())
+    return torch.cat(states), torch.cat(logits)

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import ray
 
 from dfkd_ray.config import JobConfig
-from dfkd_ray.train.loop import StepPlan, student_num_blocks
+from dfkd_ray.train.epochs import StepPlan, student_num_blocks
 from dfkd_ray.orchestration.runtime import worker_device, worker_print
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
 from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
@@ -74,8 +74,7 @@ def confidence_description(cfg: JobConfig, transfer_dir: Path, rows_dir: Path | 
 
 
 def _fit_confidence_task(cfg: JobConfig, rows_dir: str, out: str, use_gpu: bool) -> dict:
-    from dfkd_ray.train.loop import fit_confidence
-    from dfkd_ray.math.confidence import save_estimators
+    from dfkd_ray.confidence import fit_confidence, save_estimators
     from dfkd_ray.models.teacher import load_teachers
 
     teachers = load_teachers(cfg.teachers, num_blocks=student_num_blocks(cfg), device=worker_device(use_gpu))
@@ -146,8 +145,10 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from dfkd_ray.train.loop import Distiller, MetricsLog, iterate_epochs, iterate_stream, prefetch
-    from dfkd_ray.math.confidence import load_estimators
+    from dfkd_ray.confidence import load_estimators
+    from dfkd_ray.train.epochs import iterate_epochs, iterate_stream, prefetch
+    from dfkd_ray.train.metrics import MetricsLog
+    from dfkd_ray.train.step import Distiller
 
     cfg = config["job"]
     plan = StepPlan(**config["plan"])

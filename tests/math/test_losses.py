@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfkd_ray.math.losses import block_loss, kd_loss, total_loss, union_target
+from dfkd_ray.math.losses import block_loss, concat_target, kd_loss, total_loss, union_target
 
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
@@ -123,3 +123,26 @@ def test_bad_inputs_raise_clear_errors():
         kd_loss(torch.randn(2, 3), torch.rand(2, 4))
     with pytest.raises(ValueError, match=r"\(B, N, D\)"):
         block_loss(torch.randn(2, 3, 4), torch.randn(2, 2, 4))
+
+
+def test_concat_target_is_one_softmax_over_all_teachers():
+    z1, z2 = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, -1.0, 3.0]])
+    idx = [torch.tensor([0, 1]), torch.tensor([2, 1, 3])]  # label 1 shared by both teachers
+    p = concat_target([z1, z2], idx, 4, temperature=0.5)
+    q = torch.softmax(torch.tensor([2.0, 0.0, 1.0, -1.0, 3.0]) / 0.5, -1)
+    assert torch.allclose(p[0], torch.stack([q[0], q[1] + q[3], q[2], q[4]]))
+    assert torch.allclose(p.sum(-1), torch.ones(1))
+    with pytest.raises(ValueError, match="label indices"):
+        concat_target([z1], [torch.tensor([0, 9])], 4)
+
+
+def test_centred_block_loss_ignores_a_shared_component():
+    g = torch.Generator().manual_seed(0)
+    s, a = torch.randn(6, 2, 8, generator=g), torch.randn(6, 2, 8, generator=g)
+    shift = 50 * torch.randn(1, 2, 8, generator=g)  # one vector added to every target
+    assert torch.allclose(block_loss(s, a + shift, center=True), block_loss(s, a, center=True), atol=1e-4)
+    assert not torch.allclose(block_loss(s, a + shift), block_loss(s, a), atol=1e-2)
+    # matching only the shared part: zero uncentred loss is reachable by a constant, not the centred one
+    assert block_loss(shift.expand(6, 2, 8), a + shift) < 0.5 < block_loss(shift.expand(6, 2, 8) + 1e-3 * s, a + shift, center=True)
+    with pytest.raises(ValueError, match="at least 2"):
+        block_loss(s[:1], a[:1], center=True)

@@ -1,5 +1,5 @@
-"""ST-amalg and its ablations (StrataNet Eq. 5-6, section 7.1.2), and the full amalgamation step with the
-heterogeneous fixture teachers (alpha: BERT 2 layers x 32; beta: DistilBERT 3 layers x 48)."""
+"""The full amalgamation step with the heterogeneous fixture teachers (alpha: BERT 2 layers x 32; beta:
+DistilBERT 3 layers x 48): losses, KD weights, gradients, errors, DDP."""
 
 from __future__ import annotations
 
@@ -12,160 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfkd_ray.config import AmalgamationConfig
+from dfkd_ray.config import AmalgamationConfig, StudentConfig
+from dfkd_ray.confidence import fit_estimators
 from dfkd_ray.labels import UnionLabelSpace
-from dfkd_ray.math.amalgamation import BlockAmalgamation, normalized_weights
-from dfkd_ray.math.losses import kd_loss
-
-DIMS = (32, 48, 20)
-N, D, B = 3, 16, 5
+from dfkd_ray.math.amalgamation import kd_teacher_weights
+from dfkd_ray.math.losses import kd_loss, union_target
+from dfkd_ray.models.amalgamator import Amalgamator, amalgamation_step
+from dfkd_ray.models.student import Student
+from dfkd_ray.models.teacher import run_teachers
 
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
-
-
-def inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    states = [torch.randn(B, N, h, generator=g) for h in DIMS]  # K x (B, N, H_k)
-    conf = [torch.rand(B, N, generator=g) for _ in DIMS]  # K x (B, N)
-    return states, conf
-
-
-# --------------------------------------------------------------------------------------------
-# the module on hand-made tensors
-
-
-@pytest.mark.parametrize("fusion", ["st", "mul", "no_st"])
-@pytest.mark.parametrize("share", [False, True])
-def test_shapes_with_heterogeneous_widths(fusion, share):
-    m = BlockAmalgamation(DIMS, N, D, heads=4, fusion=fusion, share_layer=share)
-    states, conf = inputs()
-    out = m(states, conf)
-    assert out.shape == (B, N, D) and torch.isfinite(out).all()
-
-
-def test_share_layer_uses_one_transformer_layer():
-    per_block = BlockAmalgamation(DIMS, N, D, fusion="st")
-    shared = BlockAmalgamation(DIMS, N, D, fusion="st", share_layer=True)
-    assert len(per_block.layers) == N and len(shared.layers) == 1
-    assert shared.amalg_token.shape == (N, D)  # each block keeps its own [AMALG] token
-
-
-def test_st_enriches_with_confidence_so_a_zero_confidence_teacher_still_speaks():
-    m = BlockAmalgamation(DIMS, N, D, fusion="st").eval()
-    states, conf = inputs()
-    conf[1] = torch.zeros(B, N)
-    changed = list(states)
-    changed[1] = states[1] + 3.0 * torch.randn_like(states[1])
-    assert not torch.allclose(m(states, conf), m(changed, conf))  # Eq. 5 adds c u, it does not gate
-    other = [c.clone() for c in conf]
-    other[0] = 1.0 - other[0]
-    assert not torch.allclose(m(states, conf), m(states, other))  # confidence is an input
-
-
-def test_mul_multiplies_so_a_zero_confidence_teacher_is_silenced():
-    m = BlockAmalgamation(DIMS, N, D, fusion="mul").eval()
-    assert not hasattr(m, "conf_embed")
-    states, conf = inputs()
-    conf[1] = torch.zeros(B, N)
-    changed = list(states)
-    changed[1] = states[1] + 3.0 * torch.randn_like(states[1])
-    torch.testing.assert_close(m(states, conf), m(changed, conf))
-    # and the token is exactly c * W LN(h): scaling one teacher's confidence changes the output
-    half = [c.clone() for c in conf]
-    half[0] = 0.5 * conf[0]
-    assert not torch.allclose(m(states, conf), m(states, half))
-
-
-def test_no_st_is_a_linear_layer_over_the_confidence_weighted_mean():
-    m = BlockAmalgamation(DIMS, N, D, fusion="no_st").eval()
-    assert not hasattr(m, "layers") and not hasattr(m, "amalg_token")
-    states, conf = inputs()
-    w = normalized_weights(torch.stack(conf, -1))  # (B, N, K)
-    expected = torch.stack([
-        m.out[b](sum(w[:, b, k:k + 1] * m.proj[b][k](F.layer_norm(states[k][:, b], (DIMS[k],)))
-                     for k in range(len(DIMS))))
-        for b in range(N)], dim=1)  # (B, N, D)
-    torch.testing.assert_close(m(states, conf), expected)
-    # the weights are normalised: scaling every confidence by the same factor changes nothing
-    torch.testing.assert_close(m(states, [0.3 * c for c in conf]), expected)
-
-
-def test_fusions_differ_on_the_same_inputs():
-    states, conf = inputs()
-    outs = {}
-    for fusion in ("st", "mul", "no_st"):
-        torch.manual_seed(0)
-        outs[fusion] = BlockAmalgamation(DIMS, N, D, fusion=fusion).eval()(states, conf)
-    assert not torch.allclose(outs["st"], outs["mul"]) and not torch.allclose(outs["mul"], outs["no_st"])
-
-
-@pytest.mark.parametrize("fusion", ["st", "mul", "no_st"])
-def test_gradients_reach_every_parameter_and_not_the_inputs(fusion):
-    m = BlockAmalgamation(DIMS, N, D, fusion=fusion)
-    states, conf = inputs()
-    m(states, conf).pow(2).sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert all(h.grad is None and not h.requires_grad for h in states)
-
-
-def test_bad_inputs_raise_clear_errors():
-    m = BlockAmalgamation(DIMS, N, D)
-    states, conf = inputs()
-    with pytest.raises(ValueError, match="K = 0"):
-        m([], [])
-    with pytest.raises(ValueError, match="K = 0"):
-        BlockAmalgamation([], N, D)
-    with pytest.raises(ValueError, match="confidences of 2"):
-        m(states, conf[:2])
-    with pytest.raises(ValueError, match="built for 3 teachers"):
-        m(states[:2], conf[:2])
-    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
-        m(states, [conf[0] + 1.5] + conf[1:])
-    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
-        m(states, [conf[0] * float("nan")] + conf[1:])
-    with pytest.raises(ValueError, match="hidden size 33"):
-        m([torch.randn(B, N, 33)] + states[1:], conf)
-    with pytest.raises(ValueError, match="disagree"):
-        m([states[0], torch.randn(B, N + 1, DIMS[1]), states[2]], conf)
-    with pytest.raises(ValueError, match="N = 4 blocks"):
-        m([torch.randn(B, 4, h) for h in DIMS], [torch.rand(B, 4) for _ in DIMS])
-    with pytest.raises(ValueError, match=r"\(B, N\)"):
-        m(states, [torch.rand(B, N + 1)] + conf[1:])
-    with pytest.raises(ValueError, match="unknown fusion"):
-        BlockAmalgamation(DIMS, N, D, fusion="concat")
-    with pytest.raises(ValueError, match="divisible"):
-        BlockAmalgamation(DIMS, N, 18, heads=4)
-
-
-def test_kd_teacher_weights_power_properties():
-    from dfkd_ray.math.amalgamation import kd_teacher_weights
-
-    c = torch.tensor([[0.84, 0.60, 0.10], [0.2, 0.2, 0.2], [0.0, 0.0, 0.0], [0.0, 0.5, 0.0], [1e-30, 1e-31, 0.0]])
-    torch.testing.assert_close(kd_teacher_weights(c, 1.0), normalized_weights(c))  # proportional (the paper)
-    torch.testing.assert_close(kd_teacher_weights(c, 0.0), torch.full_like(c, 1 / 3))  # uniform mix
-    for power in (0.5, 2.0, 8.0, 1000.0):
-        w = kd_teacher_weights(c, power)
-        assert torch.isfinite(w).all() and (w >= 0).all()
-        torch.testing.assert_close(w.sum(-1), torch.ones(len(c)))
-        ref = c[0].double() ** power / (c[0].double() ** power).sum()  # float64: 0.84^1000 ~ 1e-76
-        torch.testing.assert_close(w[0], ref.float(), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(w[1:3], torch.full((2, 3), 1 / 3))  # ties and all-zero rows: uniform
-        torch.testing.assert_close(w[3], torch.tensor([0.0, 1.0, 0.0]))
-    # sharper with the power, and the top teacher alone in the limit (no underflow to an all-zero row)
-    tops = [kd_teacher_weights(c, p)[0, 0].item() for p in (1.0, 2.0, 8.0, 1000.0)]
-    assert tops == sorted(tops) and tops[-1] == pytest.approx(1.0)
-    assert kd_teacher_weights(c, 8.0)[0, 1].item() == pytest.approx(0.0635, abs=1e-3)  # the docstring's example
-    assert kd_teacher_weights(c, 1000.0)[4].argmax().item() == 0  # tiny confidences still order the teachers
-    with pytest.raises(ValueError, match="power"):
-        kd_teacher_weights(c, -1.0)
-    with pytest.raises(ValueError, match=r"\(B, K\)"):
-        kd_teacher_weights(c[0], 2.0)
-
-
-# --------------------------------------------------------------------------------------------
-# the whole step with real heterogeneous teachers
 
 
 TEXTS = ["the striker scored a goal in the final match", "simmer the garlic sauce in the skillet",
@@ -183,32 +40,26 @@ def heldout():
 
 @pytest.fixture(scope="module")
 def fitted(teachers, heldout):
-    from dfkd_ray.models.amalgamator import fit_estimators
-
     texts, classes = heldout
-    fits = {m: fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(confidence=m)) for m in ("rmd", "md", "msp")}
+    fits = {m: fit_estimators(teachers, texts, classes, AmalgamationConfig(confidence=m), seed=0)
+            for m in ("rmd", "md", "msp")}
     # centred lower, so that the two teachers' confidences differ on TEXTS at gamma 1 (the golden KD check)
-    fits["rmd_q95"] = fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(confidence_center="quantile",
-                                                                                     confidence_quantile=0.95))
+    fits["rmd_q95"] = fit_estimators(teachers, texts, classes, AmalgamationConfig(confidence_center="quantile",
+                                                                                 confidence_quantile=0.95), seed=0)
     return fits
 
 
 def build(synthetic_task, teachers, cfg: AmalgamationConfig, num_layers: int = 3):
-    from dfkd_ray.models.amalgamator import Amalgamator
-    from dfkd_ray.models.student import Student
-
     torch.manual_seed(0)
     space = UnionLabelSpace.from_teachers({n: t.labels for n, t in teachers.items()})
-    student = Student.from_pretrained(synthetic_task.student, labels=space.names, amalg_dim=cfg.amalg_dim,
-                                      num_layers=num_layers)
+    student = Student.from_config(StudentConfig(path=synthetic_task.student, num_layers=num_layers),
+                                  labels=space.names, amalg_dim=cfg.amalg_dim)
     return Amalgamator.build(student, teachers, space, cfg)
 
 
 @pytest.mark.parametrize("confidence", ["rmd", "md", "msp"])
 @pytest.mark.parametrize("fusion", ["st", "mul", "no_st"])
 def test_step_shapes_and_finite_losses(synthetic_task, teachers, fitted, confidence, fusion):
-    from dfkd_ray.models.amalgamator import amalgamation_step
-
     cfg = AmalgamationConfig(confidence=confidence, fusion=fusion, amalg_dim=16, amalg_heads=2)
     model = build(synthetic_task, teachers, cfg)
     losses = amalgamation_step(model, TEXTS, teachers=teachers, estimators=fitted[confidence])
@@ -223,34 +74,12 @@ def test_step_shapes_and_finite_losses(synthetic_task, teachers, fitted, confide
     assert all(not v.requires_grad for k, v in losses.items() if k not in ("loss", "block", "kd"))
 
 
-def test_fit_estimators_fits_each_rmd_background_on_every_teachers_heldout_texts(teachers, heldout, fitted):
-    """rmd_background all_teachers (default): teacher k's background Gaussian uses its own features of
-    all teachers' held-out texts; own: its texts only; md has none."""
-    from dfkd_ray.math.confidence import fit_gaussians
-    from dfkd_ray.models.amalgamator import collect_outputs, fit_estimators
-
-    texts, classes = heldout
-    own = fit_estimators(teachers, texts, classes, cfg=AmalgamationConfig(rmd_background="own"))
-    for name, teacher in teachers.items():
-        others = [t for n in teachers if n != name for t in texts[n]]
-        assert fitted["rmd"][name].meta["num_background"] == len(others) > 0
-        assert own[name].meta["num_background"] == fitted["md"][name].meta["num_background"] == 0
-        states, _ = collect_outputs(teacher, texts[name] + others)  # (M + M_o, N, H)
-        m = len(texts[name])
-        b = states.shape[1] - 1
-        ref = fit_gaussians(states[:m, b], torch.tensor(classes[name]), len(teacher.labels), 0.1,
-                            background=states[:, b])
-        torch.testing.assert_close(fitted["rmd"][name].tensors["bg_mean"][b], ref["bg_mean"])
-        torch.testing.assert_close(own[name].tensors["precision"][b], fitted["rmd"][name].tensors["precision"][b])
-
-
 def test_rmd_weights_each_teacher_up_on_its_own_topics(synthetic_task, teachers, fitted):
     """A teacher's KD weight and confidence are higher on its own topics than on the other teacher's.
 
     Compared across topics rather than against fixed levels: the synthetic teachers are trained at
     fixture build time and their exact confidences vary between builds (thread counts).
     """
-    from dfkd_ray.models.amalgamator import amalgamation_step
     from dfkd_ray.synthetic import TEACHER_TOPICS, labelled_sentences
 
     model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2))
@@ -263,8 +92,6 @@ def test_rmd_weights_each_teacher_up_on_its_own_topics(synthetic_task, teachers,
 
 
 def test_step_gradients_reach_student_projections_and_fusion_never_teachers(synthetic_task, teachers, fitted):
-    from dfkd_ray.models.amalgamator import amalgamation_step, run_teachers
-
     model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2))
     before = {n: {k: v.clone() for k, v in t.model.state_dict().items()} for n, t in teachers.items()}
     outputs = run_teachers(teachers, TEXTS)
@@ -286,8 +113,6 @@ def test_step_gradients_reach_student_projections_and_fusion_never_teachers(synt
 
 
 def test_precomputed_teacher_outputs_give_the_same_losses(synthetic_task, teachers, fitted):
-    from dfkd_ray.models.amalgamator import amalgamation_step, run_teachers
-
     model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2)).eval()
     a = amalgamation_step(model, {"text": TEXTS}, teachers=teachers, estimators=fitted["rmd"])
     b = amalgamation_step(model, TEXTS, teacher_outputs=run_teachers(teachers, TEXTS), estimators=fitted["rmd"])
@@ -299,10 +124,6 @@ def test_precomputed_teacher_outputs_give_the_same_losses(synthetic_task, teache
 def test_step_kd_is_against_the_confidence_weighted_union_target(synthetic_task, teachers, fitted, power):
     """Golden check of the KD term with heterogeneous teachers: weights are the last block's c_k^N raised
     to ``kd_confidence_power`` and normalised."""
-    from dfkd_ray.math.amalgamation import kd_teacher_weights
-    from dfkd_ray.math.losses import union_target
-    from dfkd_ray.models.amalgamator import amalgamation_step, run_teachers
-
     cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2, kd_confidence_power=power)
     model = build(synthetic_task, teachers, cfg).eval()
     losses = amalgamation_step(model, TEXTS, teachers=teachers, estimators=fitted["rmd_q95"])
@@ -326,20 +147,48 @@ def test_step_kd_is_against_the_confidence_weighted_union_target(synthetic_task,
     assert abs(losses["kd"].item() - kd_loss(z_s, uniform, cfg.temperature).item()) > 1e-3
 
 
-def test_two_identical_teachers_make_the_kd_target_that_teachers_distribution(synthetic_task, teachers, heldout):
-    from dfkd_ray.models.amalgamator import Amalgamator, amalgamation_step, fit_estimators
-    from dfkd_ray.models.student import Student
+def test_forward_returns_the_kd_weights_it_used(synthetic_task, teachers, fitted):
+    """``kd_weights`` (B, K) are the last block's confidences through ``kd_confidence_power``; the step
+    logs their batch means instead of computing them again."""
+    cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2, kd_confidence_power=8.0)
+    model = build(synthetic_task, teachers, cfg).eval()
+    outs = run_teachers(teachers, TEXTS)
+    conf = [fitted["rmd_q95"][n](outs[n]) for n in model.teacher_names]  # K x (B, N)
+    out = model(**model.student.tokenize(TEXTS), teacher_states=[outs[n].block_states for n in model.teacher_names],
+                teacher_logits=[outs[n].logits for n in model.teacher_names], confidences=conf)
+    w = out["kd_weights"]
+    assert w.shape == (len(TEXTS), 2) and not w.requires_grad
+    torch.testing.assert_close(w, kd_teacher_weights(torch.stack([c[:, -1] for c in conf], -1), 8.0))
+    losses = amalgamation_step(model, TEXTS, teacher_outputs=outs, estimators=fitted["rmd_q95"])
+    assert "kd_weights" not in losses
+    for i, n in enumerate(model.teacher_names):
+        torch.testing.assert_close(losses[f"kd_weight/{n}"], w[:, i].mean())
 
+
+def test_the_amalgamation_section_sets_the_loss(synthetic_task, teachers, fitted):
+    """``train_fusion: false`` freezes ST-amalg (fixed targets); ``alpha``/``beta`` weigh Eq. 8."""
+    frozen = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2, train_fusion=False,
+                                                                alpha=0.5, beta=2.0))
+    assert not any(p.requires_grad for p in frozen.fusion.parameters())
+    losses = amalgamation_step(frozen, TEXTS, teachers=teachers, estimators=fitted["rmd"])
+    assert losses["loss"].item() == pytest.approx(0.5 * losses["block"].item() + 2.0 * losses["kd"].item(), rel=1e-5)
+    losses["loss"].backward()
+    assert all(p.grad is None for p in frozen.fusion.parameters())
+    assert all(p.grad is not None for p in frozen.student.proj.parameters())
+
+
+def test_two_identical_teachers_make_the_kd_target_that_teachers_distribution(synthetic_task, teachers, heldout):
     alpha = teachers["alpha"]
     twins = {"a1": alpha, "a2": alpha}
     texts, classes = heldout
     ests = fit_estimators(twins, {"a1": texts["alpha"], "a2": texts["alpha"]},
-                          {"a1": classes["alpha"], "a2": classes["alpha"]})
+                          {"a1": classes["alpha"], "a2": classes["alpha"]}, AmalgamationConfig(), seed=0)
     space = UnionLabelSpace.from_teachers({n: t.labels for n, t in twins.items()})
     assert space.names == tuple(alpha.labels)
     cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2)
     torch.manual_seed(0)
-    student = Student.from_pretrained(synthetic_task.student, labels=space.names, amalg_dim=16, num_layers=3)
+    student = Student.from_config(StudentConfig(path=synthetic_task.student, num_layers=3), labels=space.names,
+                                  amalg_dim=16)
     model = Amalgamator.build(student, twins, space, cfg).eval()
     losses = amalgamation_step(model, TEXTS, teachers=twins, estimators=ests)
     with torch.no_grad():
@@ -351,16 +200,12 @@ def test_two_identical_teachers_make_the_kd_target_that_teachers_distribution(sy
 
 
 def test_block_count_mismatch_between_teachers_and_student_is_an_error(synthetic_task, teachers, fitted):
-    from dfkd_ray.models.amalgamator import amalgamation_step
-
     model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2), num_layers=4)
     with pytest.raises(ValueError, match="num_blocks=4"):
         amalgamation_step(model, TEXTS, teachers=teachers, estimators=fitted["rmd"])
 
 
 def test_step_input_errors(synthetic_task, teachers, fitted):
-    from dfkd_ray.models.amalgamator import Amalgamator, amalgamation_step
-
     model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2))
     with pytest.raises(ValueError, match="either the loaded teachers"):
         amalgamation_step(model, TEXTS, estimators=fitted["rmd"])
@@ -371,7 +216,7 @@ def test_step_input_errors(synthetic_task, teachers, fitted):
     with pytest.raises(ValueError, match="'text' column"):
         amalgamation_step(model, {"txt": TEXTS}, teachers=teachers, estimators=fitted["rmd"])
     with pytest.raises(ValueError, match="K = 0"):
-        Amalgamator(model.student, model.fusion, UnionLabelSpace.from_teachers({}), [])
+        Amalgamator(model.student, model.fusion, UnionLabelSpace.from_teachers({}), [], AmalgamationConfig())
 
 
 def _ddp_steps(synthetic_task, teachers, estimators, pg_file: str) -> None:
@@ -379,8 +224,6 @@ def _ddp_steps(synthetic_task, teachers, estimators, pg_file: str) -> None:
     without tearing anything down: see the test."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-
-    from dfkd_ray.models.amalgamator import amalgamation_step
 
     try:
         dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=0, world_size=1)

@@ -17,6 +17,12 @@ TEXTS = ["goal match team coach", "the rocket reached orbit after a long launch 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
+def build(path, *, labels=LABELS, amalg_dim: int = 16, num_blocks=None, **section) -> Student:
+    """``Student.from_config`` on a ``student`` section with ``path`` and ``section``'s fields."""
+    return Student.from_config(StudentConfig(path=path, **section), labels=labels, amalg_dim=amalg_dim,
+                               num_blocks=num_blocks)
+
+
 def test_select_layers():
     assert select_layers(12, num_layers=6) == [0, 2, 4, 7, 9, 11]  # every other layer, first and last kept
     assert select_layers(4, num_layers=2) == [0, 3]
@@ -38,7 +44,7 @@ def test_kept_layers_are_the_pretrained_ones(synthetic_task):
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(synthetic_task.student)
-    student = Student.from_pretrained(synthetic_task.student, labels=LABELS, amalg_dim=16, num_layers=2)
+    student = build(synthetic_task.student, num_layers=2)
     assert student.kept_layers == [0, 3] and student.num_layers == 2 == student.model.config.num_hidden_layers
     kept = find_layer_list(student.model)[2]
     assert len(kept) == 2
@@ -50,7 +56,7 @@ def test_kept_layers_are_the_pretrained_ones(synthetic_task):
 
 
 def test_forward_shapes_and_blocks_pool_the_layer_outputs(synthetic_task):
-    student = Student.from_pretrained(synthetic_task.student, labels=LABELS, amalg_dim=16, layers=[0, 1, 3]).eval()
+    student = build(synthetic_task.student, layers=[0, 1, 3]).eval()
     assert student.num_blocks == 3 and student.blocks == [(0, 1), (1, 2), (2, 3)]  # one layer per block
     enc = student.tokenize(TEXTS)
     out = student(**enc)
@@ -62,13 +68,13 @@ def test_forward_shapes_and_blocks_pool_the_layer_outputs(synthetic_task):
 
 
 def test_fewer_blocks_than_layers(synthetic_task):
-    student = Student.from_pretrained(synthetic_task.student, labels=LABELS, amalg_dim=8, num_blocks=2)
+    student = build(synthetic_task.student, amalg_dim=8, num_blocks=2)
     assert student.num_layers == 4 and student.blocks == partition_layers(4, 2)
     assert student.encode(TEXTS).projections.shape == (2, 2, 8)
 
 
 def test_padding_does_not_change_a_texts_outputs(synthetic_task):
-    student = Student.from_pretrained(synthetic_task.student, labels=LABELS, amalg_dim=16, num_layers=3).eval()
+    student = build(synthetic_task.student, num_layers=3).eval()
     with torch.no_grad():
         alone = student.encode(TEXTS[:1])
         padded = student.encode(TEXTS)  # the second text is longer: the first gets padding
@@ -78,7 +84,7 @@ def test_padding_does_not_change_a_texts_outputs(synthetic_task):
 
 
 def test_head_over_union_labels_with_configured_dropout(synthetic_task):
-    student = Student.from_pretrained(synthetic_task.student, labels=LABELS, amalg_dim=16, dropout=0.3)
+    student = build(synthetic_task.student, dropout=0.3)
     assert student.model.config.id2label == dict(enumerate(LABELS))
     assert student.model.classifier.out_features == 4
     assert student.model.dropout.p == pytest.approx(0.3)
@@ -88,8 +94,7 @@ def test_distilbert_classifier_dir_as_student_gets_a_fresh_head(synthetic_task, 
     """Built from a fine-tuned DistilBERT teacher: its encoder is reused, its head (other labels) is not."""
     beta = teachers["beta"]
     labels = ["x", "y"]  # same size as beta's head, so a careless load would copy it
-    student = Student.from_pretrained(synthetic_task.teachers["beta"], labels=labels, amalg_dim=16, layers=[0, 2],
-                                      dropout=0.25)
+    student = build(synthetic_task.teachers["beta"], labels=labels, layers=[0, 2], dropout=0.25)
     assert student.num_layers == 2 and student.model.base_model.transformer.n_layers == 2
     assert student.model.dropout.p == pytest.approx(0.25)  # DistilBERT's seq_classif_dropout
     assert not torch.equal(student.model.classifier.weight, beta.model.classifier.weight)
@@ -102,7 +107,7 @@ def test_distilbert_classifier_dir_as_student_gets_a_fresh_head(synthetic_task, 
 def test_save_pretrained_is_a_standard_hf_classifier(synthetic_task, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    student = Student.from_pretrained(synthetic_task.student, labels=LABELS, amalg_dim=16, num_layers=2).eval()
+    student = build(synthetic_task.student, num_layers=2).eval()
     student.save_pretrained(tmp_path / "export")
     back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
     assert back.config.num_hidden_layers == 2 and back.config.id2label == dict(enumerate(LABELS))
@@ -127,10 +132,10 @@ def test_unsupported_or_bad_students_raise_clear_errors(synthetic_task):
     with pytest.raises(ValueError, match="cannot find the transformer layers"):
         find_layer_list(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="out of range"):
-        Student.from_pretrained(synthetic_task.student, labels=LABELS, amalg_dim=16, layers=[0, 7])
+        build(synthetic_task.student, layers=[0, 7])
     with pytest.raises(ValueError, match="at least one label"):
-        Student.from_pretrained(synthetic_task.student, labels=[], amalg_dim=16)
+        build(synthetic_task.student, labels=[])
     with pytest.raises(ValueError, match="student.path"):
         Student.from_config(StudentConfig(), labels=LABELS, amalg_dim=16)
     with pytest.raises(ValueError, match="empty batch"):
-        Student.from_pretrained(synthetic_task.student, labels=LABELS, amalg_dim=16).encode([])
+        build(synthetic_task.student).encode([])

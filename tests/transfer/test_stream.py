@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dfkd_ray.config import validate_config
-from dfkd_ray.train.loop import StepPlan, iterate_epochs, iterate_stream, prefetch
+from dfkd_ray.train.epochs import StepPlan, iterate_epochs, iterate_stream, prefetch
 from dfkd_ray.transfer.requests import is_heldout
 from dfkd_ray.transfer.stream import (ReplaySource, heldout_part, planned_training_rows, stream_order,
                                       training_texts)

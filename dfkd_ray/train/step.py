@@ -1,0 +1,189 @@
+"""Distilling the student: the per-worker step, its checkpoints and the export (no Ray here).
+
+The Ray Train loop (:mod:`dfkd_ray.orchestration.train`) and the benchmarks (no Ray) both drive
+:class:`Distiller`; one :meth:`Distiller.step` is one optimiser step on one batch of texts:
+
+* ``amalgamation.method: stratanet``: frozen teachers (no grad) -> fitted confidence statistics
+  -> ST-amalg -> block L2 + confidence-weighted KL (StrataNet Eq. 2-8,
+  :func:`~dfkd_ray.models.amalgamator.amalgamation_step`);
+* ``vanilla``: KL to one softmax over the concatenated teacher logits
+  (:func:`~dfkd_ray.math.losses.concat_target`), the baseline of StrataNet Table 3.
+
+Optimiser: AdamW (weight decay on weights, not on biases and norms), linear warmup over
+``train.warmup_epochs`` then linear decay to 0, gradient clipping at ``train.grad_clip``; defaults
+are StrataNet's appendix (lr 2e-5, batch 16, 10 epochs, 2 warmup epochs). The appendix does not
+say whether the warmup counts in epochs or steps, nor the decay; we take epochs and linear decay.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from dfkd_ray.config import JobConfig
+from dfkd_ray.labels import UnionLabelSpace
+from dfkd_ray.math.losses import concat_target, kd_loss
+from dfkd_ray.models.kernels import attention_kernels
+from dfkd_ray.train.epochs import StepPlan, iterate_epochs
+
+CHECKPOINT_STATE = "state.json"
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Distiller:
+    """Student (+ ST-amalg), frozen teachers, estimators, optimiser and schedule of one worker.
+
+    Args:
+        cfg: the job config.
+        plan: the step plan (:meth:`StepPlan.of`).
+        device: where the student trains and the teachers run.
+        teachers: loaded teachers (``num_blocks`` = the student's depth); loaded from the config if None.
+        estimators: fitted confidence statistics (``stratanet`` only).
+        wrap: wraps the trainable module, e.g. ``ray.train.torch.prepare_model`` for DDP.
+    """
+
+    def __init__(self, cfg: JobConfig, plan: StepPlan, *, device: str | torch.device = "cpu",
+                 teachers: Optional[dict] = None, estimators: Optional[dict] = None,
+                 wrap: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None):
+        from transformers import get_linear_schedule_with_warmup
+
+        from dfkd_ray.models.amalgamator import Amalgamator
+        from dfkd_ray.models.student import Student
+        from dfkd_ray.models.teacher import load_teachers
+
+        self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
+        a = cfg.amalgamation
+        self.vanilla = a.method == "vanilla"
+        self.space = UnionLabelSpace.from_teachers(cfg.teacher_labels())
+        torch.manual_seed(cfg.seed)  # classifier head, projections and ST-amalg start the same on every worker
+        student = Student.from_config(cfg.student, labels=self.space.names, amalg_dim=a.amalg_dim)
+        self.teachers = teachers if teachers is not None else load_teachers(
+            cfg.teachers, num_blocks=student.num_blocks, device=self.device)
+        self.names = [t.name for t in cfg.teachers]
+        if self.vanilla:
+            student.proj.requires_grad_(False)  # no block loss: keep DDP from waiting for their gradients
+            module: torch.nn.Module = student
+            self.estimators = None
+        else:
+            if estimators is None:
+                raise ValueError("amalgamation.method stratanet needs fitted confidence statistics (estimators)")
+            module = Amalgamator.build(student, {n: self.teachers[n] for n in self.names}, self.space, a)
+            if a.alpha == 0:
+                module.fusion.requires_grad_(False)
+                student.proj.requires_grad_(False)
+            self.estimators = {n: e.to(self.device) for n, e in estimators.items()}
+        module.to(self.device)
+        self.student = student
+        self.module = module
+        self.model = wrap(module) if wrap is not None else module
+        self.optimizer = torch.optim.AdamW(_param_groups(module, cfg.train.weight_decay), lr=cfg.train.learning_rate)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
+        self.step_count = 0
+        self.label_index = [torch.tensor(self.space.teacher_to_global[n], device=self.device) for n in self.names]
+
+    def losses(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The losses and diagnostics of one batch (no optimiser step)."""
+        from dfkd_ray.models.amalgamator import amalgamation_step
+        from dfkd_ray.models.teacher import run_teachers
+
+        texts = [str(t) for t in texts]
+        if not self.vanilla:
+            return amalgamation_step(self.model, texts, estimators=self.estimators, teachers=self.teachers)
+        outs = run_teachers(self.teachers, texts, self.names)
+        target = concat_target([outs[n].logits.to(self.device) for n in self.names], self.label_index,
+                               self.space.num_labels, self.cfg.amalgamation.temperature)  # (B, C)
+        logits = self.model(**self.student.tokenize(texts)).logits  # (B, C)
+        loss = kd_loss(logits, target, self.cfg.amalgamation.temperature)
+        with torch.no_grad():
+            agreement = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+        return {"loss": loss, "kd": loss.detach(), "agreement": agreement}
+
+    def step(self, texts: Sequence[str]) -> dict[str, float]:
+        """One optimiser step on a batch of texts; returns the batch's metrics as floats."""
+        self.model.train()
+        with attention_kernels(self.cfg.train.sdpa, self.device):
+            losses = self.losses(texts)
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"non-finite loss {losses['loss'].item()} at step {self.step_count}; lower "
+                                         "train.learning_rate or check the transfer set")
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out.update(grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0], step=self.step_count)
+        return out
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str | Path, **position) -> Path:
+        """Student (+ ST-amalg), optimiser, schedule, step and ``position`` (e.g. epoch, batch) -> ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+        save_file(state, directory / "model.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   directory / "optimizer.pt")
+        (directory / CHECKPOINT_STATE).write_text(json.dumps({"step": self.step_count, **position}))
+        return directory
+
+    def load_checkpoint(self, directory: str | Path) -> dict:
+        """Restore what :meth:`save_checkpoint` wrote; returns its state (``step`` and the position)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        self.module.load_state_dict(load_file(directory / "model.safetensors", device=str(self.device)))
+        opt = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        state = json.loads((directory / CHECKPOINT_STATE).read_text())
+        self.step_count = int(state["step"])
+        return state
+
+    def export(self, directory: str | Path) -> Path:
+        """The student as a standard Hugging Face classifier directory (union ``id2label``)."""
+        return self.student.save_pretrained(directory)
+
+
+def train_in_process(cfg: JobConfig, texts: Sequence[str], *, device: str | torch.device = "cpu",
+                     teachers: Optional[dict] = None, estimators: Optional[dict] = None, world_size: int = 1,
+                     on_epoch: Optional[Callable[[int, dict], None]] = None) -> tuple[Distiller, dict]:
+    """Train a student on ``texts`` in this process, as ``world_size`` Ray Train workers would.
+
+    For benchmarks without Ray: the step plan of ``world_size`` workers, each step on their batches
+    together (``train.batch_size * world_size`` rows, full batches only), every epoch shuffled with
+    the per-epoch seed of the Ray loop (``seed * 1000 + epoch``). ``on_epoch(epoch, metrics)`` is
+    called after each epoch's last step. Returns the distiller and the last step's metrics.
+    """
+    texts = list(texts)
+    plan = StepPlan.of(len(texts), cfg, world_size)
+    distiller = Distiller(cfg, plan, device=device, teachers=teachers, estimators=estimators)
+    size = cfg.train.batch_size * world_size
+
+    def epoch_batches(epoch: int):
+        order = list(range(len(texts)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        for start in range(0, len(order) - size + 1, size):
+            yield [texts[i] for i in order[start:start + size]]
+
+    metrics: dict = {}
+    for epoch, index, batch in iterate_epochs(epoch_batches, plan):
+        metrics = distiller.step(batch)
+        if on_epoch is not None and index + 1 == plan.steps_per_epoch:
+            on_epoch(epoch, metrics)
+    return distiller, metrics
