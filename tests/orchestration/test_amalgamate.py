@@ -136,28 +136,32 @@ def test_training_resumes_from_checkpoint_after_killing_the_job(job_dict, tmp_pa
 
 
 _CONSOLE_JOB = """
-import time
+import sys, time
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
-from dfkd_ray.orchestration.runtime import init_local_ray, worker_print
+from dfkd_ray.config import load_config
+from dfkd_ray.orchestration.runtime import start_ray, worker_print
 
 def loop():
     worker_print("distill: one line from the worker")
     time.sleep(4)  # the placement-group cleaner polls every second meanwhile
 
-init_local_ray(2)
+start_ray(load_config(sys.argv[1]))
 TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1)).fit()
 time.sleep(1.5)  # the log monitor's last lines
 """
 
 
-def test_a_local_job_console_shows_each_worker_line_once_and_no_cleaner_warnings():
-    """What a laptop user sees from `jobs/amalgamate.py`'s local Ray: Ray Train 2.60 printed each worker
-    line twice (its print patch logs and prints), and its placement-group cleaner warned once a second
-    that the State API (no dashboard) was unavailable. Its own Ray, in a fresh process."""
+def test_a_local_job_console_shows_each_worker_line_once_and_no_cleaner_warnings(job_dict, tmp_path):
+    """What a laptop user sees from a job's local Ray (:func:`start_ray` without an address): Ray Train
+    2.60 printed each worker line twice (its print patch logs and prints), and its placement-group
+    cleaner warned once a second that the State API (no dashboard) was unavailable. Its own Ray, in a
+    fresh process."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "-c", _CONSOLE_JOB], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", _CONSOLE_JOB, str(path)], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
     console = out.stdout + out.stderr
     assert out.returncode == 0, console[-3000:]
     assert console.count("distill: one line from the worker") == 1, console[-3000:]
