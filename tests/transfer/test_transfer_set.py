@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -127,14 +126,24 @@ def _config_file(job_dict, tmp_path, out: Path, samples: int, shard_size: int) -
     return path
 
 
+_WRITER = """
+import sys
+from dfkd_ray.config import load_config
+from dfkd_ray.transfer.writer import write_transfer_set
+write_transfer_set(load_config(sys.argv[1]))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_corpus_set_killed_midway_and_rewritten(job_dict, tmp_path, ray_local):
     """Kill a real writer process mid-run: only complete shards are visible, the rerun finishes the
     set, and the result equals an uninterrupted run; Ray Data and datasets read it."""
     samples, shard_size = 400, 16  # 1,600 requests in 100 shards: seconds of work, killed early
     cfg_path = _config_file(job_dict, tmp_path, tmp_path / "killed", samples, shard_size)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dfkd_ray.transfer.writer", "--config", str(cfg_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(cfg_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     ts = tmp_path / "killed" / "transfer_set"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
