@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ray
 
-from dfkd_ray.config import JobConfig, claim_output_dir, validate_config
+from dfkd_ray.config import JobConfig, claim_output_dir
 from dfkd_ray.orchestration.runtime import worker_device
 from dfkd_ray.orchestration.train import distill_dir, run_confidence, run_distill
 from dfkd_ray.orchestration.generate import run_generate
@@ -45,10 +45,9 @@ def check_eval_file(cfg: JobConfig) -> int:
     return len(texts)
 
 
-def _evaluate_task(config: dict, student: str, out: str, use_gpu: bool) -> dict:
+def _evaluate_task(cfg: JobConfig, student: str, out: str, use_gpu: bool) -> dict:
     from dfkd_ray.evaluation import run_evaluation
 
-    cfg = validate_config(config, check_paths=False)
     return run_evaluation(cfg, student, device=worker_device(use_gpu), out_dir=out)
 
 
@@ -65,7 +64,7 @@ def run_evaluate(cfg: JobConfig, student: Path) -> dict | None:
         return results
     gpu = 1 if cfg.ray.use_gpu else 0
     task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_evaluate_task)
-    results = ray.get(task.remote(cfg.to_dict(), str(student), str(out), bool(gpu)))
+    results = ray.get(task.remote(cfg, str(student), str(out), bool(gpu)))
     mark_done(out, desc, summary=results["summary"])
     return results
 

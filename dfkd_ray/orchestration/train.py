@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from dfkd_ray.config import JobConfig, validate_config
+from dfkd_ray.config import JobConfig
 from dfkd_ray.train.loop import StepPlan, student_num_blocks
 from dfkd_ray.orchestration.runtime import worker_device, worker_print
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
@@ -73,12 +73,11 @@ def confidence_description(cfg: JobConfig, transfer_dir: Path, rows_dir: Path | 
                                                           "rmd_background")}}
 
 
-def _fit_confidence_task(config: dict, rows_dir: str, out: str, use_gpu: bool) -> dict:
+def _fit_confidence_task(cfg: JobConfig, rows_dir: str, out: str, use_gpu: bool) -> dict:
     from dfkd_ray.train.loop import fit_confidence
     from dfkd_ray.math.confidence import save_estimators
     from dfkd_ray.models.teacher import load_teachers
 
-    cfg = validate_config(config, check_paths=False)
     teachers = load_teachers(cfg.teachers, num_blocks=student_num_blocks(cfg), device=worker_device(use_gpu))
     estimators = fit_confidence(cfg, read_transfer_table(rows_dir), teachers)
     tmp = Path(tempfile.mkdtemp(prefix=".confidence-", dir=Path(out).parent))
@@ -106,7 +105,7 @@ def run_confidence(cfg: JobConfig, transfer_dir: Path, *, rows_dir: Path | None 
     gpu = 1 if cfg.ray.use_gpu else 0
     task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_fit_confidence_task)
     start = time.perf_counter()
-    meta = ray.get(task.remote(cfg.to_dict(), str(rows_dir or transfer_dir), str(out), bool(gpu)))
+    meta = ray.get(task.remote(cfg, str(rows_dir or transfer_dir), str(out), bool(gpu)))
     mark_done(out, desc, teachers=meta)
     print(f"confidence statistics ({cfg.amalgamation.confidence}) fitted for {list(meta)} in "
           f"{time.perf_counter() - start:.1f} s -> {out}")
@@ -150,7 +149,7 @@ def train_loop_per_worker(config: dict) -> dict:
     from dfkd_ray.train.loop import Distiller, MetricsLog, iterate_epochs, iterate_stream, prefetch
     from dfkd_ray.math.confidence import load_estimators
 
-    cfg = validate_config(config["job"], check_paths=False)
+    cfg: JobConfig = config["job"]
     plan = StepPlan(**config["plan"])
     stream = bool(config.get("stream"))
     t = cfg.train
@@ -261,7 +260,7 @@ def _trainer(cfg: JobConfig, desc: dict, ds, plan: StepPlan, conf_dir: Path | No
     out = distill_dir(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict(), "plan": plan.__dict__,
+        train_loop_config={"job": cfg, "plan": plan.__dict__,
                            "confidence_dir": str(conf_dir) if conf_dir is not None else None,
                            "metrics_path": str((out / "metrics.jsonl").resolve()),
                            "student_dir": str(student_dir(cfg).resolve()), **loop_config},
