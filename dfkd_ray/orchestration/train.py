@@ -82,9 +82,7 @@ def _fit_confidence_task(cfg: JobConfig, rows_dir: str, out: str, use_gpu: bool)
     estimators = fit_confidence(cfg, read_transfer_table(rows_dir), teachers)
     tmp = Path(tempfile.mkdtemp(prefix=".confidence-", dir=Path(out).parent))
     save_estimators(tmp, estimators)
-    if Path(out).exists():
-        shutil.rmtree(out)  # an unfinished earlier attempt (no stage record)
-    os.replace(tmp, out)
+    _publish(tmp, Path(out))
     return {n: e.meta for n, e in estimators.items()}
 
 
@@ -134,6 +132,39 @@ def _drop_heldout(batch):
     return batch.filter(pc.invert(batch["heldout"])).select(["text"])
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished output from its temporary directory into place, replacing what an earlier
+    attempt left there unfinished (its stage was not recorded)."""
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _start_position(distiller, init_checkpoint: str | None, main: bool, stream: bool) -> tuple[int, int, int]:
+    """Load where a train worker starts: Ray Train's latest checkpoint of this run (a retry, or a
+    rerun of a killed job), else ``init_checkpoint`` (the end of the streamed epoch), else step 0.
+    Returns ``(epoch, batches of it already consumed, step resumed from or 0)``; the main worker
+    (rank 0) says which."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = distiller.load_checkpoint(d)
+        epoch, skip = int(state["epoch"]), int(state["batch"])
+        if main:
+            worker_print(f"distill: resumed from the checkpoint of step {state['step']} (epoch {epoch}, batch {skip})")
+        return epoch, skip, distiller.step_count
+    if init_checkpoint:
+        state = distiller.load_checkpoint(init_checkpoint)
+        if main:
+            worker_print(f"distill: continuing after the streamed epoch from step {state['step']}, reading the finished set")
+        return int(state["epoch"]), int(state["batch"]), 0
+    if main and stream:
+        worker_print("distill: streaming the first epoch from the generation pipeline from step 0")
+    return 0, 0, 0
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker loop: data shard -> teachers (no grad) -> confidences -> step; report + checkpoint.
 
@@ -173,22 +204,7 @@ def train_loop_per_worker(config: dict) -> dict:
     estimators = load_estimators(config["confidence_dir"], device) if config["confidence_dir"] else None
     distiller = Distiller(cfg, plan, device=device, estimators=estimators, wrap=ray.train.torch.prepare_model)
 
-    start_epoch, skip, resumed_from = 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = distiller.load_checkpoint(d)
-        start_epoch, skip = int(state["epoch"]), int(state["batch"])
-        resumed_from = distiller.step_count
-        if rank == 0:
-            worker_print(f"distill: resumed from the checkpoint of step {state['step']} (epoch {start_epoch}, batch {skip})")
-    elif config.get("init_checkpoint"):
-        state = distiller.load_checkpoint(config["init_checkpoint"])
-        start_epoch, skip = int(state["epoch"]), int(state["batch"])
-        if rank == 0:
-            worker_print(f"distill: continuing after the streamed epoch from step {state['step']}, reading the finished set")
-    elif rank == 0 and stream:
-        worker_print("distill: streaming the first epoch from the generation pipeline from step 0")
+    start_epoch, skip, resumed_from = _start_position(distiller, config.get("init_checkpoint"), rank == 0, stream)
     log = MetricsLog(config["metrics_path"], resume_step=distiller.step_count) if rank == 0 else None
 
     began, seen, metrics = time.perf_counter(), 0, {}
@@ -245,9 +261,7 @@ def train_loop_per_worker(config: dict) -> dict:
         out = Path(config["student_dir"])
         tmp = Path(tempfile.mkdtemp(prefix=".student-", dir=out.parent))
         distiller.export(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # a half-finished export of an earlier attempt (the stage was not recorded)
-        os.replace(tmp, out)
+        _publish(tmp, out)
     return {**metrics, "steps": distiller.step_count}
 
 
