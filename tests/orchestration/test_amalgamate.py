@@ -67,7 +67,7 @@ def random_words_resumed(smoke_config, smoke_overrides, tmp_path_factory, ray_lo
 
 def test_smoke_preset_end_to_end(smoke_run):
     """Steered generation -> RMD -> ST-amalg on 2 workers: the exported student beats chance (1/4)
-    clearly (measured 0.500 here; 0.41-0.50 in process over job seeds 0-4) and loads in a
+    clearly (0.500 from this job; 0.41-0.50 in process over job seeds 0-4) and loads in a
     transformers pipeline with the union labels."""
     from transformers import pipeline
 
@@ -118,7 +118,7 @@ def test_training_resumes_from_checkpoint_after_killing_the_job(random_words_res
 def test_steered_student_clearly_beats_random_words(smoke_run, random_words_resumed):
     """StrataNet Table 3: random words are a weak transfer set. The fixture vocabularies are mostly
     general words, as a real teacher's is, so a random-words text is mostly non-topical and the same
-    job on it scores chance: measured 0.500 steered vs 0.250 random_words here; in process
+    job on it scores chance: 0.500 steered vs 0.250 random_words from these jobs; in process
     (benchmarks/smoke_sources.py) 0.250 for random_words over seeds 0-2 with stratanet and vanilla.
     The random-words job is the one killed and resumed above: it trains the same steps."""
     steered = smoke_run[1]["eval"]["student"]["accuracy"]
