@@ -15,7 +15,7 @@ Table 3, not near-perfect in-domain text. Topical sentences (teacher and LM trai
 file, the corpus) are topic words and function words only, so the teachers never see the general
 words in training, as a fine-tuned classifier never sees most of its vocabulary.
 
-Tests build this once per session (``tests/conftest.py``); the smoke preset builds its demo
+The tests build this once per pytest run (``tests/conftest.py``); the smoke preset builds its demo
 teachers, LM, corpus and labelled eval file with the same :func:`build_synthetic_task`.
 """
 

@@ -14,12 +14,10 @@ from dfkd_ray.config import parse_job_args
 def main() -> int:
     cfg = parse_job_args("Make a transfer set with Ray Data.")
 
-    import ray
-
-    from dfkd_ray.orchestration.runtime import report_user_error, user_errors
+    from dfkd_ray.orchestration.runtime import report_user_error, start_ray, user_errors
     from dfkd_ray.orchestration.generate import run_generate
 
-    ray.init(address=cfg.ray.address, log_to_driver=False)
+    start_ray(cfg)
     try:
         run_generate(cfg)
     except user_errors() as e:  # a problem the user fixes: the message, no traceback, exit 2

@@ -20,7 +20,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 @pytest.fixture
 def seeded_single_thread():
-    """torch seeded and one intra-op thread (restored after): tiny models on a shared 2-core machine run
+    """torch seeded and one intra-op thread (restored after): tiny models on a machine with few cores run
     far faster without thread contention. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
     import torch
 
@@ -67,7 +67,8 @@ def job_dict(synthetic_task, tmp_path):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session: more logical CPUs than workers (see ../shared/notes/ray.md)."""
+    """One local Ray for the session, with more logical CPUs than the tests' workers and actors take
+    (Ray Data gets no CPU a train worker holds). Tests that use it carry the ``ray`` marker."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     import ray.data
@@ -77,22 +78,30 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def smoke_config(synthetic_task):
-    """Factory ``(out, *overrides) -> JobConfig``: the smoke preset (jobs/configs/smoke.yaml) on the
-    session's fixtures (the same builder as its `demo:` directory), writing to ``out``."""
-    from dfkd_ray.config import load_config
+SMOKE = Path(__file__).parents[1] / "jobs" / "configs" / "smoke.yaml"
 
-    smoke = Path(__file__).parents[1] / "jobs" / "configs" / "smoke.yaml"
+
+@pytest.fixture(scope="session")
+def smoke_overrides(synthetic_task):
+    """Factory ``(out, *more) -> [dotted overrides]`` that put the smoke preset (jobs/configs/smoke.yaml)
+    on the session's fixtures (the same builder as its `demo:` directory), writing to ``out``."""
     task = synthetic_task
 
-    def make(out: Path, *overrides: str):
-        return load_config(smoke, [
-            f"demo={task.root}", f"teachers.0.path={task.teachers['alpha']}", f"teachers.1.path={task.teachers['beta']}",
-            f"transfer.steered.lm_path={task.lm}", f"transfer.corpus.path={task.corpus}", f"student.path={task.student}",
-            f"eval.path={task.eval_file}", f"output.dir={out}", *overrides])
+    def make(out: Path, *more: str) -> list[str]:
+        return [f"demo={task.root}", f"teachers.0.path={task.teachers['alpha']}",
+                f"teachers.1.path={task.teachers['beta']}", f"transfer.steered.lm_path={task.lm}",
+                f"transfer.corpus.path={task.corpus}", f"student.path={task.student}", f"eval.path={task.eval_file}",
+                f"output.dir={out}", *more]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smoke_config(smoke_overrides):
+    """Factory ``(out, *more) -> JobConfig``: the smoke preset on the session's fixtures, writing to ``out``."""
+    from dfkd_ray.config import load_config
+
+    return lambda out, *more: load_config(SMOKE, smoke_overrides(out, *more))
 
 
 class KernelRecorder:

@@ -29,34 +29,28 @@ import pyarrow.parquet as pq
 import ray
 
 from dfkd_ray.config import JobConfig
-from dfkd_ray.models.teacher import load_teachers
 from dfkd_ray.orchestration.runtime import worker_device
 from dfkd_ray.preflight import claim_output_dir, vllm_engine_problem
-from dfkd_ray.stages import fingerprint
+from dfkd_ray.transfer.sources import build_source, get_source_class
 from dfkd_ray.transfer.store import TransferSetStore, read_shard_stats, shard_name, write_shard_file
-from dfkd_ray.transfer.stream import HELDOUT_PASS_DIR, ReplaySource, heldout_part, training_texts
-from dfkd_ray.transfer.writer import (final_line, finalize_transfer_set, make_shard,
-                                      plan_transfer_set, regenerate_duplicates, transfer_set_dir)
+from dfkd_ray.transfer.streaming_plan import ReplaySource, training_texts
+from dfkd_ray.transfer.writer import (Part, final_line, finalize_transfer_set, make_shard, open_transfer_set,
+                                      plan_transfer_set, regenerate_duplicates)
 
 
-def _build_source(cfg: JobConfig):
-    from dfkd_ray.transfer.sources import get_source_class
-
-    # Validated once on the driver; paths are the driver's view of shared storage.
-    space, shards, _ = plan_transfer_set(cfg)
-    device = worker_device(cfg.ray.gpus_per_generation_actor > 0)
-    source_class = get_source_class(cfg.transfer.source)
-    if source_class.builds_engine_first(cfg):  # e.g. vLLM: its engine before any teacher touches the GPU
+def _build_source(cfg: JobConfig, part: Part = "all"):
+    """The shards' requests and the transfer source of a generator actor or task, on its device."""
+    space, shards, _ = plan_transfer_set(cfg, part)
+    if get_source_class(cfg.transfer.source).builds_engine_first(cfg):  # e.g. vLLM: its engine before any teacher
         problem = vllm_engine_problem()
         if problem:
             raise RuntimeError(problem)
-        return cfg, shards, source_class(cfg, None, space)
-    return cfg, shards, source_class(cfg, load_teachers(cfg.teachers, device=device), space)
+    return shards, build_source(cfg, space, device=worker_device(cfg.ray.gpus_per_generation_actor > 0))
 
 
 def _regenerate_task(cfg: JobConfig, directory: str, duplicates: dict) -> dict:
     """Ray task: regenerate rows duplicated across shards, with a generator actor's resources."""
-    cfg, _, source = _build_source(cfg)
+    _, source = _build_source(cfg)
     return regenerate_duplicates(source, cfg, directory, {int(k): v for k, v in duplicates.items()})
 
 
@@ -64,7 +58,7 @@ class GenerationActor:
     """Ray Data callable class: builds the engine in ``__init__``, makes whole shards in ``__call__``.
 
     Args:
-        config: the job config.
+        cfg: the job's config.
         directory: where the shards go.
         part: ``"all"`` requests of each shard, or ``"heldout"``: only its held-out ones (the
             held-out pass of streaming mode).
@@ -73,12 +67,11 @@ class GenerationActor:
         replay_dir: a held-out pass whose rows the shards reuse rather than generate again.
     """
 
-    def __init__(self, config: JobConfig, directory: str, part: str = "all", stream: bool = False,
+    def __init__(self, cfg: JobConfig, directory: str, part: Part = "all", stream: bool = False,
                  replay_dir: str | None = None):
+        self.cfg = cfg
         self.directory = Path(directory)
-        self.cfg, self.shards, self.source = _build_source(config)
-        if part == "heldout":
-            self.shards = [heldout_part(s, self.cfg.transfer.heldout_fraction) for s in self.shards]
+        self.shards, self.source = _build_source(cfg, part)
         self.stream = stream
         self.replay_dir = Path(replay_dir) if replay_dir else None
 
@@ -94,18 +87,22 @@ class GenerationActor:
         return table, stats
 
     def __call__(self, batch: dict) -> dict:
-        if self.stream:
-            texts = []
-            for index in map(int, batch["shard"]):
-                path = self.directory / shard_name(index)
-                if path.is_file():  # written by an earlier attempt: replayed, not generated again
-                    table, stats = pq.read_table(path), read_shard_stats(path)
-                else:
-                    table, stats = self.make(index)
-                texts += training_texts(table, self.cfg.train.include_heldout)
-                print(f"transfer set: shard {index} written, {len(table)} rows ({stats.get('generated', 0)} "
-                      f"generated in {stats.get('seconds', 0):.1f} s)", flush=True)
-            return {"text": np.array(texts, dtype=object)}
+        return self._texts(batch) if self.stream else self._stats(batch)
+
+    def _texts(self, batch: dict) -> dict:
+        texts = []
+        for index in map(int, batch["shard"]):
+            path = self.directory / shard_name(index)
+            if path.is_file():  # written by an earlier attempt: replayed, not generated again
+                table, stats = pq.read_table(path), read_shard_stats(path)
+            else:
+                table, stats = self.make(index)
+            texts += training_texts(table, self.cfg.train.include_heldout)
+            print(f"transfer set: shard {index} written, {len(table)} rows ({stats.get('generated', 0)} "
+                  f"generated in {stats.get('seconds', 0):.1f} s)", flush=True)
+        return {"text": np.array(texts, dtype=object)}
+
+    def _stats(self, batch: dict) -> dict:
         out = {"shard": [], "rows": [], "stats": []}
         for index in map(int, batch["shard"]):
             table, stats = self.make(index)
@@ -122,7 +119,7 @@ def generation_pipeline(cfg: JobConfig, directory: Path, shards: list[int], **ac
     ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
     return ds.map_batches(
         GenerationActor,
-        fn_constructor_kwargs={"config": cfg, "directory": str(directory), **actor_kwargs},
+        fn_constructor_kwargs={"cfg": cfg, "directory": str(directory), **actor_kwargs},
         batch_size=1, concurrency=min(r.num_generation_actors, len(shards)),
         num_gpus=r.gpus_per_generation_actor, num_cpus=r.cpus_per_generation_actor, batch_format="numpy")
 
@@ -145,30 +142,21 @@ def _generate_and_commit(cfg: JobConfig, store: TransferSetStore, todo: list[int
     return generated
 
 
-def heldout_pass_dir(cfg: JobConfig) -> Path:
-    return cfg.output.dir / HELDOUT_PASS_DIR
-
-
 def run_heldout_pass(cfg: JobConfig, *, progress: bool = True) -> Path:
     """Make (or finish) the held-out pass of streaming mode: each shard's held-out requests, with
     the same filters and retries as the full shard, into ``output.dir/heldout_pass``; returns it."""
     cfg = cfg.absolute()
-    directory = heldout_pass_dir(cfg)
-    _, shards, description = plan_transfer_set(cfg)
-    description = {**description, "part": "heldout"}
-    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
-                                  num_shards=len(shards))
+    store, _, _ = open_transfer_set(cfg, part="heldout")
     if store.complete:
-        return directory
-    todo = [i for i in range(len(shards)) if i not in store.done]
+        return store.directory
     start = time.perf_counter()
-    if todo:
-        _generate_and_commit(cfg, store, todo, desc="held-out pass", progress=progress, part="heldout")
+    if store.missing:
+        _generate_and_commit(cfg, store, store.missing, desc="held-out pass", progress=progress, part="heldout")
     rows = sum(s["rows"] for s in store.manifest["shards"].values())
     store.finish({"rows": rows})
     print(f"held-out pass: {rows} rows for the confidence statistics in {time.perf_counter() - start:.1f} s -> "
-          f"{directory}")
-    return directory
+          f"{store.directory}")
+    return store.directory
 
 
 def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int = 0,
@@ -181,27 +169,23 @@ def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int
     """
     cfg = cfg.absolute()
     claim_output_dir(cfg)
-    directory = transfer_set_dir(cfg)
-    _, shards, description = plan_transfer_set(cfg)
-    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
-                                  num_shards=len(shards))
+    store, _, _ = open_transfer_set(cfg)
     if store.complete:
-        print(f"transfer set already complete: {directory}")
-        return directory
-    todo = [i for i in range(len(shards)) if i not in store.done]
+        print(f"transfer set already complete: {store.directory}")
+        return store.directory
     start = started if started is not None else time.perf_counter()
     generated = generated_before
-    if todo:
-        generated += _generate_and_commit(cfg, store, todo, desc=f"transfer set ({cfg.transfer.source})",
+    if store.missing:
+        generated += _generate_and_commit(cfg, store, store.missing, desc=f"transfer set ({cfg.transfer.source})",
                                           progress=progress)
     r = cfg.ray
 
     def regenerate(duplicates: dict) -> dict:
         task = ray.remote(num_cpus=r.cpus_per_generation_actor, num_gpus=r.gpus_per_generation_actor)(_regenerate_task)
         print(f"regenerating {sum(map(len, duplicates.values()))} rows duplicated across shards")
-        return {int(k): v for k, v in ray.get(task.remote(cfg, str(directory), duplicates)).items()}
+        return {int(k): v for k, v in ray.get(task.remote(cfg, str(store.directory), duplicates)).items()}
 
     summary = finalize_transfer_set(store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated,
                                     regenerate=regenerate)
-    print(final_line(summary, directory))
-    return directory
+    print(final_line(summary, store.directory))
+    return store.directory

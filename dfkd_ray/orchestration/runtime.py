@@ -1,5 +1,9 @@
 """The Ray runtime of a job: starting Ray, where workers run their models, and what the user sees of errors and progress."""
 
+from __future__ import annotations
+
+from dfkd_ray.config import JobConfig
+
 
 def worker_device(want_gpu: bool) -> str:
     """Where a Ray task or actor that asked for a GPU (``want_gpu``) runs its models: ``cuda`` when
@@ -57,10 +61,24 @@ def quiet_stateless_ray() -> None:
     logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
-def init_local_ray(num_cpus: int) -> None:
-    """Start a local Ray on this machine for a job: no dashboard (``ray[default]``'s packages are not
-    dependencies), and :func:`quiet_stateless_ray` in every worker process."""
+def start_ray(cfg: JobConfig) -> None:
+    """Start or join the Ray a job runs on: the one start-up of every job script.
+
+    With ``ray.address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) the job joins that
+    cluster as it was started. Otherwise it starts a local Ray on this machine: no dashboard
+    (``ray[default]``'s packages are not dependencies), :func:`quiet_stateless_ray` in every worker
+    process, and logical CPUs beyond what the train workers and generator actors take, so dataset
+    reads always get one (Ray Data gets no CPU a train worker holds). Worker output reaches the
+    driver's console in both cases.
+    """
+    import os
+
     import ray
 
-    ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False,
+    r = cfg.ray
+    if r.address is not None or "RAY_ADDRESS" in os.environ:
+        ray.init(address=r.address, log_to_driver=True)
+        return
+    need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=False,
              runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_stateless_ray"})

@@ -34,10 +34,9 @@ from dfkd_ray.config import JobConfig
 from dfkd_ray.orchestration.train import run_confidence, run_distill, run_stream_epoch, stream_dir
 from dfkd_ray.orchestration.generate import generation_pipeline, run_generate, run_heldout_pass
 from dfkd_ray.preflight import claim_output_dir
-from dfkd_ray.stages import fingerprint, read_record
-from dfkd_ray.transfer.store import TransferSetStore
-from dfkd_ray.transfer.stream import planned_training_rows, stream_order
-from dfkd_ray.transfer.writer import plan_transfer_set, transfer_set_dir
+from dfkd_ray.stages import read_record
+from dfkd_ray.transfer.streaming_plan import planned_training_rows, stream_order
+from dfkd_ray.transfer.writer import open_transfer_set
 
 
 def check_room(cfg: JobConfig) -> str:
@@ -64,10 +63,8 @@ def run_streaming(cfg: JobConfig, *, progress: bool = True) -> tuple[Path, Path 
     from generation (or what is left of them); returns their directories."""
     cfg = cfg.absolute()
     claim_output_dir(cfg)
-    directory = transfer_set_dir(cfg)
-    _, shards, description = plan_transfer_set(cfg)
-    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
-                                  num_shards=len(shards))  # adopts the shards of a killed run
+    store, shards, _ = open_transfer_set(cfg)  # adopts the shards of a killed run
+    directory = store.directory
     streamed = (stream_dir(cfg) / "stage.json").is_file()
     if store.complete and not streamed:
         print(f"transfer set already complete: {directory}; nothing to stream, training reads it from Parquet")
@@ -89,8 +86,7 @@ def run_streaming(cfg: JobConfig, *, progress: bool = True) -> tuple[Path, Path 
     start = time.perf_counter()
     record = run_stream_epoch(cfg, directory, conf, stream, rows)
     # Adopt the shards the stream wrote (with the stats they carry), make any it did not, finalize.
-    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
-                                  num_shards=len(shards))
+    store, _, _ = open_transfer_set(cfg)
     shard_stats = store.manifest["shards"].values()
     if not streamed and record.get("first_step_at"):
         after = sum(1 for s in shard_stats if s.get("finished_at", 0) > record["first_step_at"])

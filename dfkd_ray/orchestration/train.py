@@ -6,7 +6,7 @@ statistics on its held-out rows of the transfer set -> ``output.dir/confidence/`
 ``run_distill``: a Ray Train ``TorchTrainer``. The transfer set is read as a Ray Dataset
 (``read_parquet`` of the manifest's shards, held-out rows dropped) and split across
 ``ray.num_train_workers`` workers; each worker's loop (:func:`train_loop_per_worker`) builds a
-:class:`~dfkd_ray.train.loop.Distiller` (student + ST-amalg under DDP, frozen teachers in the
+:class:`~dfkd_ray.train.step.Distiller` (student + ST-amalg under DDP, frozen teachers in the
 config's dtype, the fitted estimators), reads ``get_dataset_shard("train")`` in batches with a
 per-epoch seeded local shuffle, and reports metrics every ``train.report_every_steps`` and a
 checkpoint (model, optimiser, schedule, step, epoch and batch position) every
@@ -81,9 +81,7 @@ def _fit_confidence_task(cfg: JobConfig, rows_dir: str, out: str, use_gpu: bool)
     estimators = fit_confidence(cfg, read_transfer_table(rows_dir), teachers)
     tmp = Path(tempfile.mkdtemp(prefix=".confidence-", dir=Path(out).parent))
     save_estimators(tmp, estimators)
-    if Path(out).exists():
-        shutil.rmtree(out)  # an unfinished earlier attempt (no stage record)
-    os.replace(tmp, out)
+    _publish(tmp, Path(out))
     return {n: e.meta for n, e in estimators.items()}
 
 
@@ -133,11 +131,44 @@ def _drop_heldout(batch):
     return batch.filter(pc.invert(batch["heldout"])).select(["text"])
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished output from its temporary directory into place, replacing what an earlier
+    attempt left there unfinished (its stage was not recorded)."""
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _start_position(distiller, init_checkpoint: str | None, main: bool, stream: bool) -> tuple[int, int, int]:
+    """Load where a train worker starts: Ray Train's latest checkpoint of this run (a retry, or a
+    rerun of a killed job), else ``init_checkpoint`` (the end of the streamed epoch), else step 0.
+    Returns ``(epoch, batches of it already consumed, step resumed from or 0)``; the main worker
+    (rank 0) says which."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = distiller.load_checkpoint(d)
+        epoch, skip = int(state["epoch"]), int(state["batch"])
+        if main:
+            worker_print(f"distill: resumed from the checkpoint of step {state['step']} (epoch {epoch}, batch {skip})")
+        return epoch, skip, distiller.step_count
+    if init_checkpoint:
+        state = distiller.load_checkpoint(init_checkpoint)
+        if main:
+            worker_print(f"distill: continuing after the streamed epoch from step {state['step']}, reading the finished set")
+        return int(state["epoch"]), int(state["batch"]), 0
+    if main and stream:
+        worker_print("distill: streaming the first epoch from the generation pipeline from step 0")
+    return 0, 0, 0
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker loop: data shard -> teachers (no grad) -> confidences -> step; report + checkpoint.
 
     ``config["stream"]``: the shard is the live generation stream, read once (the first epoch; see
-    :func:`~dfkd_ray.train.loop.iterate_stream`), ending with a checkpoint and no export.
+    :func:`~dfkd_ray.train.epochs.iterate_stream`), ending with a checkpoint and no export.
     ``config["init_checkpoint"]``: where to start when Ray Train has no checkpoint of this run (the
     end of the streamed epoch).
     """
@@ -150,7 +181,7 @@ def train_loop_per_worker(config: dict) -> dict:
     from dfkd_ray.train.metrics import MetricsLog
     from dfkd_ray.train.step import Distiller
 
-    cfg = config["job"]
+    cfg: JobConfig = config["job"]
     plan = StepPlan(**config["plan"])
     stream = bool(config.get("stream"))
     t = cfg.train
@@ -174,22 +205,7 @@ def train_loop_per_worker(config: dict) -> dict:
     estimators = load_estimators(config["confidence_dir"], device) if config["confidence_dir"] else None
     distiller = Distiller(cfg, plan, device=device, estimators=estimators, wrap=ray.train.torch.prepare_model)
 
-    start_epoch, skip, resumed_from = 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = distiller.load_checkpoint(d)
-        start_epoch, skip = int(state["epoch"]), int(state["batch"])
-        resumed_from = distiller.step_count
-        if rank == 0:
-            worker_print(f"distill: resumed from the checkpoint of step {state['step']} (epoch {start_epoch}, batch {skip})")
-    elif config.get("init_checkpoint"):
-        state = distiller.load_checkpoint(config["init_checkpoint"])
-        start_epoch, skip = int(state["epoch"]), int(state["batch"])
-        if rank == 0:
-            worker_print(f"distill: continuing after the streamed epoch from step {state['step']}, reading the finished set")
-    elif rank == 0 and stream:
-        worker_print("distill: streaming the first epoch from the generation pipeline from step 0")
+    start_epoch, skip, resumed_from = _start_position(distiller, config.get("init_checkpoint"), rank == 0, stream)
     log = MetricsLog(config["metrics_path"], resume_step=distiller.step_count) if rank == 0 else None
 
     began, seen, metrics = time.perf_counter(), 0, {}
@@ -246,9 +262,7 @@ def train_loop_per_worker(config: dict) -> dict:
         out = Path(config["student_dir"])
         tmp = Path(tempfile.mkdtemp(prefix=".student-", dir=out.parent))
         distiller.export(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # a half-finished export of an earlier attempt (the stage was not recorded)
-        os.replace(tmp, out)
+        _publish(tmp, out)
     return {**metrics, "steps": distiller.step_count}
 
 

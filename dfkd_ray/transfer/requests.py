@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 from dfkd_ray.labels import UnionLabelSpace, normalize_label
 
@@ -60,6 +61,11 @@ def is_heldout(request: Request, heldout_fraction: float) -> bool:
     """
     digest = hashlib.blake2b(request.sample_id.encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") % 10_000 < heldout_fraction * 10_000
+
+
+def heldout_part(shard: Sequence[Request], heldout_fraction: float) -> list[Request]:
+    """The requests of a shard whose rows are held out for fitting confidence statistics."""
+    return [r for r in shard if is_heldout(r, heldout_fraction)]
 
 
 def retry_request(request: Request, attempt: int) -> Request:

@@ -175,6 +175,11 @@ class TransferSetStore:
         return {int(k) for k in self.manifest["shards"]}
 
     @property
+    def missing(self) -> list[int]:
+        """The shards not written yet, in index order."""
+        return [i for i in range(self.manifest["num_shards"]) if f"{i:05d}" not in self.manifest["shards"]]
+
+    @property
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
 

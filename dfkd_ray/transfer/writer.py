@@ -1,40 +1,49 @@
-"""Write a transfer set in one process: requests -> source -> filtered Parquet shards.
+"""Write a transfer set: requests -> source -> filtered Parquet shards.
 
-The Ray Data pipeline (``dfkd_ray.orchestration``) spreads the same shards over actors; this
-single-process writer is the reference and what a laptop smoke test uses. Both resume: shards
-already in the manifest are skipped, so rerunning after a kill finishes the set.
-
-Run it alone: ``python -m dfkd_ray.transfer.writer --config jobs/configs/X.yaml [key=value ...]``.
+Both ways of making a job's set share what is here: its plan (requests cut into shards, and the
+description whose hash is the set's fingerprint), :func:`open_transfer_set`, the one loop that
+fills requests with rows that pass the filters (:func:`fill_requests`), and the final pass over the
+written shards (rows duplicated across shards, summary, empty classes). The Ray Data pipeline
+(:mod:`dfkd_ray.orchestration.generate`) spreads the shards over actors; :func:`write_transfer_set`
+makes the same set in this process (the reference, and what a laptop or a test uses). Both resume:
+shards already in the manifest are skipped, so rerunning after a kill finishes the set.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import socket
-import sys
 import time
-from pathlib import Path
-
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dfkd_ray.config import JobConfig, load_config
+from dfkd_ray.config import JobConfig
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.stages import fingerprint
 from dfkd_ray.transfer.filters import Deduplicator
-from dfkd_ray.transfer.requests import Request, build_requests, retry_request
+from dfkd_ray.transfer.requests import Request, build_requests, heldout_part, retry_request
 from dfkd_ray.transfer.schema import rows_to_table
 from dfkd_ray.transfer.store import TransferSetStore, read_manifest
 
-log = logging.getLogger(__name__)
+Part = Literal["all", "heldout"]
+"""Which requests of each shard a store holds: all of them, or only the held-out ones (the
+held-out pass of streaming mode, :mod:`dfkd_ray.orchestration.streaming`)."""
+
+HELDOUT_PASS_DIR = "heldout_pass"
+"""Under ``output.dir``: the held-out pass, one shard per transfer-set shard (its held-out requests)."""
 
 
 def transfer_set_dir(cfg: JobConfig) -> Path:
     return cfg.output.dir / "transfer_set"
+
+
+def heldout_pass_dir(cfg: JobConfig) -> Path:
+    return cfg.output.dir / HELDOUT_PASS_DIR
 
 
 # Settings that pick kernels or schedule GPU work, not content, and stay out of the fingerprint like
@@ -56,24 +65,93 @@ def transfer_description(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -
     }
 
 
-def plan_transfer_set(cfg: JobConfig) -> tuple[UnionLabelSpace, list[list[Request]], dict]:
-    """The label space, the requests cut into shards, and the set's description."""
+def plan_transfer_set(cfg: JobConfig, part: Part = "all") -> tuple[UnionLabelSpace, list[list[Request]], dict]:
+    """The label space, the requests cut into shards, and the set's description.
+
+    ``part="heldout"``: each shard keeps only its held-out requests, and the description says so.
+    """
     teacher_labels = cfg.teacher_labels()
     space = UnionLabelSpace.from_teachers(teacher_labels)
     requests = build_requests(teacher_labels, space, samples_per_class=cfg.transfer.samples_per_class,
                               job_seed=cfg.seed, class_weights=cfg.transfer.class_weights)
     size = cfg.transfer.shard_size
     shards = [requests[i:i + size] for i in range(0, len(requests), size)]
-    return space, shards, transfer_description(cfg, teacher_labels)
+    description = transfer_description(cfg, teacher_labels)
+    if part == "heldout":
+        shards = [heldout_part(s, cfg.transfer.heldout_fraction) for s in shards]
+        description = {**description, "part": "heldout"}
+    return space, shards, description
+
+
+def open_transfer_set(cfg: JobConfig, directory: str | Path | None = None,
+                      part: Part = "all") -> tuple[TransferSetStore, list[list[Request]], UnionLabelSpace]:
+    """Plan the set of ``cfg`` and open its store in ``directory`` (default: the job's transfer set,
+    or its held-out pass for ``part="heldout"``): a new one, or the one a run with the same
+    description began (shards written but not listed are adopted). Returns the store, the shards'
+    requests and the label space. Raises :class:`~dfkd_ray.transfer.store.TransferSetError` when
+    the directory holds another configuration's set, or files that are not a transfer set.
+    """
+    space, shards, description = plan_transfer_set(cfg, part)
+    if directory is None:
+        directory = heldout_pass_dir(cfg) if part == "heldout" else transfer_set_dir(cfg)
+    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
+                                  num_shards=len(shards))
+    return store, shards, space
 
 
 class TransferSetEmpty(ValueError):
     """Filtering left a class (or the whole set) without rows: never hand that to training."""
 
 
+@dataclass
+class Filled:
+    """What :func:`fill_requests` made of a list of requests."""
+
+    rows: list[dict] = field(default_factory=list)
+    """The rows that passed, one per request at most, in request order."""
+    given_up: list[Request] = field(default_factory=list)
+    """Requests still without a row after the last attempt."""
+    generated: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    """Rejected rows by reason: ``low_confidence``, ``duplicate``."""
+    rejected_confidence: list[float] = field(default_factory=list)
+    """The confidences of the rows rejected as ``low_confidence`` (rounded)."""
+
+
+def fill_requests(source, requests: list[Request], attempts: range, *, min_confidence: float,
+                  dedup: Deduplicator) -> Filled:
+    """Ask ``source`` for one row per request and retry the rejected requests, each ``attempt`` with
+    that attempt's seed (:func:`~dfkd_ray.transfer.requests.retry_request`), until every request
+    has a row or the attempts are spent. A row is rejected when the teacher's confidence is under
+    ``min_confidence`` or ``dedup`` has seen its text (rows that pass are added to ``dedup``)."""
+    filled = Filled()
+    kept: dict[int, dict] = {}
+    pending = list(enumerate(requests))
+    for attempt in attempts:
+        if not pending:
+            break
+        rows = source.generate([retry_request(r, attempt) for _, r in pending])
+        filled.generated += len(rows)
+        still = []
+        for (pos, r), row in zip(pending, rows):
+            if row["confidence"] < min_confidence:
+                filled.rejects["low_confidence"] += 1
+                filled.rejected_confidence.append(round(row["confidence"], 4))
+                still.append((pos, r))
+            elif dedup.is_duplicate(row["text"]):
+                filled.rejects["duplicate"] += 1
+                still.append((pos, r))
+            else:
+                kept[pos] = row
+        pending = still
+    filled.rows = [kept[p] for p in sorted(kept)]
+    filled.given_up = [r for _, r in pending]
+    return filled
+
+
 def make_shard(source, requests: list[Request], cfg: JobConfig) -> tuple[pa.Table, dict]:
-    """Make one shard: generate, drop rows under ``min_confidence`` or duplicated within the shard,
-    and retry those requests with new seeds up to ``max_attempts`` times.
+    """Make one shard: :func:`fill_requests` with ``transfer.max_attempts`` attempts, duplicates
+    looked for within the shard.
 
     Returns the table (rows in request order) and stats: requests, rows, generated, given_up,
     rejects by reason, the confidences of rejected rows (rounded), seconds and the worker
@@ -81,32 +159,12 @@ def make_shard(source, requests: list[Request], cfg: JobConfig) -> tuple[pa.Tabl
     """
     t = cfg.transfer
     start = time.perf_counter()
-    dedup = Deduplicator(t.dedup, t.near_duplicate_threshold)
-    kept: dict[int, dict] = {}
-    pending = list(enumerate(requests))
-    rejects: Counter = Counter()
-    rejected_confidence: list[float] = []
-    generated = 0
-    for attempt in range(t.max_attempts):
-        if not pending:
-            break
-        rows = source.generate([retry_request(r, attempt) for _, r in pending])
-        generated += len(rows)
-        still = []
-        for (pos, r), row in zip(pending, rows):
-            if row["confidence"] < t.min_confidence:
-                rejects["low_confidence"] += 1
-                rejected_confidence.append(round(row["confidence"], 4))
-                still.append((pos, r))
-            elif dedup.is_duplicate(row["text"]):
-                rejects["duplicate"] += 1
-                still.append((pos, r))
-            else:
-                kept[pos] = row
-        pending = still
-    table = rows_to_table([kept[p] for p in sorted(kept)])
-    stats = {"requests": len(requests), "rows": len(table), "generated": generated, "given_up": len(pending),
-             "rejects": dict(rejects), "rejected_confidence": rejected_confidence,
+    filled = fill_requests(source, requests, range(t.max_attempts), min_confidence=t.min_confidence,
+                           dedup=Deduplicator(t.dedup, t.near_duplicate_threshold))
+    table = rows_to_table(filled.rows)
+    stats = {"requests": len(requests), "rows": len(table), "generated": filled.generated,
+             "given_up": len(filled.given_up), "rejects": dict(filled.rejects),
+             "rejected_confidence": filled.rejected_confidence,
              "seconds": round(time.perf_counter() - start, 4), "worker": f"{socket.gethostname()}:{os.getpid()}"}
     return table, stats
 
@@ -153,23 +211,9 @@ def regenerate_duplicates(source, cfg: JobConfig, directory: str | Path, duplica
     out = {}
     for index in sorted(duplicates):
         by_id = {r.sample_id: r for r in shards[index]}
-        pending = [by_id[sid] for sid in duplicates[index]]
-        rows, rejects = [], Counter()
-        for attempt in range(t.max_attempts, 2 * t.max_attempts):
-            if not pending:
-                break
-            still = []
-            for r, row in zip(pending, source.generate([retry_request(r, attempt) for r in pending])):
-                if row["confidence"] < t.min_confidence:
-                    rejects["low_confidence"] += 1
-                    still.append(r)
-                elif dedup.is_duplicate(row["text"]):
-                    rejects["duplicate"] += 1
-                    still.append(r)
-                else:
-                    rows.append(row)
-            pending = still
-        out[index] = {"rows": rows, "given_up": len(pending), "rejects": dict(rejects)}
+        filled = fill_requests(source, [by_id[sid] for sid in duplicates[index]],
+                               range(t.max_attempts, 2 * t.max_attempts), min_confidence=t.min_confidence, dedup=dedup)
+        out[index] = {"rows": filled.rows, "given_up": len(filled.given_up), "rejects": dict(filled.rejects)}
     return out
 
 
@@ -281,38 +325,32 @@ def write_transfer_set(cfg: JobConfig, directory: str | Path | None = None, *, d
     """Make (or finish) the transfer set of ``cfg`` in this process; returns its directory."""
     from tqdm.auto import tqdm
 
-    from dfkd_ray.models.teacher import load_teachers
-    from dfkd_ray.transfer.sources import get_source_class
+    from dfkd_ray.transfer.sources import build_source
 
-    directory = Path(directory) if directory is not None else transfer_set_dir(cfg)
-    space, shards, description = plan_transfer_set(cfg)
-    store = TransferSetStore.open(directory, fingerprint=fingerprint(description), description=description,
-                                  num_shards=len(shards))
+    store, shards, space = open_transfer_set(cfg, directory)
     if store.complete:
-        return directory
-    todo = [i for i in range(len(shards)) if i not in store.done]
+        return store.directory
     start, generated = time.perf_counter(), 0
     source = None
 
     def make_source():
         nonlocal source
         if source is None:
-            cls = get_source_class(cfg.transfer.source)
-            source = cls(cfg, None if cls.builds_engine_first(cfg) else load_teachers(cfg.teachers, device=device), space)
+            source = build_source(cfg, space, device=device)
         return source
 
-    if todo:
-        source = make_source()
-        bar = tqdm(todo, desc=f"transfer set ({cfg.transfer.source})", unit="shard", disable=not progress)
+    if store.missing:
+        bar = tqdm(store.missing, desc=f"transfer set ({cfg.transfer.source})", unit="shard", disable=not progress)
         for i in bar:
-            table, stats = make_shard(source, shards[i], cfg)
+            table, stats = make_shard(make_source(), shards[i], cfg)
             store.write_shard(i, table, stats)
             generated += stats["generated"]
             bar.set_postfix(per_s=f"{generated / (time.perf_counter() - start):.1f}")
-    summary = finalize_transfer_set(store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated,
-                                    regenerate=lambda dups: regenerate_duplicates(make_source(), cfg, directory, dups))
-    print(final_line(summary, directory))
-    return directory
+    summary = finalize_transfer_set(
+        store, cfg, wall_seconds=time.perf_counter() - start, generated_now=generated,
+        regenerate=lambda duplicates: regenerate_duplicates(make_source(), cfg, store.directory, duplicates))
+    print(final_line(summary, store.directory))
+    return store.directory
 
 
 def final_line(summary: dict, directory: Path) -> str:
@@ -321,18 +359,3 @@ def final_line(summary: dict, directory: Path) -> str:
     return (f"transfer set: {summary['rows']} rows from {summary['requests']} requests, {rej} rejected "
             f"({', '.join(f'{k} {v}' for k, v in sorted(summary['rejects'].items())) or 'none'}), "
             f"{summary['given_up']} given up{rate} -> {directory}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    out = write_transfer_set(cfg)
-    print(f"transfer set: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

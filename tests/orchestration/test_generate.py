@@ -21,6 +21,8 @@ from dfkd_ray.transfer.writer import TransferSetEmpty
 
 ROOT = Path(__file__).parents[2]
 
+pytestmark = pytest.mark.ray
+
 
 def _cfg(job_dict, out: Path, **transfer):
     d = json.loads(json.dumps(job_dict))
@@ -86,6 +88,7 @@ def _summary(directory: Path) -> dict:
     return {k: v for k, v in json.loads((directory / "summary.json").read_text()).items() if k not in TIMING}
 
 
+@pytest.mark.slow
 def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local):
     """SIGKILL `jobs/generate.py` mid-run, rerun, and compare with an uninterrupted run: same rows,
     same summary (timings aside), also for a shard renamed into place but not yet in the manifest."""

@@ -9,13 +9,18 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from dfkd_ray.stages import read_record
 from dfkd_ray.transfer.store import (MANIFEST, TransferSetStore, read_manifest, read_transfer_table,
                                      read_shard_stats)
 
+pytestmark = pytest.mark.ray
+
 COLUMNS = ["sample_id", "text", "label", "teacher", "teacher_class", "seed", "heldout"]
 
 
+@pytest.mark.slow
 def test_stream_overlaps_generation_and_makes_the_same_set(smoke_config, tmp_path, ray_local):
     from dfkd_ray.orchestration.amalgamate import run_amalgamate
     from dfkd_ray.transfer.writer import write_transfer_set

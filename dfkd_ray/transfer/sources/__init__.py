@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 
+from dfkd_ray.config import JobConfig
+from dfkd_ray.labels import UnionLabelSpace
+from dfkd_ray.models.teacher import load_teachers
 from dfkd_ray.transfer.sources.base import TransferSource
 
 SOURCES: dict[str, str] = {
@@ -25,4 +28,13 @@ def get_source_class(name: str) -> type[TransferSource]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["SOURCES", "TransferSource", "get_source_class"]
+def build_source(cfg: JobConfig, label_space: UnionLabelSpace, *, device: str = "cpu") -> TransferSource:
+    """The job's transfer source (``transfer.source``) with the job's teachers on ``device``; a source
+    that builds its engine first (:meth:`TransferSource.builds_engine_first`) loads them itself."""
+    source_class = get_source_class(cfg.transfer.source)
+    if source_class.builds_engine_first(cfg):
+        return source_class(cfg, None, label_space)
+    return source_class(cfg, load_teachers(cfg.teachers, device=device), label_space)
+
+
+__all__ = ["SOURCES", "TransferSource", "build_source", "get_source_class"]

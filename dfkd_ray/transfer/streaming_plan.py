@@ -1,10 +1,12 @@
-"""Pure helpers for streaming a transfer set into training while it is generated (no Ray here).
+"""What streaming a transfer set into training needs to know, as pure functions (no Ray here).
 
 With ``train.stream_from_generation`` the job (:mod:`dfkd_ray.orchestration.streaming`) first makes
-the held-out requests of every shard (a *held-out pass*: they fit the confidence statistics), then
-trains on the rows of the whole set as the generator actors make it. The helpers here decide what
-the pass makes, the order the stream makes shards in, how many training rows the plan counts on,
-and let the full shards reuse the held-out pass's rows instead of generating them again.
+the held-out requests of every shard (the held-out pass, ``part="heldout"`` of
+:func:`~dfkd_ray.transfer.writer.open_transfer_set`: its rows fit the confidence statistics), then
+trains on the rows of the whole set as the generator actors make it. The functions here decide the
+order the stream makes shards in, how many training rows the plan counts on, which texts of a
+shard training reads, and let the full shards reuse the held-out pass's rows instead of generating
+them again.
 """
 
 from __future__ import annotations
@@ -16,14 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dfkd_ray.transfer.requests import Request, is_heldout
-
-HELDOUT_PASS_DIR = "heldout_pass"
-"""Under ``output.dir``: the held-out pass, one shard per transfer-set shard (its held-out requests)."""
-
-
-def heldout_part(shard: Sequence[Request], heldout_fraction: float) -> list[Request]:
-    """The requests of a shard whose rows are held out for fitting confidence statistics."""
-    return [r for r in shard if is_heldout(r, heldout_fraction)]
 
 
 def planned_training_rows(shards: Sequence[Sequence[Request]], heldout_fraction: float, include_heldout: bool) -> int:
