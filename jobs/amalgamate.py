@@ -15,15 +15,10 @@ from dfkd_ray.config import parse_job_args
 def main() -> int:
     cfg = parse_job_args("Data-free amalgamation of teacher classifiers into one student.")
 
-    from dfkd_ray.orchestration.runtime import report_user_error, start_ray, user_errors
     from dfkd_ray.orchestration.amalgamate import run_amalgamate
+    from dfkd_ray.orchestration.runtime import run_job
 
-    start_ray(cfg)
-    try:
-        run_amalgamate(cfg)
-    except user_errors() as e:  # a problem the user fixes: the message, no traceback, exit 2
-        return report_user_error(e)
-    return 0
+    return run_job(cfg, run_amalgamate)
 
 
 if __name__ == "__main__":

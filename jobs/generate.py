@@ -14,15 +14,10 @@ from dfkd_ray.config import parse_job_args
 def main() -> int:
     cfg = parse_job_args("Make a transfer set with Ray Data.")
 
-    from dfkd_ray.orchestration.runtime import report_user_error, start_ray, user_errors
     from dfkd_ray.orchestration.generate import run_generate
+    from dfkd_ray.orchestration.runtime import run_job
 
-    start_ray(cfg)
-    try:
-        run_generate(cfg)
-    except user_errors() as e:  # a problem the user fixes: the message, no traceback, exit 2
-        return report_user_error(e)
-    return 0
+    return run_job(cfg, run_generate)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from dfkd_ray.config import JobConfig
 
 
@@ -82,3 +84,15 @@ def start_ray(cfg: JobConfig) -> None:
     need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=False,
              runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_stateless_ray"})
+
+
+def run_job(cfg: JobConfig, run: Callable[[JobConfig], object]) -> int:
+    """What a job script does once its config passed the preflight: start Ray (:func:`start_ray`), run
+    one ``run_*`` function, and turn a problem the user fixes (:func:`user_errors`) into its message
+    and exit status 2, without a traceback. Returns the exit status."""
+    start_ray(cfg)
+    try:
+        run(cfg)
+    except user_errors() as e:
+        return report_user_error(e)
+    return 0

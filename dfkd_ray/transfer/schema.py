@@ -27,20 +27,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-TRANSFER_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string(), nullable=False),
-    pa.field("text", pa.string(), nullable=False),
-    pa.field("label", pa.int32(), nullable=False),
-    pa.field("label_name", pa.string(), nullable=False),
-    pa.field("teacher", pa.string(), nullable=False),
-    pa.field("teacher_class", pa.int32(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("source_params", pa.string(), nullable=False),
-    pa.field("confidence", pa.float32(), nullable=False),
-    pa.field("num_tokens", pa.int32(), nullable=False),
-    pa.field("seed", pa.int64(), nullable=False),
-    pa.field("heldout", pa.bool_(), nullable=False),
-])
+# Column order as in the table above; every column is required.
+TRANSFER_SCHEMA = pa.schema([pa.field(name, kind, nullable=False) for name, kind in [
+    ("sample_id", pa.string()), ("text", pa.string()), ("label", pa.int32()), ("label_name", pa.string()),
+    ("teacher", pa.string()), ("teacher_class", pa.int32()), ("source", pa.string()),
+    ("source_params", pa.string()), ("confidence", pa.float32()), ("num_tokens", pa.int32()),
+    ("seed", pa.int64()), ("heldout", pa.bool_())]])
 
 
 class SchemaError(ValueError):
