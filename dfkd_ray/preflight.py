@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from dfkd_ray.config import ConfigError, EvalConfig, JobConfig, TeacherConfig, salvage_config, validate_config
+from dfkd_ray.config import (ConfigError, EvalConfig, JobConfig, TeacherConfig, read_config, salvage_config,
+                             validate_config)
 from dfkd_ray.labels import LabelSpaceError, UnionLabelSpace, normalize_label, read_teacher_labels
 
 JOB_MARKER = "dfkd_job.json"
@@ -251,3 +252,23 @@ def claim_output_dir(cfg: JobConfig) -> Path:
         os.replace(tmp, marker)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return out
+
+
+def parse_job_args(description: str, argv: list[str] | None = None) -> JobConfig:
+    """The command line every job script takes: ``--config YAML`` and ``section.key=value`` overrides.
+
+    Loads the config and runs the preflight (:func:`check_config`); a problem in
+    either prints every problem (field path and fix) and exits with status 2, before Ray starts.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML under jobs/configs/")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        return check_config(read_config(args.config, args.overrides), source=args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2) from None

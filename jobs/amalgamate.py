@@ -9,7 +9,7 @@ Rerunning the same command resumes: finished stages are skipped, an unfinished o
 
 import sys
 
-from dfkd_ray.config import parse_job_args
+from dfkd_ray.preflight import parse_job_args
 
 
 def main() -> int:

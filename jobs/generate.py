@@ -8,7 +8,7 @@ Rerunning the same command resumes: finished shards are kept, the rest is made.
 
 import sys
 
-from dfkd_ray.config import parse_job_args
+from dfkd_ray.preflight import parse_job_args
 
 
 def main() -> int:

@@ -3,7 +3,7 @@ one :class:`ConfigError` listing every problem with its field path (and, for an 
 nearest valid name).
 
 Loading reads the YAML file and nothing else: checks of the filesystem and of the machine are the
-preflight's (:mod:`dfkd_ray.preflight`), which :func:`parse_job_args` runs too.
+preflight's (:mod:`dfkd_ray.preflight`), which job scripts run through ``parse_job_args`` there.
 """
 
 from __future__ import annotations
@@ -191,24 +191,3 @@ def _salvage(model: type[BaseModel], raw: Any) -> BaseModel:
             values[name] = _salvage(section, value)
     return model.model_construct(**values)
 
-
-def parse_job_args(description: str, argv: list[str] | None = None) -> JobConfig:
-    """The command line every job script takes: ``--config YAML`` and ``section.key=value`` overrides.
-
-    Loads the config and runs the preflight (:func:`dfkd_ray.preflight.check_config`); a problem in
-    either prints every problem (field path and fix) and exits with status 2, before Ray starts.
-    """
-    import argparse
-    import sys
-
-    from dfkd_ray.preflight import check_config
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML under jobs/configs/")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    try:
-        return check_config(read_config(args.config, args.overrides), source=args.config)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2) from None

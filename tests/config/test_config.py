@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dfkd_ray.config import ConfigError, apply_overrides, load_config, parse_job_args, validate_config
-from dfkd_ray.preflight import JOB_MARKER, check_config, claim_output_dir, preflight
+from dfkd_ray.config import ConfigError, apply_overrides, load_config, validate_config
+from dfkd_ray.preflight import JOB_MARKER, check_config, claim_output_dir, parse_job_args, preflight
 
 CONFIGS = sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml"))
 
