@@ -197,6 +197,10 @@ def _eval_problem(ev: EvalConfig, teacher_labels: dict[str, list[str]] | None) -
     return ""
 
 
+VLLM_INSTALL = "pip install -e '.[vllm]' from the repository root"
+"""How to install the ``vllm`` extra: the package is installed from its repository, not from PyPI."""
+
+
 def vllm_engine_problem() -> str:
     """Why ``transfer.steered.engine: vllm`` cannot run on this machine, or '' when it can (vLLM
     importable and a CUDA GPU visible). Cheap: vLLM is looked up, not imported; torch is imported
@@ -205,12 +209,12 @@ def vllm_engine_problem() -> str:
 
     if importlib.util.find_spec("vllm") is None:
         return ("transfer.steered.engine=vllm needs vLLM, which is not installed here: on a GPU node run "
-                "pip install 'dfkd-ray[vllm]' (vLLM's wheels are CUDA builds), or set transfer.steered.engine=hf")
+                f"{VLLM_INSTALL} (vLLM's wheels are CUDA builds), or set transfer.steered.engine=hf")
     import torch
 
     if not torch.cuda.is_available():
         return ("transfer.steered.engine=vllm needs a CUDA GPU and none is visible here: run on a GPU node with "
-                "pip install 'dfkd-ray[vllm]', or set transfer.steered.engine=hf")
+                f"vLLM installed ({VLLM_INSTALL}), or set transfer.steered.engine=hf")
     return ""
 
 
