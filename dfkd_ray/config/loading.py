@@ -119,7 +119,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _expand_paths(data: Any) -> Any:
     """``~`` and ``$VARS`` expanded in ``path``/``dir``/``lm_path`` values. Relative paths stay
-    relative to the working directory (where ``ray job submit --working-dir .`` runs)."""
+    relative: the preflight resolves them (:func:`dfkd_ray.preflight.relative_path_base`)."""
     if isinstance(data, dict):
         return {k: os.path.expandvars(os.path.expanduser(v)) if isinstance(v, str) and k in ("path", "dir", "lm_path")
                 else _expand_paths(v) for k, v in data.items()}
@@ -197,17 +197,22 @@ def parse_job_args(description: str, argv: list[str] | None = None) -> JobConfig
 
     Loads the config and runs the preflight (:func:`dfkd_ray.preflight.check_config`); a problem in
     either prints every problem (field path and fix) and exits with status 2, before Ray starts.
+    In Ray's copy of a submitted working directory it first says where relative paths point.
     """
     import argparse
     import sys
 
-    from dfkd_ray.preflight import check_config
+    from dfkd_ray.preflight import HOME_VARIABLE, check_config, relative_path_base
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML under jobs/configs/")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
+        base = relative_path_base()
+        if base != Path.cwd():
+            print(f"This job runs in Ray's temporary copy of its working directory: relative paths in the config "
+                  f"are under {base} (${HOME_VARIABLE}).", flush=True)
         return check_config(read_config(args.config, args.overrides), source=args.config)
     except ConfigError as e:
         print(e, file=sys.stderr)
