@@ -9,7 +9,7 @@ time (after a warm-up that loads teachers and builds token maps), and vLLM's spe
 The vLLM engine is built first, before any teacher of this process touches the GPU (vLLM sizes its
 KV cache from the free memory it finds); the Hugging Face engine then reuses this process's teachers.
 
-GPU node with the extra installed (``pip install 'dfkd-ray[vllm]'``), from the repository root:
+GPU node with the extra installed (``pip install -e '.[vllm]'``), from the repository root:
     python benchmarks/vllm_engine.py --lm /models/gpt2 --teacher agnews=/models/bert-agnews \\
         --teacher yelp=/models/roberta-yelp --per-class 32 --out vllm_engine.json
 ``--help`` works without vLLM; ``--device cpu --engines hf`` is a CPU smoke run of the HF half.

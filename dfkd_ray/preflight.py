@@ -7,8 +7,8 @@ when ``demo:`` is set, and checks: each teacher directory (``config.json`` with 
 file (format, columns, label names), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
 the job was submitted to a cluster: ``RAY_ADDRESS`` set), and that ``output.dir`` can be written
 and holds no other job's results. Every problem comes in one :class:`~dfkd_ray.config.ConfigError`,
-each at its field path. It returns the config with every path absolute and each teacher's
-``labels`` filled: the one place a job reads them.
+each at its field path. It returns the config with every path absolute (against
+:func:`relative_path_base`) and each teacher's ``labels`` filled: the one place a job reads them.
 
 :func:`check_config` is the schema and the preflight together, every problem of both at once;
 job scripts run it through :func:`~dfkd_ray.config.parse_job_args`. Engine layer: torch is
@@ -35,6 +35,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 """A teacher directory holds at least one of these (its tokenizer, saved with ``save_pretrained``)."""
 
 EVAL_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+HOME_VARIABLE = "DFKD_RAY_HOME"
+"""Environment variable: the directory relative config paths are under when a job runs in Ray's
+copy of a submitted working directory (:func:`relative_path_base`)."""
+
+DEFAULT_HOME = "~/dfkd-ray"
+""":data:`HOME_VARIABLE`'s default (``~``: the home of the user who started Ray)."""
+
+
+def in_ray_working_dir_copy(path: str | Path) -> bool:
+    """Whether ``path`` lies in the copy of a working directory that Ray unpacks for a job, task or
+    actor (``ray job submit --working-dir``): ``.../runtime_resources/working_dir_files/_ray_pkg_<hash>/``."""
+    parts = Path(path).parts
+    return any(a == "working_dir_files" and b.startswith("_ray_pkg_") for a, b in zip(parts, parts[1:]))
+
+
+def relative_path_base() -> Path:
+    """The directory relative paths in a job's config are relative to: the current directory, except
+    in Ray's copy of a submitted working directory (:func:`in_ray_working_dir_copy`), where it is
+    ``$DFKD_RAY_HOME`` (default ``~/dfkd-ray``).
+
+    Ray deletes that copy with its session and leaves git-ignored files (``.cache/``, ``runs/``) out
+    of it: an ``output.dir`` there would be lost, and a ``demo`` task built there would be built again
+    by every new session. Raises :class:`~dfkd_ray.config.ConfigError` when ``DFKD_RAY_HOME`` is not
+    an absolute path.
+    """
+    cwd = Path.cwd()
+    if not in_ray_working_dir_copy(cwd):
+        return cwd
+    home = Path(os.environ.get(HOME_VARIABLE) or DEFAULT_HOME).expanduser()
+    if not home.is_absolute():
+        raise ConfigError([(HOME_VARIABLE, f"must be an absolute path, got {str(home)!r}: relative config paths of "
+                                           "a submitted job are resolved against it")], "the environment")
+    return home
 
 
 def preflight(cfg: JobConfig) -> JobConfig:
@@ -65,7 +99,7 @@ def check_config(data: dict, *, source: str = "config") -> JobConfig:
 def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
     """The preflight's config and problems. ``cfg`` may be salvaged from an invalid config: a
     field that failed validation is None, and the checks that need it are skipped."""
-    cfg = cfg.absolute()
+    cfg = cfg.absolute(relative_path_base())
     if cfg.demo is not None:
         from dfkd_ray.synthetic import build_synthetic_task
 
@@ -198,6 +232,10 @@ def _eval_problem(ev: EvalConfig, teacher_labels: dict[str, list[str]] | None) -
     return ""
 
 
+VLLM_INSTALL = "pip install -e '.[vllm]' from the repository root"
+"""How to install the ``vllm`` extra: the package is installed from its repository, not from PyPI."""
+
+
 def vllm_engine_problem() -> str:
     """Why ``transfer.steered.engine: vllm`` cannot run on this machine, or '' when it can (vLLM
     importable and a CUDA GPU visible). Cheap: vLLM is looked up, not imported; torch is imported
@@ -206,12 +244,12 @@ def vllm_engine_problem() -> str:
 
     if importlib.util.find_spec("vllm") is None:
         return ("transfer.steered.engine=vllm needs vLLM, which is not installed here: on a GPU node run "
-                "pip install 'dfkd-ray[vllm]' (vLLM's wheels are CUDA builds), or set transfer.steered.engine=hf")
+                f"{VLLM_INSTALL} (vLLM's wheels are CUDA builds), or set transfer.steered.engine=hf")
     import torch
 
     if not torch.cuda.is_available():
         return ("transfer.steered.engine=vllm needs a CUDA GPU and none is visible here: run on a GPU node with "
-                "pip install 'dfkd-ray[vllm]', or set transfer.steered.engine=hf")
+                f"vLLM installed ({VLLM_INSTALL}), or set transfer.steered.engine=hf")
     return ""
 
 
@@ -257,8 +295,9 @@ def claim_output_dir(cfg: JobConfig) -> Path:
 def parse_job_args(description: str, argv: list[str] | None = None) -> JobConfig:
     """The command line every job script takes: ``--config YAML`` and ``section.key=value`` overrides.
 
-    Loads the config and runs the preflight (:func:`check_config`); a problem in
-    either prints every problem (field path and fix) and exits with status 2, before Ray starts.
+    Loads the config and runs the preflight (:func:`check_config`); a problem in either prints every
+    problem (field path and fix) and exits with status 2, before Ray starts. In Ray's copy of a
+    submitted working directory it first says where relative paths point.
     """
     import argparse
     import sys
@@ -268,6 +307,10 @@ def parse_job_args(description: str, argv: list[str] | None = None) -> JobConfig
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
+        base = relative_path_base()
+        if base != Path.cwd():
+            print(f"This job runs in Ray's temporary copy of its working directory: relative paths in the config "
+                  f"are under {base} (${HOME_VARIABLE}).", flush=True)
         return check_config(read_config(args.config, args.overrides), source=args.config)
     except ConfigError as e:
         print(e, file=sys.stderr)

@@ -119,7 +119,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _expand_paths(data: Any) -> Any:
     """``~`` and ``$VARS`` expanded in ``path``/``dir``/``lm_path`` values. Relative paths stay
-    relative to the working directory (where ``ray job submit --working-dir .`` runs)."""
+    relative: the preflight resolves them (:func:`dfkd_ray.preflight.relative_path_base`)."""
     if isinstance(data, dict):
         return {k: os.path.expandvars(os.path.expanduser(v)) if isinstance(v, str) and k in ("path", "dir", "lm_path")
                 else _expand_paths(v) for k, v in data.items()}

@@ -435,17 +435,20 @@ class JobConfig(_Section):
 
         return {t.name: t.labels if t.labels is not None else read_teacher_labels(t.path) for t in self.teachers}
 
-    def absolute(self) -> "JobConfig":
-        """The same config with every path made absolute against the current directory.
+    def absolute(self, base: Optional[Path] = None) -> "JobConfig":
+        """The same config with every relative path joined to ``base`` (default: the current directory).
 
         Ray Train workers run in their own directories, and a cluster's workers on other nodes: the
-        driver resolves relative paths once, before handing the config to any of them.
+        driver resolves relative paths once, before handing the config to any of them. The preflight
+        picks ``base`` (:func:`dfkd_ray.preflight.relative_path_base`).
         """
+        root = Path.cwd() if base is None else Path(base)
+
         def walk(obj):
             if isinstance(obj, BaseModel):
                 return obj.model_copy(update={k: walk(getattr(obj, k)) for k in type(obj).model_fields})
             if isinstance(obj, Path):
-                return obj.expanduser().absolute()
+                return root / obj.expanduser()  # an absolute path stays as it is
             if isinstance(obj, list):
                 return [walk(x) for x in obj]
             return obj

@@ -62,7 +62,7 @@ SETTINGS_KEY = "dfkd_steered"
 PROCESSOR = f"{__name__}:SteeredLogitsProcessor"
 """The class path given to ``vllm.LLM(logits_processors=[...])``."""
 
-INSTALL_HINT = "pip install 'dfkd-ray[vllm]' on a GPU node (vLLM's wheels are CUDA builds)"
+INSTALL_HINT = "on a GPU node, pip install -e '.[vllm]' from the repository root (vLLM's wheels are CUDA builds)"
 
 
 def engine_settings(config: "SteeredConfig", teachers: Sequence["TeacherConfig"]) -> dict:

@@ -518,7 +518,7 @@ def test_generator_without_vllm_says_how_to_install(synthetic_task, monkeypatch)
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails
     _keep_vllm_env(monkeypatch)
     teachers = [TeacherConfig(name="alpha", path="x")]
-    with pytest.raises(ImportError, match=r"pip install 'dfkd-ray\[vllm\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]' from the repository root"):
         VllmSteeredGenerator(SteeredConfig(lm_path=synthetic_task.lm), teachers)
     with pytest.raises(ValueError, match="float64"):
         VllmSteeredGenerator(SteeredConfig(lm_path=synthetic_task.lm, dtype="float64"), teachers)
@@ -537,7 +537,7 @@ def test_importing_the_adapter_does_not_import_vllm():
 
 
 def test_adapter_is_a_vllm_logits_processor_and_passes_its_validation():
-    pytest.importorskip("vllm", reason="vLLM is not installed (GPU nodes only: pip install 'dfkd-ray[vllm]')")
+    pytest.importorskip("vllm", reason="vLLM is not installed (GPU nodes only: pip install -e '.[vllm]')")
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import LogitsProcessor, validate_logits_processors_parameters
 
@@ -596,7 +596,7 @@ def test_config_vllm_engine_needs_vllm_and_a_gpu(job_dict, synthetic_task, monke
     with pytest.raises(ConfigError) as e:
         preflight(validate_config(_steered(job_dict, synthetic_task, engine="vllm")))
     msg = str(e.value)
-    assert "transfer.steered.engine" in msg and "pip install 'dfkd-ray[vllm]'" in msg and "not installed" in msg
+    assert "transfer.steered.engine" in msg and "pip install -e '.[vllm]' from the repository root" in msg and "not installed" in msg
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
