@@ -11,7 +11,7 @@ each at its field path. It returns the config with every path absolute (against
 :func:`relative_path_base`) and each teacher's ``labels`` filled: the one place a job reads them.
 
 :func:`check_config` is the schema and the preflight together, every problem of both at once;
-job scripts run it through :func:`~dfkd_ray.config.parse_job_args`. Engine layer: torch is
+job scripts run it through :func:`parse_job_args`. Engine layer: torch is
 imported only for the eval file and the vLLM check, never Ray.
 """
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dfkd_ray.config import ConfigError, parse_job_args, read_config
+from dfkd_ray.config import ConfigError, read_config
+from dfkd_ray.preflight import parse_job_args
 from dfkd_ray.preflight import check_config, in_ray_working_dir_copy, relative_path_base
 
 SMOKE = Path(__file__).parents[2] / "jobs" / "configs" / "smoke.yaml"
