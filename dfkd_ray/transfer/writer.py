@@ -235,11 +235,12 @@ def repair_cross_shard_duplicates(store: TransferSetStore, cfg: JobConfig, regen
         key = f"{index:05d}"
         table = pq.read_table(store.directory / store.manifest["shards"][key]["file"])
         drop = set(dropped)
-        kept = table.filter(pa.array([sid not in drop for sid in table.column("sample_id").to_pylist()]))
+        kept = table.filter(pa.array([sid not in drop for sid in table.column("sample_id").to_pylist()], pa.bool_()))
         merged = pa.concat_tables([kept, rows_to_table(fix["rows"])]) if fix["rows"] else kept
         order = {r.sample_id: i for i, r in enumerate(shards[index])}
         ids = merged.column("sample_id").to_pylist()
-        merged = merged.take(sorted(range(len(ids)), key=lambda i: order[ids[i]]))
+        # Typed indices: a shard left with no row (every one repeated, none refilled) takes an empty list.
+        merged = merged.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), pa.int64()))
         stats = dict(store.manifest["shards"][key])
         stats["given_up"] = stats.get("given_up", 0) + fix["given_up"]
         rejects = Counter(stats.get("rejects", {}))
