@@ -82,6 +82,10 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
                                 "; give a text file with one document per line")
         if problem:
             problems.append(("transfer.corpus.path", problem))
+        elif cfg.transfer.source == "corpus" and known is not None and None not in _corpus_settings(cfg):
+            from dfkd_ray.transfer.sources.corpus import corpus_problems
+
+            problems += corpus_problems(cfg, known)
     if cfg.transfer.steered.engine == "vllm" and not os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` (RAY_ADDRESS set) the head node may lack vLLM and GPUs by design:
         # the generation actors check there.
@@ -102,6 +106,12 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         if problem:
             problems.append(("output.dir", problem))
     return cfg.model_copy(update={"teachers": teachers}), problems
+
+
+def _corpus_settings(cfg: JobConfig) -> tuple:
+    """The settings the corpus check reads (None where a salvaged config's field failed validation)."""
+    c, t = cfg.transfer.corpus, cfg.transfer
+    return c.min_words, c.max_words, c.encoding, t.samples_per_class, t.class_weights, t.dedup
 
 
 def _read_teachers(teachers: list[TeacherConfig]) -> tuple[list[TeacherConfig], list[tuple[str, str]],

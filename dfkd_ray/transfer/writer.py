@@ -57,6 +57,8 @@ def transfer_description(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -
     transfer = cfg.transfer.model_dump(mode="json")
     for key in _KERNEL_ONLY_STEERED_KEYS:
         transfer["steered"].pop(key, None)
+    if transfer["corpus"]["encoding"] == "utf-8":  # how every set was read before the setting existed
+        del transfer["corpus"]["encoding"]
     return {
         "seed": cfg.seed,
         "teachers": {t.name: {"path": str(Path(t.path).resolve()), "labels": teacher_labels[t.name],
