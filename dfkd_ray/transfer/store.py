@@ -10,7 +10,8 @@ A shard becomes visible only when complete: it is written under a hidden tempora
 flushed to disk, then renamed (atomic on POSIX); the manifest is replaced the same way and lists
 complete shards only. A process killed at any point leaves at most a temporary file, which the
 next :meth:`TransferSetStore.open` deletes, and perhaps a renamed shard the manifest does not list
-yet, which it verifies and adopts. A directory made with a different configuration is refused.
+yet, which it verifies and adopts. A directory made with a different configuration is refused
+once it holds a shard; one where a failed run wrote none is planned anew.
 
 Each shard carries its own manifest entry (requests, rejects, given up, worker, ...) as Parquet
 key-value metadata, written in the same atomic rename as its rows: a shard adopted on resume
@@ -126,12 +127,18 @@ class TransferSetStore:
         """Create the directory, or reopen one made with the same fingerprint (resume).
 
         Raises :class:`TransferSetError` when the directory holds a set made with another
-        configuration, or files that are not a transfer set; nothing there is touched then.
+        configuration, or files that are not a transfer set; nothing there is touched then. A set
+        with no shard written (neither listed nor on disk) takes the new configuration instead.
         """
         directory = Path(directory)
         path = directory / MANIFEST
         if path.is_file():
             manifest = read_manifest(directory)
+            if manifest["fingerprint"] != fingerprint and not manifest["shards"] \
+                    and not any(directory.glob("shard-*.parquet")):
+                # Nothing written (a run that failed before its first shard): plan the set anew.
+                manifest = {**manifest, "fingerprint": fingerprint, "description": description,
+                            "num_shards": num_shards, "complete": False}
             if manifest["fingerprint"] != fingerprint:
                 changes = diff_descriptions(manifest.get("description", {}), description)
                 raise TransferSetError(

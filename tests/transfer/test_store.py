@@ -71,3 +71,19 @@ def test_store_adopts_uncommitted_actor_shard_with_its_stats(tmp_path, make_row)
     entry = dict(store.manifest["shards"]["00001"])
     store = TransferSetStore.open(d, fingerprint="f", description={}, num_shards=4)
     assert store.manifest["shards"]["00001"] == entry == {"file": "shard-00001.parquet", "rows": 2, **stats}
+
+
+def test_set_with_nothing_written_is_replanned_for_a_corrected_config(tmp_path, make_row):
+    """A run that failed before writing any shard (say, a wrong corpus path) must not block the
+    corrected config; once a shard is written, another config is refused (never mixed)."""
+    d = tmp_path / "ts"
+    TransferSetStore.open(d, fingerprint="aaa", description={"x": 1}, num_shards=2)
+    (d / ".shard-00000.parquet.7.tmp").write_bytes(b"PAR1 half")  # killed mid-write: not a shard
+    store = TransferSetStore.open(d, fingerprint="bbb", description={"x": 2}, num_shards=3)
+    manifest = json.loads((d / MANIFEST).read_text())
+    assert (manifest["fingerprint"], manifest["description"], manifest["num_shards"]) == ("bbb", {"x": 2}, 3)
+    assert store.missing == [0, 1, 2]
+    write_shard_file(d, 1, rows_to_table([make_row(1)]), {"requests": 1})  # written, not listed yet
+    with pytest.raises(TransferSetError, match=r"different configuration .*x: 2 -> 3"):
+        TransferSetStore.open(d, fingerprint="ccc", description={"x": 3}, num_shards=3)
+    assert json.loads((d / MANIFEST).read_text())["fingerprint"] == "bbb"
