@@ -186,3 +186,21 @@ def test_corpus_with_fewer_documents_than_requests_gives_up_the_rest(job_dict, t
     summary = json.loads((cfg.output.dir / "transfer_set" / MANIFEST).read_text())["summary"]
     assert table.num_rows == 4 and len(set(table.column("text").to_pylist())) == 4
     assert summary["rows"] + summary["given_up"] == summary["requests"] == 32
+
+
+def test_damaged_shard_and_lost_manifest_of_a_finished_set_are_repaired(job_dict, capsys):
+    """A finished set with a truncated shard: the rerun names it, moves it aside, remakes its
+    requests and ends with the same set; then with its manifest deleted, the same again."""
+    job_dict["transfer"]["samples_per_class"] = 4
+    cfg = validate_config(job_dict)
+    ts = write_transfer_set(cfg, progress=False)
+    before = read_transfer_table(ts)
+    shard = ts / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    write_transfer_set(cfg, progress=False)
+    assert "shard-00001.parquet is not a readable shard" in capsys.readouterr().out
+    assert read_transfer_table(ts).equals(before) and (ts / ".damaged" / "shard-00001.parquet").is_file()
+    (ts / MANIFEST).unlink()
+    write_transfer_set(cfg, progress=False)
+    assert read_transfer_table(ts).equals(before)
