@@ -17,8 +17,11 @@ imported only for the eval file and the vLLM check, never Ray.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 import yaml
@@ -29,6 +32,9 @@ from dfkd_ray.labels import LabelSpaceError, UnionLabelSpace, normalize_label, r
 
 JOB_MARKER = "dfkd_job.json"
 """File in ``output.dir`` recording which job owns the directory."""
+
+LOCK_FILE = "dfkd_job.lock"
+"""File in ``output.dir`` while a job runs there: its host, pid and start time (one job at a time)."""
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
@@ -116,6 +122,10 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
                                 "; give a text file with one document per line")
         if problem:
             problems.append(("transfer.corpus.path", problem))
+        elif cfg.transfer.source == "corpus" and known is not None and None not in _corpus_settings(cfg):
+            from dfkd_ray.transfer.sources.corpus import corpus_problems
+
+            problems += corpus_problems(cfg, known)
     if cfg.transfer.steered.engine == "vllm" and not os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` (RAY_ADDRESS set) the head node may lack vLLM and GPUs by design:
         # the generation actors check there.
@@ -136,6 +146,12 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         if problem:
             problems.append(("output.dir", problem))
     return cfg.model_copy(update={"teachers": teachers}), problems
+
+
+def _corpus_settings(cfg: JobConfig) -> tuple:
+    """The settings the corpus check reads (None where a salvaged config's field failed validation)."""
+    c, t = cfg.transfer.corpus, cfg.transfer
+    return c.min_words, c.max_words, c.encoding, t.samples_per_class, t.class_weights, t.dedup
 
 
 def _read_teachers(teachers: list[TeacherConfig]) -> tuple[list[TeacherConfig], list[tuple[str, str]],
@@ -272,17 +288,86 @@ def _output_dir_problem(out: Path, name: str) -> str:
         return f"{str(out)!r} cannot be made: {str(existing)!r} is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{str(out)!r} cannot be written: {str(existing)!r} is not writable"
+    holder = _lock_holder(out / LOCK_FILE)
+    if holder is not None and not holder["stale"]:
+        return _locked_message(out / LOCK_FILE, holder)
     return ""
 
 
+def _lock_holder(lock: Path) -> dict | None:
+    """The lock's holder, with ``stale`` (its process is gone from this host); None when there is no
+    lock or this process holds it."""
+    try:
+        holder = json.loads(lock.read_text())
+        host, pid = str(holder["host"]), int(holder["pid"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"host": "<unknown>", "pid": "<unknown>", "stale": False}
+    if host != socket.gethostname():
+        return {**holder, "stale": False}  # another node: its process cannot be checked from here
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:  # exists, owned by another user
+        alive = True
+    return {**holder, "stale": not alive}
+
+
+def _locked_message(lock: Path, holder: dict) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"])) if holder.get("started") else "?"
+    return (f"another job is running in {str(lock.parent)!r}: {holder['host']} pid {holder['pid']}, since {since}; "
+            f"wait for it to end, give this job another output.dir, or, if no job runs there any more, delete {lock}")
+
+
+def _take_lock(out: Path) -> None:
+    """Create ``out``'s lock file (``O_EXCL``: one job at a time), or keep this process's own; take over
+    a stale one (its process gone from this host) with a printed note; released when this process exits."""
+    lock = out / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is None:
+                if lock.exists():
+                    return  # this process holds it
+                continue  # released meanwhile
+            if not holder["stale"]:
+                raise ConfigError([("output.dir", _locked_message(lock, holder))]) from None
+            print(f"output.dir: the lock of {holder['host']} pid {holder['pid']} is stale (that process is gone); "
+                  f"taken over: {lock}", flush=True)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": round(time.time(), 3)}, f)
+        atexit.register(_release_lock, lock, os.getpid())
+        return
+
+
+def _release_lock(lock: Path, pid: int) -> None:
+    try:
+        if json.loads(lock.read_text()).get("pid") == pid and pid == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def claim_output_dir(cfg: JobConfig) -> Path:
-    """Create ``output.dir``, record that this job owns it (idempotent for the same job) and save the
-    config there as ``config.yaml``; raises ConfigError when another job owns it or it cannot be written."""
+    """Create ``output.dir``, lock it for this process (:data:`LOCK_FILE`, released when the process
+    exits), record that this job owns it (idempotent for the same job) and save the config there as
+    ``config.yaml``; raises ConfigError when another job owns it, another run holds its lock, or it
+    cannot be written."""
     out = cfg.output.dir
     problem = _output_dir_problem(out, cfg.name)
     if problem:
         raise ConfigError([("output.dir", problem)])
     out.mkdir(parents=True, exist_ok=True)
+    _take_lock(out)
     marker = out / JOB_MARKER
     if not marker.is_file():
         tmp = marker.with_suffix(".tmp")

@@ -106,6 +106,17 @@ class RandomWordsConfig(_Section):
             return f"min_words ({min_words}) must be <= max_words ({max_words})"
 
 
+def _known_encoding(name: str) -> str:
+    import codecs
+
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {name!r}; use a Python codec name such as utf-8, latin-1 "
+                         "or cp1252") from None
+    return name
+
+
 class CorpusConfig(_Section):
     """StrataNet Table 3 baseline 'CD': cross-domain documents from a text file.
 
@@ -115,6 +126,8 @@ class CorpusConfig(_Section):
     path: Optional[Path] = Field(None, description="text file, one document per line")
     max_words: int = Field(128, ge=1, le=100_000, description="documents are cut to this many words")
     min_words: int = Field(4, ge=1, description="shorter lines are skipped")
+    encoding: Annotated[str, AfterValidator(_known_encoding)] = Field(
+        "utf-8", description="the file's text encoding; read strictly: a byte that is not valid in it stops the job")
 
 
 class SteeredConfig(_Section):

@@ -10,7 +10,10 @@ A shard becomes visible only when complete: it is written under a hidden tempora
 flushed to disk, then renamed (atomic on POSIX); the manifest is replaced the same way and lists
 complete shards only. A process killed at any point leaves at most a temporary file, which the
 next :meth:`TransferSetStore.open` deletes, and perhaps a renamed shard the manifest does not list
-yet, which it verifies and adopts. A directory made with a different configuration is refused.
+yet, which it verifies and adopts. A shard file that cannot be read as one (truncated, or a foreign
+Parquet file under a shard's name) is moved to ``.damaged/`` and its requests are made again; a
+missing manifest is rebuilt from the shards, which carry the set's fingerprint. A directory made with a different configuration is refused
+once it holds a shard; one where a failed run wrote none is planned anew.
 
 Each shard carries its own manifest entry (requests, rejects, given up, worker, ...) as Parquet
 key-value metadata, written in the same atomic rename as its rows: a shard adopted on resume
@@ -39,6 +42,10 @@ FORMAT = "dfkd-transfer-set/1"
 MANIFEST = "manifest.json"
 STATS_KEY = b"dfkd.shard_stats"
 """Parquet key-value metadata key holding a shard's statistics (JSON)."""
+FINGERPRINT_KEY = b"dfkd.fingerprint"
+"""Parquet key-value metadata key holding the fingerprint of the set a shard was written for."""
+DAMAGED = ".damaged"
+"""Where shard files that cannot be read as shards are moved (hidden: no reader picks them up)."""
 
 
 class TransferSetError(ValueError):
@@ -91,6 +98,35 @@ def read_shard_stats(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def _manifest_fingerprint(directory: Path) -> str | None:
+    """The fingerprint in ``directory``'s manifest, read from its head: the manifest is written with
+    sorted keys, so ``fingerprint`` comes before the (long) shard list."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        for line in f:
+            if line.startswith(' "fingerprint": '):
+                return json.loads(line.split(":", 1)[1].strip().rstrip(","))
+    return None
+
+
+def _shard_problem(path: Path, *, listed: bool) -> str:
+    """Why ``path`` cannot be a shard of a set ('' when it can): its footer (a listed shard), or all of
+    it (one to adopt), must read as a table of the transfer-set schema."""
+    try:
+        if listed:
+            schema = pq.read_schema(path)
+            if not schema.equals(TRANSFER_SCHEMA, check_metadata=False):
+                return "its columns are not the transfer-set schema"
+        else:
+            validate_table(pq.read_table(path))
+        read_shard_stats(path)
+    except (pa.ArrowException, OSError, ValueError) as e:  # SchemaError and JSON errors are ValueErrors
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ""
+
+
 def write_shard_file(directory: str | Path, index: int, table: pa.Table, stats: dict | None = None) -> Path:
     """Write a shard under a hidden temporary name, flush it, then rename it into place.
 
@@ -104,14 +140,50 @@ def write_shard_file(directory: str | Path, index: int, table: pa.Table, stats: 
     directory = Path(directory)
     final = directory / shard_name(index)
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    meta = dict(table.schema.metadata or {})
     if stats:
-        meta = {**{k: v for k, v in stats.items() if k != "file"}, "rows": len(table)}
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: json.dumps(meta).encode()})
+        meta[STATS_KEY] = json.dumps({**{k: v for k, v in stats.items() if k != "file"}, "rows": len(table)}).encode()
+    set_fingerprint = _manifest_fingerprint(directory)
+    if set_fingerprint:
+        meta[FINGERPRINT_KEY] = set_fingerprint.encode()
+    table = table.replace_schema_metadata(meta)
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
     return final
+
+
+def _check_rebuild(directory: Path, fingerprint: str) -> None:
+    """A directory without a manifest may hold a set's shards (a deleted manifest): they are adopted
+    when every one was written for this fingerprint. Raises :class:`TransferSetError` for other files,
+    or for shards of another (or an unrecorded) configuration, touching nothing."""
+    if not directory.is_dir():
+        return
+    shards = sorted(directory.glob("shard-*.parquet"))
+    others = [p for p in directory.iterdir() if not p.name.startswith(".") and p not in shards
+              and p.name not in ("summary.json", "summary.png")]
+    if others:
+        raise TransferSetError(f"{directory} exists and is not empty but has no {MANIFEST}; "
+                               "refusing to write a transfer set into it: choose an empty directory")
+    if not shards:
+        return
+    foreign = []
+    for p in shards:
+        try:
+            written_for = (pq.read_schema(p).metadata or {}).get(FINGERPRINT_KEY, b"").decode()
+        except (pa.ArrowException, OSError):
+            continue  # damaged: moved aside when the set is opened
+        if written_for != fingerprint:
+            foreign.append(p.name)
+    if foreign:
+        raise TransferSetError(
+            f"{directory} has no {MANIFEST}, and its shards {foreign[:5]}{' ...' if len(foreign) > 5 else ''} were "
+            f"made with another configuration (or by a version that did not record it), so the set cannot be "
+            f"rebuilt for this one. It was not touched: choose another output.dir, or move the shards aside to make "
+            f"the set anew: mkdir -p {directory}.old && mv {directory}/shard-*.parquet {directory}.old/")
+    print(f"transfer set: {MANIFEST} was missing in {directory}; rebuilding it from its {len(shards)} shards",
+          flush=True)
 
 
 class TransferSetStore:
@@ -126,12 +198,18 @@ class TransferSetStore:
         """Create the directory, or reopen one made with the same fingerprint (resume).
 
         Raises :class:`TransferSetError` when the directory holds a set made with another
-        configuration, or files that are not a transfer set; nothing there is touched then.
+        configuration, or files that are not a transfer set; nothing there is touched then. A set
+        with no shard written (neither listed nor on disk) takes the new configuration instead.
         """
         directory = Path(directory)
         path = directory / MANIFEST
         if path.is_file():
             manifest = read_manifest(directory)
+            if manifest["fingerprint"] != fingerprint and not manifest["shards"] \
+                    and not any(directory.glob("shard-*.parquet")):
+                # Nothing written (a run that failed before its first shard): plan the set anew.
+                manifest = {**manifest, "fingerprint": fingerprint, "description": description,
+                            "num_shards": num_shards, "complete": False}
             if manifest["fingerprint"] != fingerprint:
                 changes = diff_descriptions(manifest.get("description", {}), description)
                 raise TransferSetError(
@@ -140,9 +218,7 @@ class TransferSetStore:
                     f"{'; '.join(changes[:8]) or 'unknown'}). It was not touched: choose another output.dir, "
                     "or delete that directory to make the set anew")
         else:
-            if directory.is_dir() and any(p for p in directory.iterdir() if not p.name.startswith(".")):
-                raise TransferSetError(f"{directory} exists and is not empty but has no {MANIFEST}; "
-                                       "refusing to write a transfer set into it: choose an empty directory")
+            _check_rebuild(directory, fingerprint)
             directory.mkdir(parents=True, exist_ok=True)
             manifest = {"format": FORMAT, "fingerprint": fingerprint, "description": description,
                         "num_shards": num_shards, "shards": {}, "complete": False}
@@ -155,6 +231,10 @@ class TransferSetStore:
             tmp.unlink(missing_ok=True)
         for f in sorted(self.directory.glob("shard-*.parquet")):
             key = f.name[len("shard-"):-len(".parquet")]
+            problem = _shard_problem(f, listed=key in self.manifest["shards"])
+            if problem:
+                self._set_aside(f, key, problem)
+                continue
             stats = read_shard_stats(f)
             if key not in self.manifest["shards"]:
                 # Renamed (so complete) but the manifest update was lost: verify and adopt, with
@@ -166,6 +246,21 @@ class TransferSetStore:
                 # Replaced (replace_shard) but the manifest update was lost: the file is the truth.
                 self.manifest["shards"][key] = {**stats, "file": f.name}
         self._save()
+
+    def _set_aside(self, path: Path, key: str, problem: str) -> None:
+        """Move a damaged shard file to ``.damaged/`` (never over an earlier one) and unlist it, so
+        its requests are made again."""
+        aside = self.directory / DAMAGED
+        aside.mkdir(exist_ok=True)
+        dest, n = aside / path.name, 0
+        while dest.exists():
+            n += 1
+            dest = aside / f"{path.name}.{n}"
+        os.replace(path, dest)
+        if self.manifest["shards"].pop(key, None) is not None:
+            self.manifest["complete"] = False
+        print(f"transfer set: {path} is not a readable shard ({problem}); moved to {dest}, its requests will be "
+              "made again", flush=True)
 
     def _save(self) -> None:
         _atomic_write_bytes(self.directory / MANIFEST, json.dumps(self.manifest, indent=1, sort_keys=True).encode())

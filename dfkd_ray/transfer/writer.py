@@ -57,6 +57,8 @@ def transfer_description(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -
     transfer = cfg.transfer.model_dump(mode="json")
     for key in _KERNEL_ONLY_STEERED_KEYS:
         transfer["steered"].pop(key, None)
+    if transfer["corpus"]["encoding"] == "utf-8":  # how every set was read before the setting existed
+        del transfer["corpus"]["encoding"]
     return {
         "seed": cfg.seed,
         "teachers": {t.name: {"path": str(Path(t.path).resolve()), "labels": teacher_labels[t.name],
@@ -235,11 +237,12 @@ def repair_cross_shard_duplicates(store: TransferSetStore, cfg: JobConfig, regen
         key = f"{index:05d}"
         table = pq.read_table(store.directory / store.manifest["shards"][key]["file"])
         drop = set(dropped)
-        kept = table.filter(pa.array([sid not in drop for sid in table.column("sample_id").to_pylist()]))
+        kept = table.filter(pa.array([sid not in drop for sid in table.column("sample_id").to_pylist()], pa.bool_()))
         merged = pa.concat_tables([kept, rows_to_table(fix["rows"])]) if fix["rows"] else kept
         order = {r.sample_id: i for i, r in enumerate(shards[index])}
         ids = merged.column("sample_id").to_pylist()
-        merged = merged.take(sorted(range(len(ids)), key=lambda i: order[ids[i]]))
+        # Typed indices: a shard left with no row (every one repeated, none refilled) takes an empty list.
+        merged = merged.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), pa.int64()))
         stats = dict(store.manifest["shards"][key])
         stats["given_up"] = stats.get("given_up", 0) + fix["given_up"]
         rejects = Counter(stats.get("rejects", {}))

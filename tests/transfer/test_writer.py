@@ -171,3 +171,36 @@ def test_duplicates_across_shards_are_regenerated(job_dict, tmp_path):
     assert len(set(ids)) == len(ids)
     _, again = make(tmp_path / "b")
     assert again.equals(table)
+
+
+def test_corpus_with_fewer_documents_than_requests_gives_up_the_rest(job_dict, tmp_path):
+    """4 distinct documents for 32 requests with dedup on: later shards hold only rows that repeat an
+    earlier shard's. The final pass drops them, cannot refill them, and counts them as given up."""
+    corpus = tmp_path / "four.txt"
+    corpus.write_text("".join(f"document {i} speaks of one thing only\n" for i in range(4)))
+    job_dict["transfer"].update(samples_per_class=8, shard_size=4, dedup="exact", min_confidence=0.0,
+                                corpus={"path": str(corpus)})
+    cfg = validate_config(job_dict)
+    for _ in range(2):  # the rerun finds the finished set
+        table = read_transfer_table(write_transfer_set(cfg, progress=False))
+    summary = json.loads((cfg.output.dir / "transfer_set" / MANIFEST).read_text())["summary"]
+    assert table.num_rows == 4 and len(set(table.column("text").to_pylist())) == 4
+    assert summary["rows"] + summary["given_up"] == summary["requests"] == 32
+
+
+def test_damaged_shard_and_lost_manifest_of_a_finished_set_are_repaired(job_dict, capsys):
+    """A finished set with a truncated shard: the rerun names it, moves it aside, remakes its
+    requests and ends with the same set; then with its manifest deleted, the same again."""
+    job_dict["transfer"]["samples_per_class"] = 4
+    cfg = validate_config(job_dict)
+    ts = write_transfer_set(cfg, progress=False)
+    before = read_transfer_table(ts)
+    shard = ts / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    write_transfer_set(cfg, progress=False)
+    assert "shard-00001.parquet is not a readable shard" in capsys.readouterr().out
+    assert read_transfer_table(ts).equals(before) and (ts / ".damaged" / "shard-00001.parquet").is_file()
+    (ts / MANIFEST).unlink()
+    write_transfer_set(cfg, progress=False)
+    assert read_transfer_table(ts).equals(before)

@@ -8,23 +8,97 @@ import lzma
 import random
 from pathlib import Path
 
+from dfkd_ray.config import JobConfig
+from dfkd_ray.labels import normalize_label
+from dfkd_ray.transfer.filters import normalize_text
 from dfkd_ray.transfer.requests import Request
 from dfkd_ray.transfer.sources.base import TransferSource
 
 _OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 
 
-def read_documents(path: str | Path, *, min_words: int, max_words: int) -> list[str]:
-    """Non-empty lines of at least ``min_words`` words, each cut to ``max_words`` words."""
+class CorpusEncodingError(ValueError):
+    """A corpus file that is not text in ``transfer.corpus.encoding``."""
+
+
+def read_documents(path: str | Path, *, min_words: int, max_words: int, encoding: str = "utf-8") -> list[str]:
+    """Non-empty lines of at least ``min_words`` words, each cut to ``max_words`` words.
+
+    Decoded strictly: a byte sequence that is not valid in ``encoding`` raises
+    :class:`CorpusEncodingError` naming the file, its byte offset and line, never a replacement
+    character in the transfer set.
+    """
     path = Path(path)
     opener = _OPENERS.get(path.suffix, open)
     docs = []
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            words = line.split()
-            if len(words) >= min_words:
-                docs.append(" ".join(words[:max_words]))
+    try:
+        with opener(path, "rt", encoding=encoding, errors="strict") as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= min_words:
+                    docs.append(" ".join(words[:max_words]))
+    except UnicodeDecodeError:
+        raise _encoding_error(path, opener, encoding) from None
     return docs
+
+
+def _encoding_error(path: Path, opener, encoding: str) -> CorpusEncodingError:
+    """Where the file stops being ``encoding`` (the error of a text-mode read is relative to a chunk;
+    decoding the bytes whole gives the offset in the file)."""
+    with opener(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = "of the decompressed text " if opener is not open else ""
+        return CorpusEncodingError(
+            f"{path} is not {encoding} text: byte {e.start} {where}(line {line}) is "
+            f"{data[e.start:e.end]!r} ({e.reason}); set transfer.corpus.encoding to the file's encoding "
+            "(e.g. latin-1 or cp1252), or convert the file to UTF-8")
+    return CorpusEncodingError(f"{path} is not {encoding} text; set transfer.corpus.encoding to the file's encoding")
+
+
+def corpus_problems(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """The corpus source's problems with its file, found by reading it once before any generation:
+    not text in ``transfer.corpus.encoding``, no document of ``min_words`` words, or (with
+    ``transfer.dedup`` on, where each row needs its own document) fewer distinct documents than requests.
+    Returns ``(field path, message)`` pairs."""
+    c, t = cfg.transfer.corpus, cfg.transfer
+    try:
+        docs = read_documents(c.path, min_words=c.min_words, max_words=c.max_words, encoding=c.encoding)
+    except CorpusEncodingError as e:
+        return [("transfer.corpus.encoding", str(e))]
+    if not docs:
+        return [("transfer.corpus.path", _no_documents(c))]
+    if t.dedup == "none":
+        return []
+    distinct = len({normalize_text(d) for d in docs})
+    wanted = _count_requests(teacher_labels, t.samples_per_class, t.class_weights)
+    if distinct >= wanted:
+        return []
+    fits = t.samples_per_class * distinct // wanted
+    while fits > 0 and _count_requests(teacher_labels, fits, t.class_weights) > distinct:
+        fits -= 1
+    return [("transfer.samples_per_class",
+             f"the set asks for {wanted} rows (transfer.samples_per_class={t.samples_per_class} for each of "
+             f"{sum(map(len, teacher_labels.values()))} teacher classes) but {c.path} has {distinct} distinct documents "
+             f"of >= {c.min_words} words, and with transfer.dedup={t.dedup} each row needs its own: set "
+             f"transfer.samples_per_class to {fits} or less, add documents, lower transfer.corpus.min_words, "
+             "or set transfer.dedup=none to let rows repeat documents")]
+
+
+def _count_requests(teacher_labels: dict[str, list[str]], samples_per_class: int,
+                    class_weights: dict[str, float]) -> int:
+    """How many requests :func:`~dfkd_ray.transfer.requests.build_requests` makes, without making them."""
+    weights = {normalize_label(k): v for k, v in class_weights.items()}
+    return sum(round(samples_per_class * weights.get(normalize_label(name), 1.0))
+               for labels in teacher_labels.values() for name in labels)
+
+
+def _no_documents(c) -> str:
+    return (f"{c.path} has no line with >= {c.min_words} words (transfer.corpus.min_words); "
+            "give a text file with one document per line")
 
 
 class CorpusSource(TransferSource):
@@ -38,10 +112,10 @@ class CorpusSource(TransferSource):
     def __init__(self, config, teachers, label_space):
         super().__init__(config, teachers, label_space)
         cfg = config.transfer.corpus
-        self.documents = read_documents(cfg.path, min_words=cfg.min_words, max_words=cfg.max_words)
+        self.documents = read_documents(cfg.path, min_words=cfg.min_words, max_words=cfg.max_words,
+                                        encoding=cfg.encoding)
         if not self.documents:
-            raise ValueError(f"transfer.corpus.path {cfg.path} has no line with >= {cfg.min_words} words "
-                             "(transfer.corpus.min_words); give a text file with one document per line")
+            raise ValueError(f"transfer.corpus.path: {_no_documents(cfg)}")
         self.order = list(range(len(self.documents)))
         random.Random(config.seed).shuffle(self.order)
 
