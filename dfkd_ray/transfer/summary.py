@@ -60,7 +60,7 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_summary(summary: dict, path: str | Path) -> Path:
+def summary_figure(summary: dict):
     """Three panels: rows per (teacher, class), teacher-confidence histogram, token lengths."""
     import matplotlib
 
@@ -83,6 +83,14 @@ def plot_summary(summary: dict, path: str | Path) -> Path:
     fig.suptitle(f"transfer set: {summary['rows']} rows, distinct-1 {summary['distinct_1']:.3f}, "
                  f"distinct-2 {summary['distinct_2']:.3f}", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_summary(summary: dict, path: str | Path) -> Path:
+    """:func:`summary_figure` saved as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(summary)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
