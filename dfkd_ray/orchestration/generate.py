@@ -71,9 +71,15 @@ class GenerationActor:
                  replay_dir: str | None = None):
         self.cfg = cfg
         self.directory = Path(directory)
-        self.shards, self.source = _build_source(cfg, part)
         self.stream = stream
         self.replay_dir = Path(replay_dir) if replay_dir else None
+        # An exception here would kill the actor; Ray Data restarts pool actors without end and each
+        # death prints its traceback. Kept, and raised by the first batch: the dataset stops once, with it.
+        self.error: Exception | None = None
+        try:
+            self.shards, self.source = _build_source(cfg, part)
+        except Exception as e:  # noqa: BLE001 - re-raised by __call__
+            self.error = e
 
     def make(self, index: int):
         """Make shard ``index`` and write it (stats in the file); returns the table and stats."""
@@ -87,6 +93,8 @@ class GenerationActor:
         return table, stats
 
     def __call__(self, batch: dict) -> dict:
+        if self.error is not None:
+            raise self.error
         return self._texts(batch) if self.stream else self._stats(batch)
 
     def _texts(self, batch: dict) -> dict:
