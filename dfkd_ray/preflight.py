@@ -212,7 +212,7 @@ def local_resources(cfg: JobConfig) -> dict[str, float]:
     its GPU count) only when the plan asks for GPUs."""
     r = cfg.ray
     gpus = 0
-    if r.use_gpu or r.gpus_per_generation_actor > 0:
+    if r.use_gpu or (r.gpus_per_generation_actor or 0) > 0:
         import torch
 
         gpus = torch.cuda.device_count()
@@ -231,6 +231,8 @@ def resource_plan_problems(cfg: JobConfig, have: dict[str, float], where: str = 
     and wait for the rest forever."""
     r = cfg.ray
     stream = cfg.train.stream_from_generation
+    if None in (*r.model_dump(exclude={"address"}).values(), stream):  # salvaged from an invalid config: its field is reported
+        return []
     asks = {"train": {"CPU": r.cpus_per_train_worker, "GPU": 1.0 if r.use_gpu else 0.0},
             "generation": {"CPU": r.cpus_per_generation_actor, "GPU": r.gpus_per_generation_actor}}
     counts = {"train": (r.num_train_workers, "train workers"), "generation": (r.num_generation_actors, "generation actors")}
