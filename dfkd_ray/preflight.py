@@ -3,9 +3,11 @@ machine, and the output directory.
 
 :func:`preflight` takes a schema-valid :class:`~dfkd_ray.config.JobConfig`, builds the demo task
 when ``demo:`` is set, and checks: each teacher directory (``config.json`` with real, distinct
-``id2label`` names, tokenizer files), the student and LM directories, the corpus file, the eval
+``id2label`` names, tokenizer files, ``trust_remote_code`` when its config has ``auto_map``), the
+student and LM directories, the corpus file, the eval
 file (format, columns, label names), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
-the job was submitted to a cluster: ``RAY_ADDRESS`` set), and that ``output.dir`` can be written
+the job was submitted to a cluster: ``RAY_ADDRESS`` set), that a local Ray's train workers and
+generation actors fit this machine's CPUs and GPUs (:func:`resource_plan_problems`), and that ``output.dir`` can be written
 and holds no other job's results. Every problem comes in one :class:`~dfkd_ray.config.ConfigError`,
 each at its field path. It returns the config with every path absolute and each teacher's
 ``labels`` filled: the one place a job reads them.
