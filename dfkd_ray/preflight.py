@@ -3,9 +3,11 @@ machine, and the output directory.
 
 :func:`preflight` takes a schema-valid :class:`~dfkd_ray.config.JobConfig`, builds the demo task
 when ``demo:`` is set, and checks: each teacher directory (``config.json`` with real, distinct
-``id2label`` names, tokenizer files), the student and LM directories, the corpus file, the eval
+``id2label`` names, tokenizer files, ``trust_remote_code`` when its config has ``auto_map``), the
+student and LM directories, the corpus file, the eval
 file (format, columns, label names), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
-the job was submitted to a cluster: ``RAY_ADDRESS`` set), and that ``output.dir`` can be written
+the job was submitted to a cluster: ``RAY_ADDRESS`` set), that a local Ray's train workers and
+generation actors fit this machine's CPUs and GPUs (:func:`resource_plan_problems`), and that ``output.dir`` can be written
 and holds no other job's results. Every problem comes in one :class:`~dfkd_ray.config.ConfigError`,
 each at its field path. It returns the config with every path absolute (against
 :func:`relative_path_base`) and each teacher's ``labels`` filled: the one place a job reads them.
@@ -138,6 +140,10 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         unknown = [k for k in cfg.transfer.class_weights if normalize_label(k) not in normalized]
         if unknown:
             problems.append(("transfer.class_weights", f"names labels no teacher has: {unknown}; known: {names}"))
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        # A local Ray: this machine is the whole cluster. A cluster (which may autoscale) is checked
+        # when the job joins it, as a warning.
+        problems += resource_plan_problems(cfg, local_resources(cfg))
     problem = _eval_problem(cfg.eval, known)
     if problem:
         problems.append(("eval.path", problem))
@@ -166,6 +172,11 @@ def _read_teachers(teachers: list[TeacherConfig]) -> tuple[list[TeacherConfig], 
         labels, problem = _read_teacher(t)
         if problem:
             problems.append((f"teachers[{i}].path", problem))
+        elif "auto_map" in read_model_config(t.path) and not t.trust_remote_code:
+            problems.append((f"teachers[{i}].trust_remote_code",
+                             f"{t.path / 'config.json'} has auto_map: the model loads only with the directory's own "
+                             f"code; set teachers[{i}].trust_remote_code=true if you trust it, or save the teacher "
+                             "as a standard transformers architecture"))
         elif t.labels is not None and t.labels != labels:
             problems.append((f"teachers[{i}].labels", f"{t.labels} differ from id2label in {t.path / 'config.json'}, "
                                                       f"{labels}; remove teachers[{i}].labels or make them equal"))
@@ -246,6 +257,59 @@ def _eval_problem(ev: EvalConfig, teacher_labels: dict[str, list[str]] | None) -
     except (EvalDataError, LabelSpaceError) as e:
         return str(e)
     return ""
+
+
+def local_resources(cfg: JobConfig) -> dict[str, float]:
+    """The CPUs and GPUs of this machine, as a local Ray would have them; torch is imported (for
+    its GPU count) only when the plan asks for GPUs."""
+    r = cfg.ray
+    gpus = 0
+    if r.use_gpu or (r.gpus_per_generation_actor or 0) > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def _count(n: float, unit: str) -> str:
+    return f"{n:g} {unit}{'' if n == 1 else 's'}"
+
+
+def resource_plan_problems(cfg: JobConfig, have: dict[str, float], where: str = "this machine") -> list[tuple[str, str]]:
+    """Why the job's train workers and generation actors cannot all start on ``have`` (CPU and GPU
+    counts, e.g. ``ray.cluster_resources()``), one problem per ``ray.*`` field to change; [] when they
+    can. The stages take turns (generation, then training), except with
+    ``train.stream_from_generation``, which runs both at once. Ray would otherwise start what fits
+    and wait for the rest forever."""
+    r = cfg.ray
+    stream = cfg.train.stream_from_generation
+    if None in (*r.model_dump(exclude={"address"}).values(), stream):  # salvaged from an invalid config: its field is reported
+        return []
+    asks = {"train": {"CPU": r.cpus_per_train_worker, "GPU": 1.0 if r.use_gpu else 0.0},
+            "generation": {"CPU": r.cpus_per_generation_actor, "GPU": r.gpus_per_generation_actor}}
+    counts = {"train": (r.num_train_workers, "train workers"), "generation": (r.num_generation_actors, "generation actors")}
+    fields = {("train", "CPU"): "ray.num_train_workers", ("train", "GPU"): "ray.num_train_workers",
+              ("generation", "CPU"): "ray.num_generation_actors", ("generation", "GPU"): "ray.gpus_per_generation_actor"}
+    fixes = {"ray.num_train_workers": "lower ray.num_train_workers (or ray.cpus_per_train_worker, ray.use_gpu)",
+             "ray.num_generation_actors": "lower ray.num_generation_actors (or ray.cpus_per_generation_actor)",
+             "ray.gpus_per_generation_actor": "lower ray.num_generation_actors or ray.gpus_per_generation_actor"}
+    found: dict[str, list[str]] = {}
+    for kind in ("CPU", "GPU"):
+        parts = {stage: (counts[stage][0], counts[stage][1], asks[stage][kind]) for stage in asks
+                 if asks[stage][kind] > 0}
+        groups = [list(parts)] if stream else [[stage] for stage in parts]
+        for group in groups:
+            need = sum(parts[s][0] * parts[s][2] for s in group)
+            if need <= have.get(kind, 0):
+                continue
+            plan = " and ".join(f"{parts[s][0]} {parts[s][1]} x {_count(parts[s][2], kind)}" for s in group)
+            at_once = " at once (train.stream_from_generation)" if len(group) > 1 else ""
+            field = fields[max(group, key=lambda s: parts[s][0] * parts[s][2]), kind]
+            found.setdefault(field, []).append(f"the plan needs {plan}{at_once} = {_count(need, kind)}; {where} has "
+                                               f"{_count(have.get(kind, 0), kind)}")
+    return [(field, "; ".join(msgs) + f": {fixes[field]}" + (", or set train.stream_from_generation=false"
+                                                            if stream else ""))
+            for field, msgs in found.items()]
 
 
 VLLM_INSTALL = "pip install -e '.[vllm]' from the repository root"

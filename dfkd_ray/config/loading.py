@@ -27,8 +27,12 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
         self.problems = problems
+        self.source = source
         lines = [f"{len(problems)} problem(s) in {source}:"] + [f"  - {p}: {m}" for p, m in problems]
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # pickled as its constructor's arguments: Ray sends it from a worker to the driver
+        return type(self), (self.problems, self.source)
 
 
 def _format_loc(loc: tuple) -> str:

@@ -3,7 +3,7 @@
 The driver plans the requests table and cuts it into shards (the unit of work and of resume).
 Shard indices that the manifest does not list yet become a Ray Dataset; ``map_batches`` runs
 :class:`GenerationActor` (a callable class: teachers, LM and transfer source built once in
-``__init__``) over them with ``concurrency`` actors, each writing its shards to disk whole
+``__init__``) over them with a pool of ``ray.num_generation_actors`` actors, each writing its shards to disk whole
 (temporary name, then rename) and returning only a small stats row. The driver streams those rows,
 lists each shard in the manifest as it arrives, and shows progress; it never holds the set.
 Killed at any point, a rerun with the same config skips listed shards (and adopts renamed
@@ -71,9 +71,15 @@ class GenerationActor:
                  replay_dir: str | None = None):
         self.cfg = cfg
         self.directory = Path(directory)
-        self.shards, self.source = _build_source(cfg, part)
         self.stream = stream
         self.replay_dir = Path(replay_dir) if replay_dir else None
+        # An exception here would kill the actor; Ray Data restarts pool actors without end and each
+        # death prints its traceback. Kept, and raised by the first batch: the dataset stops once, with it.
+        self.error: Exception | None = None
+        try:
+            self.shards, self.source = _build_source(cfg, part)
+        except Exception as e:  # noqa: BLE001 - re-raised by __call__
+            self.error = e
 
     def make(self, index: int):
         """Make shard ``index`` and write it (stats in the file); returns the table and stats."""
@@ -87,6 +93,8 @@ class GenerationActor:
         return table, stats
 
     def __call__(self, batch: dict) -> dict:
+        if self.error is not None:
+            raise self.error
         return self._texts(batch) if self.stream else self._stats(batch)
 
     def _texts(self, batch: dict) -> dict:
@@ -120,7 +128,7 @@ def generation_pipeline(cfg: JobConfig, directory: Path, shards: list[int], **ac
     return ds.map_batches(
         GenerationActor,
         fn_constructor_kwargs={"cfg": cfg, "directory": str(directory), **actor_kwargs},
-        batch_size=1, concurrency=min(r.num_generation_actors, len(shards)),
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(r.num_generation_actors, len(shards))),
         num_gpus=r.gpus_per_generation_actor, num_cpus=r.cpus_per_generation_actor, batch_format="numpy")
 
 

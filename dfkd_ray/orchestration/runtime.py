@@ -29,12 +29,30 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, EvalDataError, LabelSpaceError, StageMismatch, TransferSetEmpty, TransferSetError
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The exception a Ray task, actor or Train worker raised, out of Ray's wrappers: a task's
+    ``RayTaskError`` (``cause``), Ray Data's ``UserCodeException`` (``__cause__``), a Train run's
+    worker failures (the first worker's)."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+            error = error.cause
+        elif isinstance(error, UserCodeException) and error.__cause__ is not None:
+            error = error.__cause__
+        elif getattr(error, "worker_failures", None):
+            error = next(iter(error.worker_failures.values()))
+    return error
+
+
 def report_user_error(error: BaseException) -> int:
-    """Print one of :func:`user_errors` for the user; returns the exit status (2)."""
+    """Print one of :func:`user_errors` for the user (its root cause, see :func:`root_cause`, without
+    a traceback); returns the exit status (2)."""
     import sys
 
-    cause = getattr(error, "cause", None)  # raised in a Ray task: the original error, not the remote traceback
-    print(f"error: {cause if isinstance(cause, BaseException) else error}", file=sys.stderr)
+    print(f"error: {root_cause(error)}", file=sys.stderr)
     return 2
 
 
@@ -77,6 +95,7 @@ def start_ray(cfg: JobConfig) -> None:
 
     import ray
 
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # the callable's error, not a wrapper
     r = cfg.ray
     if r.address is not None or "RAY_ADDRESS" in os.environ:
         ray.init(address=r.address, log_to_driver=True)
@@ -88,11 +107,22 @@ def start_ray(cfg: JobConfig) -> None:
 
 def run_job(cfg: JobConfig, run: Callable[[JobConfig], object]) -> int:
     """What a job script does once its config passed the preflight: start Ray (:func:`start_ray`), run
-    one ``run_*`` function, and turn a problem the user fixes (:func:`user_errors`) into its message
-    and exit status 2, without a traceback. Returns the exit status."""
+    one ``run_*`` function, and report what stopped it once, as its root cause (:func:`root_cause`),
+    without a traceback: a problem the user fixes (:func:`user_errors`) exits 2, any other error
+    raised inside Ray exits 1 (Ray's detail stays in its logs). Returns the exit status."""
+    import sys
+
+    from ray.exceptions import RayError
+
     start_ray(cfg)
     try:
         run(cfg)
-    except user_errors() as e:
-        return report_user_error(e)
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else keeps its traceback
+        cause = root_cause(e)
+        if isinstance(cause, user_errors()):
+            return report_user_error(cause)
+        if not isinstance(e, RayError) and cause is e:
+            raise
+        print(f"error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
     return 0

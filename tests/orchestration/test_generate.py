@@ -189,3 +189,22 @@ def test_job_script_reports_a_user_error_without_traceback(job_dict, tmp_path, r
     assert "error: " in proc.stderr and "is not empty but has no manifest.json" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "out" / "transfer_set" / "notes.txt").read_text() == "mine"
+
+
+def test_the_generation_pipeline_uses_no_deprecated_ray_data_argument(job_dict, tmp_path, ray_local):
+    """``map_batches(concurrency=n)`` logged a deprecation warning on every job's console; a fixed pool
+    of ``ray.num_generation_actors`` actors is ``compute=ActorPoolStrategy(size=n)``."""
+    import logging
+
+    from dfkd_ray.orchestration.generate import generation_pipeline
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("ray.data")
+    logger.addHandler(handler)
+    try:
+        generation_pipeline(validate_config(_cfg(job_dict, tmp_path / "out")), tmp_path, [0, 1, 2])
+    finally:
+        logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "deprecated" in r.getMessage()]

@@ -45,3 +45,74 @@ def test_a_local_job_console_shows_each_worker_line_once_and_no_cleaner_warnings
     assert out.returncode == 0, console[-3000:]
     assert console.count("distill: one line from the worker") == 1, console[-3000:]
     assert "Failed to query Ray Train Controller" not in console, console[-3000:]
+
+
+def _config_error():
+    from dfkd_ray.config import ConfigError
+
+    return ConfigError([("teachers[0].trust_remote_code", "the model needs its own code")])
+
+
+def test_a_config_error_survives_the_trip_from_a_ray_worker():
+    """Ray pickles a task's exception to the driver; ConfigError's constructor made that fail and the
+    driver got an UnserializableException without the field to change."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(_config_error()))
+    assert back.problems == [("teachers[0].trust_remote_code", "the model needs its own code")]
+    assert str(back) == str(_config_error())
+
+
+@pytest.mark.parametrize("wrap", ["task", "data"])
+def test_an_error_raised_in_a_ray_worker_is_reported_once_as_its_root_cause(wrap, job_dict, monkeypatch, capsys):
+    """``run_job`` unwraps Ray's errors (a task's RayTaskError; Ray Data's UserCodeException around the
+    callable's error) and prints the root cause once, with the field; a user error exits 2."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from dfkd_ray.config import validate_config
+    from dfkd_ray.orchestration import runtime
+
+    def run(cfg):
+        cause = _config_error()
+        if wrap == "data":
+            try:
+                raise UserCodeException("UDF failed to process a data block.") from cause
+            except UserCodeException as e:
+                cause = e
+        raise RayTaskError("MapWorker.submit", "Traceback (most recent call last): ...", cause)
+
+    monkeypatch.setattr(runtime, "start_ray", lambda cfg: None)
+    assert runtime.run_job(validate_config(job_dict), run) == 2
+    err = capsys.readouterr().err
+    assert err.count("teachers[0].trust_remote_code") == 1, err
+    assert err.startswith("error: ") and "Traceback" not in err and "UDF failed" not in err
+
+
+def test_another_error_in_a_ray_worker_exits_1_with_its_message(job_dict, monkeypatch, capsys):
+    from ray.exceptions import RayTaskError
+
+    from dfkd_ray.config import validate_config
+    from dfkd_ray.orchestration import runtime
+
+    def run(cfg):
+        raise RayTaskError("_evaluate_task", "Traceback ...", OSError("disk full"))
+
+    monkeypatch.setattr(runtime, "start_ray", lambda cfg: None)
+    assert runtime.run_job(validate_config(job_dict), run) == 1
+    err = capsys.readouterr().err
+    assert err.count("disk full") == 1 and "Traceback" not in err, err
+
+
+def test_a_generation_actor_whose_engine_cannot_be_built_fails_its_first_batch_not_its_constructor(monkeypatch):
+    """An exception in an actor's ``__init__`` kills the actor, Ray Data restarts it without end and every
+    death prints its traceback; raised from the first batch, the dataset stops once with that error."""
+    from dfkd_ray.config import ConfigError
+    from dfkd_ray.orchestration import generate
+
+    def fail(cfg, part="all"):
+        raise _config_error()
+
+    monkeypatch.setattr(generate, "_build_source", fail)
+    actor = generate.GenerationActor(cfg=None, directory="unused")
+    with pytest.raises(ConfigError, match=r"teachers\[0\]\.trust_remote_code"):
+        actor({"shard": [0]})

@@ -1,0 +1,66 @@
+"""Preflight checks that keep a job from failing later inside Ray: a teacher that needs its own
+modelling code, and a resource plan the machine cannot hold."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+
+from dfkd_ray.config import ConfigError, validate_config
+from dfkd_ray.preflight import preflight, resource_plan_problems
+
+
+def test_teacher_needing_remote_code_names_trust_remote_code(job_dict, synthetic_task, tmp_path):
+    """A config.json with ``auto_map`` loads only with the directory's own code: transformers refused it
+    inside every generator actor, and the user saw Ray's actor deaths instead of the field to change."""
+    remote = tmp_path / "remote_teacher"
+    shutil.copytree(synthetic_task.teachers["alpha"], remote)
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    (remote / "config.json").write_text(json.dumps(config))
+    d = copy.deepcopy(job_dict)
+    d["teachers"][0]["path"] = str(remote)
+    with pytest.raises(ConfigError) as err:
+        preflight(validate_config(d))
+    problems = dict(err.value.problems)
+    assert list(problems) == ["teachers[0].trust_remote_code"], problems
+    assert "auto_map" in problems["teachers[0].trust_remote_code"]
+    d["teachers"][0]["trust_remote_code"] = True
+    assert preflight(validate_config(d)).teachers[0].labels
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_plan_the_machine_cannot_hold_is_refused_with_numbers(job_dict, stream):
+    """64 train workers on 2 cores started 64 processes and made no step."""
+    d = copy.deepcopy(job_dict)
+    d["ray"] = {"num_train_workers": 64, "num_generation_actors": 2}
+    d["train"] = {"stream_from_generation": stream}
+    problems = dict(resource_plan_problems(validate_config(d), {"CPU": 2, "GPU": 0}))
+    assert list(problems) == ["ray.num_train_workers"], problems
+    message = problems["ray.num_train_workers"]
+    assert "64 train workers x 1 CPU" in message and "2 CPUs" in message
+    assert ("2 generation actors x 1 CPU" in message) == stream  # both at once only when streaming
+
+
+def test_gpus_the_machine_lacks_are_refused(job_dict):
+    d = copy.deepcopy(job_dict)
+    d["ray"] = {"num_train_workers": 2, "use_gpu": True, "num_generation_actors": 2, "gpus_per_generation_actor": 1}
+    problems = dict(resource_plan_problems(validate_config(d), {"CPU": 16, "GPU": 1}))
+    assert set(problems) == {"ray.num_train_workers", "ray.gpus_per_generation_actor"}, problems
+    assert "2 train workers x 1 GPU" in problems["ray.num_train_workers"]
+    assert "this machine has 1 GPU" in problems["ray.num_train_workers"]
+    assert not resource_plan_problems(validate_config(d), {"CPU": 16, "GPU": 2})
+
+
+def test_the_preflight_checks_the_plan_on_this_machine_unless_joining_a_cluster(job_dict, monkeypatch):
+    d = copy.deepcopy(job_dict)
+    d["ray"] = {"num_train_workers": 4096}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError) as err:
+        preflight(validate_config(d))
+    assert "ray.num_train_workers" in dict(err.value.problems)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # an autoscaling cluster may grow: checked there
+    preflight(validate_config(d))
