@@ -143,7 +143,10 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         # A local Ray: this machine is the whole cluster. A cluster (which may autoscale) is checked
         # when the job joins it, as a warning.
-        problems += resource_plan_problems(cfg, local_resources(cfg))
+        cores = os.cpu_count() or 1
+        problems += resource_plan_problems(
+            cfg, local_resources(cfg),
+            where=f"this machine ({cores} cores, each booked for at most {LOCAL_PROCESSES_PER_CORE} processes)")
     problem = _eval_problem(cfg.eval, known)
     if problem:
         problems.append(("eval.path", problem))
@@ -259,16 +262,22 @@ def _eval_problem(ev: EvalConfig, teacher_labels: dict[str, list[str]] | None) -
     return ""
 
 
+LOCAL_PROCESSES_PER_CORE = 2
+"""A local Ray books each CPU core for at most this many of a job's processes: small CPU models
+spend much of their time waiting (the smoke preset streams with 2 train workers and 2 generator
+actors on 2 cores), while a plan far beyond the cores starts processes that make no progress."""
+
+
 def local_resources(cfg: JobConfig) -> dict[str, float]:
-    """The CPUs and GPUs of this machine, as a local Ray would have them; torch is imported (for
-    its GPU count) only when the plan asks for GPUs."""
+    """What a local Ray on this machine can book: :data:`LOCAL_PROCESSES_PER_CORE` per CPU core, and
+    the GPUs; torch is imported (for its GPU count) only when the plan asks for GPUs."""
     r = cfg.ray
     gpus = 0
     if r.use_gpu or (r.gpus_per_generation_actor or 0) > 0:
         import torch
 
         gpus = torch.cuda.device_count()
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+    return {"CPU": float(LOCAL_PROCESSES_PER_CORE * (os.cpu_count() or 1)), "GPU": float(gpus)}
 
 
 def _count(n: float, unit: str) -> str:

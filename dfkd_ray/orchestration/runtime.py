@@ -85,8 +85,8 @@ def start_ray(cfg: JobConfig) -> None:
     """Start or join the Ray a job runs on: the one start-up of every job script.
 
     With ``ray.address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) the job joins that
-    cluster as it was started. Otherwise it starts a local Ray on this machine: no dashboard
-    (``ray[default]``'s packages are not dependencies), :func:`quiet_stateless_ray` in every worker
+    cluster as it was started. Otherwise it starts a local Ray on this machine: no dashboard (a
+    job needs none and starts seconds sooner without), :func:`quiet_stateless_ray` in every worker
     process, and logical CPUs beyond what the train workers and generator actors take, so dataset
     reads always get one (Ray Data gets no CPU a train worker holds). Worker output reaches the
     driver's console in both cases.

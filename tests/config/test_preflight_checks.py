@@ -64,3 +64,18 @@ def test_the_preflight_checks_the_plan_on_this_machine_unless_joining_a_cluster(
     assert "ray.num_train_workers" in dict(err.value.problems)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # an autoscaling cluster may grow: checked there
     preflight(validate_config(d))
+
+
+def test_a_local_plan_may_book_each_core_twice(job_dict, monkeypatch):
+    """The smoke preset streams with 2 train workers and 2 generator actors on a 2-core laptop."""
+    d = copy.deepcopy(job_dict)
+    d["ray"] = {"num_train_workers": 2, "num_generation_actors": 2}
+    d["train"] = {"stream_from_generation": True}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert preflight(validate_config(d)).ray.num_train_workers == 2
+    d["ray"]["num_train_workers"] = 3
+    with pytest.raises(ConfigError) as err:
+        preflight(validate_config(d))
+    message = dict(err.value.problems)["ray.num_train_workers"]
+    assert "= 5 CPUs" in message and "2 cores, each booked for at most 2 processes" in message, message
