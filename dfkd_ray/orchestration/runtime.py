@@ -74,8 +74,9 @@ _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_c
 
 # Lines Ray's processes print that say nothing to the user of a job: the raylet's note that it started more
 # worker processes than it expects at once (every Ray Data actor pool and Train worker group on a small
-# machine). What a worker prints itself, warnings and errors of Ray's loggers included, passes.
-RAY_CHATTER = ("worker processes have been started on node",)
+# machine), Ray's note that an actor it restarts on failure took object-store arguments (Ray Train's own
+# actors). What a worker prints itself, warnings and errors of Ray's loggers included, passes.
+RAY_CHATTER = ("worker processes have been started on node", "has constructor arguments in the object store")
 
 
 def quiet_console() -> None:
@@ -85,6 +86,7 @@ def quiet_console() -> None:
     ``worker_process_setup_hook`` of every job's workers (:func:`start_ray`) and part of the driver's start-up.
     """
     import logging
+    import warnings
 
     import ray.data  # configures the ``ray.data`` logger on import: after it, the level below holds
     from ray.data._internal.logging import SessionFileHandler
@@ -93,39 +95,41 @@ def quiet_console() -> None:
         if not isinstance(handler, SessionFileHandler):
             handler.setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train's report of each result and checkpoint, logged at INFO by a logger named after its file
+    from ray.train.v2._internal.execution import context as train_context
+
+    train_context.logger.setLevel(logging.WARNING)
+    # Ray Train sets a Ray Data option Ray Data itself deprecates; nothing for the job's user to change
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.* is deprecated")
     # the job turns Ray Data's progress bars off on purpose (the step lines say more); no notice of it
     from ray.util import log_once
 
     log_once("ray_data_progress_manager_disabled")
     # without a dashboard the cleaner cannot work and would warn once a second for a whole training run
     logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
+    from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
 def _drop_ray_chatter() -> None:
-    """Leave :data:`RAY_CHATTER` lines out of what the driver prints of its workers' output (Ray's logs keep
-    them). Ray 2.60 prints worker output through one handler of a dispatcher; where that is not so, nothing
-    changes."""
+    """Leave :data:`RAY_CHATTER` lines out of what the driver prints of its workers' and raylets' output
+    (Ray's log files keep them). Ray 2.60 prints both through ``print_worker_logs``; where that is not
+    so, nothing changes."""
     from ray._private import worker
 
-    dispatcher = getattr(worker, "global_worker_stdstream_dispatcher", None)
-    printers = [h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"]
-    if len(printers) != 1:
+    original = getattr(worker, "print_worker_logs", None)
+    if original is None or getattr(original, "drops_ray_chatter", False):
         return
-    (original,) = printers
 
-    def filtered(data):
+    def print_worker_logs(data, *args, **kwargs):
         lines = [x for x in data.get("lines", []) if not any(c in x for c in RAY_CHATTER)]
         if lines:
-            original({**data, "lines": lines})
+            original({**data, "lines": lines}, *args, **kwargs)
 
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", filtered)
+    print_worker_logs.drops_ray_chatter = True
+    worker.print_worker_logs = print_worker_logs
 
 
 def start_ray(cfg: JobConfig) -> None:
