@@ -26,7 +26,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # What Ray and transformers print of their own on a job's console unless the job keeps it in their logs.
 RAY_INTERNALS = [
     r"Started a local Ray instance", r"Connected to Ray cluster", r"Token authentication is",
-    r"Progress bars disabled", r"constructor arguments in the object store", r"SplitCoordinator",
+    r"Progress bars disabled", r"SplitCoordinator", r"exclude_resources",
+    # Ray Train's actors' note, forwarded from their processes (the driver's own note from Ray's C++ core,
+    # for the generation actor pool, goes to its stderr past Python's logging)
+    r"pid=\d+\).*constructor arguments in the object store",
     r"Reporting training result", r"TrainingReport\(", r"Checkpoint successfully created",
     r"worker processes have been started", r"Writing model shards", r"Loading weights", r"loss_type",
     r"\bINFO\b.*\.py:\d+",  # a Ray logger's INFO line (Ray Data's execution and progress lines)
