@@ -109,8 +109,13 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
     field that failed validation is None, and the checks that need it are skipped."""
     cfg = cfg.absolute(relative_path_base())
     if cfg.demo is not None:
-        from dfkd_ray.synthetic import build_synthetic_task
+        from dfkd_ray.synthetic import build_synthetic_task, synthetic_task_built
 
+        if not synthetic_task_built(cfg.demo):
+            from transformers.utils import logging as hf_logging
+
+            print(f"building the demo task (teachers, LM, corpus) under {cfg.demo}, once", flush=True)
+            hf_logging.disable_progress_bar()  # one bar per saved model says nothing more than this line
         build_synthetic_task(cfg.demo)  # cached: a no-op once built
     teachers, problems, known = _read_teachers(list(cfg.teachers or []))
     for field, path in (("student.path", cfg.student.path), ("transfer.steered.lm_path", cfg.transfer.steered.lm_path)):

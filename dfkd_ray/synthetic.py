@@ -276,6 +276,12 @@ def _fit_lm(model, tokenizer, texts: list[str], steps: int, lr: float, seed: int
     return loss
 
 
+def synthetic_task_built(root: str | Path) -> bool:
+    """Whether :func:`build_synthetic_task` finds the task under ``root`` built by this builder version."""
+    stamp = Path(root) / "BUILT.json"
+    return stamp.is_file() and json.loads(stamp.read_text()).get("version") == BUILDER_VERSION
+
+
 def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
     """Build (or reuse, when already built by this builder version) the synthetic task under ``root``."""
     import torch
@@ -287,7 +293,7 @@ def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
                          lm=root / "lm", student=root / "student", corpus=root / "corpus.txt",
                          eval_file=root / "eval.csv")
     stamp = root / "BUILT.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("version") == BUILDER_VERSION:
+    if synthetic_task_built(root):
         return task
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -183,6 +183,9 @@ def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int
         return store.directory
     start = started if started is not None else time.perf_counter()
     generated = generated_before
+    if store.done and store.missing and started is None:
+        print(f"transfer set: resuming, {len(store.done)} of {len(store.done) + len(store.missing)} shards kept "
+              f"from an earlier run, {len(store.missing)} to make")
     if store.missing:
         generated += _generate_and_commit(cfg, store, store.missing, desc=f"transfer set ({cfg.transfer.source})",
                                           progress=progress)

@@ -72,13 +72,64 @@ def worker_print(message: str) -> None:
 # lives; without a dashboard (a local ``ray.init(include_dashboard=False)``) every ask fails with a warning.
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
+# Lines Ray's processes print that say nothing to the user of a job: the raylet's note that it started more
+# worker processes than it expects at once (every Ray Data actor pool and Train worker group on a small
+# machine), Ray's note that an actor it restarts on failure took object-store arguments (Ray Train's own
+# actors). What a worker prints itself, warnings and errors of Ray's loggers included, passes.
+RAY_CHATTER = ("worker processes have been started on node", "has constructor arguments in the object store")
 
-def quiet_stateless_ray() -> None:
-    """``runtime_env`` ``worker_process_setup_hook`` of a local Ray without a dashboard: the placement-group
-    cleaner cannot work there and would warn once a second for a whole training run; errors still show."""
+
+def quiet_console() -> None:
+    """Keep Ray's and transformers' progress detail off the console of this process, errors and warnings
+    kept: Ray Data's console handler at WARNING (its log file keeps everything), ``ray.train`` at WARNING,
+    transformers' logging at ERROR and its progress bars off. The ``runtime_env``
+    ``worker_process_setup_hook`` of every job's workers (:func:`start_ray`) and part of the driver's start-up.
+    """
     import logging
+    import warnings
 
+    import ray.data  # configures the ``ray.data`` logger on import: after it, the level below holds
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train's report of each result and checkpoint, logged at INFO by a logger named after its file
+    from ray.train.v2._internal.execution import context as train_context
+
+    train_context.logger.setLevel(logging.WARNING)
+    # Ray Train sets a Ray Data option Ray Data itself deprecates; nothing for the job's user to change
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.* is deprecated")
+    # the job turns Ray Data's progress bars off on purpose (the step lines say more); no notice of it
+    from ray.util import log_once
+
+    log_once("ray_data_progress_manager_disabled")
+    # without a dashboard the cleaner cannot work and would warn once a second for a whole training run
     logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _drop_ray_chatter() -> None:
+    """Leave :data:`RAY_CHATTER` lines out of what the driver prints of its workers' and raylets' output
+    (Ray's log files keep them). Ray 2.60 prints both through ``print_worker_logs``; where that is not
+    so, nothing changes."""
+    from ray._private import worker
+
+    original = getattr(worker, "print_worker_logs", None)
+    if original is None or getattr(original, "drops_ray_chatter", False):
+        return
+
+    def print_worker_logs(data, *args, **kwargs):
+        lines = [x for x in data.get("lines", []) if not any(c in x for c in RAY_CHATTER)]
+        if lines:
+            original({**data, "lines": lines}, *args, **kwargs)
+
+    print_worker_logs.drops_ray_chatter = True
+    worker.print_worker_logs = print_worker_logs
 
 
 def start_ray(cfg: JobConfig) -> None:
@@ -86,23 +137,36 @@ def start_ray(cfg: JobConfig) -> None:
 
     With ``ray.address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) the job joins that
     cluster as it was started. Otherwise it starts a local Ray on this machine: no dashboard (a
-    job needs none and starts seconds sooner without), :func:`quiet_stateless_ray` in every worker
-    process, and logical CPUs beyond what the train workers and generator actors take, so dataset
-    reads always get one (Ray Data gets no CPU a train worker holds). Worker output reaches the
-    driver's console in both cases.
+    job needs none and starts seconds sooner without), and logical CPUs beyond what the train
+    workers and generator actors take, so dataset reads always get one (Ray Data gets no CPU a
+    train worker holds). Worker output reaches the driver's console in both cases, without Ray's
+    progress detail (:func:`quiet_console` here and in every worker process of the job; Ray's
+    start-up notices below WARNING); Ray's own log files keep all of it.
     """
+    import logging
     import os
 
     import ray
 
+    quiet_console()
     ray.data.DataContext.get_current().raise_original_map_exception = True  # the callable's error, not a wrapper
+    hook = {"worker_process_setup_hook": f"{__name__}.quiet_console"}
     r = cfg.ray
     if r.address is not None or "RAY_ADDRESS" in os.environ:
-        ray.init(address=r.address, log_to_driver=True)
-        return
-    need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_stateless_ray"})
+        ray.init(address=r.address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=hook)
+    else:
+        need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor
+        # A local Ray turns token authentication on by itself where a token exists (``RAY_AUTH_MODE``
+        # unset) and says so at WARNING; the job's own Ray needs no notice of it.
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = notice.level
+        notice.setLevel(logging.ERROR)
+        try:
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=False,
+                     logging_level=logging.WARNING, runtime_env=hook)
+        finally:
+            notice.setLevel(level)
+    _drop_ray_chatter()
 
 
 def run_job(cfg: JobConfig, run: Callable[[JobConfig], object]) -> int:

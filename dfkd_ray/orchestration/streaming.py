@@ -83,7 +83,9 @@ def run_streaming(cfg: JobConfig, *, progress: bool = True) -> tuple[Path, Path 
     stream = generation_pipeline(cfg, directory, stream_order(shards), stream=True,
                                  replay_dir=str(heldout) if heldout else None)
     rows = planned_training_rows(shards, cfg.transfer.heldout_fraction, cfg.train.include_heldout)
-    start = time.perf_counter()
+    if store.done and not streamed:
+        print(f"transfer set: resuming, {len(store.done)} of {len(shards)} shards kept from an earlier run")
+    start, wall_start = time.perf_counter(), time.time()
     record = run_stream_epoch(cfg, directory, conf, stream, rows)
     # Adopt the shards the stream wrote (with the stats they carry), make any it did not, finalize.
     store, _, _ = open_transfer_set(cfg)
@@ -91,6 +93,8 @@ def run_streaming(cfg: JobConfig, *, progress: bool = True) -> tuple[Path, Path 
     if not streamed and record.get("first_step_at"):
         after = sum(1 for s in shard_stats if s.get("finished_at", 0) > record["first_step_at"])
         print(f"stream: {after} of {len(shards)} shards were written after the first training step")
-    generated = sum(s.get("generated", 0) for s in shard_stats) if not streamed else 0
+    # the rate counts what this run generated: shards an earlier run finished are kept, not made again
+    generated = 0 if streamed else sum(s.get("generated", 0) for s in shard_stats
+                                       if s.get("finished_at", 0) >= wall_start)
     run_generate(cfg, progress=progress, generated_before=generated, started=None if streamed else start)
     return directory, conf, run_distill(cfg, directory, conf, after_stream=record)

@@ -268,7 +268,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
 def _trainer(cfg: JobConfig, desc: dict, ds, plan: StepPlan, conf_dir: Path | None, *, run_suffix: str = "",
              dataset_config=None, **loop_config):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     r = cfg.ray
@@ -284,7 +284,9 @@ def _trainer(cfg: JobConfig, desc: dict, ds, plan: StepPlan, conf_dir: Path | No
         run_config=RunConfig(name=f"distill-{fingerprint(desc)}{run_suffix}",
                              storage_path=str((cfg.output.dir / "ray_train").resolve()),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # each report and checkpoint is logged at INFO; the step lines say it
+                             logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": ds}, dataset_config=dataset_config)
 
 

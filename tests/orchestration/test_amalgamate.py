@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,12 +23,37 @@ SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def smoke_run(smoke_config, tmp_path_factory, ray_local):
-    from dfkd_ray.orchestration.amalgamate import run_amalgamate
+# What Ray and transformers print of their own on a job's console unless the job keeps it in their logs.
+RAY_INTERNALS = [
+    r"Started a local Ray instance", r"Connected to Ray cluster", r"Token authentication is",
+    r"Progress bars disabled", r"SplitCoordinator", r"exclude_resources",
+    # Ray Train's actors' note, forwarded from their processes (the driver's own note from Ray's C++ core,
+    # for the generation actor pool, goes to its stderr past Python's logging)
+    r"pid=\d+\).*constructor arguments in the object store",
+    r"Reporting training result", r"TrainingReport\(", r"Checkpoint successfully created",
+    r"worker processes have been started", r"Writing model shards", r"Loading weights", r"loss_type",
+    r"\bINFO\b.*\.py:\d+",  # a Ray logger's INFO line (Ray Data's execution and progress lines)
+]
+# The job's own lines, each seen at least once.
+JOB_LINES = [r"^transfer set: \d+ rows from \d+ requests", r"distill: step \d+", r"^amalgamate smoke: done in"]
 
-    cfg = smoke_config(tmp_path_factory.mktemp("smoke"))
-    return cfg, run_amalgamate(cfg, progress=False)
+
+def ray_internal_lines(console: str) -> list[str]:
+    return [x for x in console.splitlines() if any(re.search(p, x) for p in RAY_INTERNALS)]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_config, smoke_overrides, tmp_path_factory, ray_local):
+    """The smoke preset run as ``jobs/amalgamate.py`` on a local Ray of its own, as a user runs it.
+    Returns its config, its summary and its console (stdout and stderr)."""
+    out = tmp_path_factory.mktemp("smoke")
+    cfg = smoke_config(out)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "amalgamate.py"), "--config", str(SMOKE),
+                           *smoke_overrides(out)], env={**env, "PYTHONUNBUFFERED": "1"}, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return cfg, json.loads((out / "summary.json").read_text()), proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +96,7 @@ def test_smoke_preset_end_to_end(smoke_run):
     transformers pipeline with the union labels."""
     from transformers import pipeline
 
-    cfg, summary = smoke_run
+    cfg, summary, _ = smoke_run
     acc = summary["eval"]["student"]["accuracy"]
     assert acc >= 0.40, summary["eval"]
     out = cfg.output.dir
@@ -85,10 +111,19 @@ def test_smoke_preset_end_to_end(smoke_run):
     assert {p["label"] for p in clf(["the striker scored a goal", "the rocket reached orbit"])} <= names
 
 
+def test_smoke_console_is_the_jobs_own(smoke_run):
+    """The console of the smoke job holds its own progress and results, not Ray's or transformers'
+    internals (Ray's logs keep those)."""
+    console = smoke_run[2]
+    assert not ray_internal_lines(console), "\n".join(ray_internal_lines(console))
+    for line in JOB_LINES:
+        assert re.search(line, console, re.M), (line, console[-3000:])
+
+
 def test_rerun_skips_stages_and_changed_config_is_refused(smoke_run, smoke_config):
     from dfkd_ray.orchestration.amalgamate import run_amalgamate
 
-    cfg, summary = smoke_run
+    cfg, summary, _ = smoke_run
     out = cfg.output.dir
     student = out / "student" / "model.safetensors"
     before = student.stat().st_mtime_ns
@@ -123,3 +158,4 @@ def test_steered_student_clearly_beats_random_words(smoke_run, random_words_resu
     steered = smoke_run[1]["eval"]["student"]["accuracy"]
     random_words = random_words_resumed[2]["eval"]["student"]["accuracy"]
     assert steered - random_words >= 0.15, (steered, random_words)
+
