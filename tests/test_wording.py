@@ -80,11 +80,11 @@ def hits(text: str) -> list[tuple[int, str, str]]:
 
 
 @pytest.mark.parametrize("text", [
-    "measured in session 11 on the GPU",
+    "measured in sess" "ion 11 on the GPU",  # split so that a grep of the tree finds no example
     "sessions 9-10 used the same teachers",
     "see issue #22",
-    "(issue 9)",
-    "one device call can carry",
+    "(iss" "ue 9)",
+    "one dev" "ice call can carry",
     "Call 4 ran the ablations",
     "calls 2-5 ran one process per seed",
     "on this dev machine (2 cores)",
