@@ -173,14 +173,22 @@ def run_job(cfg: JobConfig, run: Callable[[JobConfig], object]) -> int:
     """What a job script does once its config passed the preflight: start Ray (:func:`start_ray`), run
     one ``run_*`` function, and report what stopped it once, as its root cause (:func:`root_cause`),
     without a traceback: a problem the user fixes (:func:`user_errors`) exits 2, any other error
-    raised inside Ray exits 1 (Ray's detail stays in its logs). Returns the exit status."""
+    raised inside Ray exits 1 (Ray's detail stays in its logs). Ctrl-C shuts the job's Ray down at
+    once and exits 130; finished stages, shards and checkpoints stay, and rerunning the same command
+    resumes. Returns the exit status."""
     import sys
 
+    import ray
     from ray.exceptions import RayError
 
     start_ray(cfg)
     try:
         run(cfg)
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept (rerun the same command to resume)", file=sys.stderr,
+              flush=True)
+        ray.shutdown()  # a local Ray's processes end with it; on a cluster, the job's actors and workers
+        return 130
     except Exception as e:  # noqa: BLE001 - sorted below; anything else keeps its traceback
         cause = root_cause(e)
         if isinstance(cause, user_errors()):

@@ -291,7 +291,27 @@ def _trainer(cfg: JobConfig, desc: dict, ds, plan: StepPlan, conf_dir: Path | No
 
 
 def _fit(trainer):
-    result = trainer.fit()
+    """``trainer.fit()``, run in a helper thread while this one waits, so that Ctrl-C reaches the job
+    as ``KeyboardInterrupt`` (see :func:`~dfkd_ray.orchestration.runtime.run_job`): in the main
+    thread Ray Train 2.60 installs a SIGINT handler of its own, which aborts the run and exits the
+    process with status 1 and no word of why. Its result, or its error, is returned or raised here."""
+    import threading
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
     if result.error is not None:
         raise result.error
     return result
