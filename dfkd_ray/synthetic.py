@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 TOPICS: dict[str, list[str]] = {
     "sports": "goal match team coach player league season score striker referee stadium tournament cup final "
@@ -326,8 +326,11 @@ def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
         tok.save_pretrained(task.teachers[name])
 
     # Base LM: GPT-2, trained on single-topic sentences of all topics; its own byte-level BPE also
-    # saw general sentences.
-    lm_text = [s for s, _ in labelled_sentences(200, seed + 20)]
+    # saw general sentences. Half of its sentences start with their topic's name ("space: orbit
+    # ..."), as a real LM has read a topic's name next to its text: a class prompt such as
+    # "{label}:" then conditions it, as "Category: {label}" conditions a real LM.
+    rng = random.Random(seed + 22)
+    lm_text = [f"{t}: {s}" if rng.random() < 0.5 else s for s, t in labelled_sentences(200, seed + 20)]
     tok_lm = _train_tokenizer("gpt2_bpe", lm_text + general_sentences(GENERAL_SENTENCES, seed + 21),
                               TOKENIZER_VOCAB["lm"])
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok_lm), n_positions=128, n_embd=64, n_layer=2, n_head=2,

@@ -22,14 +22,16 @@ class ConfidenceEstimator:
 
     Attributes:
         method: ``rmd`` | ``md`` | ``msp`` (``amalgamation.confidence``).
-        transform: ``logistic`` | ``ecdf`` (``amalgamation.confidence_transform``).
+        transform: ``logistic`` | ``ecdf`` | ``contrast`` (``amalgamation.confidence_transform``).
         num_blocks: ``N`` the statistics were fitted for (1 for ``msp``: one score, broadcast).
         num_classes: ``C_k``, the teacher's classes.
         hidden_size: ``H_k`` (0 for ``msp``).
         tensors: ``means`` (N, C, H), ``present`` (C,), ``precision`` (N, H, H),
             ``bg_mean`` (N, H), ``bg_precision`` (N, H, H) [rmd/md only]; ``calib_scores`` (N, M)
-            sorted, ``calib_center`` (N,) ``t_b``, ``calib_scale`` (N,) ``tau_b`` [all methods].
-        meta: JSON-able facts about the fit (settings, sample counts, seed).
+            sorted, ``calib_center`` (N,) ``t_b``, ``calib_scale`` (N,) ``tau_b`` [all methods];
+            ``other_scores`` (N, M_o) sorted out-of-fit scores of the other teachers' held-out rows
+            [contrast].
+        meta: JSON-able facts about the fit (settings, sample counts, seed; ``contrast_sharpness``).
     """
 
     method: str
@@ -78,7 +80,8 @@ class ConfidenceEstimator:
         t = self.tensors
         with torch.no_grad():
             s = self.raw_scores(block_states, logits).to(t["calib_scores"].device)  # (B, N) or (B, 1)
-            conf = scores_to_confidence(s, t["calib_scores"], t["calib_center"], t["calib_scale"], self.transform)
+            conf = scores_to_confidence(s, t["calib_scores"], t["calib_center"], t["calib_scale"], self.transform,
+                                        sharpness=self.meta.get("contrast_sharpness"))
         if self.method == "msp":
             conf = conf.expand(-1, block_states.shape[1])  # (B, N)
         return conf.to(block_states.device).contiguous()

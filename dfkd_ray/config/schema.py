@@ -256,8 +256,13 @@ class AmalgamationConfig(_Section):
     alpha: float = Field(1.0, ge=0.0, description="weight of the block L2 loss (Eq. 8)")
     beta: float = Field(1.0, ge=0.0, description="weight of the KL loss (Eq. 8)")
     temperature: float = Field(0.75, gt=0.0, le=100.0, description="KD temperature")
-    confidence_transform: Literal["logistic", "ecdf"] = Field(
-        "logistic", description="OOD score -> confidence: logistic centred at confidence_center, or ecdf (p-value)")
+    confidence_transform: Literal["logistic", "ecdf", "contrast"] = Field(
+        "logistic", description="OOD score -> confidence: logistic centred at confidence_center, ecdf (p-value), or "
+                                "contrast (placed between the teacher's own and the other teachers' pseudo-data; "
+                                "one teacher: logistic)")
+    contrast_sharpness: float = Field(8.0, gt=0.0, le=100.0, description="kappa of the contrast transform: "
+                                                                       "confidence sigmoid(kappa/2) at the median of "
+                                                                       "the teacher's own pseudo-data")
     confidence_center: Literal["quantile", "moments"] = Field(
         "quantile", description="logistic centre: the confidence_quantile of held-out scores, or mean + "
                                 "confidence_center_sd sd")
@@ -286,6 +291,12 @@ class AmalgamationConfig(_Section):
     def _heads_divide_dim(heads, dim):
         if dim % heads:
             return f"amalg_dim ({dim}) must be divisible by amalg_heads ({heads})"
+
+    @rule("calibration_folds", "confidence_transform")
+    def _contrast_is_cross_fitted(folds, transform):
+        if transform == "contrast" and folds < 2:
+            return ("confidence_transform contrast scores every held-out row with statistics fitted without it; "
+                    "set amalgamation.calibration_folds >= 2")
 
     @rule("beta", "alpha")
     def _some_loss(beta, alpha):

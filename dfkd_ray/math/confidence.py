@@ -21,8 +21,15 @@ Choices the paper leaves open:
   not fitted on (cross-fitting, :func:`fold_indices`). ``logistic``: ``c = sigmoid((t_b - s) /
   tau_b)``, ``t_b`` the edge of the held-out score range (:func:`calibration_center`), ``tau_b`` the
   scores' robust spread (:func:`robust_scale`); ``ecdf``: the conformal p-value
-  ``(1 + #{held-out >= s}) / (M + 1)``. Both decrease monotonically in ``s``, so the score's ranking
-  (and AUROC) is kept.
+  ``(1 + #{held-out >= s}) / (M + 1)``; ``contrast``: the score placed between the teacher's own
+  held-out pseudo-data and the OTHER teachers' held-out pseudo-data (:func:`contrast_calibration`),
+  ``c = sigmoid(-kappa (g(s) - t_b) / tau_b)`` with ``g`` the signed log, ``t_b`` the midpoint of
+  the two medians of ``g`` and ``tau_b`` their distance. All three decrease monotonically in ``s``,
+  so the score's ranking (and AUROC) is kept; they differ in how two teachers' confidences compare.
+  ``logistic`` and ``ecdf`` calibrate each teacher on its own pseudo-data alone, so on text that lies
+  beyond every teacher's pseudo-data (real text the base LM cannot write) both saturate and the
+  comparison is decided by the tails. ``contrast`` measures each teacher in units of how far its
+  own pseudo-data lies from the others', which stays comparable between teachers out there.
 
 The estimator that holds these statistics per teacher, fits them from a job's held-out rows and
 saves them is :mod:`dfkd_ray.confidence`. Pure torch.
@@ -202,15 +209,44 @@ def calibration_center(calib: torch.Tensor, center: str, *, quantile: float, sd:
     raise ValueError(f"unknown calibration center {center!r}; choose quantile or moments")
 
 
+def signed_log(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x) log(1 + |x|)``: a monotone map that keeps RMD's sign and compresses its range (RMD
+    scores of one teacher span several orders of magnitude between its own and other text)."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def contrast_calibration(own: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t_b`` and ``tau_b`` of the ``contrast`` transform from held-out scores of one teacher.
+
+    Args:
+        own: ``(N, M)`` out-of-fit scores of the teacher's own held-out pseudo-data.
+        others: ``(N, M_o)`` out-of-fit scores of the other teachers' held-out pseudo-data.
+
+    Returns:
+        ``center`` ``(N,)`` = the midpoint of the medians of ``g = signed_log(s)`` of the two sets, and
+        ``scale`` ``(N,)`` = their distance, floored at the robust spread of the own ``g`` (a block
+        that does not tell the teacher's text from the others' gets a flat, uninformative slope
+        rather than a division by zero).
+    """
+    g_in = signed_log(own)  # (N, M)
+    g_out = signed_log(others)  # (N, M_o)
+    m_in, m_out = g_in.median(dim=1).values, g_out.median(dim=1).values  # (N,)
+    spread = robust_scale(g_in, m_in)  # (N,)
+    return 0.5 * (m_in + m_out), torch.maximum(m_out - m_in, spread)
+
+
 def scores_to_confidence(scores: torch.Tensor, calib_scores: torch.Tensor, center: torch.Tensor,
-                         scale: torch.Tensor, transform: str) -> torch.Tensor:
+                         scale: torch.Tensor, transform: str, *, sharpness: Optional[float] = None) -> torch.Tensor:
     """Map OOD scores to confidences with the held-out calibration of each block.
 
     Args:
         scores: ``(B, N)`` OOD scores ``s`` (higher = more OOD).
         calib_scores: ``(N, M)`` sorted held-out in-distribution scores.
-        center: ``(N,)`` ``t_b``, scale: ``(N,)`` ``tau_b`` (logistic).
-        transform: ``logistic`` or ``ecdf``.
+        center: ``(N,)`` ``t_b``, scale: ``(N,)`` ``tau_b`` (logistic, contrast).
+        transform: ``logistic``, ``ecdf`` or ``contrast``.
+        sharpness: ``kappa`` of ``contrast`` (``amalgamation.contrast_sharpness``): the confidence at
+            the median of the own pseudo-data is ``sigmoid(kappa / 2)``, at the others' median
+            ``sigmoid(-kappa / 2)``.
 
     Returns:
         ``(B, N)`` float32 confidences in ``[0, 1]``.
@@ -222,6 +258,10 @@ def scores_to_confidence(scores: torch.Tensor, calib_scores: torch.Tensor, cente
         # #{held-out >= s} = M - #{held-out < s}; searchsorted wants one row per block.
         below = torch.searchsorted(calib_scores.contiguous(), scores.T.contiguous(), side="left")  # (N, B)
         conf = ((1 + (m - below)).to(scores.dtype) / (m + 1)).T  # (B, N)
+    elif transform == "contrast":
+        if sharpness is None or not sharpness > 0:
+            raise ValueError(f"the contrast transform needs a sharpness kappa > 0, got {sharpness}")
+        conf = torch.sigmoid(-sharpness * (signed_log(scores) - center[None]) / scale[None])  # (B, N)
     else:
-        raise ValueError(f"unknown confidence transform {transform!r}; choose logistic or ecdf")
+        raise ValueError(f"unknown confidence transform {transform!r}; choose logistic, ecdf or contrast")
     return conf.float()

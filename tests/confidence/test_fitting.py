@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from dfkd_ray.config import AmalgamationConfig, validate_config
 from dfkd_ray.confidence import fit_confidence, fit_estimator, fit_estimators, heldout_rows
-from dfkd_ray.math.confidence import fit_gaussians, mahalanobis_sq
+from dfkd_ray.math.confidence import contrast_calibration, fit_gaussians, mahalanobis_sq
 
 H, C, N = 16, 3, 2
 
@@ -156,6 +156,40 @@ def test_shared_background_is_fitted_on_the_fit_rows_plus_the_other_teachers_row
         fit(z, torch.zeros(m, C), y, background_states=other * float("nan"))
 
 
+def test_contrast_calibrates_on_out_of_fold_scores_of_the_own_and_the_other_teachers_rows(gaussian_blocks, ood_shift):
+    """contrast: the other teachers' rows get folds of their own; each is scored by statistics fitted
+    without its fold (own rows and background alike), and t_b, tau_b come from the two sets of
+    out-of-fit scores (slow reference)."""
+    m, m_o, folds = 40, 23, 4
+    z, y = gaussian_blocks(m)
+    other = gaussian_blocks(m_o)[0] + ood_shift
+    est = fit(z, torch.zeros(m, C), y, calibration_folds=folds, seed=5, background_states=other,
+              confidence_transform="contrast", contrast_sharpness=5.0)
+    assert est.meta["contrast_sharpness"] == 5.0 and est.meta["num_other"] == m_o
+    generator = torch.Generator().manual_seed(5)
+    perm = torch.randperm(m, generator=generator)
+    o_perm = torch.randperm(m_o, generator=generator)
+    own_ref, other_ref = torch.empty(m, N, dtype=torch.float64), torch.empty(m_o, N, dtype=torch.float64)
+    for f in range(folds):
+        held, rest = perm[f::folds], torch.cat([perm[g::folds] for g in range(folds) if g != f])
+        o_held, o_rest = o_perm[f::folds], torch.cat([o_perm[g::folds] for g in range(folds) if g != f])
+        for b in range(N):
+            st = fit_gaussians(z[rest, b], y[rest], C, 0.1, background=torch.cat([z[rest, b], other[o_rest, b]]))
+            for rows, feats, ref in ((held, z, own_ref), (o_held, other, other_ref)):
+                md = mahalanobis_sq(feats[rows, b].double(), st["means"], st["precision"]).amin(-1)
+                md0 = mahalanobis_sq(feats[rows, b].double(), st["bg_mean"][None], st["bg_precision"])[:, 0]
+                ref[rows, b] = md - md0
+    torch.testing.assert_close(est.tensors["calib_scores"], own_ref.T.sort(dim=1).values)
+    torch.testing.assert_close(est.tensors["other_scores"], other_ref.T.sort(dim=1).values)
+    center, scale = contrast_calibration(own_ref.T, other_ref.T)
+    torch.testing.assert_close(est.tensors["calib_center"], center)
+    torch.testing.assert_close(est.tensors["calib_scale"], scale)
+    conf = est.confidence(torch.cat([z, other]), torch.zeros(m + m_o, C))[:, -1]
+    assert conf[:m].median() > 0.9 and conf[m:].median() < 0.5  # own rows confident, the others not
+    with pytest.raises(ValueError, match="other teachers"):
+        fit(z, torch.zeros(m, C), y, confidence_transform="contrast")
+
+
 @pytest.mark.parametrize("shrinkage", [0.0, 0.1])
 def test_fewer_samples_than_dimensions_stays_finite(shrinkage):
     h = 64
@@ -246,6 +280,21 @@ def test_fit_estimators_fits_each_rmd_background_on_every_teachers_heldout_texts
         fit_estimators(teachers, {"alpha": texts["alpha"]}, None, AmalgamationConfig(), seed=0)
     with pytest.raises(ValueError, match="classes for"):
         fit_estimators(teachers, texts, {"alpha": classes["alpha"][:3]}, AmalgamationConfig(), seed=0)
+
+
+def test_contrast_with_every_method_and_with_one_teacher(teachers, heldout):
+    """contrast calibrates rmd, md and msp against the other teachers' held-out texts (own texts most
+    confident); a lone teacher has nothing to contrast with and gets the logistic transform."""
+    texts, classes = heldout
+    for method in ("rmd", "md", "msp"):
+        est = fit_estimators(teachers, texts, classes,
+                             AmalgamationConfig(confidence=method, confidence_transform="contrast"), seed=0)
+        for name, teacher in teachers.items():
+            assert est[name].transform == "contrast"
+            assert est[name].meta["num_other"] == sum(len(texts[n]) for n in teachers if n != name)
+    lone = fit_estimators({"alpha": teachers["alpha"]}, texts, classes,
+                          AmalgamationConfig(confidence_transform="contrast"), seed=0)
+    assert lone["alpha"].transform == "logistic" and "other_scores" not in lone["alpha"].tensors
 
 
 def _rows(teacher_names, per_teacher: int, heldout: bool = True):

@@ -3,11 +3,13 @@ values against direct formulas, and properties, on hand-made tensors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from dfkd_ray.math.confidence import (block_ood_scores, calibration_center, fit_block_gaussians, fit_gaussians,
-                                      fold_indices, mahalanobis_sq, msp_scores, robust_scale, scores_to_confidence,
+from dfkd_ray.math.confidence import (block_ood_scores, calibration_center, contrast_calibration, fit_block_gaussians,
+                                      fit_gaussians, fold_indices, mahalanobis_sq, msp_scores, robust_scale, scores_to_confidence,
                                       shrink_covariance)
 
 H, C, N = 16, 3, 2
@@ -132,6 +134,31 @@ def test_score_to_confidence_transforms_on_hand_values():
     torch.testing.assert_close(logi[:, 0], torch.sigmoid(torch.tensor([2.0, 0.0, -8.0])))
     with pytest.raises(ValueError, match="transform"):
         scores_to_confidence(s, calib, torch.tensor([2.0]), torch.tensor([1.0]), "softmax")
+
+
+def test_contrast_places_scores_between_the_own_and_the_other_teachers_medians():
+    """contrast: sigmoid(kappa/2) at the median of the teacher's own held-out scores, 1/2 half-way (on
+    the signed log) to the others' median, sigmoid(-kappa/2) there; the scale is the distance."""
+    own = torch.tensor([[-2.0, 0.0, 1.0, 3.0, 9.0]], dtype=torch.float64)  # (N=1, M=5): median 1
+    others = torch.tensor([[50.0, 99.0, 400.0]], dtype=torch.float64)  # (N=1, M_o=3): median 99
+    center, scale = contrast_calibration(own, others)
+    g_in, g_out = math.log(2.0), math.log(100.0)
+    torch.testing.assert_close(center, torch.tensor([(g_in + g_out) / 2], dtype=torch.float64))
+    torch.testing.assert_close(scale, torch.tensor([g_out - g_in], dtype=torch.float64))
+    mid = math.expm1((g_in + g_out) / 2)
+    s = torch.tensor([[1.0], [mid], [99.0], [1e6]], dtype=torch.float64)
+    conf = scores_to_confidence(s, own, center, scale, "contrast", sharpness=6.0)[:, 0]
+    torch.testing.assert_close(conf[:3], torch.sigmoid(torch.tensor([3.0, 0.0, -3.0])))
+    assert 0 < conf[3] < conf[2]
+    with pytest.raises(ValueError, match="sharpness"):
+        scores_to_confidence(s, own, center, scale, "contrast")
+
+
+def test_contrast_scale_is_floored_where_a_block_does_not_separate():
+    """Others' scores no higher than the own: the slope is the own scores' spread, not a division by 0."""
+    own = torch.arange(1.0, 11.0, dtype=torch.float64)[None]  # (1, 10)
+    center, scale = contrast_calibration(own, own.flip(1))
+    assert torch.isfinite(center).all() and (scale > 0).all()
 
 
 @pytest.mark.parametrize("sd", [2.0, 6.0])

@@ -91,14 +91,16 @@ def random_words_resumed(smoke_config, smoke_overrides, tmp_path_factory, ray_lo
 
 
 def test_smoke_preset_end_to_end(smoke_run):
-    """Steered generation -> RMD -> ST-amalg on 2 workers: the exported student beats chance (1/4)
-    clearly (0.500 from this job; 0.41-0.50 in process over job seeds 0-4) and loads in a
-    transformers pipeline with the union labels."""
+    """Steered generation -> RMD -> ST-amalg on 2 workers shows amalgamation: the exported student is
+    clearly above the teachers' ensemble (at least +0.15 accuracy) with every class's recall at least
+    0.5, and loads in a transformers pipeline with the union labels."""
     from transformers import pipeline
 
     cfg, summary, _ = smoke_run
-    acc = summary["eval"]["student"]["accuracy"]
-    assert acc >= 0.40, summary["eval"]
+    student, ensemble = summary["eval"]["student"], summary["eval"]["ensemble"]
+    assert student["accuracy"] >= ensemble["accuracy"] + 0.15, summary["eval"]
+    recalls = {name: c["recall"] for name, c in student["per_class"].items()}
+    assert min(recalls.values()) >= 0.5, recalls
     out = cfg.output.dir
     for key in ("transfer_set", "confidence", "metrics", "loss_curves", "student", "eval"):
         assert Path(summary["outputs"][key]).exists(), key
