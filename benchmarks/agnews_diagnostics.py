@@ -101,7 +101,7 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
                     temperature=cfg.amalgamation.temperature)
     # oracle: power 1 on 0/1 confidences puts all weight on the teacher that knows the class
     out = {"oracle": round(score(own.float(), powers=(1.0,))["accuracy_by_power"]["1.0"], 4)}
-    for transform in ("logistic", "ecdf"):
+    for transform in ("logistic", "ecdf", "contrast"):
         if transform != cfg.amalgamation.confidence_transform:
             amalg = cfg.amalgamation.model_copy(update={"confidence_transform": transform})
             fitted = fit_confidence(cfg.model_copy(update={"amalgamation": amalg}), table, teachers)

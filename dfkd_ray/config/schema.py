@@ -257,7 +257,7 @@ class AmalgamationConfig(_Section):
     beta: float = Field(1.0, ge=0.0, description="weight of the KL loss (Eq. 8)")
     temperature: float = Field(0.75, gt=0.0, le=100.0, description="KD temperature")
     confidence_transform: Literal["logistic", "ecdf", "contrast"] = Field(
-        "logistic", description="OOD score -> confidence: logistic centred at confidence_center, ecdf (p-value), or "
+        "contrast", description="OOD score -> confidence: logistic centred at confidence_center, ecdf (p-value), or "
                                 "contrast (placed between the teacher's own and the other teachers' pseudo-data; "
                                 "one teacher: logistic)")
     contrast_sharpness: float = Field(8.0, gt=0.0, le=100.0, description="kappa of the contrast transform: "

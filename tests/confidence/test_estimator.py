@@ -19,7 +19,9 @@ pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def fit(z, logits, y, *, seed: int = 0, **fields):
-    return fit_estimator(z, logits, y, AmalgamationConfig(**fields), seed=seed)
+    """One teacher's rows alone: logistic unless given (contrast needs other teachers' rows)."""
+    cfg = AmalgamationConfig(**{"confidence_transform": "logistic", **fields})
+    return fit_estimator(z, logits, y, cfg, seed=seed)
 
 
 @pytest.mark.parametrize("method", ["rmd", "md"])

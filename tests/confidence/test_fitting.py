@@ -18,7 +18,9 @@ pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def fit(z, logits, y, *, seed: int = 0, background_states=None, **fields):
-    return fit_estimator(z, logits, y, AmalgamationConfig(**fields), seed=seed, background_states=background_states)
+    """Logistic unless given: most tests here fit one teacher's rows alone."""
+    cfg = AmalgamationConfig(**{"confidence_transform": "logistic", **fields})
+    return fit_estimator(z, logits, y, cfg, seed=seed, background_states=background_states)
 
 
 def test_crossfit_calibrates_on_out_of_fold_scores_of_every_sample(gaussian_blocks):

@@ -20,15 +20,18 @@ def blocks(m: int, seed: int = 0):
     return z, y
 
 
+@pytest.mark.parametrize("transform", ["ecdf", "contrast"])
 @pytest.mark.parametrize("method", ["rmd", "md", "msp"])
-def test_save_load_round_trip(tmp_path, method):
+def test_save_load_round_trip(tmp_path, method, transform):
     z, y = blocks(120)
     logits = torch.randn(120, C)
-    est = fit_estimator(z, logits, y, AmalgamationConfig(confidence=method, confidence_transform="ecdf"), seed=4)
+    others = blocks(40, seed=3)[0] + 2.0  # the other teachers' rows (contrast)
+    est = fit_estimator(z, logits, y, AmalgamationConfig(confidence=method, confidence_transform=transform), seed=4,
+                        background_states=others, background_logits=torch.randn(40, C))
     save_estimator(est, tmp_path, "alpha")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha.json", "alpha.safetensors"]
     header = json.loads((tmp_path / "alpha.json").read_text())
-    assert header["method"] == method and header["transform"] == "ecdf" and header["meta"]["seed"] == 4
+    assert header["method"] == method and header["transform"] == transform and header["meta"]["seed"] == 4
     back = load_estimator(tmp_path, "alpha")
     assert (back.method, back.transform, back.num_blocks, back.num_classes, back.hidden_size) == \
            (est.method, est.transform, est.num_blocks, est.num_classes, est.hidden_size)
@@ -43,8 +46,9 @@ def test_save_load_round_trip(tmp_path, method):
 
 def test_save_and_load_all_teachers(tmp_path):
     z, y = blocks(80)
-    ests = {"b": fit_estimator(z, torch.randn(80, C), y, AmalgamationConfig(), seed=0),
-            "a": fit_estimator(z, torch.randn(80, C), y, AmalgamationConfig(confidence="msp"), seed=0)}
+    ests = {"b": fit_estimator(z, torch.randn(80, C), y, AmalgamationConfig(confidence_transform="logistic"), seed=0),
+            "a": fit_estimator(z, torch.randn(80, C), y, AmalgamationConfig(confidence="msp", confidence_transform="ecdf"),
+                               seed=0)}
     save_estimators(tmp_path, ests)
     back = load_estimators(tmp_path)
     assert list(back) == ["b", "a"] and back["a"].method == "msp"
@@ -56,7 +60,8 @@ def test_save_and_load_all_teachers(tmp_path):
 
 def test_unreadable_statistics_are_refused(tmp_path):
     z, y = blocks(40)
-    save_estimator(fit_estimator(z, torch.randn(40, C), y, AmalgamationConfig(), seed=0), tmp_path, "a")
+    save_estimator(fit_estimator(z, torch.randn(40, C), y, AmalgamationConfig(confidence_transform="logistic"), seed=0),
+                   tmp_path, "a")
     header = json.loads((tmp_path / "a.json").read_text())
     (tmp_path / "a.json").write_text(json.dumps({**header, "format_version": 99}))
     with pytest.raises(ValueError, match="format_version"):
