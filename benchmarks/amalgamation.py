@@ -168,6 +168,9 @@ def parse_args(argv=None):
     missing = [f"--{k}" for k in ("spec", "data", "lm", "base", "corpus") if getattr(args, k) is None]
     if missing:
         p.error(f"{', '.join(missing)} required (or --report RESULT_JSON ... to print earlier results)")
+    absent = [f"--{k} {getattr(args, k)}" for k in ("data", "lm", "base", "corpus") if not getattr(args, k).exists()]
+    if absent:
+        p.error(f"{', '.join(absent)}: no such file or directory")
     try:
         spec = load_spec(args.spec)
     except SpecError as e:
@@ -179,6 +182,12 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--rows: unknown {bad}; choose from {list(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.transfer_from is not None:
+        lacking = sorted({ROWS[r].transfer_set for r in rows
+                          if not (args.transfer_from / f"{ROWS[r].transfer_set}.parquet").is_file()})
+        if lacking:
+            p.error(f"--transfer-from {args.transfer_from} has no {', '.join(s + '.parquet' for s in lacking)}: "
+                    "make them with --save-transfer, or drop the rows that train on them")
     if args.save_features is not None and not any(ROWS[r].transfer_set == "steered" for r in rows):
         p.error("--save-features saves features of the steered set: add a steered row to --rows (e.g. stratanet)")
     sweep = parse_sweep(args.sweep)
