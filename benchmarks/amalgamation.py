@@ -66,6 +66,7 @@ from dfkd_ray.evaluation import evaluate_student, evaluate_teachers
 from dfkd_ray.models.teacher import collect_outputs, load_teachers
 from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
+from dfkd_ray.transfer.sources.corpus import corpus_problems
 
 from harness.diagnostics import (confidence_auroc, profile_distill, save_features, target_accuracy,
                                  transfer_diagnostics)
@@ -210,10 +211,16 @@ def parse_args(argv=None):
         args.sweep_samples = min(args.sweep_samples, 6)
     settings = Settings(args, spec, args.work)
     try:  # every row's job config (the spec's student layers among them)
-        for row in rows:
-            job_config(settings, row, args.seed)
+        configs = {ROWS[row].transfer_set: job_config(settings, row, args.seed) for row in rows}
     except ConfigError as e:
         p.error(str(e))
+    teacher_labels = {name: t.classes for name, t in spec.teachers.items()}
+    for name, cfg in configs.items():  # a corpus too small for the set fails now (the real set's file comes later)
+        if args.transfer_from is None and cfg.transfer.source == "corpus" and cfg.transfer.corpus.path.exists():
+            problems = corpus_problems(cfg, teacher_labels)
+            if problems:
+                p.error(f"the {name} transfer set: " + "; ".join(f"{where}: {message}" for where, message in problems)
+                        + " (--samples-per-class sets transfer.samples_per_class)")
     return args, settings, rows, seeds, sweep
 
 
