@@ -1,15 +1,15 @@
 """Choose confidence settings on development rows, offline, from teacher features saved on the GPU.
 
-``benchmarks/agnews.py --save-features DIR`` writes the two teachers' block features and logits on the
-steered transfer set, the AG News test set and the title + description AG News *train* rows (the
-development rows). This script fits the confidence statistics exactly as the job does
+``benchmarks/amalgamation.py --save-features DIR`` writes the teachers' block features and logits on the
+steered transfer set, the benchmark's test set and its development rows, with the label space (the
+union labels and each teacher's classes). This script fits the confidence statistics exactly as the job does
 (:func:`~dfkd_ray.confidence.fit_estimator` on each teacher's held-out rows, with the other teachers' held-out rows
 as ``background_states`` for ``rmd_background: all_teachers``) for a grid of settings and scores the KD
 target (:func:`dfkd_ray.evaluation.kd_target_scores`, built as the loss builds it) as a classifier on the
 development rows and on the test set. Choose on the development columns; the test columns are what
 that choice then reports. The KD target's accuracy on real text is not the student's (a target that is
 right on real text is not necessarily one the student learns from the transfer set), so confirm a
-choice with ``agnews.py`` rows. CPU only, about a second per fit::
+choice with ``amalgamation.py`` rows. CPU only, about a second per fit::
 
     python benchmarks/confidence_variants.py --features DIR --out variants.json \\
         --centers quantile:0.995,moments:4,moments:5.5,moments:6 --repeats 1,4 --seeds 0,1,2,3,4,5
@@ -30,25 +30,31 @@ import torch
 from dfkd_ray.config import AmalgamationConfig
 from dfkd_ray.confidence import ConfidenceEstimator, fit_estimator
 from dfkd_ray.evaluation import kd_target_scores
+from dfkd_ray.labels import UnionLabelSpace
 
-from agnews_setup import LABELS, TEACHERS
 
-
-def load_features(directory: Path) -> tuple[dict, dict]:
-    """``meta`` and ``{teacher: {split: (M, N_saved, H) float64}}`` over the saved blocks, in block order."""
+def load_features(directory: Path) -> tuple[dict, dict, UnionLabelSpace]:
+    """``meta``, ``{teacher: {split: (M, N_saved, H) float64}}`` over the saved blocks in block order,
+    and the label space the features were saved with."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     meta = load_file(str(directory / "meta.safetensors"))
+    with safe_open(str(directory / "meta.safetensors"), "pt") as f:
+        saved = (f.metadata() or {}).get("label_space")
+    if saved is None:
+        raise ValueError(f"{directory} has no label space: save the features again with amalgamation.py --save-features")
+    space = UnionLabelSpace.from_dict(json.loads(saved))
     feats = {}
-    for name in TEACHERS:
+    for name in space.teachers:
         files = sorted(directory.glob(f"{name}-block*.safetensors"), key=lambda f: int(f.stem.rsplit("block", 1)[1]))
         if not files:
-            raise FileNotFoundError(f"{directory} has no {name}-block*.safetensors: pass agnews.py's --save-features DIR")
+            raise FileNotFoundError(f"{directory} has no {name}-block*.safetensors: pass amalgamation.py's --save-features DIR")
         blocks = [load_file(str(f)) for f in files]
         feats[name] = {split: torch.stack([b[split].double() for b in blocks], 1) for split in blocks[0]}
     if "dev_label" not in meta:
-        raise ValueError(f"{directory} has no development rows: save the features again with this agnews.py")
-    return meta, feats
+        raise ValueError(f"{directory} has no development rows: save the features again with amalgamation.py")
+    return meta, feats, space
 
 
 def parse_center(spec: str) -> dict:
@@ -65,11 +71,12 @@ def parse_center(spec: str) -> dict:
     raise SystemExit(f"--centers: {spec!r} is not quantile:Q with 0 < Q < 1 or moments:Z with Z > 0")
 
 
-def fit(meta: dict, feats: dict, cfg: AmalgamationConfig, *, seed: int) -> dict[str, ConfidenceEstimator]:
+def fit(meta: dict, feats: dict, space: UnionLabelSpace, cfg: AmalgamationConfig, *,
+        seed: int) -> dict[str, ConfidenceEstimator]:
     """Every teacher's statistics from its held-out transfer rows, as the job fits them."""
     held, source = meta["transfer_heldout"].bool(), meta["transfer_teacher"]
     out = {}
-    for k, name in enumerate(TEACHERS):
+    for k, name in enumerate(space.teachers):
         own, others = held & (source == k), held & (source != k)
         x = feats[name]["transfer"]
         out[name] = fit_estimator(
@@ -78,21 +85,22 @@ def fit(meta: dict, feats: dict, cfg: AmalgamationConfig, *, seed: int) -> dict[
     return out
 
 
-def score(meta: dict, feats: dict, estimators: dict, split: str, power: float, temperature: float) -> dict:
+def score(meta: dict, feats: dict, space: UnionLabelSpace, estimators: dict, split: str, power: float,
+          temperature: float) -> dict:
     """The KD target as a classifier on ``split`` (:func:`kd_target_scores`): accuracy and the share
     whose top KD weight is the teacher that knows the true class."""
-    index = [torch.tensor([LABELS.index(c) for c in classes]) for classes in TEACHERS.values()]
-    logits = [meta[f"{n}.{split}_logits"].float() for n in TEACHERS]
+    index = [torch.tensor(space.teacher_to_global[n]) for n in space.teachers]
+    logits = [meta[f"{n}.{split}_logits"].float() for n in space.teachers]
     conf = torch.stack([estimators[n].confidence(feats[n][split], logits[k])[:, -1]
-                        for k, n in enumerate(TEACHERS)], -1)  # (M, K) last-block c_k
-    s = kd_target_scores(logits, index, meta[f"{split}_label"], conf, powers=(power,), num_labels=len(LABELS),
+                        for k, n in enumerate(space.teachers)], -1)  # (M, K) last-block c_k
+    s = kd_target_scores(logits, index, meta[f"{split}_label"], conf, powers=(power,), num_labels=space.num_labels,
                          temperature=temperature)
     return {"accuracy": s["accuracy_by_power"][str(power)], "selects_own": s["selects_own"]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--features", type=Path, required=True, help="what agnews.py --save-features wrote")
+    p.add_argument("--features", type=Path, required=True, help="what amalgamation.py --save-features wrote")
     p.add_argument("--out", type=Path, required=True, help="JSON of every variant and seed")
     p.add_argument("--centers", default="quantile:0.995,moments:4,moments:5,moments:5.5,moments:6",
                    help="calibration centres, quantile:Q or moments:Z, comma-separated")
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--backgrounds", default="all_teachers")
     p.add_argument("--seeds", default="0,1,2,3,4,5", help="fold-split seeds (the job uses its seed)")
     p.add_argument("--power", type=float, default=64.0, help="kd_confidence_power (the config's default)")
-    p.add_argument("--temperature", type=float, default=0.75, help="amalgamation.temperature (agnews.py's default)")
+    p.add_argument("--temperature", type=float, default=0.75, help="amalgamation.temperature (amalgamation.py's default)")
     args = p.parse_args(argv)
     specs = [c for c in args.centers.split(",") if c] + [f"quantile:{q}" for q in args.quantiles.split(",") if q]
     centers = [(spec, parse_center(spec)) for spec in specs]
@@ -113,7 +121,7 @@ def main(argv=None) -> int:
     if not centers or min(repeats) < 1:
         p.error("give at least one centre, and --repeats >= 1")
     seeds = [int(s) for s in args.seeds.split(",")]
-    meta, feats = load_features(args.features)
+    meta, feats, space = load_features(args.features)
     results = []
     print("| rmd_background | centre | calibration_repeats | dev: target accuracy (mean, min) | dev: selects own "
           "| test: target accuracy (mean, min) | test: selects own |\n|---|---|---|---|---|---|---|", flush=True)
@@ -123,8 +131,8 @@ def main(argv=None) -> int:
                 runs = []
                 for seed in seeds:
                     cfg = AmalgamationConfig(rmd_background=background, calibration_repeats=rep, **center)
-                    est = fit(meta, feats, cfg, seed=seed)
-                    runs.append({split: score(meta, feats, est, split, args.power, args.temperature)
+                    est = fit(meta, feats, space, cfg, seed=seed)
+                    runs.append({split: score(meta, feats, space, est, split, args.power, args.temperature)
                                  for split in ("dev", "test")})
                 row = {"rmd_background": background, "center": spec, "calibration_repeats": rep, "seeds": seeds,
                        "runs": runs}

@@ -1,44 +1,33 @@
-"""The AG News benchmark's setting: the data, the two fine-tuned teachers, the supervised student, and
-each table row's job config (``benchmarks/agnews.py`` runs them).
+"""A benchmark's setting, from its spec: the data, the fine-tuned teachers, the supervised student,
+and each row's job config (``benchmarks/amalgamation.py`` runs them).
 
-Teachers are fine-tuned here from the MiniLM fixture on real AG News train rows: ``world_sports`` on
-{World, Sports}, ``business_scitech`` on {Business, Sci/Tech}. The supervised student (the upper
-bound, also the judge of transfer-set labels) is the amalgamation rows' student shape trained with
+Teachers are fine-tuned here from the base encoder on the spec's train rows of their classes, each
+keeping the encoder layers its spec entry asks for. The supervised student (the upper bound, also
+the judge of transfer-set labels) is the amalgamation rows' student shape trained with
 cross-entropy on the labelled train rows; that is plain supervised fine-tuning, which the library
 (data-free distillation) has no step for, so it is written here once for teachers and student.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import hashlib
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dfkd_ray.config import JobConfig, validate_config
+from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.transfer.store import read_transfer_table
 from dfkd_ray.transfer.writer import write_transfer_set
 
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]  # AG News labels 1..4
-TEACHERS = {"world_sports": ["World", "Sports"], "business_scitech": ["Business", "Sci/Tech"]}
-SOURCES = {"vanilla_random": "random_words", "vanilla_corpus": "corpus", "vanilla_steered": "steered",
-           "stratanet": "steered", "stratanet_msp": "steered", "stratanet_nost": "steered",
-           "stratanet_random": "random_words", "stratanet_corpus": "corpus",
-           "vanilla_real": "real", "stratanet_real": "real"}
-KIND = {"real": "corpus"}  # the transfer source that builds a set (real AG News text: a corpus file)
-AMALGAMATION = {"vanilla_random": {"method": "vanilla"}, "vanilla_corpus": {"method": "vanilla"},
-                "vanilla_steered": {"method": "vanilla"},
-                "stratanet": {"method": "stratanet", "confidence": "rmd", "fusion": "st"},
-                "stratanet_msp": {"method": "stratanet", "confidence": "msp", "fusion": "st"},
-                "stratanet_nost": {"method": "stratanet", "confidence": "rmd", "fusion": "no_st"},
-                "stratanet_random": {"method": "stratanet", "confidence": "rmd", "fusion": "st"},
-                "stratanet_corpus": {"method": "stratanet", "confidence": "rmd", "fusion": "st"},
-                "vanilla_real": {"method": "vanilla"},
-                "stratanet_real": {"method": "stratanet", "confidence": "rmd", "fusion": "st"}}
-ROWS = list(SOURCES)
+from harness.rows import ROWS, TRANSFER_SETS
+from harness.spec import SEPARATORS, BenchmarkSpec, DataFile, SpecError, data_suffixes, label_names
 
 
 def log(msg: str) -> None:
@@ -47,26 +36,56 @@ def log(msg: str) -> None:
 
 # ---- data -----------------------------------------------------------------------------------
 
-def read_agnews(directory: Path, limit: int = 0) -> dict:
-    """Test (title + " " + description) and the two train subsets, labels as 0-based global ids."""
+def read_table(spec: BenchmarkSpec, data_dir: Path, split: str, index: int, file: DataFile,
+               names: list[str], space: UnionLabelSpace) -> tuple[list[str], list[int]]:
+    """One data file: its texts (the text columns joined) and labels as union label ids."""
     import pandas as pd
 
-    def find(stem: str) -> Path:
-        for suffix in (".csv", ".csv.xz", ".csv.gz"):
-            if (directory / f"{stem}{suffix}").is_file():
-                return directory / f"{stem}{suffix}"
-        raise FileNotFoundError(f"{directory}/{stem}.csv(.xz) is missing; pass --agnews <the AG News csv directory>")
+    where = f"{split}[{index}]"
+    path = data_dir / file.path
+    if not path.is_file():
+        raise SpecError([(f"{where}.path", f"{str(path)!r} does not exist: check --data")], spec.name)
+    columns = file.text_columns or spec.text_columns
+    table_format, _ = data_suffixes(file.path)
+    options = {"quoting": csv.QUOTE_NONE} if SEPARATORS[table_format] == "\t" else {}
+    table = pd.read_csv(path, sep=SEPARATORS[table_format], keep_default_na=False,
+                        dtype={c: str for c in columns}, **options)  # compression from the suffix
+    missing = [c for c in [*columns, spec.labels.column] if c not in table.columns]
+    if missing:
+        raise SpecError([(f"{where}.text_columns" if spec.labels.column not in missing else "labels.column",
+                          f"{file.path} has no column(s) {missing}; its columns are {list(table.columns)}")], spec.name)
+    try:
+        ids = [int(v) - spec.labels.first_id for v in table[spec.labels.column]]
+    except ValueError as e:
+        raise SpecError([("labels.column", f"{file.path}: column {spec.labels.column!r} must hold integer label ids "
+                                           f"({e})")], spec.name) from None
+    bad = sorted({i + spec.labels.first_id for i in ids if not 0 <= i < len(names)})
+    if bad:
+        raise SpecError([("labels", f"{file.path} has label ids {bad[:10]} outside {spec.labels.first_id}.."
+                                    f"{spec.labels.first_id + len(names) - 1} ({len(names)} names from first_id "
+                                    f"{spec.labels.first_id})")], spec.name)
+    union = [space.global_id(n) for n in names]  # label id -> union label id
+    texts = [spec.join.join(values) for values in zip(*(table[c].tolist() for c in columns))]
+    return texts, [union[i] for i in ids]
 
-    test = pd.read_csv(find("test"), keep_default_na=False)
-    titledesc, desc = (pd.read_csv(find(s), keep_default_na=False)
-                       for s in ("train_subset_lst5k_titledesc", "train_subset_dhim_desc"))
-    train = pd.concat([titledesc, desc], ignore_index=True)
-    data = {"test_texts": (test["title"] + " " + test["description"]).tolist(),
-            "test_labels": (test["label"].astype(int) - 1).tolist(),
-            "train_texts": train["text"].tolist(), "train_labels": (train["label"].astype(int) - 1).tolist(),
-            # development rows: the title + description train rows (written like the test rows); settings
-            # are chosen on them, the test set only reports. The teachers are fine-tuned on them.
-            "dev_texts": titledesc["text"].tolist(), "dev_labels": (titledesc["label"].astype(int) - 1).tolist()}
+
+def label_space(spec: BenchmarkSpec) -> UnionLabelSpace:
+    """The student's labels: the union of the teachers' classes, teachers in spec order."""
+    return UnionLabelSpace.from_teachers({name: t.classes for name, t in spec.teachers.items()})
+
+
+def read_data(spec: BenchmarkSpec, data_dir: Path, space: UnionLabelSpace, limit: int = 0) -> dict:
+    """``{split}_texts`` and ``{split}_labels`` (union label ids) of the train, test and development
+    rows, each split its files in spec order; ``limit`` keeps a seeded sample of that many rows per split."""
+    names = label_names(spec, data_dir)
+    data = {}
+    for split in ("train", "test", "dev"):
+        texts, labels = [], []
+        for i, file in enumerate(getattr(spec, split)):
+            t, y = read_table(spec, data_dir, split, i, file, names, space)
+            texts += t
+            labels += y
+        data[f"{split}_texts"], data[f"{split}_labels"] = texts, labels
     if limit:
         rng = random.Random(0)
         for split in ("test", "train", "dev"):
@@ -74,11 +93,6 @@ def read_agnews(directory: Path, limit: int = 0) -> dict:
             data[f"{split}_texts"] = [data[f"{split}_texts"][i] for i in idx]
             data[f"{split}_labels"] = [data[f"{split}_labels"][i] for i in idx]
     return data
-
-
-def real_text_file(work: Path) -> Path:
-    """The AG News train texts, one per line: the corpus of the ``real`` diagnostic rows."""
-    return work / "agnews_train_text.txt"
 
 
 # ---- supervised models (teachers, the upper-bound student) ------------------------------------
@@ -121,15 +135,21 @@ def train_classifier(model, tokenize, texts, labels, *, epochs, lr, batch_size, 
     return time.perf_counter() - start
 
 
-def finetune_teacher(base: Path, out: Path, names: list[str], texts, labels, args, device) -> dict:
-    """A 2-class MiniLM teacher: AutoModelForSequenceClassification + its tokenizer -> ``out``."""
+def finetune_teacher(base: Path, out: Path, names: list[str], texts, labels, args, device, *,
+                     layers: list[int] | None = None, num_layers: int | None = None) -> dict:
+    """A teacher over ``names``: AutoModelForSequenceClassification from ``base`` (keeping ``layers`` /
+    ``num_layers`` of its encoder layers, all by default) + its tokenizer -> ``out``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dfkd_ray.models.student import keep_layers, select_layers
 
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
         dtype=torch.float32).to(device)
+    if layers is not None or num_layers is not None:
+        keep_layers(model, select_layers(model.config.num_hidden_layers, layers, num_layers))
 
     def tokenize(batch):
         return tok(batch, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt").to(device)
@@ -140,27 +160,29 @@ def finetune_teacher(base: Path, out: Path, names: list[str], texts, labels, arg
     tok.save_pretrained(out)
     digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes()
                                      for p in model.parameters())).hexdigest()[:16]
-    return {"rows": len(texts), "seconds": round(secs, 1), "weights_sha256": digest}
+    return {"rows": len(texts), "layers": model.config.num_hidden_layers, "seconds": round(secs, 1),
+            "weights_sha256": digest}
 
 
-def finetune_teachers(args, data: dict, work: Path, device) -> dict:
-    """Both teachers, each on the train rows of its half of the labels; their phase records by name."""
+def finetune_teachers(settings: "Settings", data: dict, space: UnionLabelSpace, device) -> dict:
+    """Every teacher of the spec, each on the train rows of its classes; their phase records by name."""
     phases = {}
-    for name, names in TEACHERS.items():
-        ids = [LABELS.index(n) for n in names]
+    for name, teacher in settings.spec.teachers.items():
+        ids = [space.global_id(c) for c in teacher.classes]
         idx = [i for i, y in enumerate(data["train_labels"]) if y in ids]
         phases[f"teacher {name}"] = finetune_teacher(
-            args.base, work / "teachers" / name, names, [data["train_texts"][i] for i in idx],
-            [ids.index(data["train_labels"][i]) for i in idx], args, device)
+            settings.args.base, settings.teacher_dir(name), teacher.classes, [data["train_texts"][i] for i in idx],
+            [ids.index(data["train_labels"][i]) for i in idx], settings.args, device,
+            layers=teacher.layers, num_layers=teacher.num_layers)
     return phases
 
 
-def train_supervised(cfg: JobConfig, data: dict, args, device) -> tuple[object, dict]:
+def train_supervised(cfg: JobConfig, data: dict, space: UnionLabelSpace, args, device) -> tuple[object, dict]:
     """The amalgamation rows' student shape trained on the labelled train rows (upper bound, judge)."""
     from dfkd_ray.models.student import Student
 
     torch.manual_seed(args.seed)
-    student = Student.from_config(cfg.student, labels=LABELS, amalg_dim=cfg.amalgamation.amalg_dim).to(device)
+    student = Student.from_config(cfg.student, labels=list(space.names), amalg_dim=cfg.amalgamation.amalg_dim).to(device)
     student.proj.requires_grad_(False)
     secs = train_classifier(student, student.tokenize, data["train_texts"], data["train_labels"],
                             epochs=args.supervised_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -169,6 +191,23 @@ def train_supervised(cfg: JobConfig, data: dict, args, device) -> tuple[object, 
 
 
 # ---- each row's job config ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """What every row's job config is built from: the command line, the spec, the work directory."""
+
+    args: argparse.Namespace
+    spec: BenchmarkSpec
+    work: Path
+
+    def teacher_dir(self, name: str) -> Path:
+        return self.work / "teachers" / name
+
+    @property
+    def real_text_file(self) -> Path:
+        """The spec's train texts, one per line: the corpus of the ``real`` transfer set."""
+        return self.work / "train_text.txt"
+
 
 def steered_section(args, overrides: dict | None = None) -> dict:
     """``transfer.steered`` of every row, with a ``--sweep`` variant's ``overrides``."""
@@ -181,32 +220,38 @@ def steered_section(args, overrides: dict | None = None) -> dict:
 
 def amalgamation_section(args, row: str) -> dict:
     """``amalgamation`` of one row: its method/confidence/fusion plus the command line's KD settings."""
-    section = {**AMALGAMATION.get(row, {"method": "vanilla"}), "amalg_dim": 256, "temperature": args.temperature}
+    section = {**ROWS[row].amalgamation, "amalg_dim": 256, "temperature": args.temperature}
     if section["method"] == "stratanet":
         section.update(kd_confidence_power=args.kd_power, confidence_transform=args.confidence_transform)
         section.update(parse_fields(args.stratanet, "--stratanet"))
     return section
 
 
-def job_config(args, work: Path, row: str, seed: int, *, steered: dict | None = None,
+def merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied, sections (dicts) merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def job_config(settings: Settings, row: str, seed: int, *, steered: dict | None = None,
                samples_per_class: int | None = None) -> JobConfig:
-    """The job config of one row; ``steered`` overrides ``transfer.steered`` fields (``--sweep``)."""
-    source = SOURCES.get(row, "steered")
-    kind = KIND.get(source, source)
-    transfer = {"source": kind, "samples_per_class": samples_per_class or args.samples_per_class,
-                "shard_size": args.shard_size,
-                "dedup": "near", "heldout_fraction": args.heldout_fraction, "max_attempts": 3,
-                "min_confidence": args.min_confidence if kind == "steered" else 0.0,
-                "random_words": {"min_words": 16, "max_words": 48},
-                "corpus": {"path": str(real_text_file(work) if source == "real" else args.corpus),
-                           "min_words": 8, "max_words": 64},
-                "steered": steered_section(args, steered)}
-    data = {"name": f"agnews-{row}", "seed": seed,
-            "teachers": [{"name": n, "path": str(work / "teachers" / n), "max_length": args.max_length}
-                         for n in TEACHERS],
-            "transfer": transfer,
+    """The job config of one row (:data:`harness.rows.ROWS`): the fields every transfer set shares, then
+    its own (:data:`harness.rows.TRANSFER_SETS`); ``steered`` overrides ``transfer.steered`` fields (``--sweep``)."""
+    args, spec, work = settings.args, settings.spec, settings.work
+    shared = {"samples_per_class": samples_per_class or args.samples_per_class, "shard_size": args.shard_size,
+              "dedup": "near", "heldout_fraction": args.heldout_fraction, "max_attempts": 3, "min_confidence": 0.0,
+              "random_words": {"min_words": 16, "max_words": 48},
+              "corpus": {"path": str(args.corpus), "min_words": 8, "max_words": 64},
+              "steered": steered_section(args, steered)}
+    data = {"name": f"{spec.name}-{row}", "seed": seed,
+            "teachers": [{"name": n, "path": str(settings.teacher_dir(n)), "max_length": args.max_length}
+                         for n in spec.teachers],
+            "transfer": merged(shared, TRANSFER_SETS[ROWS[row].transfer_set](settings)),
             "amalgamation": amalgamation_section(args, row),
-            "student": {"path": str(args.base), "num_layers": 3, "max_length": args.max_length},
+            "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
+                        "max_length": args.max_length},
             "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                       "warmup_epochs": min(1.0, args.epochs), "shuffle_buffer": 0},
             "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(work / "runs" / row)}}

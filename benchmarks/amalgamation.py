@@ -1,22 +1,29 @@
-"""AG News data-free amalgamation: the quality table (a scaled-down replica of StrataNet Table 3).
+"""Data-free amalgamation benchmark, driven by a dataset spec: the quality table (a scaled-down
+replica of StrataNet Table 3) on any labelled text-classification data.
 
-Two teachers are fine-tuned from the MiniLM fixture on real AG News train rows (``world_sports``
-on {World, Sports}, ``business_scitech`` on {Business, Sci/Tech}; :mod:`agnews_setup`). Every
-amalgamation row then trains the same 3-layer MiniLM student with the same transfer-set size and
-training budget, and is scored on the full AG News test set (7,600 rows, ``title + " " + description``):
+The spec (``benchmarks/specs/<name>.yaml``, :mod:`harness.spec`) names the data files, the labels,
+the teachers (which classes each is fine-tuned on, from which layers of the base encoder) and the
+student's depth; nothing about a dataset is written here. The teachers are fine-tuned from
+``--base`` on the spec's train rows of their classes (:mod:`harness.setup`). Every amalgamation row
+then trains the same student with the same transfer-set size and training budget, and is scored on
+the spec's test rows and development rows:
 
     supervised      the student trained on the labelled train rows (the upper bound; also the judge)
-    teacher 1/2     each teacher over the union labels; ensemble = argmax of the placed teacher logits
+    teacher k       each teacher over the union labels; ensemble = argmax of the placed teacher logits
     vanilla_random  KL to the concatenated teacher outputs, on ``random_words`` text
-    vanilla_corpus  the same on ``corpus`` text (the 5k-document general-domain sample)
-    vanilla_steered the same on the steered set (a diagnostic: generation without RMD/ST-amalg)
+    vanilla_corpus  the same on ``corpus`` text (``--corpus``, a general-domain text file)
+    vanilla_steered the same on the steered set (generation without RMD/ST-amalg)
     stratanet       steered generation + RMD confidence + ST-amalg (block L2 + confidence-weighted KL)
     stratanet_msp   the same with maximum-softmax-probability confidence instead of RMD
     stratanet_nost  the same with ``fusion: no_st`` (linear layer over the confidence-weighted sum)
-    vanilla_real, stratanet_real   diagnostics: the same training on real AG News train text (no
-                    labels: the teachers label it, as for ``corpus``). The gap between these and the
-                    steered rows is what generation loses; the gap to ``supervised`` is what the
-                    teachers and the distillation lose.
+    stratanet_random, stratanet_corpus   diagnostics: StrataNet's machinery on untargeted text
+    vanilla_real, stratanet_real   diagnostics: the same training on the spec's train text (no labels:
+                    the teachers label it, as for ``corpus``). The gap between these and the steered
+                    rows is what generation loses; the gap to ``supervised`` is what the teachers and
+                    the distillation lose.
+
+The rows are a registry (:mod:`harness.rows`); a new transfer source adds its rows there, in one
+place. A spec's ``rows`` are what a plain run makes; ``--rows`` picks others.
 
 ``--sweep`` writes small steered sets under several decoding settings (``name:key=value,...``,
 keys of ``transfer.steered``) and reports each one's teacher hit rate, judge agreement (by class)
@@ -27,14 +34,16 @@ The pipeline is the library's: transfer sets from :func:`dfkd_ray.transfer.write
 :func:`dfkd_ray.confidence.fit_confidence`, training from :func:`dfkd_ray.train.step.train_in_process`
 (the :class:`~dfkd_ray.train.step.Distiller` of a Ray Train worker), scores from
 :mod:`dfkd_ray.evaluation`; no Ray. Per transfer set and confidence fit it also reports the
-diagnostics of :mod:`agnews_diagnostics`.
+diagnostics of :mod:`harness.diagnostics`.
 
 GPU (repository root; the fixtures and data wherever they are)::
 
-    python benchmarks/agnews.py --lm LM_DIR --base MINILM_DIR --agnews AGNEWS_DIR \
-        --corpus corpus_sample_5k.txt.xz --work /tmp/agnews --out agnews.json
+    python benchmarks/amalgamation.py --spec benchmarks/specs/agnews.yaml --data AGNEWS_DIR \
+        --lm LM_DIR --base MINILM_DIR --corpus corpus_sample_5k.txt.xz --work /tmp/agnews --out agnews.json
 
-CPU dry run (tiny sizes, minutes): add ``--tiny --device cpu``.
+CPU dry run (tiny sizes, minutes): add ``--tiny --device cpu``. Rows and seeds can run as separate
+processes (``--save-transfer`` once, then ``--transfer-from``); ``--report A.json B.json ...`` prints
+their tables together, per benchmark, with the seeds pooled.
 """
 
 from __future__ import annotations
@@ -51,18 +60,22 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import ValidationError
 
-from dfkd_ray.config import AmalgamationConfig, JobConfig, SteeredConfig
+from dfkd_ray.config import AmalgamationConfig, ConfigError, JobConfig, SteeredConfig
 from dfkd_ray.confidence import fit_confidence
 from dfkd_ray.evaluation import evaluate_student, evaluate_teachers
-from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.models.teacher import collect_outputs, load_teachers
+from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
+from dfkd_ray.transfer.sources.corpus import corpus_problems
 
-from agnews_diagnostics import (TARGET_POWERS, confidence_auroc, profile_distill, save_features, target_accuracy,
-                                transfer_diagnostics)
-from agnews_setup import (LABELS, ROWS, SOURCES, TEACHERS, amalgamation_section, finetune_teachers, job_config, log,
-                          make_transfer_set, parse_sweep, read_agnews, real_text_file, steered_section,
-                          train_supervised, training_texts, transfer_dir)
+from harness.diagnostics import (confidence_auroc, profile_distill, save_features, target_accuracy,
+                                 transfer_diagnostics)
+from harness.report import combined_markdown, sweep_markdown, table_markdown, target_markdown
+from harness.rows import ROWS
+from harness.setup import (Settings, amalgamation_section, finetune_teachers, job_config, label_space, log,
+                           make_transfer_set, parse_sweep, read_data, steered_section, train_supervised,
+                           training_texts, transfer_dir)
+from harness.spec import SpecError, load_spec
 
 
 def accuracy_row(results: dict) -> dict:
@@ -90,24 +103,29 @@ def distill(cfg: JobConfig, table, teachers: dict, estimators, device) -> tuple[
 
 # ---- command line ---------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line, checked (rows, sweep variants, amalgamation fields) before any model is
-    trained; ``--tiny`` shrinks every size."""
+def parse_args(argv=None):
+    """The command line, checked (spec, rows, sweep variants, amalgamation fields, every row's job
+    config) before any model is trained; ``--tiny`` shrinks every size. With ``--report`` only the
+    result files are read."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lm", type=Path, required=True, help="base causal LM directory (e.g. the lm-gpt2-news fixture)")
-    p.add_argument("--base", type=Path, required=True, help="MiniLM fixture: teachers and the student start here")
-    p.add_argument("--agnews", type=Path, required=True, help="AG News directory (csv or csv.xz files)")
-    p.add_argument("--corpus", type=Path, required=True, help="corpus_sample_5k.txt.xz")
-    p.add_argument("--work", type=Path, default=Path("/tmp/agnews-bench"))
-    p.add_argument("--out", type=Path, default=Path("agnews.json"))
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    p.add_argument("--report", type=Path, nargs="+", metavar="RESULT_JSON",
+                   help="print the tables of these result files together (per benchmark, seeds pooled) and exit")
+    p.add_argument("--spec", type=Path, help="benchmark spec, e.g. benchmarks/specs/agnews.yaml")
+    p.add_argument("--data", type=Path, help="the directory the spec's data files are relative to")
+    p.add_argument("--lm", type=Path, help="base causal LM directory of the steered rows")
+    p.add_argument("--base", type=Path, help="encoder directory: teachers and the student start here")
+    p.add_argument("--corpus", type=Path, help="general-domain text file, one document per line (corpus rows)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/amalgamation-bench"))
+    p.add_argument("--out", type=Path, default=Path("amalgamation.json"))
+    p.add_argument("--rows", default="", help=f"comma-separated subset of {list(ROWS)} (default: the spec's rows)")
     p.add_argument("--seeds", default="0", help="distillation seeds, e.g. 0,1,2 (transfer sets use seed 0)")
     p.add_argument("--transfer-from", type=Path, default=None,
-                   help="reuse transfer sets made by an earlier run (<dir>/<source>/), instead of generating")
+                   help="reuse transfer sets made by an earlier run (<dir>/<set>.parquet), instead of generating")
     p.add_argument("--save-transfer", type=Path, default=None, help="copy each transfer set's Parquet here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples-per-class", type=int, default=1250)
+    p.add_argument("--samples-per-class", type=int, default=None,
+                   help="transfer texts per (teacher, class) (default: the spec's samples_per_class)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--gen-batch", type=int, default=500)
     p.add_argument("--control-strength", type=float, default=32.0,
@@ -135,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-lr", type=float, default=5e-5)
     p.add_argument("--supervised-epochs", type=int, default=3)
     p.add_argument("--no-judge", action="store_true", help="skip the supervised row (and the judge diagnostics)")
-    p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 train/test rows, 12 samples per class")
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 train/test/dev rows, 12 samples per class")
     p.add_argument("--sweep", default="", help="steered variants to compare before the rows, e.g. "
                    "\"base:;prompt:prompt=Category: {label};decay:lambda_schedule=decay,decay_rate=0.95\"")
     p.add_argument("--sweep-samples", type=int, default=100, help="samples per class of each --sweep variant")
@@ -146,12 +164,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-distill", action="store_true",
                    help="profile 20 steps of the first amalgamation row's training and print the table")
     args = p.parse_args(argv)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.report:
+        return args, None, [], [], {}
+    missing = [f"--{k}" for k in ("spec", "data", "lm", "base", "corpus") if getattr(args, k) is None]
+    if missing:
+        p.error(f"{', '.join(missing)} required (or --report RESULT_JSON ... to print earlier results)")
+    absent = [f"--{k} {getattr(args, k)}" for k in ("data", "lm", "base", "corpus") if not getattr(args, k).exists()]
+    if absent:
+        p.error(f"{', '.join(absent)}: no such file or directory")
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as e:
+        p.error(str(e))
+    if args.samples_per_class is None:
+        args.samples_per_class = spec.samples_per_class
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] or list(spec.rows)
     bad = [r for r in rows if r not in ROWS]
     if bad:
-        p.error(f"--rows: unknown {bad}; choose from {ROWS}")
+        p.error(f"--rows: unknown {bad}; choose from {list(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.save_features is not None and not any(SOURCES[r] == "steered" for r in rows):
+    if args.transfer_from is not None:
+        lacking = sorted({ROWS[r].transfer_set for r in rows
+                          if not (args.transfer_from / f"{ROWS[r].transfer_set}.parquet").is_file()})
+        if lacking:
+            p.error(f"--transfer-from {args.transfer_from} has no {', '.join(s + '.parquet' for s in lacking)}: "
+                    "make them with --save-transfer, or drop the rows that train on them")
+    if args.save_features is not None and not any(ROWS[r].transfer_set == "steered" for r in rows):
         p.error("--save-features saves features of the steered set: add a steered row to --rows (e.g. stratanet)")
     sweep = parse_sweep(args.sweep)
     if sweep and args.no_judge:
@@ -171,7 +209,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.epochs, args.teacher_epochs, args.supervised_epochs, args.max_length = 1, 1, 1, 64
         args.min_confidence, args.heldout_fraction, args.batch_size = 0.0, 0.5, 4
         args.sweep_samples = min(args.sweep_samples, 6)
-    return args, rows, seeds, sweep
+    settings = Settings(args, spec, args.work)
+    try:  # every row's job config (the spec's student layers among them)
+        configs = {ROWS[row].transfer_set: job_config(settings, row, args.seed) for row in rows}
+    except ConfigError as e:
+        p.error(str(e))
+    teacher_labels = {name: t.classes for name, t in spec.teachers.items()}
+    for name, cfg in configs.items():  # a corpus too small for the set fails now (the real set's file comes later)
+        if args.transfer_from is None and cfg.transfer.source == "corpus" and cfg.transfer.corpus.path.exists():
+            problems = corpus_problems(cfg, teacher_labels)
+            if problems:
+                p.error(f"the {name} transfer set: " + "; ".join(f"{where}: {message}" for where, message in problems)
+                        + " (--samples-per-class sets transfer.samples_per_class)")
+    return args, settings, rows, seeds, sweep
 
 
 # ---- the phases -----------------------------------------------------------------------------
@@ -180,17 +230,18 @@ class Bench:
     """One call of the benchmark: its settings, data, work directory and the JSON report it writes
     after every phase (so a killed call leaves what it measured)."""
 
-    def __init__(self, args, argv, device: torch.device):
-        self.args, self.device, self.work = args, device, args.work
+    def __init__(self, settings: Settings, argv, device: torch.device):
+        args = settings.args
+        self.settings, self.args, self.device, self.work = settings, args, device, args.work
         self.report: dict = {
             "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "benchmark": {"name": settings.spec.name, "lm": args.lm.name, "spec": settings.spec.model_dump()},
             "phases": {}, "transfer": {}, "sweep": {}, "auroc": {}, "target": {}, "rows": {}}
-        self.data = read_agnews(args.agnews, limit=300 if args.tiny else 0)
-        self.space = UnionLabelSpace.from_teachers(TEACHERS)
-        assert list(self.space.names) == LABELS, self.space.names
+        self.space = label_space(settings.spec)
+        self.data = read_data(settings.spec, args.data, self.space, limit=300 if args.tiny else 0)
         self.teachers: dict = {}
         self.judge = None
         self._test_outputs: dict = {}
@@ -216,11 +267,12 @@ class Bench:
         return result
 
     def fine_tune_teachers(self) -> None:
-        """1. The teachers, fine-tuned on their halves of the labels, scored on the test set."""
+        """1. The teachers, each fine-tuned on its classes, scored on the test set."""
         args, rows = self.args, self.report["rows"]
-        self.report["phases"].update(finetune_teachers(args, self.data, self.work, self.device))
-        base_cfg = job_config(args, self.work, "stratanet", args.seed)
-        self.teachers = load_teachers(base_cfg.teachers, num_blocks=3, device=str(self.device))
+        self.report["phases"].update(finetune_teachers(self.settings, self.data, self.space, self.device))
+        base_cfg = job_config(self.settings, "stratanet", args.seed)
+        self.teachers = load_teachers(base_cfg.teachers, num_blocks=student_num_blocks(base_cfg),
+                                      device=str(self.device))
         scored = evaluate_teachers(self.teachers, self.data["test_texts"], self.data["test_labels"], self.space,
                                    batch_size=256)
         for i, (name, m) in enumerate(scored["teachers"].items()):
@@ -233,8 +285,8 @@ class Bench:
     def train_judge(self) -> None:
         """2. The supervised upper bound (also the judge of transfer-set labels)."""
         args = self.args
-        self.judge, info = train_supervised(job_config(args, self.work, "stratanet", args.seed), self.data, args,
-                                            self.device)
+        self.judge, info = train_supervised(job_config(self.settings, "stratanet", args.seed), self.data,
+                                            self.space, args, self.device)
         self.report["phases"]["supervised"] = info
         self.report["rows"]["supervised"] = accuracy_row(
             evaluate_student(self.judge, self.data["test_texts"], self.data["test_labels"], self.space,
@@ -246,7 +298,7 @@ class Bench:
         """2b. Small steered sets under each ``--sweep`` variant: the judge says which writes more of its class."""
         args = self.args
         for name, fields in variants.items():
-            cfg = job_config(args, self.work, f"sweep-{name}", args.seed, steered=fields,
+            cfg = job_config(self.settings, "vanilla_steered", args.seed, steered=fields,  # a steered set's config
                              samples_per_class=args.sweep_samples)
             start = time.perf_counter()
             table, summary = make_transfer_set(cfg, self.work / "sweep" / name, self.device)
@@ -262,11 +314,11 @@ class Bench:
             print(sweep_markdown(self.report["sweep"]))
 
     def transfer_sets(self, rows: list[str]) -> dict:
-        """3. One transfer set per source, shared by the rows that use that source; their tables."""
+        """3. One transfer set per name, shared by the rows that train on it; their tables."""
         args, tables = self.args, {}
-        for source in sorted({SOURCES[r] for r in rows}):
-            row = next(r for r in rows if SOURCES[r] == source)
-            cfg = job_config(args, self.work, row, args.seed)
+        for source in sorted({ROWS[r].transfer_set for r in rows}):
+            row = next(r for r in rows if ROWS[r].transfer_set == source)
+            cfg = job_config(self.settings, row, args.seed)
             start = time.perf_counter()
             if args.transfer_from is not None:  # what --save-transfer wrote in an earlier call
                 tables[source] = pq.read_table(args.transfer_from / f"{source}.parquet")
@@ -294,16 +346,16 @@ class Bench:
         args, report, data = self.args, self.report, self.data
         estimators_cache: dict = {}
         if args.save_features is not None:
-            save_features(args.save_features, tables["steered"], self.teachers, self.test_outputs(),
+            save_features(args.save_features, tables["steered"], self.teachers, self.space, self.test_outputs(),
                           data["test_labels"], data["dev_texts"], data["dev_labels"])
             log(f"teacher features -> {args.save_features}")
         for seed in seeds:
             for row in rows:
-                cfg = job_config(args, self.work, row, seed)
-                table = tables[SOURCES[row]]
+                cfg = job_config(self.settings, row, seed)
+                table = tables[ROWS[row].transfer_set]
                 est = None
                 if cfg.amalgamation.method == "stratanet":
-                    key = (SOURCES[row], cfg.amalgamation.confidence, seed)
+                    key = (ROWS[row].transfer_set, cfg.amalgamation.confidence, seed)
                     name = f"{key[0]}/{key[1]}/seed{seed}"
                     if key not in estimators_cache:
                         estimators_cache[key] = fit_confidence(cfg, table, self.teachers)
@@ -331,16 +383,22 @@ class Bench:
 
 
 def main(argv=None) -> int:
-    args, rows, seeds, sweep = parse_args(argv)
+    args, settings, rows, seeds, sweep = parse_args(argv)
+    if args.report:
+        print(combined_markdown(args.report))
+        return 0
     device = torch.device(args.device)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (fine-tuning)
     args.work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    bench = Bench(args, argv, device)
-    log(f"AG News: {len(bench.data['train_texts'])} train rows, {len(bench.data['test_texts'])} test rows; "
-        f"device {device}")
-    if any(SOURCES[r] == "real" for r in rows):
-        real_text_file(args.work).write_text("".join(" ".join(t.split()) + "\n" for t in bench.data["train_texts"]))
+    try:
+        bench = Bench(settings, argv, device)
+    except SpecError as e:
+        raise SystemExit(str(e)) from None
+    log(f"{settings.spec.name}: {len(bench.data['train_texts'])} train rows, {len(bench.data['test_texts'])} test rows, "
+        f"{len(bench.data['dev_texts'])} development rows; labels {list(bench.space.names)}; device {device}")
+    if any(ROWS[r].transfer_set == "real" for r in rows):
+        settings.real_text_file.write_text("".join(" ".join(t.split()) + "\n" for t in bench.data["train_texts"]))
     bench.fine_tune_teachers()
     if not args.no_judge:
         bench.train_judge()
@@ -353,54 +411,6 @@ def main(argv=None) -> int:
         print(target_markdown(bench.report["target"]))
     print(table_markdown(bench.report))
     return 0
-
-
-# ---- tables ---------------------------------------------------------------------------------
-
-def sweep_markdown(sweep: dict) -> str:
-    names = None
-    lines = []
-    for name, d in sweep.items():
-        by_class = d.get("judge_agreement_by_class", {})
-        if names is None:
-            names = list(by_class)
-            lines += ["| variant | settings | rows | teacher hit | judge agreement | " + " | ".join(names)
-                      + " | distinct-2 | samples/s |", "|---|---|---|---|---|" + "---|" * len(names) + "---|---|"]
-        settings = ", ".join(f"{k}={v}" for k, v in d["settings"].items()) or "(defaults)"
-        lines.append(f"| {name} | {settings} | {d['rows']} | {d['teacher_hit_rate']} | {d['judge_agreement']} | "
-                     + " | ".join(str(by_class.get(n, "-")) for n in names)
-                     + f" | {d['distinct_2']} | {d.get('samples_per_s') or 0:.1f} |")
-    return "\n".join(lines)
-
-
-def target_markdown(target: dict) -> str:
-    """The KD target's test-set accuracy by confidence variant and ``kd_confidence_power``."""
-    lines = ["| transfer set / confidence / transform / fit seed | selects own teacher | "
-             + " | ".join(f"gamma {p:g}" for p in TARGET_POWERS) + " | oracle |",
-             "|---|---|" + "---|" * len(TARGET_POWERS) + "---|"]
-    for key, t in target.items():
-        for variant, v in t.items():
-            if variant == "oracle":
-                continue
-            accs = " | ".join(f"{100 * v['accuracy_by_power'][str(p)]:.2f}" for p in TARGET_POWERS)
-            source, _, seed = key.split("/")
-            lines.append(f"| {source} / {variant} / {seed} | {100 * v['selects_own']:.1f}% | {accs} | "
-                         f"{100 * t['oracle']:.2f} |")
-    return "\n".join(lines)
-
-
-def table_markdown(report: dict) -> str:
-    sup = report["rows"].get("supervised", {}).get("accuracy")
-    lines = ["| row | accuracy | spread (max-min) | seeds | % of supervised | transfer hit rate | judge agreement |",
-             "|---|---|---|---|---|---|---|"]
-    for row, r in report["rows"].items():
-        src = SOURCES.get(row)
-        t = report["transfer"].get(src, {}) if src else {}
-        spread = f"{100 * r['spread']:.2f}" if "spread" in r else "-"
-        pct = f"{100 * r['accuracy'] / sup:.1f}%" if sup else "-"
-        lines.append(f"| {row} | {100 * r['accuracy']:.2f} | {spread} | {r.get('n', 1)} | {pct} | "
-                     f"{t.get('teacher_hit_rate', '-')} | {t.get('judge_agreement', '-')} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Diagnostics of the AG News benchmark (``benchmarks/agnews.py``): what each stage gives on real text.
+"""Diagnostics of the amalgamation benchmark (``benchmarks/amalgamation.py``): what each stage gives on real text.
 
 - :func:`transfer_diagnostics`: a transfer set's teacher hit rate (the source teacher's argmax is the
   row's target class; true by construction for untargeted sources), the supervised judge's agreement
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from dfkd_ray.evaluation import auroc, kd_target_scores
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.models.teacher import collect_outputs
 
-from agnews_setup import training_texts
+from harness.setup import training_texts
 
 TARGET_POWERS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 1000.0)  # kd_confidence_power values the target diagnostic scores
 
@@ -83,7 +84,7 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
                     test_outputs: dict, labels: list[int]) -> dict:
     """Where the confidence stage loses accuracy, on real text: the KD target (the confidence-weighted
     union of the teachers, exactly as the distillation loss builds it) scored as a classifier on the
-    AG News test set, for every ``kd_confidence_power`` in ``TARGET_POWERS`` and both confidence
+    benchmark's test set, for every ``kd_confidence_power`` in ``TARGET_POWERS`` and both confidence
     transforms: ``estimators`` (the row's fit, with ``cfg``'s transform) and the other transform
     fitted the same way (:func:`fit_confidence` on the transfer set's held-out rows).
 
@@ -117,16 +118,17 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
 
 
 @torch.no_grad()
-def save_features(directory: Path, table, teachers: dict, test_outputs: dict, test_labels: list[int],
-                  dev_texts: list[str], dev_labels: list[int]) -> None:
+def save_features(directory: Path, table, teachers: dict, space: UnionLabelSpace, test_outputs: dict,
+                  test_labels: list[int], dev_texts: list[str], dev_labels: list[int]) -> None:
     """Teacher features of the transfer set, the test set and a development set as safetensors, one file
     per teacher and block (``<teacher>-block<b>.safetensors``: ``transfer`` (M, H), ``test`` (M_test, H)
     and ``dev`` (M_dev, H), float16) plus ``meta.safetensors`` (logits, labels, held-out flags, source
-    teacher ids): what confidence and KD-weighting variants need, to be studied on a CPU without the GPU
-    that trained the teachers. The development rows are the title + description AG News *train* rows:
-    variants are chosen on them, so that the test set is only reported. (The teachers were fine-tuned on
-    them, so a teacher's features of its own classes' dev rows are in-sample: a biased, but test-free,
-    check of which teacher a variant trusts.)"""
+    teacher ids; its metadata ``label_space`` holds the union labels and each teacher's classes, as
+    :meth:`UnionLabelSpace.to_dict`): what confidence and KD-weighting variants need, to be studied on a
+    CPU without the GPU that trained the teachers. The development rows are the spec's ``dev`` rows:
+    variants are chosen on them, so that the test set is only reported. (Where the teachers were
+    fine-tuned on them, a teacher's features of its own classes' dev rows are in-sample: a biased, but
+    test-free, check of which teacher a variant trusts.)"""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,8 @@ def save_features(directory: Path, table, teachers: dict, test_outputs: dict, te
                        "test": test_outputs[name][0][:, b].half().contiguous(),
                        "dev": dev_states[:, b].half().contiguous()},
                       str(directory / f"{name}-block{b + 1}.safetensors"))
-    save_file({k: v.contiguous() for k, v in meta.items()}, str(directory / "meta.safetensors"))
+    save_file({k: v.contiguous() for k, v in meta.items()}, str(directory / "meta.safetensors"),
+              metadata={"label_space": json.dumps(space.to_dict())})
 
 
 def profile_distill(cfg: JobConfig, table, teachers: dict, estimators, device, steps: int = 20) -> str:

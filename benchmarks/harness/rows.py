@@ -1,0 +1,94 @@
+"""The rows of the amalgamation benchmark: a registry, row name -> its transfer set and amalgamation.
+
+A row is one student: trained on one **transfer set** with one ``amalgamation`` section, scored on
+the benchmark's test set. Transfer sets are registered by name; each is made once per call and
+shared by every row that names it.
+
+- :data:`TRANSFER_SETS`: transfer-set name -> a function ``(settings) -> dict`` that gives the
+  ``transfer`` fields of that set (``source`` and what differs in the source's own section; merged
+  into the fields every set shares, :func:`harness.setup.job_config`). ``settings`` is the call's
+  :class:`~harness.setup.Settings` (command line, benchmark spec, work directory).
+- :data:`ROWS`: row name -> :class:`Row` (its transfer set, ``amalgamation`` fields, and its role
+  in the table: ``baseline`` rows are what StrataNet must beat, ``method`` is StrataNet itself).
+
+**Adding a row for a new transfer source** (e.g. ``prompt_tuned``) is one block here::
+
+    @transfer_set("prompt_tuned")
+    def _prompt_tuned(settings) -> dict:
+        return {"source": "prompt_tuned", "prompt_tuned": {"lm_path": str(settings.args.lm)}}
+
+    ROWS["vanilla_prompt_tuned"] = Row("prompt_tuned", VANILLA, "baseline")
+    ROWS["stratanet_prompt_tuned"] = Row("prompt_tuned", STRATANET, "diagnostic")
+
+The new rows are then valid in ``--rows`` and in a spec's ``rows:`` list, get the transfer
+diagnostics and (StrataNet rows) the confidence diagnostics, ``--save-transfer`` /
+``--transfer-from`` keep their set as ``<set name>.parquet``, and ``--report`` counts a
+``baseline`` row as a vanilla row to beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+Role = Literal["method", "baseline", "ablation", "diagnostic"]
+
+VANILLA = {"method": "vanilla"}
+STRATANET = {"method": "stratanet", "confidence": "rmd", "fusion": "st"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: the transfer set it trains on, its ``amalgamation`` fields, its role."""
+
+    transfer_set: str
+    amalgamation: dict
+    role: Role
+
+
+TRANSFER_SETS: dict[str, Callable[[object], dict]] = {}
+
+
+def transfer_set(name: str) -> Callable:
+    """Register ``function(settings) -> transfer fields`` as the transfer set ``name``."""
+    def register(function: Callable[[object], dict]) -> Callable[[object], dict]:
+        TRANSFER_SETS[name] = function
+        return function
+    return register
+
+
+@transfer_set("random_words")
+def _random_words(settings) -> dict:
+    return {"source": "random_words"}
+
+
+@transfer_set("corpus")
+def _corpus(settings) -> dict:
+    """The general-domain text file of ``--corpus``."""
+    return {"source": "corpus"}
+
+
+@transfer_set("steered")
+def _steered(settings) -> dict:
+    return {"source": "steered", "min_confidence": settings.args.min_confidence}
+
+
+@transfer_set("real")
+def _real(settings) -> dict:
+    """The benchmark's own train texts without their labels (the teachers label them, as for
+    ``corpus``): a ceiling for what better generated text can give."""
+    return {"source": "corpus", "corpus": {"path": str(settings.real_text_file)}}
+
+
+ROWS: dict[str, Row] = {
+    "vanilla_random": Row("random_words", VANILLA, "baseline"),
+    "vanilla_corpus": Row("corpus", VANILLA, "baseline"),
+    "vanilla_steered": Row("steered", VANILLA, "baseline"),
+    "stratanet": Row("steered", STRATANET, "method"),
+    "stratanet_msp": Row("steered", {**STRATANET, "confidence": "msp"}, "ablation"),
+    "stratanet_nost": Row("steered", {**STRATANET, "fusion": "no_st"}, "ablation"),
+    "stratanet_random": Row("random_words", STRATANET, "diagnostic"),
+    "stratanet_corpus": Row("corpus", STRATANET, "diagnostic"),
+    "vanilla_real": Row("real", VANILLA, "diagnostic"),
+    "stratanet_real": Row("real", STRATANET, "diagnostic"),
+}
