@@ -132,14 +132,17 @@ def _drop_ray_chatter() -> None:
     worker.print_worker_logs = print_worker_logs
 
 
-def start_ray(cfg: JobConfig) -> None:
+def start_ray(cfg: JobConfig, *, sweep: bool = False) -> None:
     """Start or join the Ray a job runs on: the one start-up of every job script.
 
     With ``ray.address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) the job joins that
     cluster as it was started. Otherwise it starts a local Ray on this machine: no dashboard (a
     job needs none and starts seconds sooner without), and logical CPUs beyond what the train
     workers and generator actors take, so dataset reads always get one (Ray Data gets no CPU a
-    train worker holds). Worker output reaches the driver's console in both cases, without Ray's
+    train worker holds). A ``sweep`` (``jobs/tune.py``) books ``tune.max_concurrent_trials``
+    trials' CPUs, and starts the dashboard: Ray Train frees the workers of a trial that Ray Tune
+    stops only through the State API the dashboard serves, and without it the next trials wait
+    for them forever. Worker output reaches the driver's console in both cases, without Ray's
     progress detail (:func:`quiet_console` here and in every worker process of the job; Ray's
     start-up notices below WARNING); Ray's own log files keep all of it.
     """
@@ -156,32 +159,36 @@ def start_ray(cfg: JobConfig) -> None:
         ray.init(address=r.address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=hook)
     else:
         need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor
+        if sweep:
+            from dfkd_ray.tuning.space import trial_resources
+
+            need = max(need, cfg.tune.max_concurrent_trials * trial_resources(cfg)["CPU"])
         # A local Ray turns token authentication on by itself where a token exists (``RAY_AUTH_MODE``
         # unset) and says so at WARNING; the job's own Ray needs no notice of it.
         notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level = notice.level
         notice.setLevel(logging.ERROR)
         try:
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=False,
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=sweep,
                      logging_level=logging.WARNING, runtime_env=hook)
         finally:
             notice.setLevel(level)
     _drop_ray_chatter()
 
 
-def run_job(cfg: JobConfig, run: Callable[[JobConfig], object]) -> int:
+def run_job(cfg: JobConfig, run: Callable[[JobConfig], object], *, sweep: bool = False) -> int:
     """What a job script does once its config passed the preflight: start Ray (:func:`start_ray`), run
     one ``run_*`` function, and report what stopped it once, as its root cause (:func:`root_cause`),
     without a traceback: a problem the user fixes (:func:`user_errors`) exits 2, any other error
     raised inside Ray exits 1 (Ray's detail stays in its logs). Ctrl-C shuts the job's Ray down at
     once and exits 130; finished stages, shards and checkpoints stay, and rerunning the same command
-    resumes. Returns the exit status."""
+    resumes. ``sweep``: see :func:`start_ray`. Returns the exit status."""
     import sys
 
     import ray
     from ray.exceptions import RayError
 
-    start_ray(cfg)
+    start_ray(cfg, sweep=sweep)
     try:
         run(cfg)
     except KeyboardInterrupt:
