@@ -423,10 +423,10 @@ class TuneConfig(_Section):
     search_space: dict[Annotated[str, AfterValidator(_search_key)], SearchDim] = Field(
         default_factory=dict, description="dotted config key -> its values or range")
     num_samples: int = Field(1, ge=1, le=10_000, description="samples of the ranges; each runs every grid point")
-    metric: Annotated[Optional[str], AfterValidator(_known_metric)] = Field(
-        None, description="proxy or dev_accuracy; unset: dev_accuracy when tune.dev.path is set, else proxy")
     dev: EvalConfig = Field(EvalConfig(), description="labelled development file that dev_accuracy scores "
                                                       "(same fields as eval); never eval.path")
+    metric: Annotated[Optional[str], AfterValidator(_known_metric)] = Field(
+        None, description="proxy or dev_accuracy; unset: dev_accuracy when tune.dev.path is set, else proxy")
     max_concurrent_trials: int = Field(1, ge=1, le=1024, description="trials running at once")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="asha: stop weaker trials early (per epoch); "
                                                                    "fifo: run every trial to the end")

@@ -260,7 +260,7 @@ def run_tune(cfg: JobConfig, *, progress: bool = True) -> dict:
     best_yaml = None
     if best is not None:
         best_cfg = trial_config(cfg, best.params, cfg.output.dir / "best").model_copy(update={"name": f"{cfg.name}-best"})
-        best_yaml = write_best_config(best_cfg, root / "best.yaml")
+        best_yaml = write_best_config(best_cfg, root / "best.yaml", cfg.name)
     summary = {"name": cfg.name, "metric": metric, "seconds": round(time.perf_counter() - start, 1),
                "best": best.__dict__ if best else None, "best_yaml": str(best_yaml) if best_yaml else None,
                "files": {k: str(v) for k, v in files.items()}, "trials": [r.__dict__ for r in records]}

@@ -118,12 +118,12 @@ def plot_metric(records: Sequence[TrialRecord], keys: Sequence[str], metric: str
     return path
 
 
-def write_best_config(best: JobConfig, path: Path) -> Path:
-    """``best`` (a trial's job config) as a YAML that ``jobs/amalgamate.py --config`` runs as it is:
-    its first line the command, the fields that differ from the defaults below."""
+def write_best_config(best: JobConfig, path: Path, sweep: str) -> Path:
+    """``best`` (the best trial's job config) as a YAML that ``jobs/amalgamate.py --config`` runs as it
+    is: its first line the command, the fields that differ from the defaults below."""
     body = yaml.safe_dump(best.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# python jobs/amalgamate.py --config {path}\n#\n# The best trial of the sweep {best.name!r}, "
+    path.write_text(f"# python jobs/amalgamate.py --config {path}\n#\n# The best trial of the sweep {sweep!r}, "
                     f"as a job of its own: it writes to {best.output.dir}.\n{body}")
     return path
 
