@@ -138,7 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 test rows, tiny sets and budgets")
     args = p.parse_args(argv)
     if args.tiny:
-        args.samples_per_class, args.probe_samples, args.shard_size, args.gen_batch = 8, 4, 16, 16
+        args.samples_per_class, args.probe_samples, args.shard_size, args.gen_batch = 16, 4, 32, 32
         args.top_m, args.max_new_tokens, args.max_length, args.batch_size = 8, 12, 64, 4
         args.epochs, args.teacher_epochs, args.min_confidence, args.heldout_fraction = 1, 1, 0.0, 0.5
     args.teachers = args.teachers_from or args.work / "teachers"

@@ -41,9 +41,9 @@ from dfkd_ray.config import ConfigError, JobConfig
 from dfkd_ray.config.schema import field_annotation
 from dfkd_ray.orchestration.generate import run_generate
 from dfkd_ray.orchestration.runtime import root_cause
-from dfkd_ray.orchestration.train import run_confidence, run_distill
+from dfkd_ray.orchestration.train import distill_dir, run_confidence, run_distill
 from dfkd_ray.preflight import LOCK_FILE, claim_output_dir
-from dfkd_ray.stages import StageMismatch, diff_descriptions, fingerprint
+from dfkd_ray.stages import STAGE_FILE, StageMismatch, diff_descriptions, fingerprint
 from dfkd_ray.tuning.proxy import TrialScorer, probe_config
 from dfkd_ray.tuning.results import (SCORES, TrialRecord, final_line, plot_metric, progress_line, ranked,
                                      write_best_config, write_tables)
@@ -124,7 +124,13 @@ def run_trial(params: dict, *, base: JobConfig, probe_dir: Optional[str]) -> Non
     cfg.output.dir.mkdir(parents=True, exist_ok=True)
     transfer = outside_trial(shared_transfer_set, cfg, root / "transfer_sets")
     confidence = outside_trial(run_confidence, cfg, transfer)
-    run_distill(cfg, transfer, confidence, scorer=TrialScorer(base, probe_dir), callbacks=(EpochScores(),))
+    scorer = TrialScorer(base, probe_dir)
+    distilled_before = (distill_dir(cfg) / STAGE_FILE).is_file()
+    student = run_distill(cfg, transfer, confidence, scorer=scorer, callbacks=(EpochScores(),))
+    if distilled_before:  # a rerun after a kill that came before Tune recorded the trial's end: score it once more
+        from dfkd_ray.evaluation import ExportedStudent
+
+        tune.report({"epoch": cfg.train.epochs, **scorer(ExportedStudent(student, max_length=cfg.student.max_length))})
 
 
 def trial_record(cfg: JobConfig, trial_id: str, params: dict, last: Optional[dict], *, error: str = "",
@@ -225,6 +231,8 @@ def run_tune(cfg: JobConfig, *, progress: bool = True) -> dict:
         shared_transfer_set(cfg, root / "transfer_sets", progress=progress)
 
     total = _grid_size(cfg)
+    # Tune's own console table and experiment banner: the Progress lines below say it for the job
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg, probe_dir=probe_dir),
                                     {"CPU": TRIAL_ACTOR_CPUS})
     path = root / "ray_tune" / "sweep"
