@@ -169,7 +169,10 @@ def start_ray(cfg: JobConfig, *, sweep: bool = False) -> None:
         level = notice.level
         notice.setLevel(logging.ERROR)
         try:
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=sweep,
+            # address "local": a Ray of the job's own, even where `ray start` runs a cluster on this machine
+            # (a bare ray.init would join it, and refuse num_cpus there)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True,
+                     include_dashboard=sweep,
                      logging_level=logging.WARNING, runtime_env=hook)
         finally:
             notice.setLevel(level)
