@@ -80,3 +80,20 @@ def test_trial_config_and_shared_transfer_sets(sweep_config, tmp_path):
     with pytest.raises(ConfigError) as err:
         trial_config(sweep_config, {"transfer.steered.top_k": 99}, tmp_path / "d")
     assert "tune.search_space.transfer.steered.top_k" in dict(err.value.problems)
+
+
+def test_preflight_reports_the_sweeps_problems_together(sweep_dict, monkeypatch):
+    """What the preflight adds for a sweep: a value the field refuses, a missing development file and
+    more concurrent trials than this machine holds, each at its field."""
+    from dfkd_ray import preflight
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(preflight.os, "cpu_count", lambda: 2)
+    sweep_dict["tune"]["search_space"]["train.batch_size"] = {"values": [8, 0]}
+    sweep_dict["tune"].update(dev={"path": "/nonexistent/dev.csv"}, max_concurrent_trials=16)
+    problems = dict(preflight.tune_problems(validate_config(sweep_dict), None))
+    assert "value 0" in problems["tune.search_space.train.batch_size"]
+    assert "development file" in problems["tune.dev.path"] and "does not exist" in problems["tune.dev.path"]
+    assert "this machine (2 cores" in problems["tune.max_concurrent_trials"]
+    sweep_dict["tune"]["search_space"] = {}
+    assert preflight.tune_problems(validate_config(sweep_dict), None) == []  # not a sweep: nothing to check
