@@ -20,7 +20,7 @@ def main() -> int:
     from dfkd_ray.orchestration.runtime import run_job
     from dfkd_ray.orchestration.tune import run_tune
 
-    return run_job(cfg, run_tune, sweep=True)
+    return run_job(cfg, run_tune)
 
 
 if __name__ == "__main__":

@@ -132,18 +132,18 @@ def _drop_ray_chatter() -> None:
     worker.print_worker_logs = print_worker_logs
 
 
-def start_ray(cfg: JobConfig, *, sweep: bool = False) -> None:
+def start_ray(cfg: JobConfig) -> None:
     """Start or join the Ray a job runs on: the one start-up of every job script.
 
     With ``ray.address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) the job joins that
     cluster as it was started. Otherwise it starts a local Ray on this machine: no dashboard (a
     job needs none and starts seconds sooner without), and logical CPUs beyond what the train
     workers and generator actors take, so dataset reads always get one (Ray Data gets no CPU a
-    train worker holds). A ``sweep`` (``jobs/tune.py``) books ``tune.max_concurrent_trials``
-    trials' CPUs, and starts the dashboard: Ray Train frees the workers of a trial that Ray Tune
-    stops only through the State API the dashboard serves, and without it the next trials wait
-    for them forever. Worker output reaches the driver's console in both cases, without Ray's
-    progress detail (:func:`quiet_console` here and in every worker process of the job; Ray's
+    train worker holds). A config with a ``tune.search_space`` (a sweep, ``jobs/tune.py``) books
+    ``tune.max_concurrent_trials`` trials' CPUs and starts the dashboard: Ray Train frees the
+    workers of a trial that Ray Tune stops only through the State API the dashboard serves, and
+    without it the next trials wait for them forever. Worker output reaches the driver's console in
+    both cases, without Ray's progress detail (:func:`quiet_console` here and in every worker process of the job; Ray's
     start-up notices below WARNING); Ray's own log files keep all of it.
     """
     import logging
@@ -159,6 +159,7 @@ def start_ray(cfg: JobConfig, *, sweep: bool = False) -> None:
         ray.init(address=r.address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=hook)
     else:
         need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor
+        sweep = bool(cfg.tune.search_space)
         if sweep:
             from dfkd_ray.tuning.space import trial_resources
 
@@ -172,26 +173,25 @@ def start_ray(cfg: JobConfig, *, sweep: bool = False) -> None:
             # address "local": a Ray of the job's own, even where `ray start` runs a cluster on this machine
             # (a bare ray.init would join it, and refuse num_cpus there)
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True,
-                     include_dashboard=sweep,
-                     logging_level=logging.WARNING, runtime_env=hook)
+                     include_dashboard=sweep, logging_level=logging.WARNING, runtime_env=hook)
         finally:
             notice.setLevel(level)
     _drop_ray_chatter()
 
 
-def run_job(cfg: JobConfig, run: Callable[[JobConfig], object], *, sweep: bool = False) -> int:
+def run_job(cfg: JobConfig, run: Callable[[JobConfig], object]) -> int:
     """What a job script does once its config passed the preflight: start Ray (:func:`start_ray`), run
     one ``run_*`` function, and report what stopped it once, as its root cause (:func:`root_cause`),
     without a traceback: a problem the user fixes (:func:`user_errors`) exits 2, any other error
     raised inside Ray exits 1 (Ray's detail stays in its logs). Ctrl-C shuts the job's Ray down at
     once and exits 130; finished stages, shards and checkpoints stay, and rerunning the same command
-    resumes. ``sweep``: see :func:`start_ray`. Returns the exit status."""
+    resumes. Returns the exit status."""
     import sys
 
     import ray
     from ray.exceptions import RayError
 
-    start_ray(cfg, sweep=sweep)
+    start_ray(cfg)
     try:
         run(cfg)
     except KeyboardInterrupt:
