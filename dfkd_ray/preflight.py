@@ -7,8 +7,9 @@ when ``demo:`` is set, and checks: each teacher directory (``config.json`` with 
 student and LM directories, the corpus file, the eval
 file (format, columns, label names), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
 the job was submitted to a cluster: ``RAY_ADDRESS`` set), that a local Ray's train workers and
-generation actors fit this machine's CPUs and GPUs (:func:`resource_plan_problems`), and that ``output.dir`` can be written
-and holds no other job's results. Every problem comes in one :class:`~dfkd_ray.config.ConfigError`,
+generation actors fit this machine's CPUs and GPUs (:func:`resource_plan_problems`), a sweep's
+``tune`` section (:func:`tune_problems`), and that ``output.dir`` can be written and holds no other
+job's results. Every problem comes in one :class:`~dfkd_ray.config.ConfigError`,
 each at its field path. It returns the config with every path absolute (against
 :func:`relative_path_base`) and each teacher's ``labels`` filled: the one place a job reads them.
 
@@ -155,6 +156,7 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
     problem = _eval_problem(cfg.eval, known)
     if problem:
         problems.append(("eval.path", problem))
+    problems += tune_problems(cfg, known)
     if cfg.output.dir is not None and cfg.name is not None:
         problem = _output_dir_problem(cfg.output.dir, cfg.name)
         if problem:
@@ -265,6 +267,29 @@ def _eval_problem(ev: EvalConfig, teacher_labels: dict[str, list[str]] | None) -
     except (EvalDataError, LabelSpaceError) as e:
         return str(e)
     return ""
+
+
+def tune_problems(cfg: JobConfig, teacher_labels: dict[str, list[str]] | None) -> list[tuple[str, str]]:
+    """The checks of a sweep's ``tune`` section (``jobs/tune.py``) that need the whole config or the
+    machine: every value of the search space validates in the config (each grid value, both ends of
+    a range), the development file ``tune.dev.path`` is readable with labels the teachers have, and,
+    on a local Ray, ``tune.max_concurrent_trials`` trials fit this machine at once. Nothing to check
+    without a search space."""
+    t = cfg.tune
+    if t is None or not t.search_space or None in (cfg.name, cfg.transfer, cfg.output, cfg.ray, cfg.train):
+        return []  # salvaged from an invalid config: the failed field is reported
+    from dfkd_ray.tuning.space import concurrency_problems, search_space_problems
+
+    problems = search_space_problems(cfg)
+    if t.dev.path is not None:
+        problem = _eval_problem(t.dev, teacher_labels)
+        if problem:
+            problems.append(("tune.dev.path", "development file: " + problem))
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        cores = os.cpu_count() or 1
+        problems += concurrency_problems(cfg, local_resources(cfg), f"this machine ({cores} cores, each booked for at "
+                                                                    f"most {LOCAL_PROCESSES_PER_CORE} processes)")
+    return problems
 
 
 LOCAL_PROCESSES_PER_CORE = 2

@@ -60,18 +60,6 @@ def section_type(annotation: Any) -> Optional[type[BaseModel]]:
     return None
 
 
-def is_field_path(dotted: str) -> bool:
-    """Whether ``dotted`` (e.g. ``transfer.steered.control_strength``, list indices allowed) names a config field."""
-    model: Optional[type[BaseModel]] = JobConfig
-    for part in dotted.split("."):
-        if part.isdigit():
-            continue
-        if model is None or part not in model.model_fields:
-            return False
-        model = section_type(model.model_fields[part].annotation)
-    return True
-
-
 # --------------------------------------------------------------------------------------------
 # teachers
 
@@ -362,12 +350,12 @@ class EvalConfig(_Section):
 
 
 class SearchDim(_Section):
-    """One dimension of a Tune search space: a grid of values or a range."""
+    """One dimension of a Tune search space: a grid of values, or a range sampled ``num_samples`` times."""
 
-    values: Optional[list[Any]] = Field(None, description="grid of values")
+    values: Optional[list[Any]] = Field(None, min_length=1, description="grid of values, each tried")
     low: Optional[float] = Field(None, description="lower end of a range")
-    high: Optional[float] = Field(None, description="upper end of a range")
-    log: bool = Field(False, description="log-uniform range")
+    high: Optional[float] = Field(None, description="upper end of a range (inclusive for integer fields)")
+    log: bool = Field(False, description="sample the range log-uniformly")
 
     # A rule about the whole dimension, reported at the dimension itself.
     @model_validator(mode="after")
@@ -381,22 +369,102 @@ class SearchDim(_Section):
         return self
 
 
+def field_annotation(dotted: str) -> Any:
+    """The type of the config field ``dotted`` names (list indices allowed), without ``Optional``;
+    None when it names no field."""
+    model: Optional[type[BaseModel]] = JobConfig
+    annotation: Any = None
+    for part in dotted.split("."):
+        if part.isdigit():
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = section_type(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
+
+
+def is_field_path(dotted: str) -> bool:
+    """Whether ``dotted`` (e.g. ``transfer.steered.control_strength``, list indices allowed) names a config field."""
+    return field_annotation(dotted) is not None
+
+
+UNSEARCHABLE = {"name": "names the job", "output": "is where the sweep writes", "tune": "is the sweep itself",
+                "ray": "sets each trial's resources", "eval": "reports, it does not choose", "demo": "builds the demo"}
+"""Top-level sections a search space may not vary, and why."""
+
+TUNE_METRICS = {"proxy": "the data-free proxy (no labels; docs/tuning.md)",
+                "dev_accuracy": "the student's accuracy on tune.dev, a labelled development file"}
+"""What a trial reports at the end of every epoch, and so what ``tune.metric`` may rank by (higher is better)."""
+
+
 def _search_key(key: str) -> str:
-    if not is_field_path(key):
+    annotation = field_annotation(key)
+    if annotation is None:
         raise ValueError(f"search-space key {key!r} is not a config field (e.g. 'transfer.steered.control_strength')")
+    top = key.split(".")[0]
+    if top in UNSEARCHABLE:
+        raise ValueError(f"search-space key {key!r}: the {top!r} section {UNSEARCHABLE[top]}; search fields of "
+                         "teachers, transfer, amalgamation, student, train or seed")
+    if section_type(annotation) is not None:
+        raise ValueError(f"search-space key {key!r} is a section; name one of its fields, e.g. '{key}.<field>'")
     return key
 
 
+def _known_metric(metric: Optional[str]) -> Optional[str]:
+    if metric is None or metric in TUNE_METRICS:
+        return metric
+    if metric == "eval_accuracy":
+        raise ValueError("eval.path reports the chosen configuration, it does not choose it: rank trials by 'proxy', "
+                         "or by 'dev_accuracy' on a labelled development file (tune.dev.path)")
+    raise ValueError(f"no trial reports metric {metric!r}; trials report {', '.join(TUNE_METRICS)} "
+                     "(leave tune.metric unset: dev_accuracy with tune.dev.path, else proxy)")
+
+
 class TuneConfig(_Section):
-    """Ray Tune sweep over dotted config keys (e.g. ``transfer.steered.control_strength``)."""
+    """A Ray Tune sweep (``jobs/tune.py``) over dotted config keys (e.g. ``transfer.steered.control_strength``).
+
+    Each trial is a job with the sampled values: its transfer set (shared by trials whose
+    generation settings are equal), confidence statistics and a Ray Train distillation, scored at
+    the end of every epoch by ``metric``; ASHA stops the weaker trials early, in epochs.
+    """
 
     # Keys are validated as dict keys: reported at tune.search_space.<key>, together with its value's errors.
     search_space: dict[Annotated[str, AfterValidator(_search_key)], SearchDim] = Field(
         default_factory=dict, description="dotted config key -> its values or range")
-    num_samples: int = Field(1, ge=1, description="trials (per grid point)")
-    metric: str = Field("eval_accuracy", description="metric a trial is ranked by")
-    mode: Literal["max", "min"] = Field("max", description="whether metric is maximised or minimised")
-    max_concurrent_trials: int = Field(1, ge=1, description="trials running at once")
+    num_samples: int = Field(1, ge=1, le=10_000, description="samples of the ranges; each runs every grid point")
+    dev: EvalConfig = Field(EvalConfig(), description="labelled development file that dev_accuracy scores "
+                                                      "(same fields as eval); never eval.path")
+    metric: Annotated[Optional[str], AfterValidator(_known_metric)] = Field(
+        None, description="proxy or dev_accuracy; unset: dev_accuracy when tune.dev.path is set, else proxy")
+    max_concurrent_trials: int = Field(1, ge=1, le=1024, description="trials running at once")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha: stop weaker trials early (per epoch); "
+                                                                   "fifo: run every trial to the end")
+    grace_epochs: int = Field(1, ge=1, description="asha: epochs every trial runs before it may be stopped")
+    reduction_factor: int = Field(2, ge=2, le=16, description="asha: keep about 1/reduction_factor of trials "
+                                                              "at each rung")
+    proxy_samples_per_class: int = Field(16, ge=2, le=100_000, description="probe texts per (teacher, class) "
+                                                                           "the proxy scores")
+
+    @rule("search_space")
+    def _ranges_on_numbers(space):
+        for key, dim in space.items():
+            annotation = field_annotation(key)
+            if dim.values is None and annotation not in (int, float):
+                kind = (f"one of {', '.join(map(repr, typing.get_args(annotation)))}"
+                        if typing.get_origin(annotation) is Literal else getattr(annotation, "__name__", str(annotation)))
+                return (key,), (f"a range (low/high) needs a numeric field, and {key} is {kind}; list the choices "
+                                "instead: values: [...]")
+
+    @rule("metric", "dev")
+    def _dev_for_dev_accuracy(metric, dev):
+        if metric == "dev_accuracy" and dev.path is None:
+            return "metric dev_accuracy needs a labelled development file: set tune.dev.path, or metric: proxy"
+
+    def ranked_by(self) -> str:
+        """The metric trials are ranked by: ``metric``, else dev_accuracy with a dev file, else proxy."""
+        return self.metric or ("dev_accuracy" if self.dev.path is not None else "proxy")
 
 
 class RayConfig(_Section):
@@ -451,6 +519,16 @@ class JobConfig(_Section):
                 "train.stream_from_generation with amalgamation.method stratanet fits the confidence statistics on "
                 "held-out rows made before training starts, and transfer.heldout_fraction is 0: set "
                 "transfer.heldout_fraction > 0 (e.g. 0.1), or amalgamation.method: vanilla")
+
+    @rule("tune", "transfer", "eval")
+    def _tune_ranking(tune, transfer, eval):
+        if tune.search_space and tune.ranked_by() == "proxy" and transfer.steered.lm_path is None:
+            return ("metric",), ("the proxy scores trials on probe texts that transfer.steered.lm_path writes, and it is "
+                                 "not set: set transfer.steered.lm_path (a local causal-LM directory), or give a "
+                                 "labelled development file (tune.dev.path)")
+        if tune.dev.path is not None and tune.dev.path == eval.path:
+            return ("dev", "path"), ("tune.dev.path is eval.path: the eval file reports the chosen configuration and "
+                                     "must not choose it; give a separate labelled development file")
 
     def teacher_labels(self) -> dict[str, list[str]]:
         """Each teacher's class names in id order: ``labels`` as the preflight filled them, else read

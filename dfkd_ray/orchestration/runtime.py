@@ -139,8 +139,11 @@ def start_ray(cfg: JobConfig) -> None:
     cluster as it was started. Otherwise it starts a local Ray on this machine: no dashboard (a
     job needs none and starts seconds sooner without), and logical CPUs beyond what the train
     workers and generator actors take, so dataset reads always get one (Ray Data gets no CPU a
-    train worker holds). Worker output reaches the driver's console in both cases, without Ray's
-    progress detail (:func:`quiet_console` here and in every worker process of the job; Ray's
+    train worker holds). A config with a ``tune.search_space`` (a sweep, ``jobs/tune.py``) books
+    ``tune.max_concurrent_trials`` trials' CPUs and starts the dashboard: Ray Train frees the
+    workers of a trial that Ray Tune stops only through the State API the dashboard serves, and
+    without it the next trials wait for them forever. Worker output reaches the driver's console in
+    both cases, without Ray's progress detail (:func:`quiet_console` here and in every worker process of the job; Ray's
     start-up notices below WARNING); Ray's own log files keep all of it.
     """
     import logging
@@ -156,14 +159,21 @@ def start_ray(cfg: JobConfig) -> None:
         ray.init(address=r.address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=hook)
     else:
         need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor
+        sweep = bool(cfg.tune.search_space)
+        if sweep:
+            from dfkd_ray.tuning.space import trial_resources
+
+            need = max(need, cfg.tune.max_concurrent_trials * trial_resources(cfg)["CPU"])
         # A local Ray turns token authentication on by itself where a token exists (``RAY_AUTH_MODE``
         # unset) and says so at WARNING; the job's own Ray needs no notice of it.
         notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level = notice.level
         notice.setLevel(logging.ERROR)
         try:
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True, include_dashboard=False,
-                     logging_level=logging.WARNING, runtime_env=hook)
+            # address "local": a Ray of the job's own, even where `ray start` runs a cluster on this machine
+            # (a bare ray.init would join it, and refuse num_cpus there)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True,
+                     include_dashboard=sweep, logging_level=logging.WARNING, runtime_env=hook)
         finally:
             notice.setLevel(level)
     _drop_ray_chatter()

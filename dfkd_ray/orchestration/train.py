@@ -171,6 +171,9 @@ def train_loop_per_worker(config: dict) -> dict:
     :func:`~dfkd_ray.train.epochs.iterate_stream`), ending with a checkpoint and no export.
     ``config["init_checkpoint"]``: where to start when Ray Train has no checkpoint of this run (the
     end of the streamed epoch).
+    ``config["scorer"]``: called by rank 0 on the student at the end of every epoch (and of the last
+    step); every worker then reports ``epoch`` with its scores (a sweep's trial,
+    :mod:`dfkd_ray.orchestration.tune`).
     """
     import ray.train
     import ray.train.torch
@@ -252,10 +255,17 @@ def train_loop_per_worker(config: dict) -> dict:
         checkpoint_and_report({"step": distiller.step_count, "epoch": 1.0, "streamed": 1}, (1, 0))
         return {**metrics, **timing, "steps": distiller.step_count}
 
+    scorer = config.get("scorer")
     for epoch, index, texts in iterate_epochs(batches, plan, start_epoch=start_epoch, skip_batches=skip,
                                               start_step=distiller.step_count):
         nxt = (epoch, index + 1) if index + 1 < plan.steps_per_epoch else (epoch + 1, 0)
         metrics = step(texts, epoch, index, plan.steps_per_epoch, nxt, distiller.step_count + 1 >= plan.total_steps)
+        if scorer is not None and (index + 1 == plan.steps_per_epoch or distiller.step_count >= plan.total_steps):
+            scores = scorer(distiller.student) if rank == 0 else {}
+            done = round(epoch + (index + 1) / plan.steps_per_epoch, 4)
+            ray.train.report({"epoch": done, **scores})
+            if rank == 0:
+                worker_print(f"distill: epoch {done:g} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     if rank == 0:
         log.plot(Path(config["metrics_path"]).with_name("loss_curves.png"),
                  title=f"{cfg.name}: {cfg.amalgamation.method} on {cfg.transfer.source}")
@@ -267,7 +277,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
 
 def _trainer(cfg: JobConfig, desc: dict, ds, plan: StepPlan, conf_dir: Path | None, *, run_suffix: str = "",
-             dataset_config=None, **loop_config):
+             dataset_config=None, callbacks: tuple = (), **loop_config):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -284,7 +294,7 @@ def _trainer(cfg: JobConfig, desc: dict, ds, plan: StepPlan, conf_dir: Path | No
         run_config=RunConfig(name=f"distill-{fingerprint(desc)}{run_suffix}",
                              storage_path=str((cfg.output.dir / "ray_train").resolve()),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
                              # each report and checkpoint is logged at INFO; the step lines say it
                              logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": ds}, dataset_config=dataset_config)
@@ -353,11 +363,14 @@ def run_stream_epoch(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, 
     return read_record(out)
 
 
-def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, *, after_stream: dict | None = None) -> Path:
+def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, *, after_stream: dict | None = None,
+                scorer=None, callbacks: tuple = ()) -> Path:
     """Train (or find) the student; returns the exported student directory.
 
     ``after_stream``: the record of a streamed first epoch (:func:`run_stream_epoch`); training then
     starts from its checkpoint and makes the remaining ``train.epochs - 1`` epochs on the finished set.
+    ``scorer`` and ``callbacks`` (Ray Train callbacks) are a sweep trial's: scores reported at the end
+    of every epoch (see :func:`train_loop_per_worker`), forwarded to Ray Tune.
     """
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # per-epoch split bars drown the step lines
@@ -385,7 +398,7 @@ def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, *, af
           f"{cfg.train.batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} "
           f"warmup{streamed})")
     start = time.perf_counter()
-    result = _fit(_trainer(cfg, desc, ds, plan, conf_dir,
+    result = _fit(_trainer(cfg, desc, ds, plan, conf_dir, callbacks=callbacks, scorer=scorer,
                            init_checkpoint=after_stream["checkpoint"] if after_stream else None))
     final = result.return_value or {}
     mark_done(out, desc, student=str(student), steps=final.get("steps"), rows=plan.rows,

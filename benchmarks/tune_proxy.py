@@ -1,0 +1,227 @@
+"""Does the data-free proxy choose as labelled accuracy would? Configurations on the AG News replica,
+each scored by the proxy and by real test accuracy.
+
+The setting is ``benchmarks/agnews.py``'s (two MiniLM teachers fine-tuned on disjoint halves of the
+AG News labels, a 3-layer MiniLM student, the 7,600-row test set). Every configuration is a job
+config with some fields changed (lambda, KD power, alpha, the method); configurations whose
+generation settings are equal share one transfer set. Each is trained in this process exactly as
+one Ray Train worker trains it (``train_in_process``) and scored by the sweep's own trial scorer
+(:class:`dfkd_ray.tuning.proxy.TrialScorer`, on the sweep's probe set, made by
+:func:`dfkd_ray.tuning.proxy.probe_config`) and on the test set. No Ray.
+
+Reported: each configuration's proxy, soft proxy, test and development accuracy; Spearman's rank
+correlation between each proxy and test accuracy; the test accuracy of the configuration each proxy
+picks against the best one.
+
+GPU (repository root; fixtures and data wherever they are)::
+
+    python benchmarks/tune_proxy.py --lm LM_DIR --base MINILM_DIR --agnews AGNEWS_DIR --work /tmp/tune-proxy \
+        --out tune_proxy.json [--teachers-from /tmp/agnews/teachers]
+
+CPU dry run (tiny sizes, a few minutes): add ``--tiny --device cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dfkd_ray.config import JobConfig, validate_config
+from dfkd_ray.confidence import fit_confidence
+from dfkd_ray.evaluation import evaluate_student
+from dfkd_ray.labels import UnionLabelSpace
+from dfkd_ray.models.teacher import load_teachers
+from dfkd_ray.train.step import train_in_process
+from dfkd_ray.transfer.store import read_transfer_table
+from dfkd_ray.transfer.writer import write_transfer_set
+from dfkd_ray.tuning.proxy import TrialScorer, probe_config
+from dfkd_ray.tuning.results import rank_correlation
+from dfkd_ray.tuning.space import generation_fingerprint, set_dotted
+
+from agnews_setup import TEACHERS, finetune_teachers, read_agnews
+
+CONFIGS = ("lam0:transfer.steered.control_strength=0;"
+           "lam8:transfer.steered.control_strength=8;"
+           "lam32:;"
+           "lam64:transfer.steered.control_strength=64;"
+           "gamma0:amalgamation.kd_confidence_power=0;"
+           "gamma1:amalgamation.kd_confidence_power=1;"
+           "gamma1000:amalgamation.kd_confidence_power=1000;"
+           "alpha0:amalgamation.alpha=0;"
+           "alpha3:amalgamation.alpha=3;"
+           "vanilla:amalgamation.method=vanilla")
+"""The default configurations: ``name:dotted.key=value,...`` over the base config, ';' between them."""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_configs(spec: str) -> dict[str, dict]:
+    """``"name:key=value,key=value;name2:..."`` -> {name: {dotted key: value}} (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for part in filter(None, (x.strip() for x in spec.split(";"))):
+        name, _, body = part.partition(":")
+        if not name or name in out:
+            raise SystemExit(f"--configs: {part!r} needs a new name before ':'")
+        fields = {}
+        for item in filter(None, (x.strip() for x in body.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise SystemExit(f"--configs {name!r}: {item!r} is not key=value")
+            fields[key.strip()] = yaml.safe_load(value)
+        out[name] = fields
+    return out
+
+
+def base_config(args) -> dict:
+    """The AG News replica's job config (``docs/agnews-benchmark.md``), as a plain dict."""
+    return {
+        "name": "agnews-tune", "seed": args.seed,
+        "teachers": [{"name": n, "path": str(args.teachers / n), "max_length": args.max_length} for n in TEACHERS],
+        "transfer": {"source": "steered", "samples_per_class": args.samples_per_class, "shard_size": args.shard_size,
+                     "dedup": "near", "heldout_fraction": args.heldout_fraction, "min_confidence": args.min_confidence,
+                     "steered": {"engine": "hf", "lm_path": str(args.lm), "control_strength": 32.0,
+                                 "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
+                                 "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens),
+                                 "prompt": "Category: {label}", "batch_size": args.gen_batch}},
+        "amalgamation": {"method": "stratanet", "amalg_dim": 256, "temperature": 0.75},
+        "student": {"path": str(args.base), "num_layers": 3, "max_length": args.max_length},
+        "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
+                  "warmup_epochs": min(1.0, args.epochs), "shuffle_buffer": 0},
+        "tune": {"proxy_samples_per_class": args.probe_samples},
+        "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(args.work / "runs")},
+    }
+
+
+def config_of(base: dict, fields: dict, name: str) -> JobConfig:
+    data = json.loads(json.dumps(base))
+    for key, value in fields.items():
+        set_dotted(data, key, value)
+    return validate_config(data, source=f"configuration {name}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lm", type=Path, required=True, help="base causal LM directory (the lm-gpt2-news fixture)")
+    p.add_argument("--base", type=Path, required=True, help="MiniLM fixture: teachers and the student start here")
+    p.add_argument("--agnews", type=Path, required=True, help="AG News directory (csv or csv.xz files)")
+    p.add_argument("--teachers-from", type=Path, default=None,
+                   help="teachers fine-tuned by an earlier run (<dir>/world_sports, <dir>/business_scitech)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/tune-proxy"))
+    p.add_argument("--out", type=Path, default=Path("tune_proxy.json"))
+    p.add_argument("--configs", default=CONFIGS, help="name:dotted.key=value,...;... (default: 10 configurations)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-class", type=int, default=1250)
+    p.add_argument("--probe-samples", type=int, default=250, help="tune.proxy_samples_per_class")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--gen-batch", type=int, default=500)
+    p.add_argument("--top-m", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-confidence", type=float, default=0.5)
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=6)
+    p.add_argument("--teacher-epochs", type=int, default=2)
+    p.add_argument("--teacher-lr", type=float, default=5e-5)
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 test rows, tiny sets and budgets")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.samples_per_class, args.probe_samples, args.shard_size, args.gen_batch = 16, 4, 32, 32
+        args.top_m, args.max_new_tokens, args.max_length, args.batch_size = 8, 12, 64, 4
+        args.epochs, args.teacher_epochs, args.min_confidence, args.heldout_fraction = 1, 1, 0.0, 0.5
+    args.teachers = args.teachers_from or args.work / "teachers"
+    configs = parse_configs(args.configs)
+    base = base_config(args)
+    for name, fields in configs.items():  # bad keys or values fail here, before any model is trained
+        try:
+            config_of(base, fields, name)
+        except ValueError as e:
+            p.error(str(e))
+    return args, configs
+
+
+def main(argv=None) -> int:
+    args, configs = parse_args(argv)
+    device = torch.device(args.device)
+    args.work.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    report = {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "configs": {}}
+    data = read_agnews(args.agnews, limit=300 if args.tiny else 0)
+    if args.teachers_from is None:
+        report["teachers"] = finetune_teachers(args, data, args.work, device)
+    base = base_config(args)
+    space = UnionLabelSpace.from_teachers(TEACHERS)
+    cfgs = {name: config_of(base, fields, name) for name, fields in configs.items()}
+    first = next(iter(cfgs.values()))
+    teachers = load_teachers(first.teachers, num_blocks=3, device=str(device))
+
+    def transfer_set(cfg: JobConfig) -> Path:
+        directory = args.work / "transfer" / generation_fingerprint(cfg)
+        write_transfer_set(cfg, directory, device=str(device), progress=False)
+        return directory
+
+    probe = probe_config(validate_config(base))
+    probe_dir = transfer_set(probe)
+    log(f"probe set: {read_transfer_table(probe_dir).num_rows} texts -> {probe_dir}")
+    scorer = TrialScorer(validate_config(base), str(probe_dir))
+    for name, cfg in cfgs.items():
+        start = time.perf_counter()
+        table = read_transfer_table(transfer_set(cfg))
+        estimators = fit_confidence(cfg, table, teachers) if cfg.amalgamation.method == "stratanet" else None
+        texts = [t for t, h in zip(table.column("text").to_pylist(), table.column("heldout").to_pylist()) if not h]
+        distiller, _ = train_in_process(cfg, texts, device=device, teachers=teachers, estimators=estimators)
+        student = distiller.student
+        scores = scorer(student)
+        scores["test_accuracy"] = evaluate_student(student, data["test_texts"], data["test_labels"], space, 256)["accuracy"]
+        scores["dev_accuracy"] = evaluate_student(student, data["dev_texts"], data["dev_labels"], space, 256)["accuracy"]
+        report["configs"][name] = {"fields": configs[name], **{k: round(v, 4) for k, v in scores.items()},
+                                   "seconds": round(time.perf_counter() - start, 1)}
+        log(f"{name}: {json.dumps(report['configs'][name])}")
+        del distiller, student
+        args.out.write_text(json.dumps(report, indent=1))
+    rows = report["configs"]
+    test = [r["test_accuracy"] for r in rows.values()]
+    best = max(test)
+    report["summary"] = {}
+    for proxy in ("proxy", "proxy_soft", "dev_accuracy"):
+        values = [r[proxy] for r in rows.values()]
+        pick = max(rows, key=lambda n: rows[n][proxy])
+        report["summary"][proxy] = {"spearman": round(rank_correlation(values, test), 4), "pick": pick,
+                                    "pick_test_accuracy": rows[pick]["test_accuracy"], "best_test_accuracy": best,
+                                    "gap_points": round(100 * (best - rows[pick]["test_accuracy"]), 2)}
+    report["seconds"] = round(time.perf_counter() - began, 1)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = ["| configuration | fields | proxy | proxy_soft | dev accuracy | test accuracy |", "|---|---|---|---|---|---|"]
+    for name, r in sorted(report["configs"].items(), key=lambda kv: -kv[1]["test_accuracy"]):
+        fields = ", ".join(f"{k}={v}" for k, v in r["fields"].items()) or "(base)"
+        lines.append(f"| {name} | {fields} | {r['proxy']:.4f} | {r['proxy_soft']:.4f} | {100 * r['dev_accuracy']:.2f} | "
+                     f"{100 * r['test_accuracy']:.2f} |")
+    lines += ["", "| ranked by | Spearman vs test | pick | its test accuracy | best test accuracy | gap (points) |",
+              "|---|---|---|---|---|---|"]
+    for proxy, s in report["summary"].items():
+        lines.append(f"| {proxy} | {s['spearman']:.3f} | {s['pick']} | {100 * s['pick_test_accuracy']:.2f} | "
+                     f"{100 * s['best_test_accuracy']:.2f} | {s['gap_points']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
