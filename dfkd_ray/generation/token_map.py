@@ -365,10 +365,10 @@ class TeacherTokenMap:
     def word_ids(self, bufs: list[bytes]) -> list[tuple[int, ...]]:
         """Teacher ids of each byte string's text, through a cache."""
         cache = self.word_cache
+        if len(cache) > self.cache_limit:  # clear before looking up, so every buffer of this call is encoded
+            cache.clear()
         missing = list({b for b in bufs if b not in cache})
         if missing:
-            if len(cache) > self.cache_limit:
-                cache.clear()
             for b, x in zip(missing, self.encode([_decode(b) for b in missing])):
                 cache[b] = tuple(x)
         return [cache[b] for b in bufs]

@@ -128,13 +128,15 @@ def test_steering_moves_the_teachers_prediction(lm_and_tokenizer, teachers):
     teachers' tokenizers (WordPiece; a byte-level BPE of their own) differ from the LM's.
 
     Each seed is used once per class, so unguided texts do not depend on the target and a two-class
-    teacher agrees with exactly half of them: the baseline is chance by construction."""
+    teacher agrees with exactly half of them: the baseline is chance by construction. The prompt
+    "the" (no topic) keeps the demo LM from opening with a topic's name ("space: ..."), a word
+    teacher alpha never saw."""
     reqs = [GenerationRequest(t, c, seed=10_000 + 101 * i) for t in ("alpha", "beta") for c in range(2)
             for i in range(16)]
     accuracy = {}
     for lam in (0.0, 8.0):
         gen = make(lm_and_tokenizer, teachers, control_strength=lam, top_m=20, top_k=10, max_new_tokens=16,
-                   min_new_tokens=4, batch_size=64)
+                   min_new_tokens=4, batch_size=64, prompt="the")
         results = gen.generate(reqs)
         for name in ("alpha", "beta"):
             pairs = [(res, req) for res, req in zip(results, reqs) if req.teacher == name]

@@ -495,7 +495,7 @@ def test_generator_steers_through_the_processor(synthetic_task, teachers, monkey
     accuracy = {}
     for lam in (0.0, 8.0):
         params = SteeredConfig(lm_path=synthetic_task.lm, control_strength=lam, top_m=20, top_k=10, max_new_tokens=12,
-                               min_new_tokens=4, batch_size=32)
+                               min_new_tokens=4, batch_size=32, prompt="the")  # no topic name to open with
         gen = VllmSteeredGenerator(params, specs, loaded_teachers=teachers, device="cpu")
         results = gen.generate(reqs)
         for name in ("alpha", "beta"):
