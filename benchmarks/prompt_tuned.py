@@ -81,16 +81,26 @@ def target_rates(cfg: JobConfig, table, device: str) -> dict[str, float]:
     return rates
 
 
-def sweep_point(args, level: float, relaxation: str, teachers: dict[str, Path]) -> dict:
-    out = args.work / f"level{level:g}-{relaxation}"
-    cfg = prompt_tuned_job(name=f"pt-{level:g}-{relaxation}", teachers=teachers, lm=args.lm, corpus=args.corpus,
-                           out=out, seed=args.seed, samples_per_class=args.samples_per_class,
-                           shard_size=args.shard_size, stable_level=level, relaxation=relaxation,
-                           commander=args.commander, num_soft_tokens=args.num_soft_tokens,
-                           tuning_steps=args.tuning_steps, tuning_batch_size=args.tuning_batch_size,
-                           learning_rate=args.learning_rate, max_source_tokens=args.max_source_tokens,
-                           max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                           batch_size=args.gen_batch)
+# transfer.prompt_tuned field -> command-line option (None: the config's default)
+SETTINGS = {"commander": "commander", "num_soft_tokens": "num_soft_tokens", "tuning_steps": "tuning_steps",
+            "tuning_batch_size": "tuning_batch_size", "learning_rate": "learning_rate",
+            "max_source_tokens": "max_source_tokens", "max_new_tokens": "max_new_tokens",
+            "min_new_tokens": "min_new_tokens", "batch_size": "gen_batch"}
+
+
+def point_config(args, level: float, relaxation: str, teachers: dict[str, Path]) -> JobConfig:
+    """The job config of one sweep point, validated (the sweep checks every point before it starts)."""
+    settings = {key: getattr(args, arg) for key, arg in SETTINGS.items() if getattr(args, arg) is not None}
+    return prompt_tuned_job(name=f"pt-{level:g}-{relaxation}", teachers=teachers, lm=args.lm, corpus=args.corpus,
+                            out=args.work / f"level{level:g}-{relaxation}", seed=args.seed,
+                            samples_per_class=args.samples_per_class, shard_size=args.shard_size,
+                            stable_level=level, relaxation=relaxation, **settings)
+
+
+def sweep_point(args, cfg: JobConfig) -> dict:
+    """Tune, write the set, and measure it (see the module docstring)."""
+    c = cfg.transfer.prompt_tuned
+    level, relaxation = c.stable_level, c.relaxation
     start = time.perf_counter()
     write_prompts(cfg, device=args.device)
     tuned = time.perf_counter()
@@ -118,17 +128,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levels", default="1,5,10,0.5", help="stable levels to sweep")
     p.add_argument("--relaxations", default="soft", help="comma-separated: soft, straight_through")
-    p.add_argument("--commander", default="summarize")
-    p.add_argument("--num-soft-tokens", type=int, default=16)
-    p.add_argument("--tuning-steps", type=int, default=200)
-    p.add_argument("--tuning-batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=0.01)
-    p.add_argument("--max-source-tokens", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--min-new-tokens", type=int, default=4)
+    for flag, kind in [("--commander", str), ("--num-soft-tokens", int), ("--tuning-steps", int),
+                       ("--tuning-batch-size", int), ("--learning-rate", float), ("--max-source-tokens", int),
+                       ("--max-new-tokens", int), ("--min-new-tokens", int), ("--gen-batch", int)]:
+        p.add_argument(flag, type=kind, default=None, help="transfer.prompt_tuned setting (default: the config's)")
     p.add_argument("--samples-per-class", type=int, default=200)
     p.add_argument("--shard-size", type=int, default=500)
-    p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--tiny", action="store_true", help="CPU dry run on the offline demo task (--demo), small sizes")
     p.add_argument("--demo", type=Path, default=Path(".cache/demo"), help="--tiny: where the demo task is built")
     args = p.parse_args(argv)
@@ -153,8 +158,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # tiny models: threads only contend
     teachers = {t.split("=", 1)[0]: Path(t.split("=", 1)[1]) for t in args.teacher}
     levels = [float(x) for x in args.levels.split(",")]
-    points = [sweep_point(args, level, relaxation, teachers)
-              for relaxation in args.relaxations.split(",") for level in levels]
+    configs = [point_config(args, level, relaxation, teachers)
+               for relaxation in args.relaxations.split(",") for level in levels]
+    points = [sweep_point(args, cfg) for cfg in configs]
     names = list(teachers)
     print("| stable level | relaxation | rows | distinct-2 | target rate | " + " | ".join(names)
           + " | mean tokens | tune s | generate s |")

@@ -198,10 +198,6 @@ class HybridPromptLM:
         lm = AutoModelForCausalLM.from_pretrained(config.lm_path, dtype=lm_dtype(config.dtype, dev))
         return cls(lm, AutoTokenizer.from_pretrained(config.lm_path), config, device=dev, name=config.lm_path.name)
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.embedding.weight.shape[1])
-
     def source_ids(self, document: str) -> list[int]:
         """``[BOS] + ids(document)``, cut to ``max_source_tokens`` document tokens (cached per document)."""
         if document not in self._source_cache:
