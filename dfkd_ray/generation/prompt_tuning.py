@@ -496,7 +496,7 @@ def tune_teacher(cfg: "JobConfig", teacher: str, *, device: str = "cpu", progres
 
     Loads the LM and that teacher on ``device``, reads the corpus, runs :func:`tune_prompts` and
     writes ``output.dir/prompts/<teacher>.safetensors``. ``progress_every`` > 0 prints a line every
-    that many steps.
+    that many steps (the caller reports the end).
     """
     from dfkd_ray.models.teacher import load_teachers
     from dfkd_ray.transfer.sources.corpus import read_documents
@@ -512,7 +512,7 @@ def tune_teacher(cfg: "JobConfig", teacher: str, *, device: str = "cpu", progres
     generator = HybridPromptLM.from_pretrained(c, device=device)
 
     def report(record: dict) -> None:
-        if progress_every and (record["step"] % progress_every == 0 or record["step"] == c.tuning_steps):
+        if progress_every and record["step"] % progress_every == 0 and record["step"] < c.tuning_steps:
             print(f"prompt tuning {teacher}: step {record['step']}/{c.tuning_steps}, loss {record['loss']:.4f} "
                   f"(specificity {record['specificity']:.4f}, diversity {record['diversity']:.4f}), "
                   f"target rate {record['target_rate']:.2f}", flush=True)
@@ -537,10 +537,20 @@ def write_prompts(cfg: "JobConfig", *, device: str = "cpu", progress_every: int 
     description = prompts_description(cfg)
     if stage_done(directory, description, stage="prompts"):
         return directory
-    summaries = {t.name: tune_teacher(cfg, t.name, device=device, progress_every=progress_every)
-                 for t in cfg.teachers}
+    summaries = {}
+    for t in cfg.teachers:
+        summaries[t.name] = tune_teacher(cfg, t.name, device=device, progress_every=progress_every)
+        if progress_every:
+            print(tuned_line(cfg, t.name, summaries[t.name]), flush=True)
     mark_done(directory, description, teachers=summaries)
     return directory
+
+
+def tuned_line(cfg: "JobConfig", teacher: str, summary: dict) -> str:
+    """The line that reports one teacher's tuned prompts."""
+    return (f"prompt tuning: {teacher} done in {summary['seconds']:.1f} s ({summary['steps']} steps), teacher "
+            f"target rate {summary['first']['target_rate']:.2f} -> {summary['final']['target_rate']:.2f} -> "
+            f"{prompt_file(cfg, teacher)}")
 
 
 @dataclass(frozen=True)

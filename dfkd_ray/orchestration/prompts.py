@@ -19,8 +19,8 @@ from pathlib import Path
 import ray
 
 from dfkd_ray.config import JobConfig
-from dfkd_ray.generation.prompt_tuning import (finished_prompt, prompt_file, prompts_description, prompts_dir,
-                                               tune_teacher)
+from dfkd_ray.generation.prompt_tuning import (finished_prompt, prompts_description, prompts_dir, tune_teacher,
+                                               tuned_line)
 from dfkd_ray.orchestration.runtime import worker_device
 from dfkd_ray.stages import mark_done, stage_done
 
@@ -49,8 +49,7 @@ def run_prompt_tuning(cfg: JobConfig, *, progress: bool = True) -> Path:
     if summaries:
         print(f"prompt tuning: resuming, the prompts of {len(summaries)} of {len(cfg.teachers)} teachers are kept "
               f"from an earlier run ({', '.join(summaries)}), {len(todo)} to tune")
-    steps = cfg.transfer.prompt_tuned.tuning_steps
-    every = max(1, steps // 4) if progress else 0
+    every = max(1, cfg.transfer.prompt_tuned.tuning_steps // 4) if progress else 0
     gpu = 1 if cfg.ray.use_gpu else 0
     task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_tune_task)
     start = time.perf_counter()
@@ -60,10 +59,8 @@ def run_prompt_tuning(cfg: JobConfig, *, progress: bool = True) -> Path:
         ready, pending = ray.wait(pending, num_returns=1)
         for ref in ready:
             name = refs[ref]
-            summary = summaries[name] = ray.get(ref)
-            print(f"prompt tuning: {name} done in {summary['seconds']:.1f} s ({steps} steps), teacher target rate "
-                  f"{summary['first']['target_rate']:.2f} -> {summary['final']['target_rate']:.2f} -> "
-                  f"{prompt_file(cfg, name)}", flush=True)
+            summaries[name] = ray.get(ref)
+            print(tuned_line(cfg, name, summaries[name]), flush=True)
     mark_done(directory, description, teachers=summaries)
     print(f"prompt tuning: {len(todo)} teacher(s) tuned in {time.perf_counter() - start:.1f} s -> {directory}")
     return directory
