@@ -43,7 +43,7 @@ def test_killed_while_tuning_the_second_teacher_a_rerun_keeps_the_first(job_dict
     from dfkd_ray.config import validate_config
     from dfkd_ray.stages import read_record
 
-    d = _job(job_dict, synthetic_task, tmp_path / "out", tuning_steps=100)
+    d = _job(job_dict, synthetic_task, tmp_path / "out", tuning_steps=60)
     prompts = tmp_path / "out" / "prompts"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -69,6 +69,7 @@ def test_killed_while_tuning_the_second_teacher_a_rerun_keeps_the_first(job_dict
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_prompt_tuning_tasks_then_generation_actors_on_ray(job_dict, synthetic_task, tmp_path, ray_local, capsys):
     """run_generate with transfer.source prompt_tuned: the prompts are tuned in Ray tasks, the set is written by
     the generation actors; a rerun after losing one teacher's file retunes that teacher only, and a changed
