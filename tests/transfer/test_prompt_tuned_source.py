@@ -41,6 +41,10 @@ def test_bad_settings_are_refused_at_config_time_with_the_field_and_the_fix(job_
     assert "at least one trainable soft vector" in problems["transfer.prompt_tuned.num_soft_tokens"]
     assert "must be > 0" in problems["transfer.prompt_tuned.stable_level"]
     assert "transfer.prompt_tuned.stable_level" in _problems(_job(job_dict, synthetic_task, tmp_path, stable_level=-5))
+    problems = _problems(_job(job_dict, synthetic_task, tmp_path, specificity_weight=0, diversity_weight=0,
+                              min_new_tokens=9))
+    assert set(problems) == {"transfer.prompt_tuned.diversity_weight", "transfer.prompt_tuned.min_new_tokens"}
+    assert "would not be tuned" in problems["transfer.prompt_tuned.diversity_weight"]
     d = _job(job_dict, synthetic_task, tmp_path)
     d["transfer"]["corpus"]["path"] = str(tmp_path / "missing.txt")
     del d["transfer"]["prompt_tuned"]["lm_path"]
