@@ -5,7 +5,8 @@ machine, and the output directory.
 when ``demo:`` is set, and checks: each teacher directory (``config.json`` with real, distinct
 ``id2label`` names, tokenizer files, ``trust_remote_code`` when its config has ``auto_map``), the
 student and LM directories, the corpus file, the eval
-file (format, columns, label names), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
+file (format, columns, label names), the ``prompt_tuned`` source's LM, commander and corpus
+(:func:`prompt_tuned_checks`), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
 the job was submitted to a cluster: ``RAY_ADDRESS`` set), that a local Ray's train workers and
 generation actors fit this machine's CPUs and GPUs (:func:`resource_plan_problems`), a sweep's
 ``tune`` section (:func:`tune_problems`), and that ``output.dir`` can be written and holds no other
@@ -15,7 +16,7 @@ each at its field path. It returns the config with every path absolute (against
 
 :func:`check_config` is the schema and the preflight together, every problem of both at once;
 job scripts run it through :func:`parse_job_args`. Engine layer: torch is
-imported only for the eval file and the vLLM check, never Ray.
+imported only for the eval file, the vLLM check and the ``prompt_tuned`` LM's tokenizer, never Ray.
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
             from dfkd_ray.transfer.sources.corpus import corpus_problems
 
             problems += corpus_problems(cfg, known)
+    if cfg.transfer.source == "prompt_tuned":
+        found, notes = prompt_tuned_checks(cfg)
+        problems += found
+        for note in notes:
+            print(f"note: {note}", flush=True)
     if cfg.transfer.steered.engine == "vllm" and not os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` (RAY_ADDRESS set) the head node may lack vLLM and GPUs by design:
         # the generation actors check there.
@@ -168,6 +174,81 @@ def _corpus_settings(cfg: JobConfig) -> tuple:
     """The settings the corpus check reads (None where a salvaged config's field failed validation)."""
     c, t = cfg.transfer.corpus, cfg.transfer
     return c.min_words, c.max_words, c.encoding, t.samples_per_class, t.class_weights, t.dedup
+
+
+def prompt_tuned_checks(cfg: JobConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """The ``prompt_tuned`` source's problems with its files, and notes for the user.
+
+    Problems: an LM directory that is not a decoder-only model with a tokenizer, a commander the
+    LM's tokenizer turns into no token, a prompt plus rewrite longer than the LM's context, and a
+    corpus file that is not text in its encoding or has no document. Note: a commander the LM's
+    tokenizer splits into several pieces (allowed: the hybrid prompt starts with all of them).
+    Skips what a salvaged config's failed fields would need.
+    """
+    problems: list[tuple[str, str]] = []
+    notes: list[str] = []
+    c, corpus = cfg.transfer.prompt_tuned, cfg.transfer.corpus
+    if c is None:
+        return problems, notes
+    if c.lm_path is not None:
+        try:
+            lm_config = read_model_config(c.lm_path)
+        except ValueError as e:
+            problems.append(("transfer.prompt_tuned.lm_path", str(e)))
+        else:
+            problems += _prompt_lm_problems(c, lm_config, notes)
+    if corpus is not None and corpus.path is not None and not _file_problem(corpus.path, "corpus file") \
+            and None not in (corpus.min_words, corpus.max_words, corpus.encoding):
+        from dfkd_ray.transfer.sources.corpus import CorpusEncodingError, read_documents
+
+        try:
+            docs = read_documents(corpus.path, min_words=corpus.min_words, max_words=corpus.max_words,
+                                  encoding=corpus.encoding)
+        except CorpusEncodingError as e:
+            problems.append(("transfer.corpus.encoding", str(e)))
+        else:
+            if not docs:
+                problems.append(("transfer.corpus.path", f"{corpus.path} has no line with >= {corpus.min_words} words "
+                                                         "(transfer.corpus.min_words): the prompt_tuned source "
+                                                         "rewrites its documents; give a text file with one "
+                                                         "document per line"))
+    return problems, notes
+
+
+def _prompt_lm_problems(c, lm_config: dict, notes: list[str]) -> list[tuple[str, str]]:
+    """The LM directory's problems for ``transfer.prompt_tuned`` (its config, tokenizer, commander and
+    context); the note on a commander in pieces goes to ``notes``."""
+    field = "transfer.prompt_tuned.lm_path"
+    if lm_config.get("is_encoder_decoder"):
+        return [(field, f"{c.lm_path} holds an encoder-decoder model ({', '.join(lm_config.get('architectures') or [])})"
+                        "; the prompt_tuned source rewrites with a decoder-only causal LM: point it at one (e.g. a "
+                        "GPT-2 or LLaMA-style directory)")]
+    if not any((Path(c.lm_path) / f).is_file() for f in TOKENIZER_FILES):
+        return [(field, f"{str(c.lm_path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the LM's "
+                        "tokenizer there too (`tokenizer.save_pretrained(DIR)`)")]
+    if None in (c.commander, c.num_soft_tokens, c.max_source_tokens, c.max_new_tokens):
+        return []
+    from transformers import AutoTokenizer
+
+    from dfkd_ray.generation.prompt_tuning import commander_pieces
+
+    tokenizer = AutoTokenizer.from_pretrained(c.lm_path)
+    pieces = commander_pieces(tokenizer, c.commander)
+    if not pieces:
+        return [("transfer.prompt_tuned.commander", f"{c.commander!r} gives no token of the LM's tokenizer; give a "
+                                                    "word such as 'summarize'")]
+    if len(pieces) > 1:
+        notes.append(f"transfer.prompt_tuned.commander {c.commander!r} is {len(pieces)} pieces of the LM's tokenizer "
+                     f"({tokenizer.convert_ids_to_tokens(pieces)}); the hybrid prompt starts with all of them")
+    context = int(lm_config.get("max_position_embeddings") or lm_config.get("n_positions") or 0)
+    need = 1 + c.max_source_tokens + len(pieces) + c.num_soft_tokens + c.max_new_tokens
+    if context and need > context:
+        return [("transfer.prompt_tuned.max_source_tokens",
+                 f"a prompt of up to {need - c.max_new_tokens} tokens (BOS, max_source_tokens {c.max_source_tokens}, "
+                 f"{len(pieces)} commander, num_soft_tokens {c.num_soft_tokens}) plus max_new_tokens "
+                 f"{c.max_new_tokens} is {need} tokens, more than the LM's context ({context}); lower "
+                 "transfer.prompt_tuned.max_source_tokens or max_new_tokens")]
+    return []
 
 
 def _read_teachers(teachers: list[TeacherConfig]) -> tuple[list[TeacherConfig], list[tuple[str, str]],

@@ -165,8 +165,69 @@ class SteeredConfig(_Section):
             return f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})"
 
 
+def _at_least_one_soft_token(p: int) -> int:
+    if p < 1:
+        raise ValueError(f"num_soft_tokens (P) is {p}: the hybrid prompt needs at least one trainable soft vector "
+                         "per teacher and class; set transfer.prompt_tuned.num_soft_tokens >= 1 (e.g. 8)")
+    return p
+
+
+def _positive_stable_level(level: float) -> float:
+    if not level > 0:
+        raise ValueError(f"stable_level is {level}: it multiplies the LM's logits before each draw (1: plain "
+                         "sampling, higher: closer to greedy), so it must be > 0; set it to 1, 5 or 10 as in DFKD-T3")
+    return level
+
+
+class PromptTunedConfig(_Section):
+    """DFKD-T3: a frozen LM rewrites general-domain documents (``transfer.corpus``) into task text
+    through a hybrid prompt -- a commander token and ``num_soft_tokens`` soft vectors per teacher and
+    class, tuned against the teacher (specificity and diversity losses, Gumbel-softmax decoding)."""
+
+    lm_path: Optional[Path] = Field(None, description="local causal-LM directory (the frozen generator)")
+    commander: str = Field("summarize", min_length=1, description="the hard commander token that starts the "
+                                                                   "hybrid prompt (DFKD-T3 Table 3: summarize, "
+                                                                   "adapt, expand, paraphrase)")
+    num_soft_tokens: Annotated[int, AfterValidator(_at_least_one_soft_token)] = Field(
+        8, le=1024, description="P: trainable soft vectors per teacher and class")
+    stable_level: Annotated[float, AfterValidator(_positive_stable_level)] = Field(
+        1.0, le=1000.0, description="s: the LM's logits are multiplied by s before each Gumbel draw (1: plain "
+                                    "sampling; higher: more deterministic, less diverse)")
+    relaxation: Literal["soft", "straight_through"] = Field(
+        "soft", description="what the teacher reads while tuning: soft, the Gumbel-softmax vectors (the LM "
+                            "continues from the drawn token); straight_through, the one-hot draws with the soft "
+                            "vectors' gradient, in the teacher and the LM")
+    gumbel_temperature: float = Field(1.0, gt=0.0, le=100.0, description="tau of the Gumbel-softmax relaxation")
+    specificity_weight: float = Field(1.0, ge=0.0, le=1000.0, description="weight of the teacher cross-entropy "
+                                                                          "toward the target class")
+    diversity_weight: float = Field(1.0, ge=0.0, le=1000.0, description="weight of log C - entropy of the "
+                                                                        "batch-mean teacher prediction")
+    tuning_steps: int = Field(200, ge=1, le=1_000_000, description="optimizer steps per teacher")
+    tuning_batch_size: int = Field(16, ge=1, le=65536, description="generated texts per tuning step")
+    learning_rate: float = Field(0.01, gt=0.0, le=100.0, description="Adam learning rate of the soft vectors")
+    max_source_tokens: int = Field(64, ge=1, le=8192, description="a corpus document is cut to this many LM "
+                                                                 "tokens before the commander")
+    max_new_tokens: int = Field(32, ge=1, le=8192, description="longest rewrite, in LM tokens (tuning and "
+                                                               "generation)")
+    min_new_tokens: int = Field(4, ge=0, le=8192, description="EOS is banned before this many new tokens")
+    batch_size: int = Field(32, ge=1, le=65536, description="requests generated together")
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
+        "auto", description="LM dtype; auto: bfloat16 on GPU, float32 on CPU")
+
+    @rule("min_new_tokens", "max_new_tokens")
+    def _min_within_max(min_new, max_new):
+        if min_new > max_new:
+            return f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})"
+
+    @rule("diversity_weight", "specificity_weight")
+    def _some_tuning_loss(diversity, specificity):
+        if diversity == 0 and specificity == 0:
+            return ("specificity_weight and diversity_weight are both 0: the prompts would not be tuned; set "
+                    "specificity_weight > 0")
+
+
 SourceName = Literal["random_words", "corpus", "steered", "prompt_tuned", "embedding_guessing"]
-IMPLEMENTED_SOURCES = ("random_words", "corpus", "steered")
+IMPLEMENTED_SOURCES = ("random_words", "corpus", "steered", "prompt_tuned")
 """Sources with an implementation in :mod:`dfkd_ray.transfer.sources`; others are planned."""
 
 
@@ -202,6 +263,7 @@ class TransferConfig(_Section):
     random_words: RandomWordsConfig = RandomWordsConfig()
     corpus: CorpusConfig = CorpusConfig()
     steered: SteeredConfig = SteeredConfig()
+    prompt_tuned: PromptTunedConfig = PromptTunedConfig()
 
     @rule("corpus", "source")
     def _corpus_has_path(corpus, source):
@@ -212,6 +274,17 @@ class TransferConfig(_Section):
     def _steered_has_lm(steered, source):
         if source == "steered" and steered.lm_path is None:
             return ("lm_path",), "source 'steered' needs transfer.steered.lm_path (a local causal-LM directory)"
+
+    @rule("corpus", "source")
+    def _prompt_tuned_has_corpus(corpus, source):
+        if source == "prompt_tuned" and corpus.path is None:
+            return ("path",), ("source 'prompt_tuned' rewrites general-domain documents and needs transfer.corpus.path "
+                               "(a text file, one document per line)")
+
+    @rule("prompt_tuned", "source")
+    def _prompt_tuned_has_lm(prompt_tuned, source):
+        if source == "prompt_tuned" and prompt_tuned.lm_path is None:
+            return ("lm_path",), "source 'prompt_tuned' needs transfer.prompt_tuned.lm_path (a local causal-LM directory)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ class TeacherTokenMap:
         self.word_cache: dict[bytes, tuple[int, ...]] = {}
         self.cache_limit = 1 << 21  # entries of each cache before it is cleared
         self.cache_bytes = 1 << 28  # and bytes of the pair cache's id array
-        self.pair_cache = PairCache(self.pad_id, len(vocab.token_bytes))
+        self.pair_cache = PairCache(self.pad_id, vocab.size)
         self.family: _Family | None = None
         self.reason = "forced by mode='exact'" if mode == "exact" else self._analyze()
         self.fast = self.reason == ""

@@ -63,6 +63,10 @@ def run_amalgamate(cfg: JobConfig, *, progress: bool = True) -> dict:
     start = time.perf_counter()
     cfg = cfg.absolute()
     claim_output_dir(cfg)
+    if cfg.transfer.source == "prompt_tuned":  # DFKD-T3: the prompts first, then the set they write
+        from dfkd_ray.orchestration.prompts import run_prompt_tuning
+
+        run_prompt_tuning(cfg, progress=progress)
     if cfg.train.stream_from_generation:
         transfer, confidence, student = run_streaming(cfg, progress=progress)
     else:

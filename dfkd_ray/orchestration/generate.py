@@ -177,6 +177,11 @@ def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int
     """
     cfg = cfg.absolute()
     claim_output_dir(cfg)
+    if cfg.transfer.source == "prompt_tuned":  # DFKD-T3: the set is written with prompts tuned first
+        from dfkd_ray.orchestration.prompts import prompts_complete, run_prompt_tuning
+
+        if not prompts_complete(cfg):
+            run_prompt_tuning(cfg, progress=progress)
     store, _, _ = open_transfer_set(cfg)
     if store.complete:
         print(f"transfer set already complete: {store.directory}")

@@ -18,6 +18,7 @@ SOURCES: dict[str, str] = {
     "random_words": "dfkd_ray.transfer.sources.random_words:RandomWordsSource",
     "corpus": "dfkd_ray.transfer.sources.corpus:CorpusSource",
     "steered": "dfkd_ray.transfer.sources.steered:SteeredSource",
+    "prompt_tuned": "dfkd_ray.transfer.sources.prompt_tuned:PromptTunedSource",
 }
 
 
