@@ -305,10 +305,10 @@ def gpus_held(processes: int, gpus_each: float) -> int:
 
 
 def _plan_part(processes: int, what: str, ask: float, kind: str) -> str:
-    """``4 generation actors x 0.25 GPUs (4 fit a GPU)``: one stage's share of a resource plan."""
+    """``4 generation actors x 0.25 GPUs (at most 4 a GPU)``: one stage's share of a resource plan."""
     part = f"{processes} {what} x {_count(ask, kind)}"
     if kind == "GPU" and ask < 1:
-        part += f" ({RAY_RESOURCE_UNITS // round(ask * RAY_RESOURCE_UNITS)} fit a GPU)"
+        part += f" (at most {RAY_RESOURCE_UNITS // round(ask * RAY_RESOURCE_UNITS)} a GPU)"
     return part
 
 
