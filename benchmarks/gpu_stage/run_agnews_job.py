@@ -367,7 +367,7 @@ def table(report: dict) -> str:
         rate = (r.get("transfer_set") or {}).get("samples_per_s")
         acc = (r.get("eval") or {}).get("student_accuracy")
         lines.append(f"{label:<9} {r['exit_status']:>6}  {r['seconds']:>7.0f}  " + "  ".join(f"{c:>17}" for c in cells)
-                     + f"  {rate if rate is not None else '-':>9}  {acc if acc is not None else '-':>11}")
+                     + f"  {'-' if rate is None else f'{rate:.1f}':>9}  {'-' if acc is None else f'{acc:.4f}':>11}")
     return "\n".join(lines)
 
 

@@ -176,3 +176,26 @@ def test_ray_without_its_jars_installs_and_runs_an_actor_pipeline(tmp_path, ray_
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert Path(result["ray"]).is_relative_to(site)  # this Ray, not the environment's
     assert result["rows"] == [[i, 2 * i] for i in range(8)]
+
+
+def test_the_agnews_job_is_the_benchmarks_stratanet_row_as_overrides_of_the_preset(tmp_path, monkeypatch):
+    """The runner's job must be the AG News benchmark's StrataNet row, or its accuracy says nothing
+    about the benchmark's; ``row_overrides`` raises when the preset plus overrides give anything else."""
+    import importlib
+
+    from dfkd_ray.config import read_config, validate_config
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    job = importlib.import_module("benchmarks.gpu_stage.run_agnews_job")
+    args = job.parse_args(["--lm", str(tmp_path / "lm"), "--base", str(tmp_path / "base"),
+                           "--agnews", str(tmp_path / "agnews"), "--work", str(tmp_path / "work")])
+    args.device = "cuda"
+    row = job.job_config(args, args.work, "stratanet", args.seed)
+    extra = {"ray.num_generation_actors": 4, "ray.gpus_per_generation_actor": 0.25, "ray.num_train_workers": 1,
+             "output.dir": str(tmp_path / "run"), "eval.path": str(tmp_path / "test.csv"), "eval.text_column": "text"}
+    overrides = job.row_overrides(row, extra)
+    cfg = validate_config(read_config(job.CONFIG, overrides))
+    assert cfg.ray.num_generation_actors == 4 and cfg.ray.gpus_per_generation_actor == 0.25
+    assert (cfg.train.epochs, cfg.train.learning_rate, cfg.train.batch_size) == (6, 5e-5, 32)  # the row's, not the preset's
+    assert cfg.transfer.steered.lm_path == tmp_path / "lm" and cfg.amalgamation.method == "stratanet"
+    assert not any(o.startswith(("transfer.corpus.", "transfer.steered.control_strength=")) for o in overrides)
