@@ -20,8 +20,9 @@ GPU node (repository root; the Ray wheels installed, ``PYTHONPATH`` holding them
     python3 -m benchmarks.gpu_stage.run_agnews_job --lm LM_DIR --base MINILM_DIR --agnews AGNEWS_DIR \\
         --work /tmp/agnews-job --layouts 4x0.25,2x0.5,1x1 --out agnews_job.json
 
-A layout already finished in ``--work`` (its record in ``WORK/results.json``) is not run again, so a
-long sweep can be split over several commands. CPU dry run (tiny sizes, minutes): ``--tiny``
+A layout already finished in ``--work`` (its record in ``WORK/results.json``) is not run again, and
+one an earlier command left unfinished starts afresh, so a long sweep can be split over several
+commands. CPU dry run (tiny sizes, minutes): ``--tiny``
 (layouts like ``2x0``).
 """
 
@@ -187,11 +188,14 @@ def parse_layout(text: str) -> tuple[int, float]:
 def run_layout(args, label: str, overrides: list[str], full: bool, env: dict, log_path: Path) -> dict:
     """One job command (the whole job, or generation only) with GPU sampling; its record."""
     out_dir = args.work / "runs" / label
-    resumed = out_dir.exists()
+    if out_dir.exists():  # a run an earlier command left unfinished: its stages' times would be partial
+        shutil.rmtree(out_dir)
     script = "jobs/amalgamate.py" if full else "jobs/generate.py"
     job = [sys.executable, script, "--config", str(CONFIG.relative_to(ROOT)), *overrides]
     if args.ray == "submit":
         job = [*RAY_CLI, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--", *job]
+    if args.ray == "own":  # a local Ray an earlier command's job left running would be joined, not started
+        subprocess.run([*RAY_CLI, "stop", "--force"], env=env, capture_output=True)
     sampler = GpuSampler(args.work / f"gpu-{label}.csv")
     started = time.time()
     with open(log_path, "w") as logfile:
@@ -202,7 +206,7 @@ def run_layout(args, label: str, overrides: list[str], full: bool, env: dict, lo
         status = proc.wait()
     ended = time.time()
     samples = sampler.stop()
-    record = {"layout": label, "script": script, "exit_status": status, "resumed": resumed,
+    record = {"layout": label, "script": script, "exit_status": status,
               "seconds": round(ended - started, 1), "command": " ".join(job[:-len(overrides)]) + " <overrides>",
               "stages": stage_table(stage_windows(out_dir, started, ended), samples),
               "gpu_samples": len(samples), "log": str(log_path)}
