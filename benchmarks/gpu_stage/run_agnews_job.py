@@ -118,7 +118,7 @@ class GpuSampler:
         self.path, self.proc = path, None
         if shutil.which("nvidia-smi"):
             self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu,memory.used",
-                                          "--format=csv,noheader,nounits", f"-lms={interval_ms}", "-f", str(path)])
+                                          "--format=csv,noheader,nounits", "-lms", str(interval_ms), "-f", str(path)])
 
     def stop(self) -> list[tuple[float, int, float, float]]:
         """(unix time, gpu index, utilisation %, memory MiB) of every sample."""
@@ -126,15 +126,21 @@ class GpuSampler:
             return []
         self.proc.terminate()
         self.proc.wait()
-        samples = []
-        for line in self.path.read_text().splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            try:
-                when = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-                samples.append((when, int(parts[1]), float(parts[2]), float(parts[3])))
-            except (ValueError, IndexError):
-                continue  # a header or a line cut off by terminate()
-        return samples
+        return parse_samples(self.path.read_text() if self.path.is_file() else "")
+
+
+def parse_samples(text: str) -> list[tuple[float, int, float, float]]:
+    """``nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader,nounits``
+    lines as (unix time, gpu index, utilisation %, memory MiB); other lines are skipped."""
+    samples = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            when = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((when, int(parts[1]), float(parts[2]), float(parts[3])))
+        except (ValueError, IndexError):
+            continue  # a line cut off when the sampler stopped
+    return samples
 
 
 def stage_windows(out_dir: Path, started: float, ended: float) -> dict[str, tuple[float, float]]:

@@ -199,3 +199,29 @@ def test_the_agnews_job_is_the_benchmarks_stratanet_row_as_overrides_of_the_pres
     assert (cfg.train.epochs, cfg.train.learning_rate, cfg.train.batch_size) == (6, 5e-5, 32)  # the row's, not the preset's
     assert cfg.transfer.steered.lm_path == tmp_path / "lm" and cfg.amalgamation.method == "stratanet"
     assert not any(o.startswith(("transfer.corpus.", "transfer.steered.control_strength=")) for o in overrides)
+
+
+def test_gpu_samples_fall_into_the_stage_whose_window_holds_them(tmp_path, monkeypatch):
+    import importlib
+    from datetime import datetime
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    job = importlib.import_module("benchmarks.gpu_stage.run_agnews_job")
+    t0 = datetime(2026, 1, 2, 3, 4, 5).timestamp()
+    text = "".join(f"{datetime.fromtimestamp(t0 + s):%Y/%m/%d %H:%M:%S}.500, 0, {u}, {m}\n"
+                   for s, u, m in ((1, 0, 500), (12, 80, 9000), (14, 90, 9100), (21, 40, 700)))
+    samples = job.parse_samples(text + "2026/01/02 03:0")  # the last line cut off when the sampler stopped
+    assert [(round(s[0] - t0, 1), s[2], s[3]) for s in samples] == [(1.5, 0, 500), (12.5, 80, 9000), (14.5, 90, 9100),
+                                                                   (21.5, 40, 700)]
+    out = tmp_path / "run"
+    (out / "transfer_set").mkdir(parents=True)
+    (out / "transfer_set" / "manifest.json").write_text(json.dumps(
+        {"shards": {"0": {"finished_at": t0 + 14, "seconds": 4}, "1": {"finished_at": t0 + 15, "seconds": 2}}}))
+    (out / "transfer_set" / "summary.json").write_text("{}")
+    os.utime(out / "transfer_set" / "summary.json", (t0 + 16, t0 + 16))
+    windows = job.stage_windows(out, t0, t0 + 30)
+    assert windows == {"startup": (t0, t0 + 10), "generation": (t0 + 10, t0 + 16), "finish": (t0 + 16, t0 + 30)}
+    table = job.stage_table(windows, samples)
+    assert table["startup"] == {"seconds": 10, "samples": 1, "gpu_util_mean": 0, "gpu_util_max": 0,
+                                "memory_mib_max": 500}
+    assert table["generation"]["gpu_util_mean"] == 85 and table["generation"]["memory_mib_max"] == 9100
