@@ -324,6 +324,8 @@ def main(argv=None) -> int:
     if args.teachers is None and not all((teacher_dir / n / "config.json").is_file() for n in TEACHERS):
         log(f"fine-tuning the teachers {list(TEACHERS)} on {device}")
         report["teachers"] = finetune_teachers(args, data, args.work, device)
+        if cuda:
+            torch.cuda.empty_cache()  # the jobs' processes get the memory; this one keeps only its CUDA context
     eval_file = write_eval_file(data, args.work / "agnews_test_titledesc.csv")
 
     row = job_config(args, args.work, "stratanet", args.seed)
