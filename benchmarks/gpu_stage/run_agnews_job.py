@@ -34,10 +34,13 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -199,9 +202,7 @@ def run_layout(args, label: str, overrides: list[str], full: bool, env: dict, lo
     script = "jobs/amalgamate.py" if full else "jobs/generate.py"
     job = [sys.executable, script, "--config", str(CONFIG.relative_to(ROOT)), *overrides]
     if args.ray == "submit":
-        job = [*RAY_CLI, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--", *job]
-    if args.ray == "own":  # a local Ray an earlier command's job left running would be joined, not started
-        subprocess.run([*RAY_CLI, "stop", "--force"], env=env, capture_output=True)
+        job = [*RAY_CLI, "job", "submit", "--address", env["RAY_DASHBOARD_URL"], "--working-dir", ".", "--", *job]
     sampler = GpuSampler(args.work / f"gpu-{label}.csv")
     started = time.time()
     with open(log_path, "w") as logfile:
@@ -232,16 +233,60 @@ def run_layout(args, label: str, overrides: list[str], full: bool, env: dict, lo
     return record
 
 
-def start_head(args, env: dict) -> None:
-    """``ray start --head`` on this node with its GPUs (and the dashboard, for ``--ray submit``)."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_head(args, env: dict) -> tuple[subprocess.Popen, dict]:
+    """``ray start --head --block`` on free ports with this node's GPUs (and the dashboard, for
+    ``--ray submit``), as a child of this process: stopping it (:func:`stop_head`) ends this head's
+    processes and no other Ray's. Returns it and the variables that point jobs at it."""
     gpus = 0
     if shutil.which("nvidia-smi"):
         gpus = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
-    subprocess.run([*RAY_CLI, "stop", "--force"], env=env, capture_output=True)  # a head an earlier command left
-    cmd = [*RAY_CLI, "start", "--head", f"--num-cpus={os.cpu_count()}", f"--num-gpus={gpus}", "--disable-usage-stats",
-           f"--include-dashboard={'true' if args.ray == 'submit' else 'false'}"]
-    log(" ".join(cmd[3:]))
-    subprocess.run(cmd, env=env, check=True)
+    port, dashboard = free_port(), free_port()
+    ports = {option: free_port() for option in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                 "metrics-export-port", "runtime-env-agent-port",
+                                                 "ray-client-server-port")}  # none taken by another Ray here
+    cmd = [*RAY_CLI, "start", "--head", "--block", f"--port={port}", f"--num-cpus={os.cpu_count()}",
+           f"--num-gpus={gpus}", "--disable-usage-stats", f"--include-dashboard={args.ray == 'submit'}",
+           f"--dashboard-port={dashboard}", *(f"--{option}={n}" for option, n in ports.items())]
+    log(" ".join(cmd[3:9]))
+    head = subprocess.Popen(cmd, env=env, stdout=open(args.work / "ray-head.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 180
+    while True:
+        if head.poll() is not None:
+            raise SystemExit(f"ray start --head exited with {head.returncode}; see {args.work / 'ray-head.log'}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+            if args.ray == "submit":
+                urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
+                # the job server answers before the node's agent that runs jobs is up ("No available agent")
+                probe = subprocess.run([*RAY_CLI, "job", "submit", "--address", url, "--", sys.executable, "-c", "0"],
+                                       env=env, capture_output=True, text=True)
+                if probe.returncode != 0:
+                    raise ConnectionError(probe.stdout[-300:] + probe.stderr[-300:])
+            break
+        except OSError as e:
+            if time.time() > deadline:
+                stop_head(head)
+                raise SystemExit(f"the Ray head did not take jobs within 180 s ({e}); see {args.work / 'ray-head.log'}")
+            time.sleep(2)
+    return head, {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_DASHBOARD_URL": url}
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """SIGINT, as Ctrl-C: ``ray start --block`` then shuts down the processes it started."""
+    head.send_signal(signal.SIGINT)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -332,9 +377,10 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "TOKENIZERS_PARALLELISM": "false"}
+    head = None
     if args.ray != "own":
-        start_head(args, env)
-        env["RAY_ADDRESS"] = "127.0.0.1:6379"
+        head, address = start_head(args, env)
+        env.update(address)
     try:
         for label in args.layout_list:
             if report["layouts"].get(label, {}).get("exit_status") == 0:
@@ -358,8 +404,8 @@ def main(argv=None) -> int:
             shutil.copyfile(results_path, args.out)
             log(f"layout {label}: exit {record['exit_status']} in {record['seconds']:.0f} s")
     finally:
-        if args.ray != "own":
-            subprocess.run([*RAY_CLI, "stop", "--force"], env=env, capture_output=True)
+        if head is not None:
+            stop_head(head)
     print(table(report))
     shutil.copyfile(results_path, args.out)
     return 0 if all(r.get("exit_status") == 0 for r in report["layouts"].values()) else 1
