@@ -254,15 +254,16 @@ def start_head(args, env: dict) -> tuple[subprocess.Popen, dict]:
            f"--num-gpus={gpus}", "--disable-usage-stats", f"--include-dashboard={args.ray == 'submit'}",
            f"--dashboard-port={dashboard}", *(f"--{option}={n}" for option, n in ports.items())]
     log(" ".join(cmd[3:9]))
-    head = subprocess.Popen(cmd, env=env, stdout=open(args.work / "ray-head.log", "w"), stderr=subprocess.STDOUT)
+    head_log = args.work / "ray-head.log"
+    head = subprocess.Popen(cmd, env=env, stdout=open(head_log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
     while True:
         if head.poll() is not None:
-            raise SystemExit(f"ray start --head exited with {head.returncode}; see {args.work / 'ray-head.log'}")
+            raise SystemExit(f"ray start --head exited with {head.returncode}; see {head_log}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                pass
+            if "Ray runtime started" not in head_log.read_text(errors="replace"):  # printed once the node is up
+                raise ConnectionError("the head is starting")
             if args.ray == "submit":
                 urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
                 # the job server answers before the node's agent that runs jobs is up ("No available agent")
@@ -274,7 +275,7 @@ def start_head(args, env: dict) -> tuple[subprocess.Popen, dict]:
         except OSError as e:
             if time.time() > deadline:
                 stop_head(head)
-                raise SystemExit(f"the Ray head did not take jobs within 180 s ({e}); see {args.work / 'ray-head.log'}")
+                raise SystemExit(f"the Ray head did not take jobs within 180 s ({e}); see {head_log}")
             time.sleep(2)
     return head, {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_DASHBOARD_URL": url}
 
