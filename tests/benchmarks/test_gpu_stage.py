@@ -130,7 +130,7 @@ class Double:
     def __call__(self, batch):
         return {"id": batch["id"], "twice": batch["id"] * 2}
 
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a Ray running beside it
 ds = ray.data.range(8, override_num_blocks=2).map_batches(
     Double, batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
 rows = sorted((int(r["id"]), int(r["twice"])) for r in ds.iter_rows())
