@@ -8,9 +8,10 @@ student and LM directories, the corpus file, the eval
 file (format, columns, label names), the ``prompt_tuned`` source's LM, commander and corpus
 (:func:`prompt_tuned_checks`), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
 the job was submitted to a cluster: ``RAY_ADDRESS`` set), that a local Ray's train workers and
-generation actors fit this machine's CPUs and GPUs (:func:`resource_plan_problems`), a sweep's
-``tune`` section (:func:`tune_problems`), and that ``output.dir`` can be written and holds no other
-job's results. Every problem comes in one :class:`~dfkd_ray.config.ConfigError`,
+generation actors fit this machine's CPUs and GPUs, fractional GPU shares packed as Ray places them
+(:func:`resource_plan_problems`), a sweep's ``tune`` section (:func:`tune_problems`), and that
+``output.dir`` can be written and holds no other job's results. Every problem comes in one
+:class:`~dfkd_ray.config.ConfigError`,
 each at its field path. It returns the config with every path absolute (against
 :func:`relative_path_base`) and each teacher's ``labels`` filled: the one place a job reads them.
 
@@ -395,11 +396,34 @@ def _count(n: float, unit: str) -> str:
     return f"{n:g} {unit}{'' if n == 1 else 's'}"
 
 
+RAY_RESOURCE_UNITS = 10_000
+"""Ray books resources in units of 1/10,000 (its finest fractional share)."""
+
+
+def gpus_held(processes: int, gpus_each: float) -> int:
+    """Whole GPUs that ``processes`` processes asking ``gpus_each`` GPUs each take under Ray: a share
+    below 1 is placed on one GPU, never split across two (three actors of 0.6 GPU need three GPUs,
+    not two), so ``1 // gpus_each`` of them fit a GPU; a share of 1 or more is whole GPUs."""
+    if gpus_each >= 1:
+        return processes * int(gpus_each)
+    per_gpu = RAY_RESOURCE_UNITS // round(gpus_each * RAY_RESOURCE_UNITS)
+    return -(-processes // per_gpu)
+
+
+def _plan_part(processes: int, what: str, ask: float, kind: str) -> str:
+    """``4 generation actors x 0.25 GPUs (at most 4 a GPU)``: one stage's share of a resource plan."""
+    part = f"{processes} {what} x {_count(ask, kind)}"
+    if kind == "GPU" and ask < 1:
+        part += f" (at most {RAY_RESOURCE_UNITS // round(ask * RAY_RESOURCE_UNITS)} a GPU)"
+    return part
+
+
 def resource_plan_problems(cfg: JobConfig, have: dict[str, float], where: str = "this machine") -> list[tuple[str, str]]:
     """Why the job's train workers and generation actors cannot all start on ``have`` (CPU and GPU
     counts, e.g. ``ray.cluster_resources()``), one problem per ``ray.*`` field to change; [] when they
     can. The stages take turns (generation, then training), except with
-    ``train.stream_from_generation``, which runs both at once. Ray would otherwise start what fits
+    ``train.stream_from_generation``, which runs both at once. GPUs are counted as Ray places them
+    (:func:`gpus_held`: fractional shares pack into whole GPUs). Ray would otherwise start what fits
     and wait for the rest forever."""
     r = cfg.ray
     stream = cfg.train.stream_from_generation
@@ -412,19 +436,21 @@ def resource_plan_problems(cfg: JobConfig, have: dict[str, float], where: str = 
               ("generation", "CPU"): "ray.num_generation_actors", ("generation", "GPU"): "ray.gpus_per_generation_actor"}
     fixes = {"ray.num_train_workers": "lower ray.num_train_workers (or ray.cpus_per_train_worker, ray.use_gpu)",
              "ray.num_generation_actors": "lower ray.num_generation_actors (or ray.cpus_per_generation_actor)",
-             "ray.gpus_per_generation_actor": "lower ray.num_generation_actors or ray.gpus_per_generation_actor"}
+             "ray.gpus_per_generation_actor": "lower ray.num_generation_actors or ray.gpus_per_generation_actor "
+                                              "(a share that divides a GPU evenly, e.g. 0.5 or 0.25, wastes none)"}
     found: dict[str, list[str]] = {}
     for kind in ("CPU", "GPU"):
         parts = {stage: (counts[stage][0], counts[stage][1], asks[stage][kind]) for stage in asks
                  if asks[stage][kind] > 0}
+        held = {stage: gpus_held(n, ask) if kind == "GPU" else n * ask for stage, (n, _, ask) in parts.items()}
         groups = [list(parts)] if stream else [[stage] for stage in parts]
         for group in groups:
-            need = sum(parts[s][0] * parts[s][2] for s in group)
+            need = sum(held[s] for s in group)
             if need <= have.get(kind, 0):
                 continue
-            plan = " and ".join(f"{parts[s][0]} {parts[s][1]} x {_count(parts[s][2], kind)}" for s in group)
+            plan = " and ".join(_plan_part(*parts[s], kind) for s in group)
             at_once = " at once (train.stream_from_generation)" if len(group) > 1 else ""
-            field = fields[max(group, key=lambda s: parts[s][0] * parts[s][2]), kind]
+            field = fields[max(group, key=lambda s: held[s]), kind]
             found.setdefault(field, []).append(f"the plan needs {plan}{at_once} = {_count(need, kind)}; {where} has "
                                                f"{_count(have.get(kind, 0), kind)}")
     return [(field, "; ".join(msgs) + f": {fixes[field]}" + (", or set train.stream_from_generation=false"

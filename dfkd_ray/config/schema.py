@@ -540,12 +540,22 @@ class TuneConfig(_Section):
         return self.metric or ("dev_accuracy" if self.dev.path is not None else "proxy")
 
 
+def _gpu_share(gpus: float) -> float:
+    if gpus > 1 and not float(gpus).is_integer():
+        raise ValueError(f"Ray gives one process a share of one GPU (below 1) or whole GPUs, and {gpus:g} is "
+                         "neither: use a share such as 0.5 or 0.25, or a whole number")
+    if 0 < gpus < 1e-4:
+        raise ValueError(f"{gpus:g} is below 0.0001, the smallest GPU share Ray books; use 0 for no GPU")
+    return gpus
+
+
 class RayConfig(_Section):
     """Where the job runs and how much of the cluster each stage takes."""
 
     address: Optional[str] = Field(None, description="None: local Ray, or the cluster under `ray job submit`")
     num_generation_actors: int = Field(1, ge=1, description="generator actors making the transfer set")
-    gpus_per_generation_actor: float = Field(0.0, ge=0.0, le=8.0, description="fractional allowed")
+    gpus_per_generation_actor: Annotated[float, AfterValidator(_gpu_share)] = Field(
+        0.0, ge=0.0, le=8.0, description="a share of one GPU (e.g. 0.25: four actors a GPU) or whole GPUs")
     cpus_per_generation_actor: float = Field(1.0, gt=0.0, description="CPUs each generator actor reserves")
     num_train_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel)")
     use_gpu: bool = Field(False, description="one GPU per train worker (and for the confidence and eval tasks)")
