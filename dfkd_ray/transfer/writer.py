@@ -52,6 +52,11 @@ def heldout_pass_dir(cfg: JobConfig) -> Path:
 _KERNEL_ONLY_STEERED_KEYS = ("sdpa", "decode_parts")
 
 
+# Sources whose config sections came after sets of the other sources existed: left out of those sets'
+# descriptions, so their fingerprints (and the runs resumed from them) stay what they were.
+_LATER_SOURCES = ("prompt_tuned", "embedding_guessing")
+
+
 def transfer_description(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -> dict:
     """Everything that decides a transfer set's content; its hash is the set's fingerprint."""
     transfer = cfg.transfer.model_dump(mode="json")
@@ -59,6 +64,9 @@ def transfer_description(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -
         transfer["steered"].pop(key, None)
     if transfer["corpus"]["encoding"] == "utf-8":  # how every set was read before the setting existed
         del transfer["corpus"]["encoding"]
+    for source in _LATER_SOURCES:  # their settings decide nothing for another source's set
+        if cfg.transfer.source != source:
+            transfer.pop(source, None)
     return {
         "seed": cfg.seed,
         "teachers": {t.name: {"path": str(Path(t.path).resolve()), "labels": teacher_labels[t.name],

@@ -60,6 +60,8 @@ def test_corpus_in_another_encoding_is_refused_with_offset_and_setting(job_dict,
     assert transfer_description(cfg, cfg.teacher_labels())["transfer"]["corpus"]["encoding"] == "latin-1"
     default = validate_config({**job_dict, "transfer": {**job_dict["transfer"], "corpus": {"path": str(corpus)}}})
     assert "encoding" not in transfer_description(default, default.teacher_labels())["transfer"]["corpus"]
+    # Likewise the sections of sources that came later: only their own sets are described by them.
+    assert not {"prompt_tuned", "embedding_guessing"} & set(transfer_description(cfg, cfg.teacher_labels())["transfer"])
 
 
 def test_library_reader_never_replaces_bytes(job_dict, tmp_path):
