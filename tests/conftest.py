@@ -70,7 +70,8 @@ def ray_local():
     """One local Ray for the session, with more logical CPUs than the tests' workers and actors take
     (Ray Data gets no CPU a train worker holds). Tests that use it carry the ``ray`` marker."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    # address="local": a Ray of the tests' own, never a cluster someone started on this machine
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
