@@ -1,11 +1,13 @@
 """Does the data-free proxy choose as labelled accuracy would? Configurations on the AG News replica,
 each scored by the proxy and by real test accuracy.
 
-The setting is ``benchmarks/agnews.py``'s (two MiniLM teachers fine-tuned on disjoint halves of the
-AG News labels, a 3-layer MiniLM student, the 7,600-row test set). Every configuration is a job
-config with some fields changed (lambda, KD power, alpha, the method); configurations whose
-generation settings are equal share one transfer set. Each is trained in this process exactly as
-one Ray Train worker trains it (``train_in_process``) and scored by the sweep's own trial scorer
+The setting is the AG News benchmark's, read from its spec (``benchmarks/specs/agnews.yaml``) by the
+harness ``benchmarks/amalgamation.py`` runs (:mod:`harness.setup`): the spec's teachers (two MiniLM
+teachers fine-tuned on disjoint halves of the AG News labels), its student depth (3 layers), its
+test rows (7,600) and development rows. Every configuration is a job config with some fields
+changed (lambda, KD power, alpha, the method); configurations whose generation settings are equal
+share one transfer set. Each is trained in this process exactly as one Ray Train worker trains it
+(``train_in_process``) and scored by the sweep's own trial scorer
 (:class:`dfkd_ray.tuning.proxy.TrialScorer`, on the sweep's probe set, made by
 :func:`dfkd_ray.tuning.proxy.probe_config`) and on the test set. No Ray.
 
@@ -35,8 +37,8 @@ import torch
 from dfkd_ray.config import JobConfig, validate_config
 from dfkd_ray.confidence import fit_confidence
 from dfkd_ray.evaluation import evaluate_student
-from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.models.teacher import load_teachers
+from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
 from dfkd_ray.transfer.store import read_transfer_table
 from dfkd_ray.transfer.writer import write_transfer_set
@@ -44,7 +46,10 @@ from dfkd_ray.tuning.proxy import TrialScorer, probe_config
 from dfkd_ray.tuning.results import rank_correlation
 from dfkd_ray.tuning.space import generation_fingerprint, set_dotted
 
-from agnews_setup import TEACHERS, finetune_teachers, read_agnews
+from harness.setup import Settings, finetune_teachers, label_space, read_data
+from harness.spec import SpecError, load_spec
+
+SPEC = Path(__file__).resolve().parent / "specs" / "agnews.yaml"
 
 CONFIGS = ("lam0:transfer.steered.control_strength=0;"
            "lam8:transfer.steered.control_strength=8;"
@@ -82,11 +87,14 @@ def parse_configs(spec: str) -> dict[str, dict]:
     return out
 
 
-def base_config(args) -> dict:
-    """The AG News replica's job config (``docs/agnews-benchmark.md``), as a plain dict."""
+def base_config(settings: Settings) -> dict:
+    """The AG News replica's job config (``docs/agnews-benchmark.md``), as a plain dict: the spec's
+    teachers and student depth, the command line's sizes."""
+    args, spec = settings.args, settings.spec
     return {
-        "name": "agnews-tune", "seed": args.seed,
-        "teachers": [{"name": n, "path": str(args.teachers / n), "max_length": args.max_length} for n in TEACHERS],
+        "name": f"{spec.name}-tune", "seed": args.seed,
+        "teachers": [{"name": n, "path": str(args.teachers_from / n if args.teachers_from else settings.teacher_dir(n)),
+                      "max_length": args.max_length} for n in spec.teachers],
         "transfer": {"source": "steered", "samples_per_class": args.samples_per_class, "shard_size": args.shard_size,
                      "dedup": "near", "heldout_fraction": args.heldout_fraction, "min_confidence": args.min_confidence,
                      "steered": {"engine": "hf", "lm_path": str(args.lm), "control_strength": 32.0,
@@ -94,7 +102,8 @@ def base_config(args) -> dict:
                                  "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens),
                                  "prompt": "Category: {label}", "batch_size": args.gen_batch}},
         "amalgamation": {"method": "stratanet", "amalg_dim": 256, "temperature": 0.75},
-        "student": {"path": str(args.base), "num_layers": 3, "max_length": args.max_length},
+        "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
+                    "max_length": args.max_length},
         "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                   "warmup_epochs": min(1.0, args.epochs), "shuffle_buffer": 0},
         "tune": {"proxy_samples_per_class": args.probe_samples},
@@ -109,19 +118,25 @@ def config_of(base: dict, fields: dict, name: str) -> JobConfig:
     return validate_config(data, source=f"configuration {name}")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> tuple[Settings, dict[str, dict]]:
+    """The command line with the AG News spec, and the configurations, each checked before any model is trained."""
+    try:
+        spec = load_spec(SPEC)
+    except SpecError as e:
+        raise SystemExit(str(e)) from None
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lm", type=Path, required=True, help="base causal LM directory (the lm-gpt2-news fixture)")
     p.add_argument("--base", type=Path, required=True, help="MiniLM fixture: teachers and the student start here")
-    p.add_argument("--agnews", type=Path, required=True, help="AG News directory (csv or csv.xz files)")
+    p.add_argument("--agnews", type=Path, required=True,
+                   help=f"AG News directory: the data files of benchmarks/specs/{SPEC.name} are relative to it")
     p.add_argument("--teachers-from", type=Path, default=None,
-                   help="teachers fine-tuned by an earlier run (<dir>/world_sports, <dir>/business_scitech)")
+                   help="teachers fine-tuned by an earlier run (" + ", ".join(f"<dir>/{n}" for n in spec.teachers) + ")")
     p.add_argument("--work", type=Path, default=Path("/tmp/tune-proxy"))
     p.add_argument("--out", type=Path, default=Path("tune_proxy.json"))
     p.add_argument("--configs", default=CONFIGS, help="name:dotted.key=value,...;... (default: 10 configurations)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples-per-class", type=int, default=1250)
+    p.add_argument("--samples-per-class", type=int, default=spec.samples_per_class)
     p.add_argument("--probe-samples", type=int, default=250, help="tune.proxy_samples_per_class")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--gen-batch", type=int, default=500)
@@ -141,33 +156,37 @@ def parse_args(argv=None):
         args.samples_per_class, args.probe_samples, args.shard_size, args.gen_batch = 16, 4, 32, 32
         args.top_m, args.max_new_tokens, args.max_length, args.batch_size = 8, 12, 64, 4
         args.epochs, args.teacher_epochs, args.min_confidence, args.heldout_fraction = 1, 1, 0.0, 0.5
-    args.teachers = args.teachers_from or args.work / "teachers"
+    settings = Settings(args, spec, args.work)
     configs = parse_configs(args.configs)
-    base = base_config(args)
+    base = base_config(settings)
     for name, fields in configs.items():  # bad keys or values fail here, before any model is trained
         try:
             config_of(base, fields, name)
         except ValueError as e:
             p.error(str(e))
-    return args, configs
+    return settings, configs
 
 
 def main(argv=None) -> int:
-    args, configs = parse_args(argv)
+    settings, configs = parse_args(argv)
+    args = settings.args
     device = torch.device(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     report = {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "configs": {}}
-    data = read_agnews(args.agnews, limit=300 if args.tiny else 0)
+    space = label_space(settings.spec)
+    try:
+        data = read_data(settings.spec, args.agnews, space, limit=300 if args.tiny else 0)
+    except SpecError as e:
+        raise SystemExit(f"{e} (--agnews {args.agnews})") from None
     if args.teachers_from is None:
-        report["teachers"] = finetune_teachers(args, data, args.work, device)
-    base = base_config(args)
-    space = UnionLabelSpace.from_teachers(TEACHERS)
+        report["teachers"] = finetune_teachers(settings, data, space, device)
+    base = base_config(settings)
     cfgs = {name: config_of(base, fields, name) for name, fields in configs.items()}
     first = next(iter(cfgs.values()))
-    teachers = load_teachers(first.teachers, num_blocks=3, device=str(device))
+    teachers = load_teachers(first.teachers, num_blocks=student_num_blocks(first), device=str(device))
 
     def transfer_set(cfg: JobConfig) -> Path:
         directory = args.work / "transfer" / generation_fingerprint(cfg)

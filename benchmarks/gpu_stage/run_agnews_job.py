@@ -1,12 +1,14 @@
 """The AG News job as users run it, ``jobs/amalgamate.py --config jobs/configs/agnews.yaml``, on one
 GPU node under Ray, once per generation actor layout; wall time and GPU utilisation per stage.
 
-The teachers are the AG News benchmark's (:mod:`benchmarks.agnews_setup`: fine-tuned here from the
-MiniLM encoder on the real train rows, or taken from ``--teachers``), and the job's settings are
-the benchmark's StrataNet row (``job_config(..., "stratanet", ...)``), written as ``section.key=value``
-overrides of ``jobs/configs/agnews.yaml``; the runner checks that the YAML plus its overrides
-validate to exactly that row, so the job's student accuracy compares with the benchmark's StrataNet
-row. The eval file is the AG News test set as the benchmark reads it (``title + " " + description``).
+The setting is the AG News benchmark's, read from its spec (``benchmarks/specs/agnews.yaml``) by the
+harness ``benchmarks/amalgamation.py`` runs (:mod:`harness.setup`): the teachers are the spec's
+(fine-tuned here from the MiniLM encoder on the spec's train rows of their classes, or taken from
+``--teachers``), and the job's settings are the benchmark's StrataNet row (``job_config(settings,
+"stratanet", seed)``), written as ``section.key=value`` overrides of ``jobs/configs/agnews.yaml``; the
+runner checks that the YAML plus its overrides validate to exactly that row, so the job's student
+accuracy compares with the benchmark's StrataNet row. The eval file is the spec's test rows as the
+benchmark reads them (the spec's text columns joined: title and description).
 
 Each layout ``NxS`` runs N generation actors of S GPUs each (``ray.num_generation_actors``,
 ``ray.gpus_per_generation_actor``); the first (``--full``) runs the whole job (generation,
@@ -44,9 +46,13 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
-from benchmarks.agnews_setup import LABELS, TEACHERS, finetune_teachers, job_config, read_agnews
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness, imported as benchmarks/amalgamation.py imports it
+
+from harness.setup import Settings, finetune_teachers, job_config, label_space, read_data  # noqa: E402
+from harness.spec import SpecError, load_spec  # noqa: E402
+
+SPEC = ROOT / "benchmarks" / "specs" / "agnews.yaml"
 CONFIG = ROOT / "jobs" / "configs" / "agnews.yaml"
 RAY_CLI = (sys.executable, "-m", "ray.scripts.scripts")
 """The ``ray`` command of this interpreter's Ray, wherever its scripts folder is."""
@@ -103,13 +109,19 @@ def row_overrides(row, extra: dict) -> list[str]:
 
 
 def write_eval_file(data: dict, path: Path) -> Path:
-    """The test rows as the benchmark scores them: ``text`` (title + " " + description), ``label`` 1-4."""
+    """The test rows as the benchmark scores them: ``text`` (the spec's text columns joined), ``label``
+    the union label id + 1 (``eval.label_map`` names them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
         writer.writerows((t, y + 1) for t, y in zip(data["test_texts"], data["test_labels"]))
     return path
+
+
+def eval_label_map(space) -> dict[str, str]:
+    """``eval.label_map`` of :func:`write_eval_file`'s labels: union label id + 1 -> label name."""
+    return {str(i + 1): name for i, name in enumerate(space.names)}
 
 
 # ---- GPU sampling and stage windows ---------------------------------------------------------------
@@ -292,13 +304,19 @@ def stop_head(head: subprocess.Popen) -> None:
 
 # ---- main -----------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> Settings:
+    """The command line with the AG News spec: what :func:`harness.setup.job_config` builds the row from."""
+    try:
+        spec = load_spec(SPEC)
+    except SpecError as e:
+        raise SystemExit(str(e)) from None
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lm", type=Path, required=True, help="base causal LM directory (the benchmark's: lm-gpt2-news)")
     p.add_argument("--base", type=Path, required=True, help="MiniLM encoder directory: teachers and student start here")
-    p.add_argument("--agnews", type=Path, required=True, help="AG News directory (test.csv and the train subsets)")
+    p.add_argument("--agnews", type=Path, required=True,
+                   help=f"AG News directory: the data files of {SPEC.relative_to(ROOT)} are relative to it")
     p.add_argument("--teachers", type=Path, default=None,
-                   help=f"a directory holding fine-tuned {' and '.join(TEACHERS)} (default: fine-tune them into WORK)")
+                   help=f"a directory holding fine-tuned {' and '.join(spec.teachers)} (default: fine-tune them into WORK)")
     p.add_argument("--work", type=Path, default=Path("/tmp/agnews-job"))
     p.add_argument("--out", type=Path, default=Path("agnews_job.json"))
     p.add_argument("--layouts", default="4x0.25,2x0.5,1x1", help="generation actor layouts ACTORSxGPUS, in order")
@@ -308,9 +326,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "submit: the same with the dashboard, jobs go through `ray job submit`")
     p.add_argument("--shard-size", type=int, default=250, help="requests per shard: the unit an actor takes")
     p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 rows, 12 samples per class, 1 epoch")
-    # The benchmark's StrataNet row (benchmarks/agnews.py's defaults, RESULTS.md "AG News").
+    # The benchmark's StrataNet row (benchmarks/amalgamation.py's defaults, RESULTS.md "AG News").
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples-per-class", type=int, default=1250)
+    p.add_argument("--samples-per-class", type=int, default=spec.samples_per_class)
     p.add_argument("--gen-batch", type=int, default=500)
     p.add_argument("--control-strength", type=float, default=32.0)
     p.add_argument("--top-m", type=int, default=50)
@@ -341,7 +359,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.min_confidence, args.heldout_fraction, args.batch_size = 0.0, 0.5, 4
     args.work = args.work.resolve()
     args.corpus = None  # the steered row reads no corpus (job_config fills transfer.corpus, which is not overridden)
-    return args
+    return Settings(args, spec, args.work)
 
 
 def device_name() -> str:
@@ -355,7 +373,8 @@ def device_name() -> str:
 def main(argv=None) -> int:
     import torch
 
-    args = parse_args(argv)
+    settings = parse_args(argv)
+    args = settings.args
     args.work.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     args.device = "cuda" if cuda else "cpu"
@@ -365,16 +384,20 @@ def main(argv=None) -> int:
     report.update(device=device_name(), python=platform.python_version(), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:])
 
-    data = read_agnews(args.agnews, limit=300 if args.tiny else 0)
-    teacher_dir = args.teachers or args.work / "teachers"
-    if args.teachers is None and not all((teacher_dir / n / "config.json").is_file() for n in TEACHERS):
-        log(f"fine-tuning the teachers {list(TEACHERS)} on {device}")
-        report["teachers"] = finetune_teachers(args, data, args.work, device)
+    space = label_space(settings.spec)
+    try:
+        data = read_data(settings.spec, args.agnews, space, limit=300 if args.tiny else 0)
+    except SpecError as e:
+        raise SystemExit(f"{e} (--agnews {args.agnews})") from None
+    teachers = {n: args.teachers / n if args.teachers else settings.teacher_dir(n) for n in settings.spec.teachers}
+    if args.teachers is None and not all((path / "config.json").is_file() for path in teachers.values()):
+        log(f"fine-tuning the teachers {list(settings.spec.teachers)} on {device}")
+        report["teachers"] = finetune_teachers(settings, data, space, device)
         if cuda:
             torch.cuda.empty_cache()  # the jobs' processes get the memory; this one keeps only its CUDA context
     eval_file = write_eval_file(data, args.work / "agnews_test_titledesc.csv")
 
-    row = job_config(args, args.work, "stratanet", args.seed)
+    row = job_config(settings, "stratanet", args.seed)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -392,8 +415,8 @@ def main(argv=None) -> int:
                      "ray.num_generation_actors": actors, "ray.gpus_per_generation_actor": share,
                      "ray.num_train_workers": 1, "ray.use_gpu": cuda,
                      "eval.path": str(eval_file), "eval.text_column": "text", "eval.label_column": "label",
-                     "eval.label_map": {str(i + 1): n for i, n in enumerate(LABELS)}}
-            extra.update({f"teachers.{i}.path": str(teacher_dir / n) for i, n in enumerate(TEACHERS)})
+                     "eval.label_map": eval_label_map(space)}
+            extra.update({f"teachers.{i}.path": str(path) for i, path in enumerate(teachers.values())})
             overrides = row_overrides(row, extra)
             full = label in args.full_list
             log(f"layout {label}: {actors} generation actor(s) x {share:g} GPU, {'whole job' if full else 'generation'}")

@@ -187,10 +187,14 @@ def test_the_agnews_job_is_the_benchmarks_stratanet_row_as_overrides_of_the_pres
 
     monkeypatch.syspath_prepend(str(ROOT))
     job = importlib.import_module("benchmarks.gpu_stage.run_agnews_job")
-    args = job.parse_args(["--lm", str(tmp_path / "lm"), "--base", str(tmp_path / "base"),
-                           "--agnews", str(tmp_path / "agnews"), "--work", str(tmp_path / "work")])
-    args.device = "cuda"
-    row = job.job_config(args, args.work, "stratanet", args.seed)
+    settings = job.parse_args(["--lm", str(tmp_path / "lm"), "--base", str(tmp_path / "base"),
+                               "--agnews", str(tmp_path / "agnews"), "--work", str(tmp_path / "work")])
+    settings.args.device = "cuda"
+    row = job.job_config(settings, "stratanet", settings.args.seed)
+    assert [t.name for t in row.teachers] == list(settings.spec.teachers) == ["world_sports", "business_scitech"]
+    assert row.transfer.samples_per_class == settings.spec.samples_per_class  # the spec's, not a copy
+    assert job.eval_label_map(job.label_space(settings.spec)) == {"1": "World", "2": "Sports", "3": "Business",
+                                                                  "4": "Sci/Tech"}  # AG News's own label ids
     extra = {"ray.num_generation_actors": 4, "ray.gpus_per_generation_actor": 0.25, "ray.num_train_workers": 1,
              "output.dir": str(tmp_path / "run"), "eval.path": str(tmp_path / "test.csv"), "eval.text_column": "text"}
     overrides = job.row_overrides(row, extra)
