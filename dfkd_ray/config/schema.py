@@ -177,9 +177,33 @@ class SteeredConfig(_Section):
             return f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})"
 
 
+class EmbeddingGuessingConfig(_Section):
+    """AS-DFD (Ma et al. 2020): pseudo-embeddings crafted in the teachers' input-embedding space
+    during training (Algorithm 1), no text. Defaults are the paper's (section 4.4, appendix A)."""
+
+    mean: float = Field(0.0, ge=-100.0, le=100.0, description="mu of the Gaussian the pseudo-embeddings start from")
+    sigma: float = Field(0.35, gt=0.0, le=100.0, description="sigma of that Gaussian (the paper's best of 0.05-1)")
+    length: int = Field(128, ge=3, le=8192, description="l: positions of a pseudo-sample, [CLS] and [SEP] included")
+    min_length: int = Field(8, ge=3, le=8192, description="shortest pseudo-sample after its random tail is masked")
+    rounds: int = Field(5, ge=0, le=1000, description="n_iter construction rounds per batch (0: random Gaussian "
+                                                      "embeddings, no construction)")
+    teacher_steps: int = Field(5, ge=0, le=1000, description="n_T steps toward the target class per round (Eq. 2)")
+    adversarial_steps: int = Field(1, ge=0, le=1000, description="n_S steps raising the student's L_MASK per round "
+                                                                 "(Eq. 3)")
+    learning_rate: float = Field(1e-2, gt=0.0, le=100.0, description="eta: Adam learning rate of the construction steps")
+    pt_weight: float = Field(250.0, ge=0.0, le=1e6, description="alpha of Eq. 6: weight of L_PT, the [CLS] distance")
+
+    @rule("min_length", "length")
+    def _min_within_length(min_length, length):
+        if min_length > length:
+            return f"min_length ({min_length}) must be <= length ({length})"
+
+
 SourceName = Literal["random_words", "corpus", "steered", "prompt_tuned", "embedding_guessing"]
-IMPLEMENTED_SOURCES = ("random_words", "corpus", "steered")
-"""Sources with an implementation in :mod:`dfkd_ray.transfer.sources`; others are planned."""
+IMPLEMENTED_SOURCES = ("random_words", "corpus", "steered", "embedding_guessing")
+"""Sources with an implementation: the text sources of :mod:`dfkd_ray.transfer.sources`, and
+``embedding_guessing``, which crafts pseudo-embeddings inside training
+(:mod:`dfkd_ray.train.embedding_guessing`); others are planned."""
 
 
 def _implemented(source: str) -> str:
@@ -214,6 +238,7 @@ class TransferConfig(_Section):
     random_words: RandomWordsConfig = RandomWordsConfig()
     corpus: CorpusConfig = CorpusConfig()
     steered: SteeredConfig = SteeredConfig()
+    embedding_guessing: EmbeddingGuessingConfig = EmbeddingGuessingConfig()
 
     @rule("corpus", "source")
     def _corpus_has_path(corpus, source):
@@ -440,6 +465,13 @@ class JobConfig(_Section):
                 "train.stream_from_generation with amalgamation.method stratanet fits the confidence statistics on "
                 "held-out rows made before training starts, and transfer.heldout_fraction is 0: set "
                 "transfer.heldout_fraction > 0 (e.g. 0.1), or amalgamation.method: vanilla")
+
+    @rule("train", "transfer")
+    def _crafted_batches_are_not_streamed(train, transfer):
+        if train.stream_from_generation and transfer.source == "embedding_guessing":
+            return ("stream_from_generation",), (
+                "transfer.source embedding_guessing crafts its pseudo-embeddings inside training, so there is no "
+                "generation to stream from: set train.stream_from_generation=false")
 
     def teacher_labels(self) -> dict[str, list[str]]:
         """Each teacher's class names in id order: ``labels`` as the preflight filled them, else read
