@@ -1,9 +1,8 @@
 """AS-DFD (Ma et al., EMNLP 2020): pseudo-embeddings with alignment constraints and the losses of
 Plug & Play Embedding Guessing and of the adversarial self-supervised module.
 
-A pseudo-sample is a sequence ``e`` of ``l`` vectors in the teacher's input-embedding space
-(``d`` wide; what Hugging Face models take as ``inputs_embeds``), crafted instead of text
-(section 3.1):
+A pseudo-sample is a sequence ``e`` of ``l`` vectors in the space of the teacher's embedding-layer
+outputs (Eq. 1, ``e = EmbeddingLayer(x)``; ``d`` wide), crafted instead of text (section 3.1):
 
 - :func:`initial_content`: the free positions start as draws of ``N(mu, sigma^2)`` and each sample
   gets a visible length ``L_i`` uniform in ``[min_length, l]``;
@@ -72,7 +71,9 @@ def align(content: torch.Tensor, lengths: torch.Tensor, cls: torch.Tensor, sep: 
     Args:
         content: ``(B, l, d)``; only its content positions are used (gradients reach only them).
         lengths: ``(B,)`` visible lengths ``L_i``, ``3 <= L_i <= l``.
-        cls, sep, pad: ``(d,)`` the embeddings of the teacher tokenizer's [CLS], [SEP] and padding tokens.
+        cls: ``(d,)`` ``e_[CLS]``, placed at position 0.
+        sep, pad: ``(l, d)`` ``e_[SEP]`` and the padding embedding at each position (an embedding
+            layer adds a position embedding), placed at ``L_i - 1`` and from ``L_i`` on.
 
     Returns:
         ``e`` ``(B, l, d)``: [CLS] at 0, the content, [SEP] at ``L_i - 1``, padding after it; and
@@ -81,14 +82,15 @@ def align(content: torch.Tensor, lengths: torch.Tensor, cls: torch.Tensor, sep: 
     b, l, d = content.shape
     if lengths.shape != (b,) or (lengths < 3).any() or (lengths > l).any():
         raise ValueError(f"lengths must be (B,) = ({b},) in [3, {l}], got {lengths.tolist()}")
-    if not cls.shape == sep.shape == pad.shape == (d,):
-        raise ValueError(f"cls, sep and pad must be (d,) = ({d},), got {tuple(cls.shape)}, {tuple(sep.shape)}, "
-                         f"{tuple(pad.shape)}")
+    if cls.shape != (d,) or sep.shape != (l, d) or pad.shape != (l, d):
+        raise ValueError(f"cls must be (d,) = ({d},), sep and pad (l, d) = ({l}, {d}); got {tuple(cls.shape)}, "
+                         f"{tuple(sep.shape)}, {tuple(pad.shape)}")
     pos = torch.arange(l, device=content.device)  # (l,)
     free = content_positions(lengths, l).unsqueeze(-1)  # (B, l, 1)
     is_cls = (pos == 0).view(1, l, 1)  # (1, l, 1)
     is_sep = (pos.unsqueeze(0) == (lengths - 1).unsqueeze(1)).unsqueeze(-1)  # (B, l, 1)
-    fixed = torch.where(is_sep, sep.to(content.dtype), torch.where(is_cls, cls.to(content.dtype), pad.to(content.dtype)))
+    dtype = content.dtype
+    fixed = torch.where(is_sep, sep.to(dtype), torch.where(is_cls, cls.to(dtype), pad.to(dtype)))  # (B, l, d)
     e = torch.where(free, content, fixed)  # (B, l, d)
     attention_mask = (pos.unsqueeze(0) < lengths.unsqueeze(1)).long()  # (B, l)
     return e, attention_mask
@@ -113,10 +115,11 @@ def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return states.gather(1, index).squeeze(1)
 
 
-def mask_embeddings(e: torch.Tensor, positions: torch.Tensor, mask_vector: torch.Tensor) -> torch.Tensor:
-    """``e^mask``: ``e`` with position ``i = positions[b]`` of each sample replaced by ``mask_vector`` (d,)."""
+def mask_embeddings(e: torch.Tensor, positions: torch.Tensor, mask_table: torch.Tensor) -> torch.Tensor:
+    """``e^mask``: ``e`` (B, l, d) with position ``i = positions[b]`` of each sample replaced by
+    ``mask_table[i]`` (``mask_table``: (l, d), the [MASK] embedding at each position)."""
     hit = (torch.arange(e.shape[1], device=e.device).unsqueeze(0) == positions.unsqueeze(1)).unsqueeze(-1)  # (B, l, 1)
-    return torch.where(hit, mask_vector.to(e.dtype), e)  # (B, l, d)
+    return torch.where(hit, mask_table.to(e.dtype).unsqueeze(0), e)  # (B, l, d)
 
 
 def masked_embedding_loss(masked: torch.Tensor, predicted: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

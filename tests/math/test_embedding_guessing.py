@@ -11,19 +11,19 @@ from dfkd_ray.math.embedding_guessing import (align, cls_distance_loss, content_
                                               masked_embedding_loss)
 
 
-def _specials(d: int):
-    return torch.full((d,), 1.0), torch.full((d,), 2.0), torch.full((d,), 3.0)
+def _specials(l: int, d: int):
+    return torch.full((d,), 1.0), torch.arange(l * d, dtype=torch.float).view(l, d) + 2, torch.full((l, d), -1.0)
 
 
 def test_alignment_puts_cls_and_sep_at_the_ends_and_masks_the_tail():
     content = torch.randn(2, 6, 4, requires_grad=True)
     lengths = torch.tensor([6, 4])
-    cls, sep, pad = _specials(4)
+    cls, sep, pad = _specials(6, 4)
     e, mask = align(content, lengths, cls, sep, pad)
     assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
     assert torch.equal(e[:, 0], torch.stack([cls, cls]))
-    assert torch.equal(e[0, 5], sep) and torch.equal(e[1, 3], sep)
-    assert torch.equal(e[1, 4:], torch.stack([pad, pad]))
+    assert torch.equal(e[0, 5], sep[5]) and torch.equal(e[1, 3], sep[3])  # [SEP] at its own position
+    assert torch.equal(e[1, 4:], pad[4:])
     assert torch.equal(e[0, 1:5], content[0, 1:5]) and torch.equal(e[1, 1:3], content[1, 1:3])
     e.sum().backward()  # gradients reach the content positions only: the constraints stay fixed
     assert content.grad[:, 0].abs().sum() == 0 and content.grad[0, 5].abs().sum() == 0
@@ -58,8 +58,9 @@ def test_masking_replaces_one_content_position_per_sample():
     assert positions[0] == 1 and len(set(positions[2::3].tolist())) > 20
     e = torch.randn(2, 5, 3)
     where = torch.tensor([1, 3])
-    masked = mask_embeddings(e, where, torch.zeros(3))
-    assert torch.equal(masked[0, 1], torch.zeros(3)) and torch.equal(masked[1, 3], torch.zeros(3))
+    table = torch.arange(15, dtype=torch.float).view(5, 3)  # the [MASK] embedding at each position
+    masked = mask_embeddings(e, where, table)
+    assert torch.equal(masked[0, 1], table[1]) and torch.equal(masked[1, 3], table[3])
     changed = (masked != e).any(-1)
     assert changed.sum() == 2
     assert torch.equal(gather_positions(e, where), torch.stack([e[0, 1], e[1, 3]]))
