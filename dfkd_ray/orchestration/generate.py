@@ -177,6 +177,10 @@ def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int
     """
     cfg = cfg.absolute()
     claim_output_dir(cfg)
+    if cfg.transfer.source == "embedding_guessing":  # pseudo-embeddings are crafted inside training
+        from dfkd_ray.train.embedding_guessing import record_no_text
+
+        return record_no_text(cfg)
     store, _, _ = open_transfer_set(cfg)
     if store.complete:
         print(f"transfer set already complete: {store.directory}")
