@@ -409,8 +409,11 @@ def _embedding_layer_distances(teachers: list[TeacherConfig]) -> list[float]:
     """``||P_k - P_1|| / ||P_1||`` of every teacher's embedding-layer parameters after the first's."""
     import torch
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     from dfkd_ray.models.embedding_student import embedding_layer
+
+    hf_logging.disable_progress_bar()  # a bar per loaded teacher says nothing the check does not
 
     def flat(t: TeacherConfig) -> torch.Tensor:
         model = AutoModelForSequenceClassification.from_pretrained(t.path, dtype=torch.float32,

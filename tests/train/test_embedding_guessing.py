@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,39 @@ def test_bad_input_is_refused_before_training(eg_dict, synthetic_task, tmp_path)
     problems = dict(err.value.problems)
     assert list(problems) == ["teachers[1].path"] and "other weights there" in problems["teachers[1].path"]
     assert json.loads((apart / "config.json").read_text())["id2label"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_job_runs_on_ray_with_no_text(ray_local, synthetic_task, gamma, tmp_path):
+    """``jobs/configs/smoke_embedding_guessing.yaml`` through ``run_amalgamate`` on two Ray Train
+    workers (DDP): the transfer-set stage records no text, each worker crafts its batches, and the
+    exported student is evaluated like any other; a rerun skips every stage. (The preset's stratanet
+    confidence stage runs the in-process fit of the stratanet test inside a Ray task; vanilla keeps
+    this test short.)"""
+    from transformers import pipeline
+
+    from dfkd_ray.config import load_config
+    from dfkd_ray.orchestration.amalgamate import run_amalgamate
+    from dfkd_ray.preflight import preflight
+    from dfkd_ray.transfer.store import read_manifest
+
+    task, out = synthetic_task, tmp_path / "out"
+    cfg = preflight(load_config(Path(__file__).parents[2] / "jobs" / "configs" / "smoke_embedding_guessing.yaml", [
+        f"demo={task.root}", f"teachers.0.path={task.teachers['alpha']}", f"teachers.1.path={gamma}",
+        f"student.path={task.teachers['alpha']}", f"eval.path={task.eval_file}", f"output.dir={out}",
+        "transfer.samples_per_class=16", "transfer.heldout_fraction=0.5", "transfer.embedding_guessing.length=12",
+        "transfer.embedding_guessing.rounds=1", "transfer.embedding_guessing.teacher_steps=3", "train.epochs=1",
+        "train.batch_size=4", "train.report_every_steps=1", "train.checkpoint_every_steps=2",
+        "amalgamation.method=vanilla"]))
+    summary = run_amalgamate(cfg, progress=False)
+    manifest = read_manifest(out / "transfer_set")
+    assert manifest["complete"] and manifest["summary"]["text"] is False and not manifest["shards"]
+    rows = [json.loads(x) for x in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == summary["steps"] == crafting_plan(cfg, 2).total_steps >= 3
+    assert all(0 <= r["hit"] <= 1 and r["pt"] >= 0 for r in rows)
+    assert 0 <= summary["eval"]["student"]["accuracy"] <= 1 and summary["outputs"]["confidence"] is None
+    clf = pipeline("text-classification", model=str(out / "student"), tokenizer=str(out / "student"))
+    assert clf("the striker scored a goal")[0]["label"] in {"sports", "cooking", "space", "finance"}
+    again = run_amalgamate(cfg, progress=False)
+    assert again["eval"]["student"] == summary["eval"]["student"]
