@@ -279,8 +279,8 @@ EMBEDDING_SPACE_TOLERANCE = 0.5
 """Largest relative distance ``||P_k - P_1|| / ||P_1||`` between the parameters ``P_k`` of a teacher's
 embedding layer and the first teacher's (all of them flattened, Frobenius norm) for
 ``transfer.source: embedding_guessing`` to take them as one input-embedding space. Fine-tuning moves
-an encoder's embedding layer little, so teachers fine-tuned from one encoder stay well below it;
-embedding layers of one tokenizer trained apart lie far above it (docs/embedding-guessing.md)."""
+an encoder's embedding layer little, so teachers fine-tuned from one encoder stay far below it;
+embedding layers of one tokenizer initialised apart lie above it (docs/embedding-guessing.md)."""
 
 
 def _meta_classifier(path: Path, trust_remote_code: bool):
