@@ -19,8 +19,8 @@ The pseudo-samples of a run are the rows a text source would make: the request t
 ``transfer.samples_per_class`` per (teacher, class) (:func:`~dfkd_ray.transfer.requests.build_requests`),
 its held-out requests set aside for the confidence statistics. Every epoch crafts each training
 request anew (its starting point seeded by the request and the epoch), so ``train.epochs`` epochs
-craft ``epochs x`` the training requests, and a job makes the same number of steps as a text source
-with the same ``samples_per_class``, ``epochs`` and ``batch_size`` would (less its filtered rows).
+craft ``epochs x`` the training requests, and a job makes as many steps as a text source with the
+same ``samples_per_class``, ``epochs`` and ``batch_size`` whose filters drop no row.
 Each Ray Train worker crafts its own share of every epoch's requests.
 
 **Several teachers** (the amalgamation adaptation): a request's pseudo-sample is crafted by its own
@@ -51,8 +51,8 @@ import torch
 from dfkd_ray.config import EmbeddingGuessingConfig, JobConfig
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.math.amalgamation import kd_teacher_weights
-from dfkd_ray.math.embedding_guessing import (align, cls_distance_loss, content_positions, gather_positions,
-                                              initial_content, input_loss, mask_positions, masked_embedding_loss)
+from dfkd_ray.math.embedding_guessing import (align, cls_distance_loss, gather_positions, initial_content, input_loss,
+                                              mask_positions, masked_embedding_loss)
 from dfkd_ray.math.losses import concat_target, kd_loss, union_target
 from dfkd_ray.models.embedding_student import (EmbeddingStudent, SpecialEmbeddings, special_embeddings,
                                                teacher_on_embeddings)
