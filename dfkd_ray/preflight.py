@@ -7,8 +7,10 @@ when ``demo:`` is set, and checks: each teacher directory (``config.json`` with 
 student and LM directories, the corpus file, the eval
 file (format, columns, label names), the ``prompt_tuned`` source's LM, commander and corpus
 (:func:`prompt_tuned_checks`), vLLM and a GPU for ``transfer.steered.engine: vllm`` (unless
-the job was submitted to a cluster: ``RAY_ADDRESS`` set), that a local Ray's train workers and
-generation actors fit this machine's CPUs and GPUs, fractional GPU shares packed as Ray places them
+the job was submitted to a cluster: ``RAY_ADDRESS`` set), for ``transfer.source: embedding_guessing``
+that the teachers share one input-embedding space the student can hold
+(:func:`embedding_guessing_problems`), that a local Ray's train workers and generation actors fit
+this machine's CPUs and GPUs, fractional GPU shares packed as Ray places them
 (:func:`resource_plan_problems`), a sweep's ``tune`` section (:func:`tune_problems`), and that
 ``output.dir`` can be written and holds no other job's results. Every problem comes in one
 :class:`~dfkd_ray.config.ConfigError`,
@@ -17,7 +19,8 @@ each at its field path. It returns the config with every path absolute (against
 
 :func:`check_config` is the schema and the preflight together, every problem of both at once;
 job scripts run it through :func:`parse_job_args`. Engine layer: torch is
-imported only for the eval file, the vLLM check and the ``prompt_tuned`` LM's tokenizer, never Ray.
+imported only for the eval file, the vLLM check, the ``prompt_tuned`` LM's tokenizer and the
+embedding-guessing checks, never Ray.
 """
 
 from __future__ import annotations
@@ -120,6 +123,10 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
             print(f"building the demo task (teachers, LM, corpus) under {cfg.demo}, once", flush=True)
             hf_logging.disable_progress_bar()  # one bar per saved model says nothing more than this line
         build_synthetic_task(cfg.demo)  # cached: a no-op once built
+        if getattr(cfg.transfer, "source", None) == "embedding_guessing":
+            from dfkd_ray.synthetic import build_shared_embedding_teacher
+
+            build_shared_embedding_teacher(cfg.demo)  # teacher gamma, in alpha's embedding space (cached)
     teachers, problems, known = _read_teachers(list(cfg.teachers or []))
     for field, path in (("student.path", cfg.student.path), ("transfer.steered.lm_path", cfg.transfer.steered.lm_path)):
         if path is not None:
@@ -160,6 +167,8 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         problems += resource_plan_problems(
             cfg, local_resources(cfg),
             where=f"this machine ({cores} cores, each booked for at most {LOCAL_PROCESSES_PER_CORE} processes)")
+    if getattr(cfg.transfer, "source", None) == "embedding_guessing" and known is not None:
+        problems += embedding_guessing_problems(cfg.model_copy(update={"teachers": teachers}))
     problem = _eval_problem(cfg.eval, known)
     if problem:
         problems.append(("eval.path", problem))
@@ -372,6 +381,155 @@ def tune_problems(cfg: JobConfig, teacher_labels: dict[str, list[str]] | None) -
         problems += concurrency_problems(cfg, local_resources(cfg), f"this machine ({cores} cores, each booked for at "
                                                                     f"most {LOCAL_PROCESSES_PER_CORE} processes)")
     return problems
+
+
+EMBEDDING_SPACE_TOLERANCE = 0.5
+"""Largest relative distance ``||P_k - P_1|| / ||P_1||`` between the parameters ``P_k`` of a teacher's
+embedding layer and the first teacher's (all of them flattened, Frobenius norm) for
+``transfer.source: embedding_guessing`` to take them as one input-embedding space. Fine-tuning moves
+an encoder's embedding layer little, so teachers fine-tuned from one encoder stay far below it;
+embedding layers of one tokenizer initialised apart lie above it (docs/embedding-guessing.md)."""
+
+
+def _meta_classifier(path: Path, trust_remote_code: bool):
+    """A model directory's sequence classifier built on the meta device (its shapes; no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _embedding_layer_shapes(path: Path, trust_remote_code: bool) -> dict[str, tuple]:
+    """The parameter shapes of a model directory's embedding layer (raises ValueError without one)."""
+    from dfkd_ray.models.embedding_student import embedding_layer
+
+    return {k: tuple(v.shape) for k, v in embedding_layer(_meta_classifier(path, trust_remote_code)).state_dict().items()}
+
+
+def _shape_difference(ours: dict[str, tuple], theirs: dict[str, tuple]) -> str:
+    keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    return ", ".join(f"{k}: {ours.get(k)} vs {theirs.get(k)}" for k in keys[:4])
+
+
+def embedding_guessing_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """Why ``transfer.source: embedding_guessing`` cannot run on these model directories ([] when it can).
+
+    AS-DFD crafts pseudo-embeddings in the output space of an embedding layer that every teacher's
+    transformer layers read and that the student shares (the first teacher's), so: the teachers must
+    share one input-embedding space (the same tokenizer vocabulary, embedding layers of one shape within
+    :data:`EMBEDDING_SPACE_TOLERANCE` of each other); the first one's tokenizer needs the tokens placed at
+    both ends of a pseudo-sample; every model needs ``transfer.embedding_guessing.length`` positions; the
+    student's embedding layer must hold the teacher's. With ``amalgamation.method: stratanet`` each
+    teacher needs enough held-out requests to fit its confidence statistics. The teachers' directories
+    were checked before (labels, tokenizer files).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dfkd_ray.models.embedding_student import boundary_token_ids
+
+    problems: list[tuple[str, str]] = []
+    teachers = list(cfg.teachers)
+    first = teachers[0]
+    fix = ("use teachers fine-tuned from one encoder (one tokenizer, one embedding layer), or a text source "
+           "(transfer.source: steered, corpus or random_words)")
+    tokenizers = [AutoTokenizer.from_pretrained(t.path, trust_remote_code=t.trust_remote_code) for t in teachers]
+    layers: list[dict | None] = []
+    for i, t in enumerate(teachers):
+        try:
+            layers.append(_embedding_layer_shapes(t.path, t.trust_remote_code))
+        except ValueError as e:
+            layers.append(None)
+            problems.append((f"teachers[{i}].path", f"transfer.source embedding_guessing: {e}"))
+    if None in boundary_token_ids(tokenizers[0]):
+        problems.append(("teachers[0].path", f"teacher {first.name!r}'s tokenizer has no [CLS]/[SEP] (or BOS/EOS) "
+                                             "tokens to place at both ends of a pseudo-sample (AS-DFD's alignment "
+                                             "constraints); put a teacher with such a tokenizer first"))
+    vocab = tokenizers[0].get_vocab()
+    same = [0] if layers[0] is not None else []
+    for i, (t, tok, layer) in enumerate(zip(teachers, tokenizers, layers)):
+        if i == 0 or layer is None or layers[0] is None:
+            continue
+        why = ""
+        if tok.get_vocab() != vocab:
+            other = tok.get_vocab()
+            why = (f"its tokenizer differs from teacher {first.name!r}'s ({len(other)} tokens, "
+                   f"{len(set(other) - set(vocab))} of them not in {first.name!r}'s {len(vocab)}, or numbered otherwise)")
+        elif layer != layers[0]:
+            why = f"its embedding layer has other shapes ({_shape_difference(layer, layers[0])})"
+        if why:
+            problems.append((f"teachers[{i}].path", (
+                f"transfer.source embedding_guessing: teacher {t.name!r} reads another input-embedding space than "
+                f"teacher {first.name!r}: {why}. Pseudo-embeddings are crafted in one space that every teacher "
+                f"reads, and the student shares one embedding layer; {fix}")))
+        else:
+            same.append(i)
+    if len(same) > 1:
+        distances = _embedding_layer_distances([teachers[i] for i in same])
+        for i, distance in zip(same[1:], distances):
+            if distance > EMBEDDING_SPACE_TOLERANCE:
+                problems.append((f"teachers[{i}].path", (
+                    f"transfer.source embedding_guessing: teacher {teachers[i].name!r} has the tokenizer and the "
+                    f"embedding-layer shapes of teacher {first.name!r} but other weights there (relative distance "
+                    f"{distance:.2f}; teachers fine-tuned from one encoder stay below {EMBEDDING_SPACE_TOLERANCE}), "
+                    f"so a pseudo-embedding means something else to each; {fix}")))
+    length = getattr(cfg.transfer.embedding_guessing, "length", None)
+    models = [(f"teacher {t.name!r}", t.path, t.trust_remote_code) for t in teachers]
+    if cfg.student.path is not None:
+        models.append(("the student", cfg.student.path, False))
+    for who, path, trust in models:
+        positions = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust), "max_position_embeddings", None)
+        if length is not None and positions is not None and length > positions:
+            problems.append(("transfer.embedding_guessing.length",
+                             f"{length} positions exceed {who}'s {positions}; lower it to <= {positions}"))
+    if cfg.student.path is not None and layers[0] is not None:
+        try:
+            student_layer = _embedding_layer_shapes(cfg.student.path, False)
+        except ValueError as e:
+            student_layer, why = None, str(e)
+        else:
+            why = _shape_difference(student_layer, layers[0]) if student_layer != layers[0] else ""
+        if why:
+            problems.append(("student.path", (
+                f"transfer.source embedding_guessing: the student reads pseudo-embeddings in place of its embedding "
+                f"layer's output and shares teacher {first.name!r}'s embedding layer (AS-DFD Algorithm 1), and its "
+                f"own cannot hold it ({why}); give a student of the teacher's architecture, vocabulary and width "
+                "(e.g. the teacher's own directory, with student.layers or student.num_layers)")))
+    a = cfg.amalgamation
+    if a.method == "stratanet" and None not in (cfg.transfer.samples_per_class, cfg.transfer.heldout_fraction,
+                                                 a.calibration_folds):
+        from dfkd_ray.train.embedding_guessing import crafting_requests
+
+        need = max(8, a.calibration_folds + 2)
+        held = crafting_requests(cfg, heldout=True)
+        few = {t.name: n for t in teachers if (n := sum(r.teacher == t.name for r in held)) < need}
+        if few:
+            problems.append(("transfer.heldout_fraction", (
+                f"held-out pseudo-samples per teacher {few} are too few to fit the confidence statistics of "
+                f"amalgamation.method stratanet (need >= {need} with amalgamation.calibration_folds "
+                f"{a.calibration_folds}); raise transfer.heldout_fraction or transfer.samples_per_class, or use "
+                "amalgamation.method: vanilla")))
+    return problems
+
+
+def _embedding_layer_distances(teachers: list[TeacherConfig]) -> list[float]:
+    """``||P_k - P_1|| / ||P_1||`` of every teacher's embedding-layer parameters after the first's."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from dfkd_ray.models.embedding_student import embedding_layer
+
+    hf_logging.disable_progress_bar()  # a bar per loaded teacher says nothing the check does not
+
+    def flat(t: TeacherConfig) -> torch.Tensor:
+        model = AutoModelForSequenceClassification.from_pretrained(t.path, dtype=torch.float32,
+                                                                   trust_remote_code=t.trust_remote_code)
+        return torch.cat([p.detach().flatten() for p in embedding_layer(model).parameters()])
+
+    reference = flat(teachers[0])
+    return [float((flat(t) - reference).norm() / reference.norm().clamp_min(1e-12)) for t in teachers[1:]]
 
 
 LOCAL_PROCESSES_PER_CORE = 2

@@ -360,6 +360,49 @@ def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
     return task
 
 
+SHARED_EMBEDDING_TEACHER = {"name": "gamma", "base": "alpha", "topics": ["space", "finance"]}
+"""A teacher that reads teacher alpha's input-embedding space: alpha's BERT fine-tuned on other topics."""
+
+
+def build_shared_embedding_teacher(root: str | Path, seed: int = 0) -> Path:
+    """Teacher ``gamma`` (space/finance) under ``root``, built once on the task of :func:`build_synthetic_task`.
+
+    It is teacher alpha (sports/cooking) fine-tuned on space and finance sentences with a new head
+    and its embedding layer frozen, so alpha and gamma share one input-embedding space (alpha's
+    tokenizer and word embeddings), as two teachers fine-tuned from one pre-trained encoder nearly
+    do. AS-DFD pseudo-embeddings need such teachers (``transfer.source: embedding_guessing``);
+    alpha and beta (other tokenizer, other width) cannot share a student's embedding layer.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    task = build_synthetic_task(root, seed=seed)
+    spec = SHARED_EMBEDDING_TEACHER
+    out = task.root / f"teacher_{spec['name']}"
+    stamp = out / "BUILT.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("version") == BUILDER_VERSION:
+        return out
+    base = task.teachers[spec["base"]]
+    topics = spec["topics"]
+    config = BertConfig.from_pretrained(base)
+    config.num_labels, config.id2label = len(topics), dict(enumerate(topics))
+    config.label2id = {t: i for i, t in enumerate(topics)}
+    torch.manual_seed(seed + 5)
+    model = BertForSequenceClassification(config)
+    weights = BertForSequenceClassification.from_pretrained(base).state_dict()
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("classifier.")}, strict=False)
+    model.bert.embeddings.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    # More rows and epochs than alpha's: its space and finance words keep alpha's untrained, small embeddings.
+    rows = [(s, topics.index(t)) for s, t in labelled_sentences(300, seed + 60, topics)]
+    accuracy = _fit_classifier(model, tokenizer, rows, epochs=6, lr=2e-3, seed=seed + 5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stamp.write_text(json.dumps({"version": BUILDER_VERSION, "seed": seed, "base": spec["base"],
+                                 "train_accuracy": accuracy}, indent=2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m dfkd_ray.synthetic DIR``: build the demo task (teachers, LM, corpus, eval file)."""
     import argparse

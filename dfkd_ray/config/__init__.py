@@ -12,13 +12,14 @@ Pure pydantic + PyYAML: importing this package imports neither torch, transforme
 
 from dfkd_ray.config.loading import (ConfigError, apply_overrides, load_config, read_config, salvage_config,
                                      validate_config)
-from dfkd_ray.config.schema import (IMPLEMENTED_SOURCES, AmalgamationConfig, AttentionKernels, CorpusConfig, EvalConfig,
-                                    JobConfig, OutputConfig, RandomWordsConfig, RayConfig, SearchDim, SteeredConfig,
-                                    StudentConfig, TeacherConfig, TrainConfig, TransferConfig, TuneConfig)
+from dfkd_ray.config.schema import (AmalgamationConfig, AttentionKernels, CorpusConfig,
+                                    EmbeddingGuessingConfig, EvalConfig, JobConfig, OutputConfig, RandomWordsConfig,
+                                    RayConfig, SearchDim, SteeredConfig, StudentConfig, TeacherConfig, TrainConfig,
+                                    TransferConfig, TuneConfig)
 
 __all__ = [
-    "AmalgamationConfig", "AttentionKernels", "ConfigError", "CorpusConfig", "EvalConfig", "IMPLEMENTED_SOURCES",
-    "JobConfig", "OutputConfig", "RandomWordsConfig", "RayConfig", "SearchDim", "SteeredConfig", "StudentConfig",
-    "TeacherConfig", "TrainConfig", "TransferConfig", "TuneConfig", "apply_overrides", "load_config",
-    "read_config", "salvage_config", "validate_config",
+    "AmalgamationConfig", "AttentionKernels", "ConfigError", "CorpusConfig", "EmbeddingGuessingConfig", "EvalConfig",
+    "JobConfig", "OutputConfig", "RandomWordsConfig", "RayConfig", "SearchDim",
+    "SteeredConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "TransferConfig", "TuneConfig",
+    "apply_overrides", "load_config", "read_config", "salvage_config", "validate_config",
 ]

@@ -226,15 +226,31 @@ class PromptTunedConfig(_Section):
                     "specificity_weight > 0")
 
 
+class EmbeddingGuessingConfig(_Section):
+    """AS-DFD (Ma et al. 2020): pseudo-embeddings crafted in the teachers' input-embedding space
+    during training (Algorithm 1), no text. Defaults are the paper's (section 4.4, appendix A)."""
+
+    mean: float = Field(0.0, ge=-100.0, le=100.0, description="mu of the Gaussian the pseudo-embeddings start from")
+    sigma: float = Field(0.35, gt=0.0, le=100.0, description="sigma of that Gaussian (the paper's best of 0.05-1)")
+    length: int = Field(128, ge=3, le=8192, description="l: positions of a pseudo-sample, [CLS] and [SEP] included")
+    min_length: int = Field(8, ge=3, le=8192, description="shortest pseudo-sample after its random tail is masked")
+    rounds: int = Field(5, ge=0, le=1000, description="n_iter construction rounds per batch (0: random Gaussian "
+                                                      "embeddings, no construction)")
+    teacher_steps: int = Field(5, ge=0, le=1000, description="n_T steps toward the target class per round (Eq. 2)")
+    adversarial_steps: int = Field(1, ge=0, le=1000, description="n_S steps raising the student's L_MASK per round "
+                                                                 "(Eq. 3)")
+    learning_rate: float = Field(1e-2, gt=0.0, le=100.0, description="eta: Adam learning rate of the construction steps")
+    pt_weight: float = Field(250.0, ge=0.0, le=1e6, description="alpha of Eq. 6: weight of L_PT, the [CLS] distance")
+
+    @rule("min_length", "length")
+    def _min_within_length(min_length, length):
+        if min_length > length:
+            return f"min_length ({min_length}) must be <= length ({length})"
+
+
 SourceName = Literal["random_words", "corpus", "steered", "prompt_tuned", "embedding_guessing"]
-IMPLEMENTED_SOURCES = ("random_words", "corpus", "steered", "prompt_tuned")
-"""Sources with an implementation in :mod:`dfkd_ray.transfer.sources`; others are planned."""
-
-
-def _implemented(source: str) -> str:
-    if source not in IMPLEMENTED_SOURCES:
-        raise ValueError(f"transfer source {source!r} is not implemented yet; choose one of {list(IMPLEMENTED_SOURCES)}")
-    return source
+"""The transfer sources: the text sources of :mod:`dfkd_ray.transfer.sources`, and ``embedding_guessing``,
+which crafts pseudo-embeddings inside training (:mod:`dfkd_ray.train.embedding_guessing`)."""
 
 
 def _non_negative(weights: dict[str, float]) -> dict[str, float]:
@@ -247,8 +263,7 @@ def _non_negative(weights: dict[str, float]) -> dict[str, float]:
 class TransferConfig(_Section):
     """The transfer set: which source writes it, how many samples per class, filters, sharding."""
 
-    source: Annotated[SourceName, AfterValidator(_implemented)] = Field(
-        description="which transfer source writes the set; see IMPLEMENTED_SOURCES")
+    source: SourceName = Field(description="which transfer source writes the set")
     samples_per_class: int = Field(200, ge=1, le=10_000_000, description="requests per (teacher, class)")
     class_weights: Annotated[dict[str, float], AfterValidator(_non_negative)] = Field(
         default_factory=dict, description="label name -> multiplier of samples_per_class (default 1.0 each)")
@@ -264,6 +279,7 @@ class TransferConfig(_Section):
     corpus: CorpusConfig = CorpusConfig()
     steered: SteeredConfig = SteeredConfig()
     prompt_tuned: PromptTunedConfig = PromptTunedConfig()
+    embedding_guessing: EmbeddingGuessingConfig = EmbeddingGuessingConfig()
 
     @rule("corpus", "source")
     def _corpus_has_path(corpus, source):
@@ -612,6 +628,13 @@ class JobConfig(_Section):
         if tune.dev.path is not None and tune.dev.path == eval.path:
             return ("dev", "path"), ("tune.dev.path is eval.path: the eval file reports the chosen configuration and "
                                      "must not choose it; give a separate labelled development file")
+
+    @rule("train", "transfer")
+    def _crafted_batches_are_not_streamed(train, transfer):
+        if train.stream_from_generation and transfer.source == "embedding_guessing":
+            return ("stream_from_generation",), (
+                "transfer.source embedding_guessing crafts its pseudo-embeddings inside training, so there is no "
+                "generation to stream from: set train.stream_from_generation=false")
 
     def teacher_labels(self) -> dict[str, list[str]]:
         """Each teacher's class names in id order: ``labels`` as the preflight filled them, else read

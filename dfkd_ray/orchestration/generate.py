@@ -177,6 +177,10 @@ def run_generate(cfg: JobConfig, *, progress: bool = True, generated_before: int
     """
     cfg = cfg.absolute()
     claim_output_dir(cfg)
+    if cfg.transfer.source == "embedding_guessing":  # pseudo-embeddings are crafted inside training
+        from dfkd_ray.train.embedding_guessing import record_no_text
+
+        return record_no_text(cfg)
     if cfg.transfer.source == "prompt_tuned":  # DFKD-T3: the set is written with prompts tuned first
         from dfkd_ray.orchestration.prompts import prompts_complete, run_prompt_tuning
 

@@ -77,8 +77,14 @@ def _fit_confidence_task(cfg: JobConfig, rows_dir: str, out: str, use_gpu: bool)
     from dfkd_ray.confidence import fit_confidence, save_estimators
     from dfkd_ray.models.teacher import load_teachers
 
-    teachers = load_teachers(cfg.teachers, num_blocks=student_num_blocks(cfg), device=worker_device(use_gpu))
-    estimators = fit_confidence(cfg, read_transfer_table(rows_dir), teachers)
+    device = worker_device(use_gpu)
+    teachers = load_teachers(cfg.teachers, num_blocks=student_num_blocks(cfg), device=device)
+    if cfg.transfer.source == "embedding_guessing":  # no text: fitted on pseudo-samples of the held-out requests
+        from dfkd_ray.train.embedding_guessing import fit_crafted_confidence
+
+        estimators = fit_crafted_confidence(cfg, teachers, device=device)
+    else:
+        estimators = fit_confidence(cfg, read_transfer_table(rows_dir), teachers)
     tmp = Path(tempfile.mkdtemp(prefix=".confidence-", dir=Path(out).parent))
     save_estimators(tmp, estimators)
     _publish(tmp, Path(out))
@@ -191,9 +197,18 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
+    crafted = cfg.transfer.source == "embedding_guessing"  # no dataset: each worker crafts its batches
+    if crafted:
+        from dfkd_ray.train.embedding_guessing import EmbeddingGuessingDistiller, crafting_requests, request_batches
+
+        requests = crafting_requests(cfg, heldout=False)
+    else:
+        shard = ray.train.get_dataset_shard("train")
 
     def batches(epoch: int, buffer: int = t.shuffle_buffer):
+        if crafted:  # this worker's share of the epoch's requests, as batches of pseudo-samples to craft
+            yield from request_batches(requests, cfg, epoch, rank=rank, world_size=plan.world_size)
+            return
         for batch in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
                                         local_shuffle_buffer_size=buffer or None,
                                         local_shuffle_seed=cfg.seed * 1000 + epoch if buffer else None):
@@ -206,7 +221,8 @@ def train_loop_per_worker(config: dict) -> dict:
         # shards (each usually of one class: they are cut from a class-major table) still mix classes.
         streamed = prefetch(batches(0, min(t.shuffle_buffer, 2 * cfg.transfer.shard_size)))
     estimators = load_estimators(config["confidence_dir"], device) if config["confidence_dir"] else None
-    distiller = Distiller(cfg, plan, device=device, estimators=estimators, wrap=ray.train.torch.prepare_model)
+    distiller = (EmbeddingGuessingDistiller if crafted else Distiller)(cfg, plan, device=device, estimators=estimators,
+                                                                        wrap=ray.train.torch.prepare_model)
 
     start_epoch, skip, resumed_from = _start_position(distiller, config.get("init_checkpoint"), rank == 0, stream)
     log = MetricsLog(config["metrics_path"], resume_step=distiller.step_count) if rank == 0 else None
@@ -237,7 +253,8 @@ def train_loop_per_worker(config: dict) -> dict:
         checkpoint_and_report(metrics, nxt if want_ckpt else None)
         if rank == 0:
             log.write(metrics)
-            extra = "".join(f" {k} {metrics[k]:.4f}" for k in ("block", "kd", "agreement") if k in metrics)
+            extra = "".join(f" {k} {metrics[k]:.4f}" for k in ("block", "kd", "pt", "mask", "hit", "agreement")
+                            if k in metrics)
             worker_print(f"distill: step {n}/{plan.total_steps} epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f}"
                          f"{extra} lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s")
         return metrics
@@ -297,7 +314,7 @@ def _trainer(cfg: JobConfig, desc: dict, ds, plan: StepPlan, conf_dir: Path | No
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
                              # each report and checkpoint is logged at INFO; the step lines say it
                              logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": ds}, dataset_config=dataset_config)
+        datasets={"train": ds} if ds is not None else None, dataset_config=dataset_config)
 
 
 def _fit(trainer):
@@ -384,17 +401,26 @@ def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, *, af
         return student
     out.mkdir(parents=True, exist_ok=True)
     r = cfg.ray
-    rows = count_training_rows(transfer_dir, cfg.train.include_heldout)
+    crafted = cfg.transfer.source == "embedding_guessing"
+    if crafted:  # pseudo-samples crafted inside training: one per training request and epoch
+        from dfkd_ray.train.embedding_guessing import crafting_requests
+
+        rows = len(crafting_requests(cfg, heldout=False))
+    else:
+        rows = count_training_rows(transfer_dir, cfg.train.include_heldout)
     if after_stream is None:
         plan = StepPlan.of(rows, cfg, r.num_train_workers)
     else:
         plan = StepPlan.after_stream(rows, cfg, r.num_train_workers, streamed_steps=int(after_stream["steps"]),
                                      warmup_steps=int(after_stream["plan"]["warmup_steps"]))
-    ds = ray.data.read_parquet(transfer_set_files(transfer_dir)).select_columns(["text", "heldout"])
-    ds = ds.map_batches(_drop_heldout, batch_format="pyarrow") if not cfg.train.include_heldout else ds.select_columns(["text"])
-    ds = ds.materialize()  # text only, read once: every epoch re-iterates it from the object store
+    ds = None
+    if not crafted:
+        ds = ray.data.read_parquet(transfer_set_files(transfer_dir)).select_columns(["text", "heldout"])
+        ds = ds.map_batches(_drop_heldout, batch_format="pyarrow") if not cfg.train.include_heldout else ds.select_columns(["text"])
+        ds = ds.materialize()  # text only, read once: every epoch re-iterates it from the object store
     streamed = f", after {after_stream['steps']} streamed steps" if after_stream else ""
-    print(f"distill: {cfg.amalgamation.method} on {plan.rows} rows, {r.num_train_workers} worker(s) x batch "
+    what = "pseudo-samples crafted per epoch" if crafted else "rows"
+    print(f"distill: {cfg.amalgamation.method} on {plan.rows} {what}, {r.num_train_workers} worker(s) x batch "
           f"{cfg.train.batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} "
           f"warmup{streamed})")
     start = time.perf_counter()

@@ -133,9 +133,11 @@ def run_trial(params: dict, *, base: JobConfig, probe_dir: Optional[str]) -> Non
         tune.report({"epoch": cfg.train.epochs, **scorer(ExportedStudent(student, max_length=cfg.student.max_length))})
 
 
-def trial_record(cfg: JobConfig, trial_id: str, params: dict, last: Optional[dict], *, error: str = "",
+def trial_record(cfg: JobConfig, trial_id: str, params: Optional[dict], last: Optional[dict], *, error: str = "",
                  running: bool = False) -> TrialRecord:
-    """A trial as a row of the results: its last epoch's scores and how it ended."""
+    """A trial as a row of the results: its last epoch's scores and how it ended. ``params`` is None
+    for a trial that failed before Tune recorded its configuration."""
+    params = params or {}
     planned = float(params.get("train.epochs", cfg.train.epochs))
     last = last or {}
     epochs = float(last.get("epoch", 0.0))

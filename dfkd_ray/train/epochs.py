@@ -52,17 +52,21 @@ class StepPlan:
 
 
 def student_num_blocks(cfg: JobConfig) -> int:
-    """``N``: the student's kept depth, read from its ``config.json`` (no weights loaded).
+    """``N``: the student's kept depth, read from its config (no weights loaded).
 
     The number of blocks is the student's kept depth (one block per student layer); every teacher
-    is pooled into the same ``N`` blocks (:func:`~dfkd_ray.math.blocks.partition_layers`).
+    is pooled into the same ``N`` blocks (:func:`~dfkd_ray.math.blocks.partition_layers`). The depth
+    is the config's ``num_hidden_layers`` as transformers reads it (DistilBERT's ``n_layers`` too).
     """
+    from transformers import AutoConfig
+
     from dfkd_ray.preflight import read_model_config
     from dfkd_ray.models.student import select_layers
 
     if cfg.student.path is None:
         raise ValueError("student.path is not set: point it at a local HF encoder directory")
-    total = int(read_model_config(cfg.student.path)["num_hidden_layers"])
+    read_model_config(cfg.student.path)  # a clear error for a directory that is no model
+    total = int(AutoConfig.from_pretrained(cfg.student.path).num_hidden_layers)
     return len(select_layers(total, cfg.student.layers, cfg.student.num_layers))
 
 

@@ -37,7 +37,8 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         rows = self.read()
-        keys = [k for k in ("loss", "kd", "block", "agreement", "target_spread", "lr") if any(k in r for r in rows)]
+        keys = [k for k in ("loss", "kd", "block", "pt", "mask", "hit", "agreement", "target_spread", "lr")
+                if any(k in r for r in rows)]
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
         for ax, key in zip(axes[0], keys):
             pts = [(r["step"], r[key]) for r in rows if key in r]

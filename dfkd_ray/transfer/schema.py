@@ -9,7 +9,7 @@ label              int32      global label id in the union label space
 label_name         string     global label name
 teacher            string     the teacher the row was made for (source teacher)
 teacher_class      int32      that teacher's own class id: the request's target for targeted
-                              sources (steered, prompt_tuned, embedding_guessing), the teacher's
+                              sources (steered, prompt_tuned), the teacher's
                               prediction for untargeted ones (corpus, random_words)
 source             string     transfer source name (``transfer.source``)
 source_params      string     JSON of the source's parameters for this row

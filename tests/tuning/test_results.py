@@ -45,3 +45,13 @@ def test_lines():
     assert "best t1 (transfer.steered.control_strength=8, amalgamation.kd_confidence_power=3) proxy 0.9000" in line
     assert line.endswith("python jobs/amalgamate.py --config /x/best.yaml")
     assert abs(rank_correlation([1, 2, 3, 4], [10, 20, 40, 30]) - 0.8) < 1e-9
+
+
+def test_a_trial_that_failed_before_tune_recorded_it_is_a_row_with_its_error(sweep_config):
+    """A trial that died before its first report has no configuration in Tune's results: the sweep
+    still writes its row (status error, no scores) instead of failing on it."""
+    from dfkd_ray.orchestration.tune import trial_record
+
+    record = trial_record(sweep_config, "run_trial_3", None, None, error="RpcError: GCS timed out")
+    assert record.status == "error" and record.error.startswith("RpcError") and not record.scores
+    assert set(record.params) == set(sweep_config.tune.search_space)
