@@ -161,8 +161,9 @@ def test_steered_two_actors_give_requested_counts(job_dict, synthetic_task, tmp_
 
     d = _cfg(job_dict, tmp_path / "out", source="steered", samples_per_class=6, shard_size=6, min_confidence=0.6,
              max_attempts=5, dedup="exact")
+    # prompt "the": the demo LM does not open with a topic's name, a word the other teacher never saw
     d["transfer"]["steered"] = {"lm_path": str(synthetic_task.lm), "control_strength": 4.0, "top_m": 20, "top_k": 10,
-                                "max_new_tokens": 12, "min_new_tokens": 4, "batch_size": 12}
+                                "max_new_tokens": 12, "min_new_tokens": 4, "batch_size": 12, "prompt": "the"}
     cfg = validate_config(d)
     table = read_transfer_table(run_generate(cfg, progress=False))
     validate_table(table)
