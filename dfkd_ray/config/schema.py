@@ -118,6 +118,12 @@ class CorpusConfig(_Section):
         "utf-8", description="the file's text encoding; read strictly: a byte that is not valid in it stops the job")
 
 
+def _new_tokens_in_order(min_new: int, max_new: int) -> Optional[str]:
+    """The rule of every generation section: no more tokens before EOS is allowed than in all."""
+    if min_new > max_new:
+        return f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})"
+
+
 class SteeredConfig(_Section):
     """StrataNet section 4.2: a base LM whose top-m next tokens a teacher reweights (Eq. 1)."""
 
@@ -159,10 +165,7 @@ class SteeredConfig(_Section):
         if top_k > top_m:
             return f"top_k ({top_k}) must be <= top_m ({top_m}): top-k samples among the teacher-scored top-m"
 
-    @rule("min_new_tokens", "max_new_tokens")
-    def _min_within_max(min_new, max_new):
-        if min_new > max_new:
-            return f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})"
+    _min_within_max = rule("min_new_tokens", "max_new_tokens")(_new_tokens_in_order)
 
 
 def _at_least_one_soft_token(p: int) -> int:
@@ -214,10 +217,7 @@ class PromptTunedConfig(_Section):
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
         "auto", description="LM dtype; auto: bfloat16 on GPU, float32 on CPU")
 
-    @rule("min_new_tokens", "max_new_tokens")
-    def _min_within_max(min_new, max_new):
-        if min_new > max_new:
-            return f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})"
+    _min_within_max = rule("min_new_tokens", "max_new_tokens")(_new_tokens_in_order)
 
     @rule("diversity_weight", "specificity_weight")
     def _some_tuning_loss(diversity, specificity):

@@ -135,9 +135,7 @@ def masked_embedding_loss(masked: torch.Tensor, predicted: torch.Tensor, eps: fl
     if masked.ndim != 2 or masked.shape != predicted.shape:
         raise ValueError(f"masked embeddings and predictions must both be (B, d), got {tuple(masked.shape)} "
                          f"and {tuple(predicted.shape)}")
-    target = F.normalize(masked.float(), dim=-1, eps=eps)  # (B, d)
-    guess = F.normalize(predicted.float(), dim=-1, eps=eps)  # (B, d)
-    return (target - guess).pow(2).sum(-1).mean()
+    return _unit_distance(masked, predicted, eps)
 
 
 def cls_distance_loss(teacher_cls: torch.Tensor, student_cls: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -146,6 +144,11 @@ def cls_distance_loss(teacher_cls: torch.Tensor, student_cls: torch.Tensor, eps:
     if teacher_cls.ndim != 2 or teacher_cls.shape != student_cls.shape:
         raise ValueError(f"teacher and student [CLS] states must both be (B, H) of one width, got "
                          f"{tuple(teacher_cls.shape)} and {tuple(student_cls.shape)}")
-    t = F.normalize(teacher_cls.float(), dim=-1, eps=eps)  # (B, H)
-    s = F.normalize(student_cls.float(), dim=-1, eps=eps)  # (B, H)
-    return (t - s).pow(2).sum(-1).mean()
+    return _unit_distance(teacher_cls, student_cls, eps)
+
+
+def _unit_distance(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mean over the batch of ``|| a / ||a|| - b / ||b|| ||^2``. ``(B, d)``, ``(B, d)`` -> scalar in ``[0, 4]``."""
+    u = F.normalize(a.float(), dim=-1, eps=eps)  # (B, d)
+    v = F.normalize(b.float(), dim=-1, eps=eps)  # (B, d)
+    return (u - v).pow(2).sum(-1).mean()

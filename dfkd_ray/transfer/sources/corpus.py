@@ -101,6 +101,17 @@ def _no_documents(c) -> str:
             "give a text file with one document per line")
 
 
+def corpus_documents(config) -> tuple[list[str], list[int]]:
+    """``transfer.corpus``'s documents and their seeded order (``perm``, seeded by the job's ``seed``)."""
+    cfg = config.transfer.corpus
+    documents = read_documents(cfg.path, min_words=cfg.min_words, max_words=cfg.max_words, encoding=cfg.encoding)
+    if not documents:
+        raise ValueError(f"transfer.corpus.path: {_no_documents(cfg)}")
+    order = list(range(len(documents)))
+    random.Random(config.seed).shuffle(order)
+    return documents, order
+
+
 class CorpusSource(TransferSource):
     """Request ``ordinal`` picks document ``perm[ordinal % n]`` of a seeded permutation, so a set of
     up to ``n`` requests uses distinct documents and any request maps to the same document on any
@@ -111,13 +122,7 @@ class CorpusSource(TransferSource):
 
     def __init__(self, config, teachers, label_space):
         super().__init__(config, teachers, label_space)
-        cfg = config.transfer.corpus
-        self.documents = read_documents(cfg.path, min_words=cfg.min_words, max_words=cfg.max_words,
-                                        encoding=cfg.encoding)
-        if not self.documents:
-            raise ValueError(f"transfer.corpus.path: {_no_documents(cfg)}")
-        self.order = list(range(len(self.documents)))
-        random.Random(config.seed).shuffle(self.order)
+        self.documents, self.order = corpus_documents(config)
 
     def texts(self, requests: list[Request]) -> list[tuple[str, dict]]:
         out = []

@@ -28,16 +28,9 @@ class PromptTunedSource(TransferSource):
     def __init__(self, config, teachers, label_space):
         super().__init__(config, teachers, label_space)
         from dfkd_ray.generation.prompt_tuning import HybridPromptLM, load_prompts
-        from dfkd_ray.transfer.sources.corpus import read_documents
+        from dfkd_ray.transfer.sources.corpus import corpus_documents
 
-        corpus = config.transfer.corpus
-        self.documents = read_documents(corpus.path, min_words=corpus.min_words, max_words=corpus.max_words,
-                                        encoding=corpus.encoding)
-        if not self.documents:
-            raise ValueError(f"transfer.corpus.path: {corpus.path} has no line with >= {corpus.min_words} words; "
-                             "give a text file with one document per line")
-        self.order = list(range(len(self.documents)))
-        random.Random(config.seed).shuffle(self.order)
+        self.documents, self.order = corpus_documents(config)
         self.prompts = load_prompts(config)
         device = next(iter(teachers.values())).device
         self.generator = HybridPromptLM.from_pretrained(config.transfer.prompt_tuned, device=device)
