@@ -33,8 +33,11 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 INSTALLED = "installed.json"
 ENV_FILE = "env.sh"
-CHECK_IMPORTS = ("ray", "ray.data", "ray.train.torch", "pydantic", "jsonschema", "tensorboardX", "datasketch")
-"""Modules a job imports; checked after a bundle with wheels is installed."""
+CHECK_IMPORTS = ("ray", "ray.data", "ray.train.torch", "pydantic", "jsonschema", "tensorboardX", "datasketch",
+                 "ray._private.prometheus_exporter")
+"""Modules a job imports; checked after a bundle with wheels is installed. The last is what the dashboard
+agent, which every Ray node starts (with or without a dashboard), imports first: without it (opencensus
+needs ``google.rpc``) no local Ray starts."""
 
 
 class StageError(Exception):
@@ -190,7 +193,7 @@ def check_imports(root: Path) -> bool:
             "    import ray.dashboard.optional_deps\n"
             "    print('  ray job submit: the dashboard can start')\n"
             "except ImportError as e:\n"
-            "    print(f'  ray job submit: unavailable ({e}); a job that starts its own local Ray still runs')\n")
+            "    print(f'  ray job submit: unavailable ({e})')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "site"), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
 

@@ -75,8 +75,16 @@ _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_c
 # Lines Ray's processes print that say nothing to the user of a job: the raylet's note that it started more
 # worker processes than it expects at once (every Ray Data actor pool and Train worker group on a small
 # machine), Ray's note that an actor it restarts on failure took object-store arguments (Ray Train's own
-# actors). What a worker prints itself, warnings and errors of Ray's loggers included, passes.
-RAY_CHATTER = ("worker processes have been started on node", "has constructor arguments in the object store")
+# actors), and the GCS's note that an actor it was asked to kill had already exited (Ray Data's actor
+# pools at the end of a dataset). What a worker prints itself, warnings and errors of Ray's loggers
+# included, passes.
+RAY_CHATTER = ("worker processes have been started on node", "has constructor arguments in the object store",
+               "Failed to kill actor")
+# Ray's own actors whose output is left out whole: Ray Train's placement-group cleaner, which asks the
+# State API every second whether the train controller lives and, where it cannot reach the API (a job's
+# own local Ray has no dashboard), prints the traceback of its thread; it frees a placement group only
+# when the controller dies without doing so itself, which a local Ray's shutdown does anyway.
+RAY_CHATTY_ACTORS = ("PlacementGroupCleaner",)
 
 
 def quiet_console() -> None:
@@ -114,9 +122,9 @@ def quiet_console() -> None:
 
 
 def _drop_ray_chatter() -> None:
-    """Leave :data:`RAY_CHATTER` lines out of what the driver prints of its workers' and raylets' output
-    (Ray's log files keep them). Ray 2.60 prints both through ``print_worker_logs``; where that is not
-    so, nothing changes."""
+    """Leave :data:`RAY_CHATTER` lines and :data:`RAY_CHATTY_ACTORS`' output out of what the driver prints
+    of its workers' and raylets' output (Ray's log files keep them). Ray 2.60 prints both through
+    ``print_worker_logs``; where that is not so, nothing changes."""
     from ray._private import worker
 
     original = getattr(worker, "print_worker_logs", None)
@@ -124,12 +132,48 @@ def _drop_ray_chatter() -> None:
         return
 
     def print_worker_logs(data, *args, **kwargs):
+        if data.get("actor_name") in RAY_CHATTY_ACTORS:
+            return
         lines = [x for x in data.get("lines", []) if not any(c in x for c in RAY_CHATTER)]
         if lines:
             original({**data, "lines": lines}, *args, **kwargs)
 
     print_worker_logs.drops_ray_chatter = True
     worker.print_worker_logs = print_worker_logs
+
+
+def _spend_the_drivers_actor_restart_note() -> None:
+    """Keep the driver's own copy of Ray's actor-restart note (:data:`RAY_CHATTER`) off its console.
+
+    Ray's C++ core logs that note at ERROR straight to the process's stderr (past Python, so
+    :func:`_drop_ray_chatter` never sees it), once per process, when the process creates an actor that
+    may restart and takes an object-store argument. Ray Data creates every actor-pool worker so (its
+    transform travels by reference, and the dataset holds that reference, so a restart would find it):
+    the first generation actor pool of every job printed it. Creating one such actor here, with the
+    process's stderr pointed at ``/dev/null`` for that call, uses the note up; the actor is killed at
+    once. Worker processes' copies reach the driver through the log monitor and are dropped there."""
+    import os
+    import sys
+
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class _RestartNote:
+        def __init__(self, argument):
+            pass
+
+    argument = ray.put(None)
+    sys.stderr.flush()  # what Python holds for stderr goes out now, not into /dev/null below
+    stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        actor = _RestartNote.remote(argument)
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+    ray.kill(actor)
 
 
 def start_ray(cfg: JobConfig) -> None:
@@ -177,6 +221,7 @@ def start_ray(cfg: JobConfig) -> None:
         finally:
             notice.setLevel(level)
     _drop_ray_chatter()
+    _spend_the_drivers_actor_restart_note()
 
 
 def run_job(cfg: JobConfig, run: Callable[[JobConfig], object]) -> int:

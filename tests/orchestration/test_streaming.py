@@ -25,9 +25,13 @@ def test_stream_overlaps_generation_and_makes_the_same_set(smoke_config, tmp_pat
     from dfkd_ray.orchestration.amalgamate import run_amalgamate
     from dfkd_ray.transfer.writer import write_transfer_set
 
-    # Smaller shards than the preset's (the same 256 requests): the first batch waits for about two
-    # shards per worker, so this leaves shards to overlap with (with 8 shards of 32, all were done).
-    overrides = ("transfer.shard_size=8",)
+    # Generation must outlast what a train worker does before its first step (load the student and the
+    # teachers, about 3-4 s on 2 busy cores): 512 requests of 16 tokens each, about 3x the preset's
+    # generation (with 256 shorter texts it once finished 0.3 s before the first step). Small shards:
+    # the first batch waits for about two shards per worker. Three epochs: quality is not what this
+    # test is about (the smoke test's is).
+    overrides = ("transfer.samples_per_class=128", "transfer.shard_size=16", "transfer.steered.min_new_tokens=16",
+                 "train.epochs=3")
     # The same set made without streaming: the reference single-process writer (the Ray pipeline
     # equals it; this one costs no actor start-ups).
     reference = write_transfer_set(smoke_config(tmp_path / "ref", *overrides), progress=False)
@@ -52,7 +56,7 @@ def test_stream_overlaps_generation_and_makes_the_same_set(smoke_config, tmp_pat
     assert manifest["complete"] and len(manifest["shards"]) == ref["num_shards"]
     got, want = read_transfer_table(ts), read_transfer_table(reference)
     assert got.select(COLUMNS).equals(want.select(COLUMNS))
-    assert manifest["summary"]["requests"] == ref["summary"]["requests"] == 256
+    assert manifest["summary"]["requests"] == ref["summary"]["requests"] == 512
     assert manifest["summary"]["rows"] == ref["summary"]["rows"]
     for name in ("shard-00000.parquet", "shard-00005.parquet"):  # adopted, replayed, not made again
         assert read_shard_stats(ts / name) == read_shard_stats(reference / name)
