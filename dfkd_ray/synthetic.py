@@ -335,7 +335,14 @@ def build_synthetic_task(root: str | Path, seed: int = 0) -> SyntheticTask:
                               TOKENIZER_VOCAB["lm"])
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok_lm), n_positions=128, n_embd=64, n_layer=2, n_head=2,
                                     bos_token_id=tok_lm.bos_token_id, eos_token_id=tok_lm.eos_token_id))
-    lm_loss = _fit_lm(lm, tok_lm, lm_text, steps=300, lr=3e-3, seed=seed + 30)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # some versions note a `loss_type` they do not know: nothing to act on here
+    try:
+        lm_loss = _fit_lm(lm, tok_lm, lm_text, steps=300, lr=3e-3, seed=seed + 30)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     lm.save_pretrained(task.lm)
     tok_lm.save_pretrained(task.lm)
 

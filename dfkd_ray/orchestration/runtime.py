@@ -80,11 +80,6 @@ _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_c
 # included, passes.
 RAY_CHATTER = ("worker processes have been started on node", "has constructor arguments in the object store",
                "Failed to kill actor")
-# Ray's own actors whose output is left out whole: Ray Train's placement-group cleaner, which asks the
-# State API every second whether the train controller lives and, where it cannot reach the API (a job's
-# own local Ray has no dashboard), prints the traceback of its thread; it frees a placement group only
-# when the controller dies without doing so itself, which a local Ray's shutdown does anyway.
-RAY_CHATTY_ACTORS = ("PlacementGroupCleaner",)
 
 
 def quiet_console() -> None:
@@ -122,9 +117,9 @@ def quiet_console() -> None:
 
 
 def _drop_ray_chatter() -> None:
-    """Leave :data:`RAY_CHATTER` lines and :data:`RAY_CHATTY_ACTORS`' output out of what the driver prints
-    of its workers' and raylets' output (Ray's log files keep them). Ray 2.60 prints both through
-    ``print_worker_logs``; where that is not so, nothing changes."""
+    """Leave :data:`RAY_CHATTER` lines out of what the driver prints of its workers' and raylets' output
+    (Ray's log files keep them). Ray 2.60 prints both through ``print_worker_logs``; where that is not
+    so, nothing changes."""
     from ray._private import worker
 
     original = getattr(worker, "print_worker_logs", None)
@@ -132,14 +127,25 @@ def _drop_ray_chatter() -> None:
         return
 
     def print_worker_logs(data, *args, **kwargs):
-        if data.get("actor_name") in RAY_CHATTY_ACTORS:
-            return
         lines = [x for x in data.get("lines", []) if not any(c in x for c in RAY_CHATTER)]
         if lines:
             original({**data, "lines": lines}, *args, **kwargs)
 
     print_worker_logs.drops_ray_chatter = True
     worker.print_worker_logs = print_worker_logs
+
+
+API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+"""The environment variable through which Ray's State API clients find the dashboard's HTTP server."""
+
+
+def _free_port() -> int:
+    """A TCP port free on this machine now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _spend_the_drivers_actor_restart_note() -> None:
@@ -213,13 +219,28 @@ def start_ray(cfg: JobConfig) -> None:
         notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level = notice.level
         notice.setLevel(logging.ERROR)
+        # Ray Train's placement-group cleaner finds the State API as `ray job` commands do: from
+        # RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else the latest Ray on this machine. Where another Ray
+        # runs here, it may ask that one, not find the train controller there, and remove this job's
+        # placement group (its workers with it). Every process of a local Ray inherits the driver's
+        # environment at start-up, so the job names its own API server: the sweep's dashboard, on a port
+        # chosen here, or (no dashboard) a port nobody listens on, where the cleaner's every ask fails and
+        # it never concludes the controller is gone.
+        api_port = _free_port()
+        saved = os.environ.get(API_SERVER_ADDRESS)
+        os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{api_port}"
         try:
             # address "local": a Ray of the job's own, even where `ray start` runs a cluster on this machine
             # (a bare ray.init would join it, and refuse num_cpus there)
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need) + 2), log_to_driver=True,
-                     include_dashboard=sweep, logging_level=logging.WARNING, runtime_env=hook)
+                     include_dashboard=sweep, dashboard_port=api_port if sweep else None,
+                     logging_level=logging.WARNING, runtime_env=hook)
         finally:
             notice.setLevel(level)
+            if saved is None:
+                os.environ.pop(API_SERVER_ADDRESS, None)
+            else:
+                os.environ[API_SERVER_ADDRESS] = saved
     _drop_ray_chatter()
     _spend_the_drivers_actor_restart_note()
 
