@@ -7,14 +7,21 @@ with the batch of all train workers together (2 x 16: the DDP step of the preset
 step plan), export, and ``run_evaluation`` on the labelled eval file. One transfer set per
 (source, seed), shared by the methods; ``seed`` is the job seed (request seeds, initialisation).
 
+Each student is scored on the eval file and on development rows: 50 sentences a topic drawn like the
+eval file's with another seed (``--dev-seed``), written under ``--out``. Settings are chosen on the
+development rows; the eval file only reports.
+
 CPU (about a minute per source and seed on 2 cores; builds the task under --demo on first use):
     python benchmarks/smoke_sources.py --sources steered random_words corpus --seeds 0 1 2
-Prints one JSON line per (source, seed) with the student's accuracy per method.
+    python benchmarks/smoke_sources.py --sources steered --seeds 0 1 2 --set train.epochs=24 --set ray.num_train_workers=1
+Prints one JSON line per (source, seed) with the student's accuracy per method (``dev_<method>``: on the
+development rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
@@ -29,6 +36,7 @@ from dfkd_ray.models.teacher import load_teachers
 from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
 from dfkd_ray.transfer.store import read_transfer_table
+from dfkd_ray.synthetic import labelled_sentences
 from dfkd_ray.transfer.writer import write_transfer_set
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.yaml"
@@ -41,12 +49,22 @@ def overrides(demo: Path, out: Path, source: str, seed: int, method: str) -> lis
             f"transfer.source={source}", f"seed={seed}", f"amalgamation.method={method}"]
 
 
-def run(demo: Path, out: Path, source: str, seed: int, methods: list[str]) -> dict:
+def write_dev_rows(path: Path, seed: int) -> Path:
+    """50 labelled sentences a topic, drawn as the eval file's are, with ``seed``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(labelled_sentences(50, seed))
+    return path
+
+
+def run(demo: Path, out: Path, source: str, seed: int, methods: list[str], extra: list[str], dev: Path) -> dict:
     out = out / f"{source}-seed{seed}"
-    result = {"source": source, "seed": seed}
+    result = {"source": source, "seed": seed, "set": extra}
     transfer = None
     for method in methods:
-        cfg = preflight(load_config(SMOKE, overrides(demo, out, source, seed, method)))
+        cfg = preflight(load_config(SMOKE, overrides(demo, out, source, seed, method) + extra))
         if transfer is None:  # the transfer set does not depend on the method
             start = time.perf_counter()
             transfer = read_transfer_table(write_transfer_set(cfg, progress=False))
@@ -61,6 +79,9 @@ def run(demo: Path, out: Path, source: str, seed: int, methods: list[str]) -> di
         student = distiller.export(out / f"student-{method}")
         report = run_evaluation(cfg, student, teachers=teachers, out_dir=out / f"eval-{method}")
         result[method] = round(report["student"]["accuracy"], 3)
+        dev_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"path": dev})})
+        result[f"dev_{method}"] = round(run_evaluation(dev_cfg, student, teachers=teachers,
+                                                       out_dir=out / f"dev-{method}")["student"]["accuracy"], 3)
         result[f"{method}_s"] = round(time.perf_counter() - start, 1)
         result["ensemble"] = round(report["ensemble"]["accuracy"], 3)
     result["rows"] = len(texts)
@@ -74,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", nargs="+", default=["steered", "random_words", "corpus"])
     parser.add_argument("--methods", nargs="+", default=["stratanet", "vanilla"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted config override on top of the smoke preset (repeatable)")
+    parser.add_argument("--dev-seed", type=int, default=1000, help="seed of the development rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: threads only contend
+    dev = write_dev_rows(args.out.resolve() / f"dev-{args.dev_seed}.csv", args.dev_seed)
     for source in args.sources:
         for seed in args.seeds:
-            print(json.dumps(run(args.demo.resolve(), args.out.resolve(), source, seed, args.methods)), flush=True)
+            print(json.dumps(run(args.demo.resolve(), args.out.resolve(), source, seed, args.methods, args.set, dev)),
+                  flush=True)
     return 0
 
 

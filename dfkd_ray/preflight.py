@@ -169,6 +169,8 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
             where=f"this machine ({cores} cores, each booked for at most {LOCAL_PROCESSES_PER_CORE} processes)")
     if getattr(cfg.transfer, "source", None) == "embedding_guessing" and known is not None:
         problems += embedding_guessing_problems(cfg.model_copy(update={"teachers": teachers}))
+    if known is not None:
+        problems += heldout_problems(cfg.model_copy(update={"teachers": teachers}))
     problem = _eval_problem(cfg.eval, known)
     if problem:
         problems.append(("eval.path", problem))
@@ -421,8 +423,7 @@ def embedding_guessing_problems(cfg: JobConfig) -> list[tuple[str, str]]:
     share one input-embedding space (the same tokenizer vocabulary, embedding layers of one shape within
     :data:`EMBEDDING_SPACE_TOLERANCE` of each other); the first one's tokenizer needs the tokens placed at
     both ends of a pseudo-sample; every model needs ``transfer.embedding_guessing.length`` positions; the
-    student's embedding layer must hold the teacher's. With ``amalgamation.method: stratanet`` each
-    teacher needs enough held-out requests to fit its confidence statistics. The teachers' directories
+    student's embedding layer must hold the teacher's. The teachers' directories
     were checked before (labels, tokenizer files).
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -496,21 +497,30 @@ def embedding_guessing_problems(cfg: JobConfig) -> list[tuple[str, str]]:
                 f"layer's output and shares teacher {first.name!r}'s embedding layer (AS-DFD Algorithm 1), and its "
                 f"own cannot hold it ({why}); give a student of the teacher's architecture, vocabulary and width "
                 "(e.g. the teacher's own directory, with student.layers or student.num_layers)")))
-    a = cfg.amalgamation
-    if a.method == "stratanet" and None not in (cfg.transfer.samples_per_class, cfg.transfer.heldout_fraction,
-                                                 a.calibration_folds):
-        from dfkd_ray.train.embedding_guessing import crafting_requests
-
-        need = max(8, a.calibration_folds + 2)
-        held = crafting_requests(cfg, heldout=True)
-        few = {t.name: n for t in teachers if (n := sum(r.teacher == t.name for r in held)) < need}
-        if few:
-            problems.append(("transfer.heldout_fraction", (
-                f"held-out pseudo-samples per teacher {few} are too few to fit the confidence statistics of "
-                f"amalgamation.method stratanet (need >= {need} with amalgamation.calibration_folds "
-                f"{a.calibration_folds}); raise transfer.heldout_fraction or transfer.samples_per_class, or use "
-                "amalgamation.method: vanilla")))
     return problems
+
+
+def heldout_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """With ``amalgamation.method: stratanet``, teachers whose held-out requests are too few to fit their
+    confidence statistics, whatever the source: the held-out requests are known before anything is
+    generated (:func:`~dfkd_ray.transfer.requests.is_heldout`), and the rows a set holds are at most
+    those (a rejected request that is given up holds none)."""
+    a = cfg.amalgamation
+    if a.method != "stratanet" or None in (cfg.transfer.samples_per_class, cfg.transfer.heldout_fraction,
+                                           a.calibration_folds):
+        return []
+    from dfkd_ray.train.embedding_guessing import crafting_requests
+
+    need = max(8, a.calibration_folds + 2)
+    held = crafting_requests(cfg, heldout=True)
+    few = {t.name: n for t in cfg.teachers if (n := sum(r.teacher == t.name for r in held)) < need}
+    if not few:
+        return []
+    return [("transfer.heldout_fraction", (
+        f"held-out requests per teacher {few} are too few to fit the confidence statistics of "
+        f"amalgamation.method stratanet (need >= {need} with amalgamation.calibration_folds "
+        f"{a.calibration_folds}); raise transfer.heldout_fraction or transfer.samples_per_class, lower "
+        "amalgamation.calibration_folds, or use amalgamation.method: vanilla"))]
 
 
 def _embedding_layer_distances(teachers: list[TeacherConfig]) -> list[float]:

@@ -70,7 +70,7 @@ BAD = [
     ("output", _DELETE, "output", "required field is missing"),
     ("amalgamation.confidence", "entropy", "amalgamation.confidence", "'rmd'"),
     ("amalgamation.amalg_dim", 102, "amalgamation.amalg_heads", "divisible by amalg_heads"),
-    ("amalgamation", {"alpha": 0, "beta": 0}, "amalgamation.beta", "nothing would be learned"),
+    ("amalgamation", {"method": "vanilla", "alpha": 0, "beta": 0}, "amalgamation.beta", "nothing would be learned"),
     ("amalgamation.temperature", 0, "amalgamation.temperature", "greater than 0"),
     ("amalgamation.calibration_folds", 1, "amalgamation.calibration_folds", "nothing to fit on"),
     ("amalgamation.kd_confidence_power", -1, "amalgamation.kd_confidence_power", "greater than or equal to 0"),
@@ -229,6 +229,7 @@ def test_streaming_without_heldout_rows_reported_with_other_problems(job_dict):
     """train.stream_from_generation with stratanet needs held-out rows: reported at its dotted path,
     naming the field to change, together with unrelated field errors."""
     d = copy.deepcopy(job_dict)
+    d["amalgamation"] = {"method": "stratanet"}
     d["transfer"]["heldout_fraction"] = 0
     d["train"] = {"stream_from_generation": True}
     d["eval"] = {"bach_size": 8}

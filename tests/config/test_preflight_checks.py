@@ -79,3 +79,23 @@ def test_a_local_plan_may_book_each_core_twice(job_dict, monkeypatch):
         preflight(validate_config(d))
     message = dict(err.value.problems)["ray.num_train_workers"]
     assert "= 5 CPUs" in message and "2 cores, each booked for at most 2 processes" in message, message
+
+
+@pytest.mark.parametrize("source", ["steered", "random_words"])
+def test_too_few_held_out_requests_are_refused_before_generation(job_dict, synthetic_task, source):
+    """16 requests a class leave teacher beta 5 held-out requests: the job generated its transfer set and
+    only then failed in the confidence stage. The held-out requests are known beforehand, whatever the
+    source; a vanilla job needs none."""
+    d = copy.deepcopy(job_dict)
+    d["transfer"] = {**d.get("transfer", {}), "source": source, "samples_per_class": 16, "heldout_fraction": 0.2,
+                     "steered": {"lm_path": str(synthetic_task.lm)}}
+    d["amalgamation"] = {**d.get("amalgamation", {}), "method": "stratanet", "calibration_folds": 5}
+    with pytest.raises(ConfigError) as err:
+        preflight(validate_config(d))
+    message = dict(err.value.problems)["transfer.heldout_fraction"]
+    assert "'beta': 5" in message and "need >= 8" in message and "transfer.samples_per_class" in message
+    d["amalgamation"]["method"] = "vanilla"
+    preflight(validate_config(d))
+    d["amalgamation"]["method"] = "stratanet"
+    d["transfer"]["samples_per_class"] = 32
+    preflight(validate_config(d))

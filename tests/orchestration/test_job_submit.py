@@ -120,8 +120,8 @@ def test_smoke_job_submitted_to_a_local_head_writes_where_it_was_told(ray_head, 
     assert status != 0 and "transfer.smaples_per_class: unknown key" in log, log[-6000:]  # refused before Ray
     assert not out.exists()
 
-    # every stage as the README's command runs it, on a quarter of the requests and with a shorter training
-    status, log = _submit(address, env, home, f"output.dir={out}", "transfer.samples_per_class=16", "train.epochs=2")
+    # every stage as the README's command runs it, on half the requests and with a shorter training
+    status, log = _submit(address, env, home, f"output.dir={out}", "transfer.samples_per_class=32", "train.epochs=2")
     assert status == 0, log[-6000:]
     assert f"relative paths in the config are under {home}" in log
     assert "student accuracy" in log and f"student -> {out / 'student'}" in log, log[-6000:]
