@@ -46,7 +46,7 @@ from dfkd_ray.tuning.proxy import TrialScorer, probe_config
 from dfkd_ray.tuning.results import rank_correlation
 from dfkd_ray.tuning.space import generation_fingerprint, set_dotted
 
-from harness.setup import Settings, finetune_teachers, label_space, read_data
+from harness.setup import Settings, add_setting_arguments, finetune_teachers, label_space, read_data
 from harness.spec import SpecError, load_spec
 
 SPEC = Path(__file__).resolve().parent / "specs" / "agnews.yaml"
@@ -135,21 +135,9 @@ def parse_args(argv=None) -> tuple[Settings, dict[str, dict]]:
     p.add_argument("--out", type=Path, default=Path("tune_proxy.json"))
     p.add_argument("--configs", default=CONFIGS, help="name:dotted.key=value,...;... (default: 10 configurations)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples-per-class", type=int, default=spec.samples_per_class)
+    add_setting_arguments(p, spec.samples_per_class)
     p.add_argument("--probe-samples", type=int, default=250, help="tune.proxy_samples_per_class")
     p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--gen-batch", type=int, default=500)
-    p.add_argument("--top-m", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-confidence", type=float, default=0.5)
-    p.add_argument("--heldout-fraction", type=float, default=0.1)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=float, default=6)
-    p.add_argument("--teacher-epochs", type=int, default=2)
-    p.add_argument("--teacher-lr", type=float, default=5e-5)
     p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 test rows, tiny sets and budgets")
     args = p.parse_args(argv)
     if args.tiny:

@@ -49,7 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness, imported as benchmarks/amalgamation.py imports it
 
-from harness.setup import Settings, finetune_teachers, job_config, label_space, read_data  # noqa: E402
+from harness.setup import (Settings, add_setting_arguments, finetune_teachers, job_config,  # noqa: E402
+                           label_space, read_data)
 from harness.spec import SpecError, load_spec  # noqa: E402
 
 SPEC = ROOT / "benchmarks" / "specs" / "agnews.yaml"
@@ -327,27 +328,15 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--shard-size", type=int, default=250, help="requests per shard: the unit an actor takes")
     p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 rows, 12 samples per class, 1 epoch")
     # The benchmark's StrataNet row (benchmarks/amalgamation.py's defaults, RESULTS.md "AG News").
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples-per-class", type=int, default=spec.samples_per_class)
-    p.add_argument("--gen-batch", type=int, default=500)
+    add_setting_arguments(p, spec.samples_per_class)
     p.add_argument("--control-strength", type=float, default=32.0)
-    p.add_argument("--top-m", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt", default="Category: {label}")
     p.add_argument("--lambda-schedule", default="constant")
     p.add_argument("--decay-rate", type=float, default=0.97)
-    p.add_argument("--min-confidence", type=float, default=0.5)
-    p.add_argument("--heldout-fraction", type=float, default=0.1)
-    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.75)
     p.add_argument("--kd-power", type=float, default=64.0)
     p.add_argument("--confidence-transform", default="logistic")
     p.add_argument("--stratanet", default="", metavar="KEY=VALUE,...", help="more amalgamation fields")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=float, default=6)
-    p.add_argument("--teacher-epochs", type=int, default=2)
-    p.add_argument("--teacher-lr", type=float, default=5e-5)
     args = p.parse_args(argv)
     args.layout_list = [t.strip() for t in args.layouts.split(",") if t.strip()]
     for text in args.layout_list:

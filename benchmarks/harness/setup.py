@@ -209,6 +209,26 @@ class Settings:
         return self.work / "train_text.txt"
 
 
+def add_setting_arguments(p: argparse.ArgumentParser, samples_per_class: int | None) -> None:
+    """The generation and training settings that :func:`job_config`, :func:`steered_section` and
+    :func:`finetune_teacher` read from ``args``, with the benchmark's defaults (RESULTS.md "AG News"):
+    every script that builds the benchmark's jobs takes them alike."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-class", type=int, default=samples_per_class,
+                   help="transfer texts per (teacher, class) (default: the spec's samples_per_class)")
+    p.add_argument("--gen-batch", type=int, default=500)
+    p.add_argument("--top-m", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-confidence", type=float, default=0.5, help="steered rows only")
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="rows kept to fit confidence statistics")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=6)
+    p.add_argument("--teacher-epochs", type=int, default=2)
+    p.add_argument("--teacher-lr", type=float, default=5e-5)
+
+
 def steered_section(args, overrides: dict | None = None) -> dict:
     """``transfer.steered`` of every row, with a ``--sweep`` variant's ``overrides``."""
     return {"engine": "hf", "lm_path": str(args.lm), "control_strength": args.control_strength,
