@@ -72,7 +72,7 @@ from harness.diagnostics import (confidence_auroc, profile_distill, save_feature
                                  transfer_diagnostics)
 from harness.report import combined_markdown, sweep_markdown, table_markdown, target_markdown
 from harness.rows import ROWS
-from harness.setup import (Settings, add_setting_arguments, amalgamation_section, finetune_teachers, job_config, label_space, log,
+from harness.setup import (Settings, add_row_arguments, add_setting_arguments, amalgamation_section, finetune_teachers, job_config, label_space, log,
                            make_transfer_set, parse_sweep, read_data, steered_section, train_supervised,
                            training_texts, transfer_dir)
 from harness.spec import SpecError, load_spec
@@ -124,20 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--save-transfer", type=Path, default=None, help="copy each transfer set's Parquet here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_setting_arguments(p, samples_per_class=None)
+    add_row_arguments(p)
     p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--control-strength", type=float, default=32.0,
-                   help="lambda of the steered rows (transfer.steered.control_strength)")
-    p.add_argument("--prompt", default="Category: {label}",
-                   help="steered prompt template (StrataNet Table 1); '' for none. The set keeps only the continuation")
-    p.add_argument("--lambda-schedule", choices=("constant", "decay"), default="constant")
-    p.add_argument("--decay-rate", type=float, default=0.97, help="per-token lambda decay (decay schedule)")
-    p.add_argument("--temperature", type=float, default=0.75)
-    p.add_argument("--kd-power", type=float, default=64.0,
-                   help="amalgamation.kd_confidence_power of the stratanet rows (gamma of the KD teacher weights)")
-    p.add_argument("--confidence-transform", choices=("logistic", "ecdf"), default="logistic",
-                   help="amalgamation.confidence_transform of the stratanet rows")
-    p.add_argument("--stratanet", default="", metavar="KEY=VALUE,...",
-                   help="amalgamation fields of the StrataNet rows (after --kd-power), e.g. 'alpha=0.3,train_fusion=false'")
     p.add_argument("--supervised-epochs", type=int, default=3)
     p.add_argument("--no-judge", action="store_true", help="skip the supervised row (and the judge diagnostics)")
     p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 train/test/dev rows, 12 samples per class")

@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness, imported as benchmarks/amalgamation.py imports it
 
-from harness.setup import (Settings, add_setting_arguments, finetune_teachers, job_config,  # noqa: E402
+from harness.setup import (Settings, add_row_arguments, add_setting_arguments, finetune_teachers, job_config,  # noqa: E402
                            label_space, read_data)
 from harness.spec import SpecError, load_spec  # noqa: E402
 
@@ -329,14 +329,7 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 rows, 12 samples per class, 1 epoch")
     # The benchmark's StrataNet row (benchmarks/amalgamation.py's defaults, RESULTS.md "AG News").
     add_setting_arguments(p, spec.samples_per_class)
-    p.add_argument("--control-strength", type=float, default=32.0)
-    p.add_argument("--prompt", default="Category: {label}")
-    p.add_argument("--lambda-schedule", default="constant")
-    p.add_argument("--decay-rate", type=float, default=0.97)
-    p.add_argument("--temperature", type=float, default=0.75)
-    p.add_argument("--kd-power", type=float, default=64.0)
-    p.add_argument("--confidence-transform", default="logistic")
-    p.add_argument("--stratanet", default="", metavar="KEY=VALUE,...", help="more amalgamation fields")
+    add_row_arguments(p)
     args = p.parse_args(argv)
     args.layout_list = [t.strip() for t in args.layouts.split(",") if t.strip()]
     for text in args.layout_list:

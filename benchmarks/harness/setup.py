@@ -18,10 +18,11 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-from dfkd_ray.config import JobConfig, validate_config
+from dfkd_ray.config import AmalgamationConfig, JobConfig, SteeredConfig, validate_config
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.transfer.store import read_transfer_table
 from dfkd_ray.transfer.writer import write_transfer_set
@@ -209,6 +210,10 @@ class Settings:
         return self.work / "train_text.txt"
 
 
+AMALGAMATION = AmalgamationConfig.model_fields
+STEERED = SteeredConfig.model_fields
+
+
 def add_setting_arguments(p: argparse.ArgumentParser, samples_per_class: int | None) -> None:
     """The generation and training settings that :func:`job_config`, :func:`steered_section` and
     :func:`finetune_teacher` read from ``args``, with the benchmark's defaults (RESULTS.md "AG News"):
@@ -227,6 +232,29 @@ def add_setting_arguments(p: argparse.ArgumentParser, samples_per_class: int | N
     p.add_argument("--epochs", type=float, default=6)
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--teacher-lr", type=float, default=5e-5)
+
+
+def add_row_arguments(p: argparse.ArgumentParser) -> None:
+    """The steered generation and amalgamation settings of the rows (:func:`steered_section`,
+    :func:`amalgamation_section`): the benchmark's lambda and prompt, the job's amalgamation defaults."""
+    p.add_argument("--control-strength", type=float, default=32.0,
+                   help="lambda of the steered rows (transfer.steered.control_strength)")
+    p.add_argument("--prompt", default="Category: {label}",
+                   help="steered prompt template (StrataNet Table 1); '' for none. The set keeps only the continuation")
+    p.add_argument("--lambda-schedule", choices=get_args(STEERED["lambda_schedule"].annotation),
+                   default=STEERED["lambda_schedule"].default)
+    p.add_argument("--decay-rate", type=float, default=STEERED["decay_rate"].default,
+                   help="per-token lambda decay (decay schedule)")
+    # The amalgamation settings default to the job's (AmalgamationConfig), so a row without flags
+    # measures what the job runs.
+    p.add_argument("--temperature", type=float, default=AMALGAMATION["temperature"].default)
+    p.add_argument("--kd-power", type=float, default=AMALGAMATION["kd_confidence_power"].default,
+                   help="amalgamation.kd_confidence_power of the stratanet rows (gamma of the KD teacher weights)")
+    p.add_argument("--confidence-transform", choices=get_args(AMALGAMATION["confidence_transform"].annotation),
+                   default=AMALGAMATION["confidence_transform"].default,
+                   help="amalgamation.confidence_transform of the stratanet rows")
+    p.add_argument("--stratanet", default="", metavar="KEY=VALUE,...",
+                   help="amalgamation fields of the StrataNet rows (after --kd-power), e.g. 'alpha=0.3,train_fusion=false'")
 
 
 def steered_section(args, overrides: dict | None = None) -> dict:
