@@ -3,15 +3,16 @@ held-out rows, saved beside the job, called on teacher outputs during distillati
 
 - :mod:`~dfkd_ray.confidence.estimator`: :class:`ConfidenceEstimator`, ``estimator(teacher_output)`` -> ``(B, N)``.
 - :mod:`~dfkd_ray.confidence.fitting`: :func:`fit_estimator` (one teacher's rows), :func:`fit_estimators`
-  (every teacher's texts), :func:`fit_confidence` (a job's transfer set).
+  (every teacher's texts), :func:`fit_confidence` (a job's transfer set), :func:`separation_report` (the
+  console lines of the label-free separation estimate).
 - :mod:`~dfkd_ray.confidence.persistence`: :func:`save_estimators` / :func:`load_estimators`.
 
 The pure Gaussian fitting, scoring and calibration functions are :mod:`dfkd_ray.math.confidence`.
 """
 
 from dfkd_ray.confidence.estimator import ConfidenceEstimator
-from dfkd_ray.confidence.fitting import fit_confidence, fit_estimator, fit_estimators, heldout_rows
+from dfkd_ray.confidence.fitting import fit_confidence, fit_estimator, fit_estimators, heldout_rows, separation_report
 from dfkd_ray.confidence.persistence import load_estimator, load_estimators, save_estimator, save_estimators
 
 __all__ = ["ConfidenceEstimator", "fit_confidence", "fit_estimator", "fit_estimators", "heldout_rows",
-           "load_estimator", "load_estimators", "save_estimator", "save_estimators"]
+           "load_estimator", "load_estimators", "save_estimator", "save_estimators", "separation_report"]

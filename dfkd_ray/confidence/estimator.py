@@ -54,6 +54,20 @@ class ConfidenceEstimator:
             if block_states.shape[2] != self.hidden_size:
                 raise ValueError(f"estimator was fitted for hidden size {self.hidden_size}, got {block_states.shape[2]}")
 
+    def separation(self) -> list[float] | None:
+        """Per block, how well the statistics tell this teacher's held-out pseudo-text from the other
+        teachers': the AUROC of the out-of-fit scores (``other_scores`` against ``calib_scores``; 1 =
+        always, 0.5 = chance). It needs no labels. ``None`` without ``other_scores`` (transforms other
+        than ``contrast``, or one teacher)."""
+        if "other_scores" not in self.tensors:
+            return None
+        from sklearn.metrics import roc_auc_score
+
+        own, other = self.tensors["calib_scores"].cpu(), self.tensors["other_scores"].cpu()  # (N, M), (N, M_o)
+        truth = [0] * own.shape[1] + [1] * other.shape[1]  # 1: another teacher's row (higher score = more OOD)
+        return [round(float(roc_auc_score(truth, torch.cat([own[b], other[b]]).numpy())), 4)
+                for b in range(own.shape[0])]
+
     def raw_scores(self, block_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """:meth:`scores` without the shape checks (fitting calls it on its own slices)."""
         if self.method == "msp":

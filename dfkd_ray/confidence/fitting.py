@@ -50,8 +50,9 @@ def _calibrated(est: ConfidenceEstimator, calib: torch.Tensor, cfg: Amalgamation
         center = calibration_center(calib, cfg.confidence_center, quantile=cfg.confidence_quantile,
                                     sd=cfg.confidence_center_sd)  # (N,) t_b
         scale = robust_scale(calib, center)  # (N,) tau_b
-    return replace(est, tensors={**est.tensors, "calib_scores": calib, "calib_center": center, "calib_scale": scale,
-                                 **extra})
+    est = replace(est, tensors={**est.tensors, "calib_scores": calib, "calib_center": center, "calib_scale": scale,
+                                **extra})
+    return replace(est, meta={**est.meta, "separation": est.separation()})
 
 
 def fit_estimator(block_states: torch.Tensor, logits: torch.Tensor, labels: Optional[torch.Tensor],
@@ -238,3 +239,25 @@ def fit_confidence(cfg: JobConfig, table, teachers: dict) -> dict[str, Confidenc
                          f"with amalgamation.calibration_folds {folds}). "
                          "Raise transfer.heldout_fraction or transfer.samples_per_class, or lower calibration_folds")
     return fit_estimators(teachers, texts, classes, cfg.amalgamation, seed=cfg.seed)
+
+
+def separation_report(metas: Mapping[str, dict], threshold: float) -> list[str]:
+    """The console lines of the confidence stage's label-free separation estimate: one line with each
+    teacher's last-block separation (``ConfidenceEstimator.separation``, kept in its fit ``meta``),
+    then a warning for every teacher below ``threshold`` (``amalgamation.separation_warning``). No
+    lines when no teacher has an estimate (transforms other than ``contrast``, or one teacher)."""
+    last = {name: meta["separation"][-1] for name, meta in metas.items() if meta.get("separation")}
+    if not last:
+        return []
+    lines = ["confidence separation (AUROC of each teacher's held-out pseudo-text against the other teachers', "
+             "out of fit, last block; 0.5 = chance): " + ", ".join(f"{n} {v:.2f}" for n, v in last.items())]
+    for name, value in last.items():
+        if value < threshold:
+            lines.append(
+                f"warning: teacher {name!r}'s confidence statistics tell its pseudo-text from the other teachers' "
+                f"only at AUROC {value:.2f} (amalgamation.separation_warning {threshold:.2f}). On real text the KD "
+                "target may then follow the wrong teacher, and the student can end below the teachers' ensemble: "
+                "compare the two in the eval report before using the student. amalgamation.method=vanilla distils "
+                "without confidence weights; more transfer.samples_per_class or a transfer.steered.prompt that names "
+                "the class can raise the separation")
+    return lines

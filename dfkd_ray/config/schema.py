@@ -340,6 +340,11 @@ class AmalgamationConfig(_Section):
     contrast_sharpness: float = Field(8.0, gt=0.0, le=100.0, description="kappa of the contrast transform: "
                                                                        "confidence sigmoid(kappa/2) at the median of "
                                                                        "the teacher's own pseudo-data")
+    separation_warning: float = Field(
+        0.8, ge=0.5, le=1.0, description="the job warns when a teacher's last-block separation (AUROC of its own "
+                                         "held-out pseudo-text against the other teachers', out of fit; contrast "
+                                         "transform) is below this: its confidence may then follow the wrong teacher "
+                                         "on real text")
     confidence_center: Literal["quantile", "moments"] = Field(
         "quantile", description="logistic centre: the confidence_quantile of held-out scores, or mean + "
                                 "confidence_center_sd sd")

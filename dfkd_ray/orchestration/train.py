@@ -46,6 +46,8 @@ from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer
 
 # Settings of how a run reports, recovers or picks kernels, not what it trains: out of the stage record.
 _TRAIN_ONLY_KEYS = ("report_every_steps", "checkpoint_every_steps", "max_failures", "sdpa")
+# What the confidence stage only reports on: a changed warning threshold does not retrain the student.
+_AMALGAMATION_REPORT_KEYS = ("separation_warning",)
 
 
 def confidence_dir(cfg: JobConfig) -> Path:
@@ -104,6 +106,7 @@ def run_confidence(cfg: JobConfig, transfer_dir: Path, *, rows_dir: Path | None 
     desc = confidence_description(cfg, transfer_dir, rows_dir)
     if stage_done(out, desc, stage="confidence"):
         print(f"confidence statistics already fitted: {out}")
+        _print_separation(cfg, read_record(out).get("teachers", {}))
         return out
     gpu = 1 if cfg.ray.use_gpu else 0
     task = ray.remote(num_cpus=cfg.ray.cpus_per_train_worker, num_gpus=gpu)(_fit_confidence_task)
@@ -112,14 +115,23 @@ def run_confidence(cfg: JobConfig, transfer_dir: Path, *, rows_dir: Path | None 
     mark_done(out, desc, teachers=meta)
     print(f"confidence statistics ({cfg.amalgamation.confidence}) fitted for {list(meta)} in "
           f"{time.perf_counter() - start:.1f} s -> {out}")
+    _print_separation(cfg, meta)
     return out
+
+
+def _print_separation(cfg: JobConfig, metas: dict) -> None:
+    from dfkd_ray.confidence import separation_report
+
+    for line in separation_report(metas, cfg.amalgamation.separation_warning):
+        print(line)
 
 
 def distill_description(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None) -> dict:
     return {"transfer_set": read_manifest(transfer_dir)["fingerprint"], "seed": cfg.seed,
             "confidence": read_record(conf_dir)["fingerprint"] if conf_dir is not None else None,
             "teachers": {t.name: str(Path(t.path).resolve()) for t in cfg.teachers},
-            "amalgamation": cfg.amalgamation.model_dump(mode="json"),
+            "amalgamation": {k: v for k, v in cfg.amalgamation.model_dump(mode="json").items()
+                             if k not in _AMALGAMATION_REPORT_KEYS},
             "student": cfg.student.model_dump(mode="json"),
             "train": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _TRAIN_ONLY_KEYS},
             "num_train_workers": cfg.ray.num_train_workers}

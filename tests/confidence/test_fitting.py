@@ -8,7 +8,8 @@ import torch
 from pydantic import ValidationError
 
 from dfkd_ray.config import AmalgamationConfig, validate_config
-from dfkd_ray.confidence import fit_confidence, fit_estimator, fit_estimators, heldout_rows
+from dfkd_ray.confidence import fit_confidence, fit_estimator, fit_estimators, heldout_rows, separation_report
+from dfkd_ray.evaluation import auroc
 from dfkd_ray.math.confidence import contrast_calibration, fit_gaussians, mahalanobis_sq
 
 H, C, N = 16, 3, 2
@@ -190,6 +191,39 @@ def test_contrast_calibrates_on_out_of_fold_scores_of_the_own_and_the_other_teac
     assert conf[:m].median() > 0.9 and conf[m:].median() < 0.5  # own rows confident, the others not
     with pytest.raises(ValueError, match="other teachers"):
         fit(z, torch.zeros(m, C), y, confidence_transform="contrast")
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0])
+def test_separation_is_the_auroc_of_the_out_of_fit_scores_and_falls_with_the_shift(gaussian_blocks, ood_shift, scale):
+    """The label-free separation estimate: per block, the AUROC of the other teachers' out-of-fit scores
+    against the own rows' (the pairwise-count reference), kept in the fit's meta; other rows from the
+    same distribution sit near chance, far-shifted ones near 1, and it grows with the shift."""
+    z, y = gaussian_blocks(60)
+    other = gaussian_blocks(45)[0][torch.randperm(45, generator=torch.Generator().manual_seed(9))] + scale * ood_shift
+    est = fit(z, torch.zeros(60, C), y, background_states=other, confidence_transform="contrast")
+    own, oth = est.tensors["calib_scores"], est.tensors["other_scores"]  # (N, M), (N, M_o)
+    expected = [round(auroc(own[b], oth[b]), 4) for b in range(N)]
+    assert est.separation() == pytest.approx(expected, abs=1e-4) and est.meta["separation"] == est.separation()
+    last = est.separation()[-1]
+    if scale == 0.0:
+        assert 0.3 < last < 0.75  # the others' rows are drawn like the own ones
+    else:
+        assert last > 0.95
+    seps = [fit(z, torch.zeros(60, C), y, background_states=other + s * ood_shift,
+                confidence_transform="contrast").separation()[-1] for s in (0.0, 0.5, 2.0)]
+    assert seps == sorted(seps)
+    assert fit(z, torch.zeros(60, C), y, background_states=other).separation() is None  # logistic: no other scores
+
+
+def test_separation_report_names_each_teacher_and_warns_below_the_threshold():
+    metas = {"world": {"separation": [0.7, 0.93]}, "sports": {"separation": [0.6, 0.77]}, "msp_teacher": {}}
+    lines = separation_report(metas, 0.8)
+    assert len(lines) == 2 and lines[0].endswith("world 0.93, sports 0.77")
+    assert lines[1].startswith("warning: teacher 'sports'") and "amalgamation.separation_warning 0.80" in lines[1]
+    assert len(separation_report(metas, 0.75)) == 1  # nobody below: no warning
+    assert separation_report({"a": {"separation": None}, "b": {}}, 0.8) == []  # nothing estimated: nothing said
+    with pytest.raises(ValidationError, match="separation_warning"):
+        AmalgamationConfig(separation_warning=0.4)
 
 
 @pytest.mark.parametrize("shrinkage", [0.0, 0.1])

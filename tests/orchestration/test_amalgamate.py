@@ -36,7 +36,8 @@ RAY_INTERNALS = [
     r"\bINFO\b.*\.py:\d+",  # a Ray logger's INFO line (Ray Data's execution and progress lines)
 ]
 # The job's own lines, each seen at least once.
-JOB_LINES = [r"^transfer set: \d+ rows from \d+ requests", r"distill: step \d+", r"^amalgamate smoke: done in"]
+JOB_LINES = [r"^transfer set: \d+ rows from \d+ requests", r"^confidence separation \(AUROC .*\): alpha [01]\.\d\d, beta [01]\.\d\d$",
+             r"distill: step \d+", r"^amalgamate smoke: done in"]
 
 
 def ray_internal_lines(console: str) -> list[str]:
@@ -132,7 +133,7 @@ def test_smoke_console_is_the_jobs_own(smoke_run):
     assert "Failed to query Ray Train Controller" not in console and "PlacementGroupCleaner" not in console
 
 
-def test_rerun_skips_stages_and_changed_config_is_refused(smoke_run, smoke_config):
+def test_rerun_skips_stages_and_changed_config_is_refused(smoke_run, smoke_config, capsys):
     from dfkd_ray.orchestration.amalgamate import run_amalgamate
 
     cfg, summary, _ = smoke_run
@@ -142,6 +143,11 @@ def test_rerun_skips_stages_and_changed_config_is_refused(smoke_run, smoke_confi
     again = run_amalgamate(cfg, progress=False)
     assert student.stat().st_mtime_ns == before
     assert again["eval"]["student"] == summary["eval"]["student"]
+    capsys.readouterr()
+    strict = smoke_config(out, "amalgamation.separation_warning=0.999")  # a threshold only reports
+    run_amalgamate(strict, progress=False)
+    assert student.stat().st_mtime_ns == before
+    assert "confidence separation" in (printed := capsys.readouterr().out) and "warning: teacher" in printed, printed
     changed = smoke_config(out, "train.epochs=3")
     with pytest.raises(StageMismatch, match=r"train\.epochs: 12(\.0)? -> 3"):
         run_amalgamate(changed, progress=False)
