@@ -89,9 +89,11 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
     fitted the same way (:func:`fit_confidence` on the transfer set's held-out rows).
 
     Also per variant: ``selects_own`` (share of test texts whose largest KD weight goes to the teacher
-    that knows the true class) and ``auroc_last`` (last-block confidence, texts of the teacher's own
-    classes vs the others'); and ``oracle`` (all weight on the teacher that knows the class: the
-    target's ceiling with these teachers).
+    that knows the true class), ``auroc_last`` (last-block confidence, texts of the teacher's own
+    classes vs the others') and ``separation_last`` (the job's label-free estimate of that AUROC from
+    pseudo-text, :meth:`~dfkd_ray.confidence.ConfidenceEstimator.separation`; ``None`` for transforms
+    that keep no other-teacher scores); and ``oracle`` (all weight on the teacher that knows the
+    class: the target's ceiling with these teachers).
     """
     names = list(teachers)
     y = torch.tensor(labels)  # (M,)
@@ -113,6 +115,7 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
         out[f"{cfg.amalgamation.confidence}/{transform}"] = {
             "selects_own": round(scores["selects_own"], 4),
             "auroc_last": {n: round(auroc(-conf[own[:, i], i], -conf[~own[:, i], i]), 4) for i, n in enumerate(names)},
+            "separation_last": {n: (fitted[n].separation() or [None])[-1] for n in names},
             "accuracy_by_power": {p: round(a, 4) for p, a in scores["accuracy_by_power"].items()}}
     return out
 

@@ -152,7 +152,8 @@ def group_markdown(reports: list[dict]) -> str:
 def target_summary(reports: list[dict]) -> str:
     """Per confidence fit (transfer set / confidence / transform), over fit seeds: how often the KD
     target picks the teacher that knows the class on real test text, its accuracy at the rows'
-    ``kd_confidence_power``, the oracle, and the last-block AUROC on pseudo-text vs on real text."""
+    ``kd_confidence_power``, the oracle, and the last-block AUROC on pseudo-text (the benchmark's
+    training rows; and the job's own separation estimate from its held-out rows) vs on real text."""
     power = str(float(reports[0]["settings"].get("kd_power", 64.0)))
     fits: dict[str, dict] = {}
     for report in reports:
@@ -169,17 +170,21 @@ def target_summary(reports: list[dict]) -> str:
     if not fits:
         return ""
     lines = [f"| confidence fit | fit seeds | selects own teacher | KD target, gamma {float(power):g} | oracle "
-             "| last-block AUROC, pseudo-text | last-block AUROC, real text |", "|---|---|---|---|---|---|---|"]
+             "| last-block AUROC, pseudo-text | separation estimate (job) | last-block AUROC, real text |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, f in fits.items():
         runs = list(f["seeds"].values())
         teachers = list(runs[0]["auroc_last"])
         real = " / ".join(f"{_mean([r['auroc_last'][n] for r in runs]):.3f}" for n in teachers)
         pseudo = (" / ".join(f"{_mean([a[n][-1] for a in f['pseudo'].values()]):.3f}" for n in teachers)
                   if f["pseudo"] else "")
+        estimates = [r.get("separation_last", {}) for r in runs]
+        estimate = (" / ".join(f"{_mean([e[n] for e in estimates]):.3f}" for n in teachers)
+                    if all(e.get(n) is not None for e in estimates for n in teachers) else "-")
         accuracy = [r["accuracy_by_power"][power] for r in runs if power in r["accuracy_by_power"]]
         lines.append(f"| {name} | {len(runs)} | {100 * _mean([r['selects_own'] for r in runs]):.1f}% | "
                      f"{f'{100 * _mean(accuracy):.2f}' if accuracy else '-'} | {100 * f['oracle']:.2f} | "
-                     f"{pseudo} | {real} |")
+                     f"{pseudo} | {estimate} | {real} |")
     return "\n".join(lines)
 
 

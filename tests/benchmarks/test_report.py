@@ -59,3 +59,22 @@ def test_other_settings_or_another_lm_are_separate_benchmarks(tmp_path):
     c = write(tmp_path, "c.json", result({"stratanet": {0: 0.60}}, lm="lm-b"))
     md = combined_markdown([a, b, c])
     assert "### toy · lm-a\n" in md and "### toy · lm-a · kd_power=1.0" in md and "### toy · lm-b\n" in md
+
+
+def test_confidence_summary_puts_the_jobs_estimate_beside_the_real_text_auroc(tmp_path):
+    """Per confidence fit, over fit seeds: the pseudo-text AUROC, the job's label-free separation
+    estimate and the real-text AUROC of each teacher, side by side (means over seeds)."""
+    def fit(estimate):
+        return {"selects_own": 0.8, "auroc_last": {"t1": 0.9, "t2": 0.6},
+                "separation_last": {"t1": estimate, "t2": 0.7}, "accuracy_by_power": {"64.0": 0.75}}
+    reports = []
+    for seed, estimate in ((0, 0.94), (1, 0.96)):
+        r = result({"stratanet": {seed: 0.76}})
+        r["target"] = {f"steered/rmd/seed{seed}": {"oracle": 0.95, "rmd/contrast": fit(estimate),
+                                                   "rmd/logistic": {**fit(None), "separation_last": {"t1": None,
+                                                                                                     "t2": None}}}}
+        r["auroc"] = {f"steered/rmd/seed{seed}": {"t1": [0.8, 0.97], "t2": [0.7, 0.77]}}
+        reports.append(write(tmp_path, f"{seed}.json", r))
+    md = combined_markdown(reports)
+    assert table_line(md, "steered / rmd/contrast")[5:] == ["0.970 / 0.770", "0.950 / 0.700", "0.900 / 0.600"]
+    assert table_line(md, "steered / rmd/logistic")[6] == "-"
