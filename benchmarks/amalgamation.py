@@ -16,6 +16,7 @@ the spec's test rows and development rows:
     stratanet       steered generation + RMD confidence + ST-amalg (block L2 + confidence-weighted KL)
     stratanet_msp   the same with maximum-softmax-probability confidence instead of RMD
     stratanet_nost  the same with ``fusion: no_st`` (linear layer over the confidence-weighted sum)
+    stratanet_trained_st  the same with ST-amalg trained through the block loss (``train_fusion: true``, the paper's)
     stratanet_random, stratanet_corpus   diagnostics: StrataNet's machinery on untargeted text
     vanilla_real, stratanet_real   diagnostics: the same training on the spec's train text (no labels:
                     the teachers label it, as for ``corpus``). The gap between these and the steered

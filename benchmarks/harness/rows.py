@@ -87,6 +87,7 @@ ROWS: dict[str, Row] = {
     "stratanet": Row("steered", STRATANET, "method"),
     "stratanet_msp": Row("steered", {**STRATANET, "confidence": "msp"}, "ablation"),
     "stratanet_nost": Row("steered", {**STRATANET, "fusion": "no_st"}, "ablation"),
+    "stratanet_trained_st": Row("steered", {**STRATANET, "train_fusion": True}, "ablation"),
     "stratanet_random": Row("random_words", STRATANET, "diagnostic"),
     "stratanet_corpus": Row("corpus", STRATANET, "diagnostic"),
     "vanilla_real": Row("real", VANILLA, "diagnostic"),

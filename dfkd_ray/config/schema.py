@@ -367,7 +367,9 @@ class AmalgamationConfig(_Section):
     share_st_layer: bool = Field(False, description="one ST-amalg layer for all blocks (default: one per block)")
     amalg_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside the ST-amalg layer")
     center_block_loss: bool = Field(True, description="Eq. 7 on batch-centred vectors")
-    train_fusion: bool = Field(True, description="train ST-amalg through the block loss; false: fixed random fusion")
+    train_fusion: bool = Field(False, description="true: train ST-amalg through the block loss, as the paper does; "
+                                                  "false: a fixed random fusion, which the student and the fusion "
+                                                  "cannot shrink together to an uninformative target")
 
     @rule("amalg_heads", "amalg_dim")
     def _heads_divide_dim(heads, dim):

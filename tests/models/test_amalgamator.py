@@ -92,7 +92,8 @@ def test_rmd_weights_each_teacher_up_on_its_own_topics(synthetic_task, teachers,
 
 
 def test_step_gradients_reach_student_projections_and_fusion_never_teachers(synthetic_task, teachers, fitted):
-    model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2))
+    """With ``train_fusion: true`` (the paper's ST-amalg) the fusion learns too; the teachers never do."""
+    model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2, train_fusion=True))
     before = {n: {k: v.clone() for k, v in t.model.state_dict().items()} for n, t in teachers.items()}
     outputs = run_teachers(teachers, TEXTS)
     assert all(not o.block_states.requires_grad and not o.logits.requires_grad for o in outputs.values())
