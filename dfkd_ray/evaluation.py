@@ -369,12 +369,12 @@ def evaluate_teachers(teachers: Mapping[str, object], texts: Sequence[str], labe
 def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
     """Probability that a random OOD score exceeds a random in-distribution score (ties count 1/2);
     NaN when either side is empty. Any shapes (flattened)."""
-    a, b = in_scores.flatten().double(), out_scores.flatten().double()
+    from sklearn.metrics import roc_auc_score
+
+    a, b = in_scores.detach().flatten().double().cpu(), out_scores.detach().flatten().double().cpu()
     if not a.numel() or not b.numel():
         return math.nan
-    greater = (b[:, None] > a[None]).double().mean()
-    ties = (b[:, None] == a[None]).double().mean()
-    return float(greater + 0.5 * ties)
+    return float(roc_auc_score([0] * a.numel() + [1] * b.numel(), torch.cat([a, b]).numpy()))
 
 
 @torch.no_grad()

@@ -115,7 +115,7 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
         out[f"{cfg.amalgamation.confidence}/{transform}"] = {
             "selects_own": round(scores["selects_own"], 4),
             "auroc_last": {n: round(auroc(-conf[own[:, i], i], -conf[~own[:, i], i]), 4) for i, n in enumerate(names)},
-            "separation_last": {n: (fitted[n].separation() or [None])[-1] for n in names},
+            "separation_last": {n: (fitted[n].meta["separation"] or [None])[-1] for n in names},
             "accuracy_by_power": {p: round(a, 4) for p, a in scores["accuracy_by_power"].items()}}
     return out
 

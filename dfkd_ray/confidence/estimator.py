@@ -61,12 +61,10 @@ class ConfidenceEstimator:
         than ``contrast``, or one teacher)."""
         if "other_scores" not in self.tensors:
             return None
-        from sklearn.metrics import roc_auc_score
+        from dfkd_ray.evaluation import auroc
 
-        own, other = self.tensors["calib_scores"].cpu(), self.tensors["other_scores"].cpu()  # (N, M), (N, M_o)
-        truth = [0] * own.shape[1] + [1] * other.shape[1]  # 1: another teacher's row (higher score = more OOD)
-        return [round(float(roc_auc_score(truth, torch.cat([own[b], other[b]]).numpy())), 4)
-                for b in range(own.shape[0])]
+        own, other = self.tensors["calib_scores"], self.tensors["other_scores"]  # (N, M), (N, M_o)
+        return [round(auroc(own[b], other[b]), 4) for b in range(own.shape[0])]  # higher score = more OOD
 
     def raw_scores(self, block_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """:meth:`scores` without the shape checks (fitting calls it on its own slices)."""
