@@ -20,6 +20,10 @@ GPU (repository root; fixtures and data wherever they are)::
     python benchmarks/tune_proxy.py --lm LM_DIR --base MINILM_DIR --agnews AGNEWS_DIR --work /tmp/tune-proxy \
         --out tune_proxy.json [--teachers-from /tmp/agnews/teachers]
 
+Configurations can run as separate processes on one GPU (``--configs`` split, the first process's
+teachers shared through ``--teachers-from``); ``--report A.json B.json ... --out merged.json``
+prints and writes them as one table, the rank correlations computed over all of them.
+
 CPU dry run (tiny sizes, a few minutes): add ``--tiny --device cpu``.
 """
 
@@ -156,6 +160,13 @@ def parse_args(argv=None) -> tuple[Settings, dict[str, dict]]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--report" in argv:  # merge earlier outputs: no model, no data
+        p = argparse.ArgumentParser(description="merge tune_proxy outputs")
+        p.add_argument("--report", type=Path, nargs="+", required=True, metavar="RESULT_JSON")
+        p.add_argument("--out", type=Path, default=Path("tune_proxy.json"))
+        merge = p.parse_args(argv)
+        return merge_reports(merge.report, merge.out)
     settings, configs = parse_args(argv)
     args = settings.args
     device = torch.device(args.device)
@@ -200,19 +211,44 @@ def main(argv=None) -> int:
         log(f"{name}: {json.dumps(report['configs'][name])}")
         del distiller, student
         args.out.write_text(json.dumps(report, indent=1))
-    rows = report["configs"]
-    test = [r["test_accuracy"] for r in rows.values()]
-    best = max(test)
-    report["summary"] = {}
-    for proxy in ("proxy", "proxy_soft", "dev_accuracy"):
-        values = [r[proxy] for r in rows.values()]
-        pick = max(rows, key=lambda n: rows[n][proxy])
-        report["summary"][proxy] = {"spearman": round(rank_correlation(values, test), 4), "pick": pick,
-                                    "pick_test_accuracy": rows[pick]["test_accuracy"], "best_test_accuracy": best,
-                                    "gap_points": round(100 * (best - rows[pick]["test_accuracy"]), 2)}
+    report["summary"] = summary(report["configs"])
     report["seconds"] = round(time.perf_counter() - began, 1)
     args.out.write_text(json.dumps(report, indent=1))
     print(markdown(report))
+    return 0
+
+
+def summary(rows: dict[str, dict]) -> dict:
+    """Per ranking (the proxy, the soft proxy, development accuracy): Spearman's rank correlation with
+    test accuracy, the configuration it picks, that pick's test accuracy and its gap to the best."""
+    test = [r["test_accuracy"] for r in rows.values()]
+    best = max(test)
+    out = {}
+    for proxy in ("proxy", "proxy_soft", "dev_accuracy"):
+        values = [r[proxy] for r in rows.values()]
+        pick = max(rows, key=lambda n: rows[n][proxy])
+        out[proxy] = {"spearman": round(rank_correlation(values, test), 4), "pick": pick,
+                      "pick_test_accuracy": rows[pick]["test_accuracy"], "best_test_accuracy": best,
+                      "gap_points": round(100 * (best - rows[pick]["test_accuracy"]), 2)}
+    return out
+
+
+def merge_reports(paths: list[Path], out: Path) -> int:
+    """Configurations scored by separate processes (``--configs`` split across them, one teacher set
+    through ``--teachers-from``) as one table: their rows together, the summary over all of them."""
+    merged: dict = {"parts": [], "configs": {}}
+    for path in paths:
+        part = json.loads(path.read_text())
+        clash = sorted(set(part["configs"]) & set(merged["configs"]))
+        if clash:
+            raise SystemExit(f"--report: configurations {clash} appear in more than one file (one is {path})")
+        merged["configs"].update(part["configs"])
+        merged["parts"].append({k: part.get(k) for k in ("command", "device", "torch", "date", "seconds")})
+    if len(merged["configs"]) < 2:
+        raise SystemExit("--report: fewer than two configurations scored; nothing to rank")
+    merged["summary"] = summary(merged["configs"])
+    out.write_text(json.dumps(merged, indent=1))
+    print(markdown(merged))
     return 0
 
 

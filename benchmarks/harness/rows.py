@@ -11,7 +11,7 @@ shared by every row that names it.
 - :data:`ROWS`: row name -> :class:`Row` (its transfer set, ``amalgamation`` fields, and its role
   in the table: ``baseline`` rows are what StrataNet must beat, ``method`` is StrataNet itself).
 
-**Adding a row for a new transfer source** (e.g. ``prompt_tuned``) is one block here::
+**Adding a row for a new transfer source** is one block here (``prompt_tuned`` below is one)::
 
     @transfer_set("prompt_tuned")
     def _prompt_tuned(settings) -> dict:
@@ -80,6 +80,20 @@ def _real(settings) -> dict:
     return {"source": "corpus", "corpus": {"path": str(settings.real_text_file)}}
 
 
+@transfer_set("prompt_tuned")
+def _prompt_tuned(settings) -> dict:
+    """DFKD-T3: the ``--lm`` LM rewrites ``--corpus`` documents through hybrid prompts tuned per teacher
+    and class; every rewrite is kept (the paper filters none), as long as a steered text may be."""
+    args = settings.args
+    from harness.setup import parse_fields
+
+    tiny = {"tuning_steps": 2, "tuning_batch_size": 4, "max_source_tokens": 16} if args.tiny else {}
+    return {"source": "prompt_tuned",
+            "prompt_tuned": {"lm_path": str(args.lm), "max_new_tokens": args.max_new_tokens,
+                             "min_new_tokens": min(16, args.max_new_tokens), "batch_size": args.gen_batch, **tiny,
+                             **parse_fields(args.prompt_tuned, "--prompt-tuned")}}
+
+
 ROWS: dict[str, Row] = {
     "vanilla_random": Row("random_words", VANILLA, "baseline"),
     "vanilla_corpus": Row("corpus", VANILLA, "baseline"),
@@ -92,4 +106,6 @@ ROWS: dict[str, Row] = {
     "stratanet_corpus": Row("corpus", STRATANET, "diagnostic"),
     "vanilla_real": Row("real", VANILLA, "diagnostic"),
     "stratanet_real": Row("real", STRATANET, "diagnostic"),
+    "vanilla_prompt_tuned": Row("prompt_tuned", VANILLA, "baseline"),
+    "stratanet_prompt_tuned": Row("prompt_tuned", STRATANET, "diagnostic"),
 }

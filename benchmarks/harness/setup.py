@@ -255,6 +255,8 @@ def add_row_arguments(p: argparse.ArgumentParser) -> None:
                    help="amalgamation.confidence_transform of the stratanet rows")
     p.add_argument("--stratanet", default="", metavar="KEY=VALUE,...",
                    help="amalgamation fields of the StrataNet rows (after --kd-power), e.g. 'alpha=0.3,train_fusion=false'")
+    p.add_argument("--prompt-tuned", default="", metavar="KEY=VALUE,...",
+                   help="transfer.prompt_tuned fields of the prompt-tuned rows, e.g. 'stable_level=5,commander=paraphrase'")
 
 
 def steered_section(args, overrides: dict | None = None) -> dict:
@@ -341,7 +343,12 @@ def transfer_dir(work: Path, source: str) -> Path:
 
 
 def make_transfer_set(cfg: JobConfig, directory: Path, device) -> tuple[object, dict]:
-    """Write ``cfg``'s transfer set to ``directory``; returns its table and summary."""
+    """Write ``cfg``'s transfer set to ``directory`` (a ``prompt_tuned`` set's prompts tuned first, under
+    ``output.dir/prompts``); returns its table and summary."""
+    if cfg.transfer.source == "prompt_tuned":
+        from dfkd_ray.generation.prompt_tuning import write_prompts
+
+        write_prompts(cfg, device=str(device))
     write_transfer_set(cfg, directory, device=str(device), progress=False)
     return read_transfer_table(directory), json.loads((directory / "summary.json").read_text())
 
