@@ -92,7 +92,7 @@ def parse_configs(spec: str) -> dict[str, dict]:
 
 
 def base_config(settings: Settings) -> dict:
-    """The AG News replica's job config (``docs/agnews-benchmark.md``), as a plain dict: the spec's
+    """The AG News replica's job config (``docs/benchmarks.md``), as a plain dict: the spec's
     teachers and student depth, the command line's sizes."""
     args, spec = settings.args, settings.spec
     return {
