@@ -583,6 +583,11 @@ class RayConfig(_Section):
     num_train_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel)")
     use_gpu: bool = Field(False, description="one GPU per train worker (and for the confidence and eval tasks)")
     cpus_per_train_worker: float = Field(1.0, gt=0.0, description="CPUs each train worker reserves")
+    report_poll_interval_s: float = Field(
+        0.25, gt=0.0, le=60.0, description="seconds between Ray Train's collections of worker reports "
+                                           "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker's report waits "
+                                           "until the one before it is collected, so Ray's own 2 s stalls "
+                                           "training that reports or checkpoints more often than that")
 
 
 class OutputConfig(_Section):

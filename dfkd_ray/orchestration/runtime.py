@@ -82,6 +82,17 @@ RAY_CHATTER = ("worker processes have been started on node", "has constructor ar
                "Failed to kill actor")
 
 
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def report_poll_env(r) -> dict[str, str]:
+    """The job's environment variables for Ray Train (``r``: the ``ray`` config section). Ray Train's
+    controller collects one report per worker per health check, every 2 s by default, and a worker's
+    ``ray.train.report`` blocks until its previous report was collected: a job reporting every few
+    steps would wait up to 2 s at each report. ``ray.report_poll_interval_s`` sets that interval."""
+    return {REPORT_POLL_ENV: f"{r.report_poll_interval_s:g}"}
+
+
 def quiet_console() -> None:
     """Keep Ray's and transformers' progress detail off the console of this process, errors and warnings
     kept: Ray Data's console handler at WARNING (its log file keeps everything), ``ray.train`` at WARNING,
@@ -203,8 +214,8 @@ def start_ray(cfg: JobConfig) -> None:
 
     quiet_console()
     ray.data.DataContext.get_current().raise_original_map_exception = True  # the callable's error, not a wrapper
-    hook = {"worker_process_setup_hook": f"{__name__}.quiet_console"}
     r = cfg.ray
+    hook = {"worker_process_setup_hook": f"{__name__}.quiet_console", "env_vars": report_poll_env(r)}
     if r.address is not None or "RAY_ADDRESS" in os.environ:
         ray.init(address=r.address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=hook)
     else:

@@ -150,6 +150,6 @@ def describe_sweep(cfg: JobConfig) -> dict:
     """What decides a sweep's trials: the config with its tune section, less where it writes, how many
     trials run at once and which cluster runs them. A rerun with another description is refused (its
     finished trials would mix with new ones)."""
-    data = cfg.model_dump(mode="json", exclude={"output": True, "ray": {"address"}})
+    data = cfg.model_dump(mode="json", exclude={"output": True, "ray": {"address", "report_poll_interval_s"}})
     data["tune"].pop("max_concurrent_trials")
     return data
