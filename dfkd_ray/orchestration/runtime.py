@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from dfkd_ray.config import JobConfig
+if TYPE_CHECKING:  # every worker process of a job runs quiet_console: keep its imports few
+    from dfkd_ray.config import JobConfig
 
 
 def worker_device(want_gpu: bool) -> str:
@@ -82,6 +83,9 @@ RAY_CHATTER = ("worker processes have been started on node", "has constructor ar
                "Failed to kill actor")
 
 
+TRANSFORMERS_QUIET = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+"""transformers' logging at ERROR and its progress bars off, as environment variables it reads on import."""
+
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
@@ -98,8 +102,13 @@ def quiet_console() -> None:
     kept: Ray Data's console handler at WARNING (its log file keeps everything), ``ray.train`` at WARNING,
     transformers' logging at ERROR and its progress bars off. The ``runtime_env``
     ``worker_process_setup_hook`` of every job's workers (:func:`start_ray`) and part of the driver's start-up.
+    It runs in every worker process of the job, Ray Train's and Ray Data's own actors included, so it
+    imports only what it must: loggers are set by name, and transformers reads its settings from the
+    environment when (and if) the process imports it.
     """
     import logging
+    import os
+    import sys
     import warnings
 
     import ray.data  # configures the ``ray.data`` logger on import: after it, the level below holds
@@ -110,9 +119,9 @@ def quiet_console() -> None:
             handler.setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     # Ray Train's report of each result and checkpoint, logged at INFO by a logger named after its file
-    from ray.train.v2._internal.execution import context as train_context
-
-    train_context.logger.setLevel(logging.WARNING)
+    # (found without importing Ray Train, which most of the job's processes never use)
+    logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution",
+                                   "context.py")).setLevel(logging.WARNING)
     # Ray Train sets a Ray Data option Ray Data itself deprecates; nothing for the job's user to change
     warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.* is deprecated")
     # the job turns Ray Data's progress bars off on purpose (the step lines say more); no notice of it
@@ -121,10 +130,12 @@ def quiet_console() -> None:
     log_once("ray_data_progress_manager_disabled")
     # without a dashboard the cleaner cannot work and would warn once a second for a whole training run
     logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
+    os.environ.update(TRANSFORMERS_QUIET)  # read by transformers on import
+    if "transformers" in sys.modules:  # imported already (the driver): set it now
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def _drop_ray_chatter() -> None:

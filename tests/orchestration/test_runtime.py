@@ -75,3 +75,26 @@ def test_a_generation_actor_whose_engine_cannot_be_built_fails_its_first_batch_n
     actor = generate.GenerationActor(cfg=None, directory="unused")
     with pytest.raises(ConfigError, match=r"teachers\[0\]\.trust_remote_code"):
         actor({"shard": [0]})
+
+
+@pytest.mark.parametrize("address", [None, "auto"])
+def test_every_process_of_the_job_gets_the_report_poll_interval(job_dict, monkeypatch, address):
+    """Ray Train's controller collects worker reports at its health-check interval, and a worker's report
+    waits for the previous one to be collected: the job's runtime environment (a local Ray of its own,
+    or a cluster it joins) sets that interval from ``ray.report_poll_interval_s`` for every process."""
+    import ray
+
+    from dfkd_ray.config import validate_config
+    from dfkd_ray.orchestration import runtime
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(runtime, "_spend_the_drivers_actor_restart_note", lambda: None)
+    monkeypatch.setattr(runtime, "quiet_console", lambda: None)  # this process's logging stays as it is
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job_dict["ray"] = {"report_poll_interval_s": 0.5, "address": address}
+    runtime.start_ray(validate_config(job_dict))
+    (init,) = calls
+    assert init["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert init["runtime_env"]["worker_process_setup_hook"].endswith("quiet_console")
+    assert init["address"] == (address or "local")
