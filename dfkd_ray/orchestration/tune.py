@@ -275,6 +275,9 @@ def run_tune(cfg: JobConfig, *, progress: bool = True) -> dict:
                "best": best.__dict__ if best else None, "best_yaml": str(best_yaml) if best_yaml else None,
                "files": {k: str(v) for k, v in files.items()}, "trials": [r.__dict__ for r in records]}
     (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    # The sweep is over. Ray forwards the trials' output to this console with a delay, so a worker's
+    # last lines could follow the summary: disconnect first, and the table and the final line end it.
+    ray.shutdown()
     print(Path(files["markdown"]).read_text(), end="")
     print(final_line(cfg.name, best, metric, best_yaml, summary["seconds"], len(records)), flush=True)
     return summary
