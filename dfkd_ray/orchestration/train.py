@@ -4,7 +4,7 @@
 statistics on its held-out rows of the transfer set -> ``output.dir/confidence/``.
 
 ``run_distill``: a Ray Train ``TorchTrainer``. The transfer set is read as a Ray Dataset
-(``read_parquet`` of the manifest's shards, held-out rows dropped) and split across
+(the text of the manifest's shards, held-out rows dropped, one block) and split across
 ``ray.num_train_workers`` workers; each worker's loop (:func:`train_loop_per_worker`) builds a
 :class:`~dfkd_ray.train.step.Distiller` (student + ST-amalg under DDP, frozen teachers in the
 config's dtype, the fitted estimators), reads ``get_dataset_shard("train")`` in batches with a
@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
@@ -137,16 +138,19 @@ def distill_description(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | Non
             "num_train_workers": cfg.ray.num_train_workers}
 
 
-def count_training_rows(transfer_dir: Path, include_heldout: bool) -> int:
-    rows = 0
+def training_text(transfer_dir: Path, include_heldout: bool) -> pa.Table:
+    """The ``text`` column of the complete shards in shard order, held-out rows dropped unless
+    ``include_heldout``: the training dataset, one block (``ray.data.from_arrow``), which Ray Train
+    splits into one contiguous range of rows per worker, as ``ray.data.read_parquet`` gave it for a
+    set of small shards (it coalesces them into one block). The process that builds the trainer reads
+    it: the set is text only and read once per run, where ``read_parquet`` would first start a pool
+    of footer-reading actors (up to 32 processes in Ray 2.60) and read tasks to learn what the
+    manifest already says."""
+    tables = []
     for f in transfer_set_files(transfer_dir):
-        held = pq.read_table(f, columns=["heldout"]).column("heldout").to_pylist()
-        rows += len(held) if include_heldout else held.count(False)
-    return rows
-
-
-def _drop_heldout(batch):
-    return batch.filter(pc.invert(batch["heldout"])).select(["text"])
+        t = pq.read_table(f, columns=["text", "heldout"])
+        tables.append((t if include_heldout else t.filter(pc.invert(t["heldout"]))).select(["text"]))
+    return pa.concat_tables(tables) if tables else pa.table({"text": pa.array([], pa.string())})
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -419,7 +423,8 @@ def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, *, af
 
         rows = len(crafting_requests(cfg, heldout=False))
     else:
-        rows = count_training_rows(transfer_dir, cfg.train.include_heldout)
+        text = training_text(transfer_dir, cfg.train.include_heldout)
+        rows = text.num_rows
     if after_stream is None:
         plan = StepPlan.of(rows, cfg, r.num_train_workers)
     else:
@@ -427,9 +432,7 @@ def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, *, af
                                      warmup_steps=int(after_stream["plan"]["warmup_steps"]))
     ds = None
     if not crafted:
-        ds = ray.data.read_parquet(transfer_set_files(transfer_dir)).select_columns(["text", "heldout"])
-        ds = ds.map_batches(_drop_heldout, batch_format="pyarrow") if not cfg.train.include_heldout else ds.select_columns(["text"])
-        ds = ds.materialize()  # text only, read once: every epoch re-iterates it from the object store
+        ds = ray.data.from_arrow(text)  # in the object store: every epoch re-iterates it from there
     streamed = f", after {after_stream['steps']} streamed steps" if after_stream else ""
     what = "pseudo-samples crafted per epoch" if crafted else "rows"
     print(f"distill: {cfg.amalgamation.method} on {plan.rows} {what}, {r.num_train_workers} worker(s) x batch "
