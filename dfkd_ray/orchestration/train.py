@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -44,6 +43,7 @@ from dfkd_ray.train.epochs import StepPlan, student_num_blocks
 from dfkd_ray.orchestration.runtime import worker_device, worker_print
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
 from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
+from dfkd_ray.transfer.streaming_plan import training_rows
 
 # Settings of how a run reports, recovers or picks kernels, not what it trains: out of the stage record.
 _TRAIN_ONLY_KEYS = ("report_every_steps", "checkpoint_every_steps", "max_failures", "sdpa")
@@ -146,10 +146,8 @@ def training_text(transfer_dir: Path, include_heldout: bool) -> pa.Table:
     it: the set is text only and read once per run, where ``read_parquet`` would first start a pool
     of footer-reading actors (up to 32 processes in Ray 2.60) and read tasks to learn what the
     manifest already says."""
-    tables = []
-    for f in transfer_set_files(transfer_dir):
-        t = pq.read_table(f, columns=["text", "heldout"])
-        tables.append((t if include_heldout else t.filter(pc.invert(t["heldout"]))).select(["text"]))
+    tables = [training_rows(pq.read_table(f, columns=["text", "heldout"]), include_heldout)
+              for f in transfer_set_files(transfer_dir)]
     return pa.concat_tables(tables) if tables else pa.table({"text": pa.array([], pa.string())})
 
 

@@ -41,11 +41,17 @@ def stream_order(shards: Sequence[Sequence[Request]]) -> list[int]:
     return order
 
 
-def training_texts(table: pa.Table, include_heldout: bool) -> list[str]:
-    """The texts of a shard that training reads (held-out rows dropped unless ``include_heldout``)."""
+def training_rows(table: pa.Table, include_heldout: bool) -> pa.Table:
+    """The ``text`` column of the rows of a shard that training reads (held-out rows dropped unless
+    ``include_heldout``)."""
     if not include_heldout:
         table = table.filter(pc.invert(table.column("heldout")))
-    return table.column("text").to_pylist()
+    return table.select(["text"])
+
+
+def training_texts(table: pa.Table, include_heldout: bool) -> list[str]:
+    """The texts of a shard that training reads (:func:`training_rows`)."""
+    return training_rows(table, include_heldout).column("text").to_pylist()
 
 
 class ReplaySource:
