@@ -50,7 +50,7 @@ from dfkd_ray.tuning.proxy import TrialScorer, probe_config
 from dfkd_ray.tuning.results import rank_correlation
 from dfkd_ray.tuning.space import generation_fingerprint, set_dotted
 
-from harness.setup import Settings, add_setting_arguments, finetune_teachers, label_space, read_data
+from harness.setup import Settings, add_setting_arguments, finetune_teachers, label_space, length_fields, read_data
 from harness.spec import SpecError, load_spec
 
 SPEC = Path(__file__).resolve().parent / "specs" / "agnews.yaml"
@@ -103,7 +103,7 @@ def base_config(settings: Settings) -> dict:
                      "dedup": "near", "heldout_fraction": args.heldout_fraction, "min_confidence": args.min_confidence,
                      "steered": {"engine": "hf", "lm_path": str(args.lm), "control_strength": 32.0,
                                  "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
-                                 "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens),
+                                 **length_fields(args),
                                  "prompt": "Category: {label}", "batch_size": args.gen_batch}},
         "amalgamation": {"method": "stratanet", "amalg_dim": 256, "temperature": 0.75},
         "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),

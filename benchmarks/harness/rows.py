@@ -85,12 +85,11 @@ def _prompt_tuned(settings) -> dict:
     """DFKD-T3: the ``--lm`` LM rewrites ``--corpus`` documents through hybrid prompts tuned per teacher
     and class; every rewrite is kept (the paper filters none), as long as a steered text may be."""
     args = settings.args
-    from harness.setup import parse_fields
+    from harness.setup import length_fields, parse_fields
 
     tiny = {"tuning_steps": 2, "tuning_batch_size": 4, "max_source_tokens": 16} if args.tiny else {}
     return {"source": "prompt_tuned",
-            "prompt_tuned": {"lm_path": str(args.lm), "max_new_tokens": args.max_new_tokens,
-                             "min_new_tokens": min(16, args.max_new_tokens), "batch_size": args.gen_batch, **tiny,
+            "prompt_tuned": {"lm_path": str(args.lm), **length_fields(args), "batch_size": args.gen_batch, **tiny,
                              **parse_fields(args.prompt_tuned, "--prompt-tuned")}}
 
 

@@ -259,11 +259,17 @@ def add_row_arguments(p: argparse.ArgumentParser) -> None:
                    help="transfer.prompt_tuned fields of the prompt-tuned rows, e.g. 'stable_level=5,commander=paraphrase'")
 
 
+def length_fields(args) -> dict:
+    """A generated text's length bounds, shared by the text-generating rows: ``--max-new-tokens``, and
+    at least 16 tokens (or the whole budget, where it is shorter)."""
+    return {"max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens)}
+
+
 def steered_section(args, overrides: dict | None = None) -> dict:
     """``transfer.steered`` of every row, with a ``--sweep`` variant's ``overrides``."""
     return {"engine": "hf", "lm_path": str(args.lm), "control_strength": args.control_strength,
             "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
-            "max_new_tokens": args.max_new_tokens, "min_new_tokens": min(16, args.max_new_tokens), "prompt": args.prompt,
+            **length_fields(args), "prompt": args.prompt,
             "lambda_schedule": args.lambda_schedule, "decay_rate": args.decay_rate,
             "batch_size": args.gen_batch, **(overrides or {})}
 
