@@ -1,5 +1,5 @@
 """Session fixtures: the synthetic topic task (tiny tokenizers, teachers and LM trained offline),
-loaded teachers, and one local Ray instance.
+loaded teachers, and one local Ray instance; a factory of valid transfer-set rows.
 
 Set ``DFKD_TEST_CACHE=/some/dir`` to reuse the built task across pytest sessions.
 """
@@ -16,6 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def make_row():
+    """Factory ``(i, **fields) -> row``: a valid transfer-set row (sample ``t/0/<i>``) with ``fields`` changed."""
+
+    def _row(i: int, **kw) -> dict:
+        row = {"sample_id": f"t/0/{i}", "text": f"text {i}", "label": 0, "label_name": "a", "teacher": "t",
+               "teacher_class": 0, "source": "corpus", "source_params": "{}", "confidence": 0.5, "num_tokens": 2,
+               "seed": i, "heldout": False}
+        row.update(kw)
+        return row
+
+    return _row
 
 
 @pytest.fixture

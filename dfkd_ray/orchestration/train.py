@@ -42,6 +42,7 @@ from dfkd_ray.config import JobConfig
 from dfkd_ray.train.epochs import StepPlan, student_num_blocks
 from dfkd_ray.orchestration.runtime import worker_device, worker_print
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
+from dfkd_ray.transfer.schema import TRANSFER_SCHEMA
 from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
 from dfkd_ray.transfer.streaming_plan import training_rows
 
@@ -148,7 +149,7 @@ def training_text(transfer_dir: Path, include_heldout: bool) -> pa.Table:
     manifest already says."""
     tables = [training_rows(pq.read_table(f, columns=["text", "heldout"]), include_heldout)
               for f in transfer_set_files(transfer_dir)]
-    return pa.concat_tables(tables) if tables else pa.table({"text": pa.array([], pa.string())})
+    return pa.concat_tables(tables) if tables else training_rows(TRANSFER_SCHEMA.empty_table(), include_heldout)
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -6,22 +6,16 @@ from dfkd_ray.transfer.schema import rows_to_table
 from dfkd_ray.transfer.store import TransferSetStore
 
 
-def _row(i: int, heldout: bool) -> dict:
-    return {"sample_id": f"t/0/{i}", "text": f"text {i}", "label": 0, "label_name": "a", "teacher": "t",
-            "teacher_class": 0, "source": "corpus", "source_params": "{}", "confidence": 0.5, "num_tokens": 2,
-            "seed": i, "heldout": heldout}
-
-
-def test_training_text_is_the_complete_sets_training_rows_in_shard_order(tmp_path):
+def test_training_text_is_the_complete_sets_training_rows_in_shard_order(tmp_path, make_row):
     """The trainer's dataset: the text of every shard in shard order (written out of order here), held-out
     rows dropped unless asked for, one table, read without Ray Data's footer-reading actors."""
     from dfkd_ray.orchestration.train import training_text
 
     store = TransferSetStore.open(tmp_path / "ts", fingerprint="f", description={}, num_shards=3)
-    shards = {2: [_row(6, False), _row(7, True)], 0: [_row(0, True), _row(1, False), _row(2, False)],
-              1: [_row(3, False), _row(4, True), _row(5, False)]}
-    for k, rows in shards.items():
-        store.write_shard(k, rows_to_table(rows))
+    held = {0, 4, 7}
+    shards = {2: [6, 7], 0: [0, 1, 2], 1: [3, 4, 5]}
+    for k, ids in shards.items():
+        store.write_shard(k, rows_to_table([make_row(i, heldout=i in held) for i in ids]))
     store.finish({})
 
     table = training_text(tmp_path / "ts", include_heldout=False)
