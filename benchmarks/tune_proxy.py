@@ -109,7 +109,7 @@ def base_config(settings: Settings) -> dict:
         "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
                     "max_length": args.max_length},
         "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-                  "warmup_epochs": min(1.0, args.epochs), "shuffle_buffer": 0},
+                  "warmup_epochs": min(1.0, args.epochs)},
         "tune": {"proxy_samples_per_class": args.probe_samples},
         "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(args.work / "runs")},
     }

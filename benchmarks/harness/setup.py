@@ -309,7 +309,7 @@ def job_config(settings: Settings, row: str, seed: int, *, steered: dict | None 
             "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
                         "max_length": args.max_length},
             "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-                      "warmup_epochs": min(1.0, args.epochs), "shuffle_buffer": 0},
+                      "warmup_epochs": min(1.0, args.epochs)},
             "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(work / "runs" / row)}}
     return validate_config(data, source=f"benchmark row {row}")
 

@@ -201,6 +201,8 @@ def test_the_agnews_job_is_the_benchmarks_stratanet_row_as_overrides_of_the_pres
     cfg = validate_config(read_config(job.CONFIG, overrides))
     assert cfg.ray.num_generation_actors == 4 and cfg.ray.gpus_per_generation_actor == 0.25
     assert (cfg.train.epochs, cfg.train.learning_rate, cfg.train.batch_size) == (6, 5e-5, 32)  # the row's, not the preset's
+    # the benchmark shuffles its rows every epoch; shards are in class order, and 0 would train the job in it
+    assert cfg.train.shuffle_buffer > 0
     assert cfg.transfer.steered.lm_path == tmp_path / "lm" and cfg.amalgamation.method == "stratanet"
     assert not any(o.startswith(("transfer.corpus.", "transfer.steered.control_strength=")) for o in overrides)
 
