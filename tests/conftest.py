@@ -87,14 +87,14 @@ def ray_local():
     (Ray Data gets no CPU a train worker holds). Tests that use it carry the ``ray`` marker."""
     ray = pytest.importorskip("ray")
     from dfkd_ray.config import RayConfig
-    from dfkd_ray.orchestration.runtime import API_SERVER_ADDRESS, _free_port, report_poll_env
+    from dfkd_ray.orchestration.runtime import API_SERVER_ADDRESS, free_port, report_poll_env
 
     # As a job's own local Ray (dfkd_ray.orchestration.runtime.start_ray): Ray Train collects reports at
     # the config's default interval, and its placement-group cleaner asks a State API that answers at
     # once (no dashboard here: with none named, each of its asks, and so each trainer's shutdown, waits
     # out a 10 s timeout). Every process of this Ray inherits the variables.
     os.environ.update(report_poll_env(RayConfig()))
-    os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{_free_port()}"
+    os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{free_port()}"
     # address="local": a Ray of the tests' own, never a cluster someone started on this machine
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     import ray.data

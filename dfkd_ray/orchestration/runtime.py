@@ -170,8 +170,8 @@ API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
 """The environment variable through which Ray's State API clients find the dashboard's HTTP server."""
 
 
-def _free_port() -> int:
-    """A TCP port free on this machine now."""
+def free_port() -> int:
+    """A TCP port free on this machine now (a local Ray's own API server address: :func:`start_ray`)."""
     import socket
 
     with socket.socket() as s:
@@ -257,7 +257,7 @@ def start_ray(cfg: JobConfig) -> None:
         # environment at start-up, so the job names its own API server: the sweep's dashboard, on a port
         # chosen here, or (no dashboard) a port nobody listens on, where the cleaner's every ask fails and
         # it never concludes the controller is gone.
-        api_port = _free_port()
+        api_port = free_port()
         saved = os.environ.get(API_SERVER_ADDRESS)
         os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{api_port}"
         try:
