@@ -367,6 +367,9 @@ class AmalgamationConfig(_Section):
     share_st_layer: bool = Field(False, description="one ST-amalg layer for all blocks (default: one per block)")
     amalg_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside the ST-amalg layer")
     center_block_loss: bool = Field(True, description="Eq. 7 on batch-centred vectors")
+    center_block_loss_within: Literal["batch", "confident_teacher"] = Field(
+        "batch", description="centre Eq. 7 over the whole batch, or within the rows whose most confident teacher "
+                             "(last block) is the same, so teachers' domain offsets do not enter the loss")
     train_fusion: bool = Field(False, description="true: train ST-amalg through the block loss, as the paper does; "
                                                   "false: a fixed random fusion, which the student and the fusion "
                                                   "cannot shrink together to an uninformative target")
@@ -375,6 +378,12 @@ class AmalgamationConfig(_Section):
     def _heads_divide_dim(heads, dim):
         if dim % heads:
             return f"amalg_dim ({dim}) must be divisible by amalg_heads ({heads})"
+
+    @rule("center_block_loss_within", "center_block_loss")
+    def _groups_need_centring(within, center):
+        if within != "batch" and not center:
+            return (f"center_block_loss_within {within} chooses where Eq. 7 is centred, but center_block_loss is "
+                    "false: set center_block_loss: true, or leave center_block_loss_within at batch")
 
     @rule("calibration_folds", "confidence_transform")
     def _contrast_is_cross_fitted(folds, transform):

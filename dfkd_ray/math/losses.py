@@ -23,7 +23,7 @@ Pure torch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from dfkd_ray.math.amalgamation import normalized_weights
 
 
-def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *, center: bool = False) -> torch.Tensor:
+def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *, center: bool = False,
+               groups: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. 7: squared L2 distance between L2-normalised student projections and amalgamated targets.
 
     Args:
@@ -40,6 +41,8 @@ def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *
         eps: guards the normalisation of zero vectors.
         center: subtract each side's batch mean (per block) before normalising, so only the
             input-dependent part of the targets is matched (needs ``B >= 2``; not in the paper).
+        groups: ``(B,)`` integer group of each row; with ``center``, each row has its own group's mean
+            subtracted instead of the batch's (a row alone in its group is matched as zero).
 
     Returns:
         Scalar: sum over the ``N`` blocks, mean over the batch. Gradients reach both inputs.
@@ -47,14 +50,27 @@ def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *
     if student.ndim != 3 or student.shape != target.shape:
         raise ValueError(f"student projections and targets must both be (B, N, D), got "
                          f"{tuple(student.shape)} and {tuple(target.shape)}")
+    if groups is not None and tuple(groups.shape) != (student.shape[0],):
+        raise ValueError(f"groups must be (B,) = ({student.shape[0]},), got {tuple(groups.shape)}")
     student, target = student.float(), target.float()
     if center:
         if student.shape[0] < 2:
             raise ValueError("a centred block loss needs a batch of at least 2")
-        student, target = student - student.mean(0), target - target.mean(0)  # (B, N, D)
+        if groups is None:
+            student, target = student - student.mean(0), target - target.mean(0)  # (B, N, D)
+        else:
+            student, target = _group_centered(student, groups), _group_centered(target, groups)  # (B, N, D)
     s = F.normalize(student, dim=-1, eps=eps)  # (B, N, D)
     a = F.normalize(target, dim=-1, eps=eps)  # (B, N, D)
     return (s - a).pow(2).sum(-1).sum(-1).mean()
+
+
+def _group_centered(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, N, D)`` minus the mean of the rows of its group (``groups`` ``(B,)``)."""
+    g = groups.long()
+    sums = x.new_zeros((int(g.max()) + 1,) + x.shape[1:]).index_add_(0, g, x)  # (G, N, D)
+    counts = torch.bincount(g, minlength=sums.shape[0]).clamp_min(1).to(x.dtype)  # (G,)
+    return x - (sums / counts[:, None, None])[g]  # (B, N, D)
 
 
 def union_target(teacher_logits: Sequence[torch.Tensor], label_index: Sequence[torch.Tensor],

@@ -48,7 +48,8 @@ class Amalgamator(nn.Module):
     Build it with :meth:`build`. The constructor takes an already built ``fusion``
     (:class:`~dfkd_ray.math.amalgamation.BlockAmalgamation` for the teachers' widths in
     ``teacher_names`` order and ``D`` = ``student.amalg_dim``) and reads ``alpha``, ``beta``,
-    ``temperature``, ``kd_confidence_power``, ``center_block_loss`` and ``train_fusion`` from ``cfg``.
+    ``temperature``, ``kd_confidence_power``, ``center_block_loss``, ``center_block_loss_within`` and
+    ``train_fusion`` from ``cfg``.
     """
 
     def __init__(self, student: Student, fusion: BlockAmalgamation, label_space: UnionLabelSpace,
@@ -126,9 +127,10 @@ class Amalgamator(nn.Module):
         a = self.fusion(teacher_states, confidences)  # (B, N, D) amalgamated targets, Eq. 5-6
         if not cfg.train_fusion:
             a = a.detach()
-        l_block = block_loss(s.projections, a, center=cfg.center_block_loss)  # Eq. 7
-        w = kd_teacher_weights(torch.stack([c[:, -1] for c in confidences], dim=-1),
-                               cfg.kd_confidence_power)  # (B, K) wbar_k from c_k^N
+        c_last = torch.stack([c[:, -1] for c in confidences], dim=-1)  # (B, K) c_k^N
+        groups = c_last.argmax(-1) if cfg.center_block_loss_within == "confident_teacher" else None  # (B,)
+        l_block = block_loss(s.projections, a, center=cfg.center_block_loss, groups=groups)  # Eq. 7
+        w = kd_teacher_weights(c_last, cfg.kd_confidence_power)  # (B, K) wbar_k from c_k^N
         p_t = union_target(teacher_logits, [self.label_index(i) for i in range(k)], w, self.num_labels,
                            cfg.temperature)  # (B, C)
         l_kd = kd_loss(s.logits, p_t, cfg.temperature)

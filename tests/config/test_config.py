@@ -70,6 +70,8 @@ BAD = [
     ("output", _DELETE, "output", "required field is missing"),
     ("amalgamation.confidence", "entropy", "amalgamation.confidence", "'rmd'"),
     ("amalgamation.amalg_dim", 102, "amalgamation.amalg_heads", "divisible by amalg_heads"),
+    ("amalgamation", {"method": "vanilla", "center_block_loss": False, "center_block_loss_within": "confident_teacher"},
+     "amalgamation.center_block_loss_within", "center_block_loss is false"),
     ("amalgamation", {"method": "vanilla", "alpha": 0, "beta": 0}, "amalgamation.beta", "nothing would be learned"),
     ("amalgamation.temperature", 0, "amalgamation.temperature", "greater than 0"),
     ("amalgamation.calibration_folds", 1, "amalgamation.calibration_folds", "nothing to fit on"),

@@ -146,3 +146,26 @@ def test_centred_block_loss_ignores_a_shared_component():
     assert block_loss(shift.expand(6, 2, 8), a + shift) < 0.5 < block_loss(shift.expand(6, 2, 8) + 1e-3 * s, a + shift, center=True)
     with pytest.raises(ValueError, match="at least 2"):
         block_loss(s[:1], a[:1], center=True)
+
+
+def test_block_loss_centred_within_groups_ignores_each_groups_own_offset():
+    """Centred within groups, a component shared by one group's targets (a teacher's domain offset) does
+    not enter the loss; centred over the batch it does. Equals a slow reference that centres each group
+    apart."""
+    g = torch.Generator().manual_seed(1)
+    s, a = torch.randn(8, 3, 4, generator=g), torch.randn(8, 3, 4, generator=g)
+    groups = torch.tensor([0, 1, 0, 1, 1, 0, 2, 1])
+    offset = 30 * torch.randn(3, 1, 3, 4, generator=g)[groups][:, 0]  # (B, N, D): one vector a group
+    grouped = block_loss(s, a, center=True, groups=groups)
+    assert torch.allclose(block_loss(s, a + offset, center=True, groups=groups), grouped, atol=1e-4)
+    assert not torch.allclose(block_loss(s, a + offset, center=True), block_loss(s, a, center=True), atol=1e-2)
+    ref_s, ref_a = s.clone(), a.clone()
+    for k in groups.unique():
+        rows = groups == k
+        ref_s[rows] = s[rows] - s[rows].mean(0)
+        ref_a[rows] = a[rows] - a[rows].mean(0)
+    assert torch.allclose(grouped, block_loss(ref_s, ref_a), atol=1e-5)
+    assert torch.allclose(block_loss(s, a, center=True, groups=torch.zeros(8, dtype=torch.long)),
+                          block_loss(s, a, center=True), atol=1e-6)  # one group: the batch
+    with pytest.raises(ValueError, match=r"groups must be \(B,\)"):
+        block_loss(s, a, center=True, groups=groups[:3])

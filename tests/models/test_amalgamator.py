@@ -166,6 +166,29 @@ def test_forward_returns_the_kd_weights_it_used(synthetic_task, teachers, fitted
         torch.testing.assert_close(losses[f"kd_weight/{n}"], w[:, i].mean())
 
 
+def test_block_loss_centred_within_each_rows_most_confident_teacher(synthetic_task, teachers, fitted):
+    """``center_block_loss_within: confident_teacher``: Eq. 7 is centred within the rows whose last-block
+    confidence is highest for the same teacher."""
+    from dfkd_ray.math.losses import block_loss
+
+    outs = run_teachers(teachers, TEXTS)
+    conf = [fitted["rmd"][n](outs[n]) for n in ("alpha", "beta")]  # K x (B, N)
+    groups = torch.stack([c[:, -1] for c in conf], -1).argmax(-1)
+    assert groups[:2].tolist() == [0, 0] and 1 in groups[2:].tolist()  # both groups in the batch
+    losses = {}
+    for within in ("batch", "confident_teacher"):
+        model = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2,
+                                                                   center_block_loss_within=within)).eval()
+        with torch.no_grad():
+            out = model(**model.student.tokenize(TEXTS), teacher_states=[outs[n].block_states for n in ("alpha", "beta")],
+                        teacher_logits=[outs[n].logits for n in ("alpha", "beta")], confidences=conf)
+            s = model.student.encode(TEXTS).projections
+            a = model.fusion([outs[n].block_states for n in ("alpha", "beta")], conf)
+        torch.testing.assert_close(out["block"], block_loss(s, a, center=True, groups=groups if within != "batch" else None))
+        losses[within] = out["block"].item()
+    assert abs(losses["batch"] - losses["confident_teacher"]) > 1e-3
+
+
 def test_the_amalgamation_section_sets_the_loss(synthetic_task, teachers, fitted):
     """``train_fusion: false`` freezes ST-amalg (fixed targets); ``alpha``/``beta`` weigh Eq. 8."""
     frozen = build(synthetic_task, teachers, AmalgamationConfig(amalg_dim=16, amalg_heads=2, train_fusion=False,
