@@ -68,6 +68,7 @@ from dfkd_ray.models.teacher import collect_outputs, load_teachers
 from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
 from dfkd_ray.transfer.sources.corpus import corpus_problems
+from dfkd_ray.transfer.streaming_plan import training_texts
 
 from harness.diagnostics import (confidence_auroc, profile_distill, save_features, target_accuracy,
                                  transfer_diagnostics)
@@ -75,7 +76,7 @@ from harness.report import combined_markdown, sweep_markdown, table_markdown, ta
 from harness.rows import ROWS
 from harness.setup import (Settings, add_row_arguments, add_setting_arguments, amalgamation_section, finetune_teachers, job_config, label_space, log,
                            make_transfer_set, parse_sweep, read_data, steered_section, train_supervised,
-                           training_texts, transfer_dir)
+                           transfer_dir)
 from harness.spec import SpecError, load_spec
 
 
@@ -94,7 +95,7 @@ def distill(cfg: JobConfig, table, teachers: dict, estimators, device) -> tuple[
         log(f"  {cfg.name} seed {cfg.seed}: epoch {epoch + 1} step {m['step']} loss {m['loss']:.4f} {extra}")
 
     start = time.perf_counter()
-    distiller, last = train_in_process(cfg, training_texts(table), device=device, teachers=teachers,
+    distiller, last = train_in_process(cfg, training_texts(table, cfg.train.include_heldout), device=device, teachers=teachers,
                                        estimators=estimators, on_epoch=on_epoch)
     distiller.model.eval()
     return distiller.student, {"rows": distiller.plan.rows, "steps": distiller.plan.total_steps,

@@ -25,8 +25,8 @@ from dfkd_ray.confidence import fit_confidence
 from dfkd_ray.evaluation import auroc, kd_target_scores
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.models.teacher import collect_outputs
+from dfkd_ray.transfer.streaming_plan import training_texts
 
-from harness.setup import training_texts
 
 TARGET_POWERS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 1000.0)  # kd_confidence_power values the target diagnostic scores
 
@@ -165,7 +165,7 @@ def profile_distill(cfg: JobConfig, table, teachers: dict, estimators, device, s
     from dfkd_ray.train.epochs import StepPlan
     from dfkd_ray.train.step import Distiller
 
-    texts = training_texts(table)
+    texts = training_texts(table, cfg.train.include_heldout)
     size = cfg.train.batch_size
     batches_ = [[texts[(b * size + j) % len(texts)] for j in range(size)] for b in range(steps + 5)]
     distiller = Distiller(cfg, StepPlan.of(len(texts), cfg, 1), device=device, teachers=teachers, estimators=estimators)

@@ -357,9 +357,3 @@ def make_transfer_set(cfg: JobConfig, directory: Path, device) -> tuple[object, 
         write_prompts(cfg, device=str(device))
     write_transfer_set(cfg, directory, device=str(device), progress=False)
     return read_transfer_table(directory), json.loads((directory / "summary.json").read_text())
-
-
-def training_texts(table) -> list[str]:
-    """The transfer set's training texts (its held-out rows fit the confidence statistics only)."""
-    held = table.column("heldout").to_pylist()
-    return [t for t, h in zip(table.column("text").to_pylist(), held) if not h]
