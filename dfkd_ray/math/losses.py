@@ -66,11 +66,11 @@ def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *
 
 
 def _group_centered(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, N, D)`` minus the mean of the rows of its group (``groups`` ``(B,)``)."""
-    g = groups.long()
-    sums = x.new_zeros((int(g.max()) + 1,) + x.shape[1:]).index_add_(0, g, x)  # (G, N, D)
-    counts = torch.bincount(g, minlength=sums.shape[0]).clamp_min(1).to(x.dtype)  # (G,)
-    return x - (sums / counts[:, None, None])[g]  # (B, N, D)
+    """``x`` ``(B, N, D)`` minus the mean of the rows of its group (``groups`` ``(B,)``), without asking
+    the device how many groups there are (no host synchronisation in the training step)."""
+    same = (groups[:, None] == groups[None, :]).to(x.dtype)  # (B, B) 1 where rows i and j share a group
+    means = torch.einsum("ij,jnd->ind", same / same.sum(1, keepdim=True), x)  # (B, N, D)
+    return x - means
 
 
 def union_target(teacher_logits: Sequence[torch.Tensor], label_index: Sequence[torch.Tensor],
