@@ -73,6 +73,15 @@ def worker_print(message: str) -> None:
 # Ray Train 2.60's placement-group cleaner asks the State API every second whether the train controller
 # lives; without a dashboard (a local ``ray.init(include_dashboard=False)``) every ask fails with a warning.
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CLEANER_STOP_LOGGER = "ray.train.v2._internal.callbacks.placement_group_callback"
+
+
+def _drop_cleaner_stop(record) -> bool:
+    """Logging filter: drop the train controller's "Failed to stop PlacementGroupCleaner gracefully"."""
+    return "PlacementGroupCleaner" not in record.getMessage()
+
+
+_drop_cleaner_stop.drops_cleaner_stop = True
 
 # Lines Ray's processes print that say nothing to the user of a job: the raylet's note that it started more
 # worker processes than it expects at once (every Ray Data actor pool and Train worker group on a small
@@ -139,6 +148,14 @@ def quiet_console() -> None:
     log_once("ray_data_progress_manager_disabled")
     # without a dashboard the cleaner cannot work and would warn once a second for a whole training run
     logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
+    # at the end of every training run the controller stops the cleaner with a timeout; on a busy machine
+    # (a submitted job, whose cleaner asks the cluster's dashboard) the stop can outlast it, and Ray logs
+    # that at ERROR with a traceback although the run is complete and the cleaner ends with the controller.
+    # A filter, not a level: Ray Train's logging set-up in the controller (``dictConfig``) resets the
+    # levels of the loggers below ``ray.train`` but keeps their filters.
+    stop_logger = logging.getLogger(_CLEANER_STOP_LOGGER)
+    if not any(getattr(f, "drops_cleaner_stop", False) for f in stop_logger.filters):
+        stop_logger.addFilter(_drop_cleaner_stop)
     os.environ.update(TRANSFORMERS_QUIET)  # read by transformers on import
     if "transformers" in sys.modules:  # imported already (the driver): set it now
         from transformers.utils import logging as hf_logging

@@ -53,8 +53,11 @@ def sweep(smoke_overrides, tmp_path_factory):
     return out, before, summary, log.read_text(), rerun.stdout
 
 
-def test_sweep_resumes_after_a_kill_and_keeps_finished_trials(sweep):
+def test_sweep_resumes_after_a_kill_and_keeps_finished_trials(sweep, ray_internal_lines):
+    """The rerun restores the sweep and trains no finished trial again; its console, a job's on a local
+    Ray of its own, holds the sweep's lines, not Ray's internals."""
     out, before, summary, _, console = sweep
+    assert not ray_internal_lines(console), "\n".join(ray_internal_lines(console))
     assert "tune: resuming the sweep" in console
     after = finished_trials(out)
     assert all(after[t] == before[t] for t in before)  # not trained again
