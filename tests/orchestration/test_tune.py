@@ -29,8 +29,9 @@ def finished_trials(out: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def sweep(smoke_overrides, tmp_path_factory):
-    """The smoke sweep, SIGKILLed once a trial has finished, then rerun to the end. Returns the output
-    directory, the trials finished before the kill, the summary and both consoles."""
+    """The smoke sweep, SIGKILLed once its two short trials (run first, side by side) have finished,
+    then rerun to the end. Returns the output directory, the trials finished before the kill, the
+    summary and both consoles."""
     out = tmp_path_factory.mktemp("smoke_tune")
     command = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(SMOKE_TUNE),
                *smoke_overrides(out), *FAST]
@@ -40,7 +41,7 @@ def sweep(smoke_overrides, tmp_path_factory):
         first = subprocess.Popen(command, env=env, stdout=console, stderr=subprocess.STDOUT, cwd=ROOT,
                                  start_new_session=True)
         deadline = time.monotonic() + 500
-        while not finished_trials(out) and first.poll() is None and time.monotonic() < deadline:
+        while len(finished_trials(out)) < 2 and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
         first.wait()
