@@ -32,7 +32,7 @@ def _cfg(job_dict, out: Path, **transfer):
     return d
 
 
-def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local, monkeypatch):
+def test_two_actors_filters_summary_and_a_changed_config(job_dict, tmp_path, ray_local, monkeypatch):
     from dfkd_ray.orchestration.generate import run_generate
 
     # Ray Data starts pool actors asynchronously: on 12 quick shards the first actor up may make
@@ -58,6 +58,12 @@ def test_two_actors_filters_and_summary(job_dict, tmp_path, ray_local, monkeypat
     assert json.loads((directory / "summary.json").read_text())["rows"] == table.num_rows
     # a second run finds it complete and changes nothing
     assert read_transfer_table(run_generate(cfg, progress=False)).equals(table)
+    # a changed config is refused, not mixed into the finished set
+    changed = validate_config(_cfg(job_dict, tmp_path / "out", samples_per_class=24, shard_size=4, min_confidence=0.8,
+                                   max_attempts=4, dedup="near"))
+    with pytest.raises(TransferSetError, match=r"different configuration.*shard_size: 8 -> 4"):
+        run_generate(changed, progress=False)
+    assert read_transfer_table(directory).equals(table)
 
 
 def test_duplicates_across_actors_are_regenerated_like_in_one_process(job_dict, tmp_path, ray_local):
@@ -142,17 +148,6 @@ def test_threshold_that_rejects_everything_is_a_clear_error(job_dict, tmp_path, 
     with pytest.raises(TransferSetEmpty, match=r"min_confidence=1.0.*rejected confidences: min 0\.\d+.*max 0\.\d+"):
         run_generate(cfg, progress=False)
     assert not json.loads((tmp_path / "out" / "transfer_set" / MANIFEST).read_text())["complete"]
-
-
-def test_changed_config_is_refused_not_mixed(job_dict, tmp_path, ray_local):
-    from dfkd_ray.orchestration.generate import run_generate
-
-    cfg = validate_config(_cfg(job_dict, tmp_path / "out", samples_per_class=4, shard_size=8))
-    before = read_transfer_table(run_generate(cfg, progress=False))
-    changed = validate_config(_cfg(job_dict, tmp_path / "out", samples_per_class=4, shard_size=4))
-    with pytest.raises(TransferSetError, match=r"different configuration.*shard_size: 8 -> 4"):
-        run_generate(changed, progress=False)
-    assert read_transfer_table(tmp_path / "out" / "transfer_set").equals(before)
 
 
 def test_steered_two_actors_give_requested_counts(job_dict, synthetic_task, tmp_path, ray_local):
