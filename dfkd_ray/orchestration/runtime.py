@@ -78,10 +78,7 @@ _CLEANER_STOP_LOGGER = "ray.train.v2._internal.callbacks.placement_group_callbac
 
 def _drop_cleaner_stop(record) -> bool:
     """Logging filter: drop the train controller's "Failed to stop PlacementGroupCleaner gracefully"."""
-    return "PlacementGroupCleaner" not in record.getMessage()
-
-
-_drop_cleaner_stop.drops_cleaner_stop = True
+    return not record.getMessage().startswith("Failed to stop PlacementGroupCleaner")
 
 # Lines Ray's processes print that say nothing to the user of a job: the raylet's note that it started more
 # worker processes than it expects at once (every Ray Data actor pool and Train worker group on a small
@@ -153,9 +150,7 @@ def quiet_console() -> None:
     # that at ERROR with a traceback although the run is complete and the cleaner ends with the controller.
     # A filter, not a level: Ray Train's logging set-up in the controller (``dictConfig``) resets the
     # levels of the loggers below ``ray.train`` but keeps their filters.
-    stop_logger = logging.getLogger(_CLEANER_STOP_LOGGER)
-    if not any(getattr(f, "drops_cleaner_stop", False) for f in stop_logger.filters):
-        stop_logger.addFilter(_drop_cleaner_stop)
+    logging.getLogger(_CLEANER_STOP_LOGGER).addFilter(_drop_cleaner_stop)  # added once however often called
     os.environ.update(TRANSFORMERS_QUIET)  # read by transformers on import
     if "transformers" in sys.modules:  # imported already (the driver): set it now
         from transformers.utils import logging as hf_logging
