@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 # Attention kernels of a stage (dfkd_ray.models.kernels.attention_kernels): without cuDNN, or torch's choice.
 AttentionKernels = Literal["no_cudnn", "any"]
+Precision = Literal["auto", "float32", "bfloat16"]
 
 
 class _Section(BaseModel):
@@ -434,6 +435,10 @@ class TrainConfig(_Section):
     shuffle_buffer: int = Field(1000, ge=0, description="rows in each worker's local shuffle buffer (0: no shuffle)")
     include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
     sdpa: AttentionKernels = Field("no_cudnn", description="attention kernels of each distillation step")
+    precision: Precision = Field(
+        "auto", description="the student's and ST-amalg's compute in a step: bfloat16 autocast, or float32; auto = "
+                            "bfloat16 on CUDA, float32 elsewhere (weights, optimiser state, losses and confidences stay "
+                            "float32; teachers run in their own dtype)")
     stream_from_generation: bool = Field(
         False, description="train the first epoch on rows as the generator actors make them (jobs/amalgamate.py)")
 

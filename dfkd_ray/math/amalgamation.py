@@ -42,6 +42,15 @@ from torch import nn
 FUSIONS = ("st", "mul", "no_st")
 
 
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether a check of ``t``'s values (finite, in range) is cheap: ``t`` is in host memory.
+
+    Reading a GPU tensor's values waits for every queued kernel, which would stall each training
+    step between its forward passes; there, shapes are still checked and a non-finite value surfaces
+    as the step's non-finite loss (:meth:`dfkd_ray.train.step.Distiller.step`)."""
+    return t.device.type == "cpu"
+
+
 def normalized_weights(weights: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
     """``w_k / sum_j w_j`` along ``dim``; uniform where the sum is (near) zero. Any shape -> same shape."""
     total = weights.sum(dim, keepdim=True)
@@ -86,7 +95,8 @@ def check_teacher_inputs(block_states: Sequence[torch.Tensor], confidences: Sequ
 
     Raises:
         ValueError: K = 0, list lengths differ, shapes disagree, a width is not the expected one,
-            N differs from ``num_blocks``, or a confidence is outside ``[0, 1]`` or not finite.
+            N differs from ``num_blocks``, or a confidence (in host memory: :func:`values_checkable`) is
+            outside ``[0, 1]`` or not finite.
     """
     k = len(block_states)
     if k == 0:
@@ -105,7 +115,7 @@ def check_teacher_inputs(block_states: Sequence[torch.Tensor], confidences: Sequ
             raise ValueError(f"teacher {i}: hidden size {h.shape[2]} differs from the {dims[i]} the module was built for")
         if c.shape != (b, n):
             raise ValueError(f"teacher {i}: confidences must be (B, N) = ({b}, {n}), got {tuple(c.shape)}")
-        if not torch.isfinite(c).all() or (c < 0).any() or (c > 1).any():
+        if values_checkable(c) and (not torch.isfinite(c).all() or (c < 0).any() or (c > 1).any()):
             raise ValueError(f"teacher {i}: confidences must be finite and lie in [0, 1], got range "
                              f"[{c.min().item():.4g}, {c.max().item():.4g}]")
     if num_blocks is not None and n != num_blocks:

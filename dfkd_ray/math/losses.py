@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dfkd_ray.math.amalgamation import normalized_weights
+from dfkd_ray.math.amalgamation import normalized_weights, values_checkable
 
 
 def block_loss(student: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *, center: bool = False,
@@ -100,7 +100,7 @@ def union_target(teacher_logits: Sequence[torch.Tensor], label_index: Sequence[t
     bsz = teacher_logits[0].shape[0] if teacher_logits[0].ndim == 2 else None
     if weights.shape != (bsz, k):
         raise ValueError(f"weights must be (B, K) = ({bsz}, {k}), got {tuple(weights.shape)}")
-    if not torch.isfinite(weights).all() or (weights < 0).any():
+    if values_checkable(weights) and (not torch.isfinite(weights).all() or (weights < 0).any()):
         raise ValueError("teacher weights must be finite and non-negative")
     w = normalized_weights(weights.float(), dim=-1)  # (B, K) wbar_k
     target = weights.new_zeros(bsz, num_labels, dtype=torch.float32)  # (B, C)
@@ -110,10 +110,11 @@ def union_target(teacher_logits: Sequence[torch.Tensor], label_index: Sequence[t
         idx = idx.to(z.device, torch.long)
         if idx.shape != (z.shape[1],):
             raise ValueError(f"teacher {i}: label index has {tuple(idx.shape)} entries for {z.shape[1]} logits")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= num_labels):
-            raise ValueError(f"teacher {i}: global label ids must lie in [0, {num_labels}), got {idx.tolist()}")
-        if idx.unique().numel() != idx.numel():
-            raise ValueError(f"teacher {i}: two classes map to one global label: {idx.tolist()}")
+        if values_checkable(idx):
+            if idx.numel() and (idx.min() < 0 or idx.max() >= num_labels):
+                raise ValueError(f"teacher {i}: global label ids must lie in [0, {num_labels}), got {idx.tolist()}")
+            if idx.unique().numel() != idx.numel():
+                raise ValueError(f"teacher {i}: two classes map to one global label: {idx.tolist()}")
         p = F.softmax(z.float() / temperature, dim=-1)  # (B, C_k)
         target = target.index_add(1, idx, w[:, i:i + 1] * p)  # (B, C); unknown classes get 0 from teacher i
     return target
@@ -143,7 +144,7 @@ def concat_target(teacher_logits: Sequence[torch.Tensor], label_index: Sequence[
         raise ValueError(f"temperature must be > 0, got {temperature}")
     z = torch.cat([t.float() for t in teacher_logits], dim=-1)  # (B, sum_k C_k)
     idx = torch.cat([i.to(z.device, torch.long) for i in label_index])  # (sum_k C_k,)
-    if idx.shape[0] != z.shape[1] or idx.min() < 0 or idx.max() >= num_labels:
+    if idx.shape[0] != z.shape[1] or (values_checkable(idx) and (idx.min() < 0 or idx.max() >= num_labels)):
         raise ValueError(f"label indices {idx.tolist()} do not fit {z.shape[1]} logits over {num_labels} labels")
     p = F.softmax(z / temperature, dim=-1)  # (B, sum_k C_k)
     return z.new_zeros(z.shape[0], num_labels).index_add(1, idx, p)  # (B, C)

@@ -189,7 +189,7 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, objec
     for n, o in zip(names, outs):
         if o.logits.shape[0] != len(texts):
             raise ValueError(f"teacher {n!r} output has batch size {o.logits.shape[0]} for {len(texts)} texts")
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the statistics keep their precision
         conf = [estimators[n](o).to(device) for n, o in zip(names, outs)]  # K x (B, N)
     losses = model(**net.student.tokenize(texts),
                    teacher_states=[o.block_states.detach().to(device) for o in outs],

@@ -9,6 +9,12 @@ The Ray Train loop (:mod:`dfkd_ray.orchestration.train`) and the benchmarks (no 
 * ``vanilla``: KL to one softmax over the concatenated teacher logits
   (:func:`~dfkd_ray.math.losses.concat_target`), the baseline of StrataNet Table 3.
 
+Precision (``train.precision``): the student and ST-amalg run under bfloat16 autocast (``auto`` on
+CUDA), with float32 weights and optimiser state; the teachers run outside it in their own dtype, the
+confidence statistics and the losses in float32. A step reads the GPU's results once, after the
+backward pass (its metrics and the finite-loss check), so the host queues the whole forward and
+backward pass without waiting.
+
 Optimiser: AdamW (weight decay on weights, not on biases and norms), linear warmup over
 ``train.warmup_epochs`` then linear decay to 0, gradient clipping at ``train.grad_clip``; defaults
 are StrataNet's appendix (lr 2e-5, batch 16, 10 epochs, 2 warmup epochs). The appendix does not
@@ -17,7 +23,9 @@ say whether the warmup counts in epochs or steps, nor the decay; we take epochs 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import random
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -31,6 +39,14 @@ from dfkd_ray.models.kernels import attention_kernels
 from dfkd_ray.train.epochs import StepPlan, iterate_epochs
 
 CHECKPOINT_STATE = "state.json"
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> Optional[torch.dtype]:
+    """``train.precision`` -> the autocast dtype of a step, or None (float32): ``auto`` is bfloat16 on
+    CUDA and float32 elsewhere (bfloat16 autocast on a CPU is slower than float32 there)."""
+    if precision == "bfloat16" or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -91,40 +107,54 @@ class Distiller:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
         self.step_count = 0
         self.label_index = [torch.tensor(self.space.teacher_to_global[n], device=self.device) for n in self.names]
+        self.autocast_dtype = autocast_dtype(cfg.train.precision, self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The student's compute precision (``train.precision``): bfloat16 autocast, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def losses(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The losses and diagnostics of one batch (no optimiser step)."""
+        """The losses and diagnostics of one batch (no optimiser step): the teachers in their own dtype,
+        then the student (and ST-amalg) under :meth:`autocast`."""
         from dfkd_ray.models.amalgamator import amalgamation_step
         from dfkd_ray.models.teacher import run_teachers
 
         texts = [str(t) for t in texts]
-        if not self.vanilla:
-            return amalgamation_step(self.model, texts, estimators=self.estimators, teachers=self.teachers)
         outs = run_teachers(self.teachers, texts, self.names)
+        with self.autocast():
+            if not self.vanilla:
+                return amalgamation_step(self.model, texts, estimators=self.estimators, teacher_outputs=outs)
+            logits = self.model(**self.student.tokenize(texts)).logits.float()  # (B, C)
         target = concat_target([outs[n].logits.to(self.device) for n in self.names], self.label_index,
                                self.space.num_labels, self.cfg.amalgamation.temperature)  # (B, C)
-        logits = self.model(**self.student.tokenize(texts)).logits  # (B, C)
         loss = kd_loss(logits, target, self.cfg.amalgamation.temperature)
         with torch.no_grad():
             agreement = (logits.argmax(-1) == target.argmax(-1)).float().mean()
         return {"loss": loss, "kd": loss.detach(), "agreement": agreement}
 
     def step(self, texts: Sequence[str]) -> dict[str, float]:
-        """One optimiser step on a batch of texts; returns the batch's metrics as floats."""
+        """One optimiser step on a batch of texts; returns the batch's metrics as floats.
+
+        The metrics are read from the device once, after the backward pass; a non-finite loss raises
+        there, before the optimiser touches the weights."""
         self.model.train()
         with attention_kernels(self.cfg.train.sdpa, self.device):
             losses = self.losses(texts)
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(f"non-finite loss {losses['loss'].item()} at step {self.step_count}; lower "
-                                         "train.learning_rate or check the transfer set")
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
+        names = list(losses)
+        values = torch.stack([losses[k].detach().float() for k in names] + [grad_norm.float()]).tolist()  # one read
+        out = dict(zip(names, values[:-1]))
+        if not math.isfinite(out["loss"]):
+            raise FloatingPointError(f"non-finite loss {out['loss']} at step {self.step_count}; lower "
+                                     "train.learning_rate or check the transfer set")
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        out = {k: float(v.detach()) for k, v in losses.items()}
-        out.update(grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0], step=self.step_count)
+        out.update(grad_norm=values[-1], lr=self.scheduler.get_last_lr()[0], step=self.step_count)
         return out
 
     # ---- checkpoints ------------------------------------------------------------------------

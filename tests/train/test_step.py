@@ -100,3 +100,71 @@ def test_distillation_step_runs_under_its_attention_kernels(job_dict, teachers, 
     assert kernel_recorder.seen == [sdpa]
     assert calls == {"teacher": len(teachers), "student": 1, "backward": 1}
     assert "sdpa" in _TRAIN_ONLY_KEYS
+
+
+@pytest.mark.parametrize("precision,device,expected", [("auto", "cpu", None), ("auto", "cuda", torch.bfloat16),
+                                                       ("float32", "cuda", None), ("bfloat16", "cpu", torch.bfloat16)])
+def test_autocast_dtype_follows_precision_and_device(precision, device, expected):
+    from dfkd_ray.train.step import autocast_dtype
+
+    assert autocast_dtype(precision, device) == expected
+
+
+def _stratanet(job_dict, teachers, **train):
+    from dfkd_ray.transfer.schema import rows_to_table
+
+    job_dict["amalgamation"] = {"method": "stratanet", "amalg_dim": 16, "amalg_heads": 2}
+    job_dict["student"]["num_layers"] = 3
+    job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "learning_rate": 1e-3, **train}
+    cfg = validate_config(job_dict)
+    texts = ["the striker scored a late goal", "bake the bread with butter", "the rocket reached orbit",
+             "shares fell on the stock market"]
+    rows = [{"sample_id": f"{t}/{c}/{i}", "text": f"{texts[(2 * k + c) % 4]} {i}", "label": 0, "label_name": "x",
+             "teacher": t, "teacher_class": c, "source": "corpus", "source_params": "{}", "confidence": 1.0,
+             "num_tokens": 5, "seed": i, "heldout": True}
+            for k, t in enumerate(teachers) for c in range(2) for i in range(6)]
+    torch.manual_seed(0)
+    return Distiller(cfg, StepPlan.of(16, cfg), teachers=teachers,
+                     estimators=fit_confidence(cfg, rows_to_table(rows), teachers)), texts
+
+
+def test_a_bfloat16_step_runs_the_student_in_bfloat16_and_keeps_the_rest_in_float32(job_dict, teachers):
+    """``train.precision: bfloat16``: the student's layers compute in bfloat16 under autocast, while the
+    teachers, the confidence statistics (the same confidences and KD weights as a float32 step), the
+    weights and the optimiser state stay as they are."""
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        d, texts = _stratanet(dict(job_dict), teachers, precision=precision)
+        dtypes = []
+        hook = d.student.model.register_forward_hook(lambda m, a, out: dtypes.append(out[0].dtype))
+        losses = d.losses(texts)
+        hook.remove()
+        metrics = d.step(texts)
+        params = {p.dtype for p in d.module.parameters()}
+        states = {v.dtype for s in d.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim}
+        runs[precision] = (dtypes, losses, metrics, params, states)
+    (d32, l32, m32, p32, s32), (d16, l16, m16, p16, s16) = runs["float32"], runs["bfloat16"]
+    assert d32 == [torch.float32] and d16 == [torch.bfloat16]
+    for key in l32:
+        if key.startswith(("confidence/", "kd_weight/")):
+            assert torch.equal(l32[key], l16[key]), key
+    assert l32["loss"].dtype == l16["loss"].dtype == torch.float32
+    assert m16["loss"] == pytest.approx(m32["loss"], rel=0.1) and m16["loss"] != m32["loss"]
+    assert p32 == p16 == s32 == s16 == {torch.float32}
+
+
+def test_a_non_finite_loss_stops_the_step_before_the_weights_change(job_dict, teachers, monkeypatch):
+    d, texts = _stratanet(job_dict, teachers)
+    real = d.losses
+
+    def poisoned(batch):
+        out = real(batch)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(d, "losses", poisoned)
+    before = {k: v.clone() for k, v in d.module.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0.*train.learning_rate"):
+        d.step(texts)
+    assert d.step_count == 0 and not d.optimizer.state
+    assert all(torch.equal(before[k], v) for k, v in d.module.state_dict().items())
