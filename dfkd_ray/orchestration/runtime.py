@@ -249,6 +249,11 @@ def start_ray(cfg: JobConfig) -> None:
     r = cfg.ray
     hook = {"worker_process_setup_hook": f"{__name__}.quiet_console", "env_vars": report_poll_env(r)}
     if r.address is not None or "RAY_ADDRESS" in os.environ:
+        # The cluster's address for every process of the job: Ray Train's placement-group cleaner finds
+        # the State API from RAY_ADDRESS, else from whichever Ray it finds on the machine (see below).
+        address = os.environ.get("RAY_ADDRESS") or r.address
+        if address and address != "auto" and "://" not in address:
+            hook["env_vars"]["RAY_ADDRESS"] = address
         ray.init(address=r.address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=hook)
     else:
         need = r.num_train_workers * r.cpus_per_train_worker + r.num_generation_actors * r.cpus_per_generation_actor

@@ -77,11 +77,13 @@ def test_a_generation_actor_whose_engine_cannot_be_built_fails_its_first_batch_n
         actor({"shard": [0]})
 
 
-@pytest.mark.parametrize("address", [None, "auto"])
+@pytest.mark.parametrize("address", [None, "auto", "10.0.0.5:6379"])
 def test_every_process_of_the_job_gets_the_report_poll_interval(job_dict, monkeypatch, address):
     """Ray Train's controller collects worker reports at its health-check interval, and a worker's report
     waits for the previous one to be collected: the job's runtime environment (a local Ray of its own,
-    or a cluster it joins) sets that interval from ``ray.report_poll_interval_s`` for every process."""
+    or a cluster it joins) sets that interval from ``ray.report_poll_interval_s`` for every process.
+    A job that joins a cluster by its address also gives that address to every process (Ray Train's
+    placement-group cleaner would otherwise look for the State API of any Ray on the machine)."""
     import ray
 
     from dfkd_ray.config import validate_config
@@ -98,6 +100,7 @@ def test_every_process_of_the_job_gets_the_report_poll_interval(job_dict, monkey
     assert init["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
     assert init["runtime_env"]["worker_process_setup_hook"].endswith("quiet_console")
     assert init["address"] == (address or "local")
+    assert init["runtime_env"]["env_vars"].get("RAY_ADDRESS") == (address if address not in (None, "auto") else None)
 
 
 def test_the_setup_hook_imports_neither_ray_data_nor_transformers_and_ray_data_stays_quiet():
