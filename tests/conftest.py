@@ -46,14 +46,26 @@ def seeded_single_thread():
 
 
 @pytest.fixture(scope="session")
-def synthetic_task(tmp_path_factory):
+def synthetic_task(tmp_path_factory, request):
     """Two teachers (alpha: BERT/WordPiece/2 layers on sports+cooking; beta: DistilBERT/byte-BPE/3 layers
-    on space+finance), a tiny GPT-2 LM on all four topics, a student encoder, a corpus and an eval CSV."""
+    on space+finance), a tiny GPT-2 LM on all four topics, a student encoder, a corpus and an eval CSV.
+
+    Built once per run: the test processes of ``pytest -n`` (pytest-xdist) share one build, the
+    first to get the lock makes it, and ``DFKD_TEST_CACHE`` shares it across runs."""
+    from filelock import FileLock
+
     from dfkd_ray.synthetic import build_synthetic_task
 
-    root = os.environ.get("DFKD_TEST_CACHE")
-    root = Path(root) / "synthetic" if root else tmp_path_factory.mktemp("synthetic")
-    return build_synthetic_task(root, seed=0)
+    cache = os.environ.get("DFKD_TEST_CACHE")
+    if cache:
+        root = Path(cache) / "synthetic"
+    elif not hasattr(request.config, "workerinput"):  # one process (no pytest-xdist worker): nothing to share
+        return build_synthetic_task(tmp_path_factory.mktemp("synthetic"), seed=0)
+    else:  # the run's temp dir, above each worker's own
+        root = tmp_path_factory.getbasetemp().parent / "synthetic"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{root}.lock"):
+        return build_synthetic_task(root, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +114,13 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local_address(ray_local) -> str:
+    """The session Ray's GCS address, for job subprocesses that join it (``ray.address=...``):
+    ``auto`` would pick whichever Ray it finds, and another may run on this machine."""
+    return ray_local.get_runtime_context().gcs_address
 
 
 SMOKE = Path(__file__).parents[1] / "jobs" / "configs" / "smoke.yaml"

@@ -29,7 +29,14 @@ def _edit(d: dict, dotted: str, value):
         node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
 
 
-_DELETE = object()
+class _Delete:
+    """Marks a key to remove; a fixed repr keeps the test ids equal across processes (pytest-xdist)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETE = _Delete()
 
 
 def _teacher_dir(tmp_path: Path, id2label, name="t") -> str:

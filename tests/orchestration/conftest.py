@@ -147,10 +147,12 @@ class SubmittedSmoke:
 
 
 @pytest.fixture(scope="session")
-def submitted_smoke(synthetic_task, tmp_path_factory) -> SubmittedSmoke:
+def submitted_smoke(synthetic_task, tmp_path_factory, ray_local) -> SubmittedSmoke:
     """The smoke preset, every stage as the README's command runs it, submitted to a local head whose
     ``DFKD_RAY_HOME`` holds the demo an earlier submission built; first the same submission with a
-    misspelt key, which must be refused before Ray. The head is stopped before the fixture returns."""
+    misspelt key, which must be refused before Ray. The head is stopped before the fixture returns.
+    The session's own Ray (``ray_local``) runs beside the head all along: a job must talk to the
+    cluster it was submitted to, never to whichever Ray it finds on the machine."""
     root = tmp_path_factory.mktemp("submit")
     home = root / "home"
     (home / ".cache").mkdir(parents=True)

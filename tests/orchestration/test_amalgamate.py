@@ -45,7 +45,7 @@ def smoke_run(submitted_smoke):
 
 
 @pytest.fixture(scope="module")
-def random_words_resumed(smoke_config, smoke_overrides, tmp_path_factory, ray_local):
+def random_words_resumed(smoke_config, smoke_overrides, tmp_path_factory, ray_local_address):
     """The smoke preset with random whole words of each teacher's vocabulary as the transfer set, run
     three times as a user would: ``jobs/amalgamate.py`` (joining the test's Ray) stopped with SIGINT
     (Ctrl-C) at its first training step, run again and SIGKILLed once training is past its first
@@ -63,7 +63,7 @@ def random_words_resumed(smoke_config, smoke_overrides, tmp_path_factory, ray_lo
     more = ("transfer.source=random_words", "train.epochs=4", "train.checkpoint_every_steps=8",
             "train.report_every_steps=4")
     command = [sys.executable, str(ROOT / "jobs" / "amalgamate.py"), "--config", str(SMOKE),
-               *smoke_overrides(out, *more), "ray.address=auto"]
+               *smoke_overrides(out, *more), f"ray.address={ray_local_address}"]
     cfg = smoke_config(out, *more)
     log = out / "distill" / "metrics.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}

@@ -95,7 +95,7 @@ def _summary(directory: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local):
+def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local, ray_local_address):
     """SIGKILL `jobs/generate.py` mid-run, rerun, and compare with an uninterrupted run: same rows,
     same summary (timings aside), also for a shard renamed into place but not yet in the manifest."""
     from dfkd_ray.orchestration.generate import run_generate
@@ -107,7 +107,8 @@ def test_resume_after_killing_the_job(job_dict, tmp_path, ray_local):
     path.write_text(yaml.safe_dump(killed))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "generate.py"), "--config", str(path),
-                             "ray.address=auto"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+                             f"ray.address={ray_local_address}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
     ts = tmp_path / "killed" / "transfer_set"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -171,7 +172,7 @@ def test_steered_two_actors_give_requested_counts(job_dict, synthetic_task, tmp_
     assert len({r["text"].casefold() for r in rows}) == len(rows)
 
 
-def test_job_script_reports_a_user_error_without_traceback(job_dict, tmp_path, ray_local):
+def test_job_script_reports_a_user_error_without_traceback(job_dict, tmp_path, ray_local_address):
     """jobs/generate.py prints the project's user-facing errors (here a TransferSetError: the set's
     directory holds someone's files) as one message and exits 2, like a bad config."""
     d = _cfg(job_dict, tmp_path / "out")
@@ -180,7 +181,7 @@ def test_job_script_reports_a_user_error_without_traceback(job_dict, tmp_path, r
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(d))
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "--config", str(path),
-                           "ray.address=auto"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           f"ray.address={ray_local_address}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: " in proc.stderr and "is not empty but has no manifest.json" in proc.stderr
     assert "Traceback" not in proc.stderr

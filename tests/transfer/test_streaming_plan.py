@@ -18,9 +18,13 @@ class _Counting:
         return self.source.generate(requests)
 
 
-def test_shards_made_with_the_heldout_pass_replayed_equal_shards_made_from_scratch(job_dict, teachers):
+def test_shards_made_with_the_heldout_pass_replayed_equal_shards_made_from_scratch(job_dict, teachers,
+                                                                                   seeded_single_thread):
     """The held-out pass makes each shard's held-out requests with the shard's filters and retries;
-    the full shard then reuses those rows (no second generation) and is the same table."""
+    the full shard then reuses those rows (no second generation) and is the same table.
+
+    One intra-op thread: the two passes score a text in batches of different sizes, and with several
+    threads a CPU matmul's float rounding depends on how the batch is split between them."""
     from dfkd_ray.transfer.sources import get_source_class
 
     job_dict["transfer"].update(source="random_words", samples_per_class=12, shard_size=12, min_confidence=0.95,
