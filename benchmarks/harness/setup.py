@@ -22,7 +22,7 @@ from typing import get_args
 
 import torch
 
-from dfkd_ray.config import AmalgamationConfig, JobConfig, SteeredConfig, validate_config
+from dfkd_ray.config import AmalgamationConfig, JobConfig, SteeredConfig, TrainConfig, validate_config
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.transfer.store import read_transfer_table
 from dfkd_ray.transfer.writer import write_transfer_set
@@ -212,6 +212,7 @@ class Settings:
 
 AMALGAMATION = AmalgamationConfig.model_fields
 STEERED = SteeredConfig.model_fields
+TRAIN = TrainConfig.model_fields
 
 
 def add_setting_arguments(p: argparse.ArgumentParser, samples_per_class: int | None) -> None:
@@ -230,6 +231,8 @@ def add_setting_arguments(p: argparse.ArgumentParser, samples_per_class: int | N
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=float, default=6)
+    p.add_argument("--precision", choices=get_args(TRAIN["precision"].annotation), default=TRAIN["precision"].default,
+                   help="train.precision of every distillation row (the student's compute)")
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--teacher-lr", type=float, default=5e-5)
 
@@ -309,7 +312,7 @@ def job_config(settings: Settings, row: str, seed: int, *, steered: dict | None 
             "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
                         "max_length": args.max_length},
             "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-                      "warmup_epochs": min(1.0, args.epochs)},
+                      "warmup_epochs": min(1.0, args.epochs), "precision": args.precision},
             "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(work / "runs" / row)}}
     return validate_config(data, source=f"benchmark row {row}")
 

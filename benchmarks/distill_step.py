@@ -1,0 +1,237 @@
+"""Distillation step: samples/s and model FLOPs utilisation at realistic shapes (one process, no Ray).
+
+Two BERT-base-shaped teachers (12 layers x 768, random weights, saved to local directories and
+loaded the way a job loads them: bf16 on CUDA), a student of 6 such layers, and StrataNet's step
+exactly as a Ray Train worker runs it (:meth:`dfkd_ray.train.step.Distiller.step`: teachers -> RMD
+confidences -> ST-amalg -> block loss (Eq. 7) + KD loss, AdamW) on transfer-like texts of about
+``--words`` random words. Per (variant, batch size):
+
+* ms a step and samples/s over ``--steps`` steps after ``--warmup`` (new texts every step);
+* model FLOPs per second: the teachers' forward passes plus the student's forward and backward
+  (3 x its forward), counted on real tokens (padding excluded); ST-amalg, the projections and the
+  confidence statistics are left out (well under 1% of a step). MFU is that rate over the bf16
+  matmul rate measured in the same run (8192^3 products);
+* host synchronisations a step (CUDA: ``torch.cuda.set_sync_debug_mode``), and with ``--profile`` a
+  torch.profiler table of the largest batch and the share of the step's wall time the GPU was busy.
+
+    python benchmarks/distill_step.py --tokenizer ENCODER_DIR --batch-sizes 16,64,256 --out step.json \\
+        --variants "fp32:train.precision=float32;bf16:train.precision=bfloat16" --profile
+    python benchmarks/distill_step.py --tokenizer ENCODER_DIR --tiny --device cpu          # CPU smoke test
+
+``ENCODER_DIR`` is any local directory holding a BERT WordPiece tokenizer (e.g. the MiniLM
+encoder); only its tokenizer is read. A variant is ``name:field=value,field=value`` with dotted
+config fields (``name:`` alone runs the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from generation import matmul_rate, sync, teacher_flops  # benchmarks/generation.py, beside this file
+
+
+def random_texts(vocab: list[str], n: int, words: int, seed: int) -> list[str]:
+    """``n`` texts of 0.5-1.5 x ``words`` words drawn from ``vocab`` (so batches carry padding)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(vocab, k=rng.randint(max(1, words // 2), words + words // 2))) for _ in range(n)]
+
+
+def build_models(tokenizer_dir: Path, root: Path, tiny: bool) -> tuple[dict[str, Path], Path, object]:
+    """Two random BERT teachers (2 labels each) and a student encoder, saved under ``root``."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if tiny else
+             dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
+    student_layers = 2 if tiny else 6
+    teachers = {}
+    for i, (name, labels) in enumerate({"alpha": ["sports", "cooking"], "beta": ["space", "finance"]}.items()):
+        torch.manual_seed(i)
+        cfg = BertConfig(vocab_size=len(tok), max_position_embeddings=512, num_labels=2, pad_token_id=tok.pad_token_id,
+                         id2label=dict(enumerate(labels)), label2id={x: j for j, x in enumerate(labels)}, **shape)
+        teachers[name] = root / name
+        BertForSequenceClassification(cfg).save_pretrained(teachers[name])
+        tok.save_pretrained(teachers[name])
+    torch.manual_seed(2)
+    student_cfg = BertConfig(vocab_size=len(tok), max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                             **{**shape, "num_hidden_layers": student_layers})
+    student = root / "student"
+    BertModel(student_cfg).save_pretrained(student)
+    tok.save_pretrained(student)
+    return teachers, student, tok
+
+
+def job_config(teachers: dict[str, Path], student: Path, batch: int, fields: dict, out: Path, max_length: int):
+    from dfkd_ray.config import validate_config
+
+    data = {"name": "distill-step", "seed": 0,
+            "teachers": [{"name": n, "path": str(p), "max_length": max_length} for n, p in teachers.items()],
+            "transfer": {"source": "random_words"},
+            "student": {"path": str(student), "max_length": max_length},
+            "train": {"batch_size": batch, "epochs": 1, "warmup_epochs": 0},
+            "output": {"dir": str(out)}}
+    for dotted, value in fields.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate_config(data, source="distill_step benchmark")
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    import yaml
+
+    variants = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        name, _, body = item.partition(":")
+        fields = {}
+        for pair in filter(None, (x.strip() for x in body.split(","))):
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise SystemExit(f"--variants: {pair!r} in {item!r} is not field=value")
+            fields[key.strip()] = yaml.safe_load(value)
+        variants.append((name.strip(), fields))
+    return variants
+
+
+def step_flops(tok, texts: list[str], max_length: int, teacher_cfg, student_cfg) -> float:
+    """Model FLOPs of one step on ``texts`` (real tokens): two teacher forwards + student forward and backward."""
+    lengths = [len(x) for x in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
+    tokens, tokens_sq = float(sum(lengths)), float(sum(n * n for n in lengths))
+    teachers = 2 * teacher_flops(teacher_cfg, tokens, tokens_sq, len(texts))
+    H, I, L = student_cfg.hidden_size, student_cfg.intermediate_size, student_cfg.num_hidden_layers
+    student = L * (8 * H * H + 4 * H * I) * tokens + L * 4 * H * tokens_sq
+    return teachers + 3 * student
+
+
+def count_syncs(distiller, texts: list[str], device: torch.device) -> int | None:
+    """Host synchronisations of one step (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            distiller.step(texts)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def profile_steps(distiller, batches: list[list[str]], device: torch.device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for b in batches:
+            distiller.step(b)
+        sync(device)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else None
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return {"steps": len(batches), "wall_s": wall, "gpu_busy_share": None if busy is None else busy / wall,
+            "table": events.table(sort_by=key, row_limit=18, max_name_column_width=55)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", type=Path, required=True, help="a local directory with a BERT WordPiece tokenizer")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="2-layer 64-wide models (CPU smoke test)")
+    ap.add_argument("--batch-sizes", default="16,64,256")
+    ap.add_argument("--variants", default="default:", help="name:field=value,...;name:... (dotted config fields)")
+    ap.add_argument("--words", type=int, default=40, help="mean words a text (0.5-1.5 x)")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="profile the largest batch of every variant")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from transformers import AutoConfig
+
+    from dfkd_ray.confidence import fit_estimators
+    from dfkd_ray.models.teacher import load_teachers
+    from dfkd_ray.train.epochs import StepPlan
+    from dfkd_ray.train.step import Distiller
+
+    device = torch.device(args.device)
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    variants = parse_variants(args.variants)
+    peak = matmul_rate(device, 2048 if args.tiny or device.type == "cpu" else 8192)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        teacher_dirs, student_dir, tok = build_models(args.tokenizer, root, args.tiny)
+        vocab = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2]
+        teacher_cfg, student_cfg = AutoConfig.from_pretrained(teacher_dirs["alpha"]), AutoConfig.from_pretrained(student_dir)
+        base = job_config(teacher_dirs, student_dir, sizes[0], {}, root / "out", args.max_length)
+        # the student keeps all its layers, one block each (N = its depth), as a job's student does
+        teachers = load_teachers(base.teachers, num_blocks=student_cfg.num_hidden_layers, device=device)
+        heldout = {n: random_texts(vocab, 200, args.words, seed=i) for i, n in enumerate(teachers)}
+        estimators = fit_estimators(teachers, heldout, None, base.amalgamation, seed=0)
+        for name, fields in variants:
+            for b in sizes:
+                cfg = job_config(teacher_dirs, student_dir, b, fields, root / "out", args.max_length)
+                n_batches = args.warmup + args.steps + 1
+                texts = random_texts(vocab, b * n_batches, args.words, seed=1000 + b)
+                batches = [texts[i * b:(i + 1) * b] for i in range(n_batches)]
+                distiller = Distiller(cfg, StepPlan.of(len(texts), cfg, 1), device=device, teachers=teachers,
+                                      estimators=estimators)
+                for batch in batches[:args.warmup]:
+                    distiller.step(batch)
+                sync(device)
+                t0 = time.perf_counter()
+                for batch in batches[args.warmup:-1]:
+                    distiller.step(batch)
+                sync(device)
+                wall = time.perf_counter() - t0
+                flops = sum(step_flops(tok, batch, args.max_length, teacher_cfg, student_cfg)
+                            for batch in batches[args.warmup:-1])
+                row = {"variant": name, "fields": fields, "batch": b, "ms_per_step": 1e3 * wall / args.steps,
+                       "samples_per_s": b * args.steps / wall, "tflops": flops / wall / 1e12,
+                       "mfu": flops / wall / peak, "syncs_per_step": count_syncs(distiller, batches[-1], device)}
+                if args.profile and b == max(sizes):
+                    row["profile"] = profile_steps(distiller, batches[args.warmup:args.warmup + 10], device)
+                rows.append(row)
+                print(f"{name:>10} B={b:<4} {row['ms_per_step']:8.1f} ms/step {row['samples_per_s']:8.1f} samples/s "
+                      f"{row['tflops']:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f}%  syncs/step {row['syncs_per_step']}",
+                      flush=True)
+                del distiller
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"\nbf16 matmul rate (same run): {peak / 1e12:.1f} TFLOP/s on {device}"
+          f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
+    print("| variant | batch | ms/step | samples/s | model TFLOP/s | MFU | syncs/step | GPU busy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        busy = r.get("profile", {}).get("gpu_busy_share")
+        print(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | {r['tflops']:.2f} "
+              f"| {100 * r['mfu']:.1f}% | {r['syncs_per_step']} | {'-' if busy is None else f'{100 * busy:.0f}%'} |")
+    for r in rows:
+        if "profile" in r:
+            print(f"\nprofile: {r['variant']}, batch {r['batch']}, {r['profile']['steps']} steps in "
+                  f"{r['profile']['wall_s']:.2f} s\n{r['profile']['table']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        args.out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "matmul_tflops": peak / 1e12,
+                                        "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
