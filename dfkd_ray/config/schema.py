@@ -436,9 +436,9 @@ class TrainConfig(_Section):
     include_heldout: bool = Field(False, description="also train on the held-out rows that fit the confidence statistics")
     sdpa: AttentionKernels = Field("no_cudnn", description="attention kernels of each distillation step")
     precision: Precision = Field(
-        "auto", description="the student's and ST-amalg's compute in a step: bfloat16 autocast, or float32; auto = "
-                            "bfloat16 on CUDA, float32 elsewhere (weights, optimiser state, losses and confidences stay "
-                            "float32; teachers run in their own dtype)")
+        "float32", description="the student's and ST-amalg's compute in a step: float32, or bfloat16 autocast; auto = "
+                               "bfloat16 on CUDA, float32 elsewhere (weights, optimiser state, losses and confidences "
+                               "stay float32; teachers run in their own dtype)")
     stream_from_generation: bool = Field(
         False, description="train the first epoch on rows as the generator actors make them (jobs/amalgamate.py)")
 

@@ -9,9 +9,10 @@ The Ray Train loop (:mod:`dfkd_ray.orchestration.train`) and the benchmarks (no 
 * ``vanilla``: KL to one softmax over the concatenated teacher logits
   (:func:`~dfkd_ray.math.losses.concat_target`), the baseline of StrataNet Table 3.
 
-Precision (``train.precision``): the student and ST-amalg run under bfloat16 autocast (``auto`` on
-CUDA), with float32 weights and optimiser state; the teachers run outside it in their own dtype, the
-confidence statistics and the losses in float32. A step reads the GPU's results once, after the
+Precision (``train.precision``): ``bfloat16`` (or ``auto`` on CUDA) runs the student and ST-amalg under
+bfloat16 autocast, with float32 weights and optimiser state; the teachers run outside it in their own
+dtype, the confidence statistics and the losses in float32. The default stays ``float32``, the
+precision every recorded quality number was trained in. A step reads the GPU's results once, after the
 backward pass (its metrics and the finite-loss check), so the host queues the whole forward and
 backward pass without waiting.
 
