@@ -12,7 +12,8 @@ confidences -> ST-amalg -> block loss (Eq. 7) + KD loss, AdamW) on transfer-like
   confidence statistics are left out (well under 1% of a step). MFU is that rate over the bf16
   matmul rate measured in the same run (8192^3 products);
 * host synchronisations a step (CUDA: ``torch.cuda.set_sync_debug_mode``), and with ``--profile`` a
-  torch.profiler table of the largest batch and the share of the step's wall time the GPU was busy.
+  torch.profiler table of the largest batch, the GPU's kernel time a step and its share of the
+  profiled wall time (the profiler slows the host, so the share is a lower bound).
 
     python benchmarks/distill_step.py --tokenizer ENCODER_DIR --batch-sizes 16,64,256 --out step.json \\
         --variants "fp32:train.precision=float32;bf16:train.precision=bfloat16" --profile
@@ -140,9 +141,12 @@ def profile_steps(distiller, batches: list[list[str]], device: torch.device) -> 
         sync(device)
     wall = time.perf_counter() - t0
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else None
+    # kernel time: the GPU's own events only (an operator's row repeats the time of the kernels it launched)
+    busy = (sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+            if device.type == "cuda" else None)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return {"steps": len(batches), "wall_s": wall, "gpu_busy_share": None if busy is None else busy / wall,
+    return {"steps": len(batches), "wall_s": wall, "gpu_ms_per_step": None if busy is None else 1e3 * busy / len(batches),
+            "gpu_busy_share": None if busy is None else busy / wall,
             "table": events.table(sort_by=key, row_limit=18, max_name_column_width=55)}
 
 
@@ -215,12 +219,12 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
     print(f"\nbf16 matmul rate (same run): {peak / 1e12:.1f} TFLOP/s on {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
-    print("| variant | batch | ms/step | samples/s | model TFLOP/s | MFU | syncs/step | GPU busy |")
+    print("| variant | batch | ms/step | samples/s | model TFLOP/s | MFU | syncs/step | GPU kernel ms/step |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        busy = r.get("profile", {}).get("gpu_busy_share")
+        gpu = r.get("profile", {}).get("gpu_ms_per_step")
         print(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | {r['tflops']:.2f} "
-              f"| {100 * r['mfu']:.1f}% | {r['syncs_per_step']} | {'-' if busy is None else f'{100 * busy:.0f}%'} |")
+              f"| {100 * r['mfu']:.1f}% | {r['syncs_per_step']} | {'-' if gpu is None else f'{gpu:.1f}'} |")
     for r in rows:
         if "profile" in r:
             print(f"\nprofile: {r['variant']}, batch {r['batch']}, {r['profile']['steps']} steps in "
