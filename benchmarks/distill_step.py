@@ -11,7 +11,8 @@ confidences -> ST-amalg -> block loss (Eq. 7) + KD loss, AdamW) on transfer-like
   (3 x its forward), counted on real tokens (padding excluded); ST-amalg, the projections and the
   confidence statistics are left out (well under 1% of a step). MFU is that rate over the bf16
   matmul rate measured in the same run (8192^3 products);
-* host synchronisations a step (CUDA: ``torch.cuda.set_sync_debug_mode``), and with ``--profile`` a
+* host synchronisations a step and the Python line that made each (CUDA:
+  ``torch.cuda.set_sync_debug_mode``), and with ``--profile`` a
   torch.profiler table of the largest batch, the GPU's kernel time a step and its share of the
   profiled wall time (the profiler slows the host, so the share is a lower bound).
 
@@ -27,6 +28,7 @@ config fields (``name:`` alone runs the defaults).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import random
 import sys
@@ -115,8 +117,8 @@ def step_flops(tok, texts: list[str], max_length: int, teacher_cfg, student_cfg)
     return teachers + 3 * student
 
 
-def count_syncs(distiller, texts: list[str], device: torch.device) -> int | None:
-    """Host synchronisations of one step (CUDA only)."""
+def count_syncs(distiller, texts: list[str], device: torch.device) -> dict[str, int] | None:
+    """Host synchronisations of one step (CUDA only), counted by the Python line that made each."""
     if device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as caught:
@@ -126,7 +128,9 @@ def count_syncs(distiller, texts: list[str], device: torch.device) -> int | None
             distiller.step(texts)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    where = collections.Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+                                for w in caught if "synchroniz" in str(w.message))
+    return dict(where.most_common())
 
 
 def profile_steps(distiller, batches: list[list[str]], device: torch.device) -> dict:
@@ -205,9 +209,11 @@ def main(argv=None) -> int:
                 wall = time.perf_counter() - t0
                 flops = sum(step_flops(tok, batch, args.max_length, teacher_cfg, student_cfg)
                             for batch in batches[args.warmup:-1])
+                sites = count_syncs(distiller, batches[-1], device)
                 row = {"variant": name, "fields": fields, "batch": b, "ms_per_step": 1e3 * wall / args.steps,
                        "samples_per_s": b * args.steps / wall, "tflops": flops / wall / 1e12,
-                       "mfu": flops / wall / peak, "syncs_per_step": count_syncs(distiller, batches[-1], device)}
+                       "mfu": flops / wall / peak, "syncs_per_step": None if sites is None else sum(sites.values()),
+                       "sync_sites": sites}
                 if args.profile and b == max(sizes):
                     row["profile"] = profile_steps(distiller, batches[args.warmup:args.warmup + 10], device)
                 rows.append(row)
@@ -225,6 +231,10 @@ def main(argv=None) -> int:
         gpu = r.get("profile", {}).get("gpu_ms_per_step")
         print(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | {r['tflops']:.2f} "
               f"| {100 * r['mfu']:.1f}% | {r['syncs_per_step']} | {'-' if gpu is None else f'{gpu:.1f}'} |")
+    for r in rows:
+        if r["sync_sites"] and r["batch"] == max(sizes):
+            print(f"\nhost reads of one step, {r['variant']}, batch {r['batch']}: " +
+                  ", ".join(f"{where} x{n}" for where, n in r["sync_sites"].items()))
     for r in rows:
         if "profile" in r:
             print(f"\nprofile: {r['variant']}, batch {r['batch']}, {r['profile']['steps']} steps in "
