@@ -28,18 +28,17 @@ config fields (``name:`` alone runs the defaults).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import random
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from generation import matmul_rate, sync, teacher_flops  # benchmarks/generation.py, beside this file
+from generation import host_reads, matmul_rate, sync, teacher_flops  # benchmarks/generation.py, beside this file
+from harness.setup import parse_fields
 
 
 def random_texts(vocab: list[str], n: int, words: int, seed: int) -> list[str]:
@@ -75,6 +74,7 @@ def build_models(tokenizer_dir: Path, root: Path, tiny: bool) -> tuple[dict[str,
 
 def job_config(teachers: dict[str, Path], student: Path, batch: int, fields: dict, out: Path, max_length: int):
     from dfkd_ray.config import validate_config
+    from dfkd_ray.tuning.space import set_dotted
 
     data = {"name": "distill-step", "seed": 0,
             "teachers": [{"name": n, "path": str(p), "max_length": max_length} for n, p in teachers.items()],
@@ -83,27 +83,16 @@ def job_config(teachers: dict[str, Path], student: Path, batch: int, fields: dic
             "train": {"batch_size": batch, "epochs": 1, "warmup_epochs": 0},
             "output": {"dir": str(out)}}
     for dotted, value in fields.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(data, dotted, value)
     return validate_config(data, source="distill_step benchmark")
 
 
 def parse_variants(text: str) -> list[tuple[str, dict]]:
-    import yaml
-
+    """``"name:field=value,...;name2:..."`` -> [(name, {dotted field: value})] (numbers and booleans parsed)."""
     variants = []
     for item in filter(None, (x.strip() for x in text.split(";"))):
         name, _, body = item.partition(":")
-        fields = {}
-        for pair in filter(None, (x.strip() for x in body.split(","))):
-            key, eq, value = pair.partition("=")
-            if not eq:
-                raise SystemExit(f"--variants: {pair!r} in {item!r} is not field=value")
-            fields[key.strip()] = yaml.safe_load(value)
-        variants.append((name.strip(), fields))
+        variants.append((name.strip(), parse_fields(body, f"--variants {name.strip()!r}")))
     return variants
 
 
@@ -119,18 +108,7 @@ def step_flops(tok, texts: list[str], max_length: int, teacher_cfg, student_cfg)
 
 def count_syncs(distiller, texts: list[str], device: torch.device) -> dict[str, int] | None:
     """Host synchronisations of one step (CUDA only), counted by the Python line that made each."""
-    if device.type != "cuda":
-        return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            distiller.step(texts)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    where = collections.Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
-                                for w in caught if "synchroniz" in str(w.message))
-    return dict(where.most_common())
+    return host_reads(lambda: distiller.step(texts)) if device.type == "cuda" else None
 
 
 def profile_steps(distiller, batches: list[list[str]], device: torch.device) -> dict:

@@ -168,24 +168,31 @@ def sync_census(lm, lm_tok, teacher, device, *, rows: int, tokens: int, m: int =
     torch reports under ``torch.cuda.set_sync_debug_mode``, counted by the Python line that made it."""
     if device.type != "cuda":
         return {}
-    import collections
-    import warnings
-
     params = guided_params(m, tokens, rows)
     gen = SteeredGenerator(lm, lm_tok, {"bert": teacher}, params, device=device)
     reqs = [GenerationRequest("bert", i % 2, seed=15_485_863 + i) for i in range(rows)]
     gen.generate(reqs[:2])
+    where = host_reads(lambda: gen.generate(reqs))
+    return {"rows": rows, "tokens": tokens, "parts": params.decode_parts, "total": sum(where.values()),
+            "steps": gen.stats.steps, "teacher_forwards": gen.stats.teacher_forwards, "by_line": where}
+
+
+def host_reads(run) -> dict[str, int]:
+    """Every synchronising CUDA call that ``run()`` makes, as torch reports them under
+    ``torch.cuda.set_sync_debug_mode``, counted by the Python line that made it (most first)."""
+    import collections
+    import warnings
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            gen.generate(reqs)
+            run()
         finally:
             torch.cuda.set_sync_debug_mode(0)
     where = collections.Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
                                 for w in caught if "synchroniz" in str(w.message))
-    return {"rows": rows, "tokens": tokens, "parts": params.decode_parts, "total": sum(where.values()),
-            "steps": gen.stats.steps, "teacher_forwards": gen.stats.teacher_forwards, "by_line": dict(where.most_common())}
+    return dict(where.most_common())
 
 
 def check_token_map(lm_tok, teacher, device, streams: int = 8, steps: int = 40, n_cand: int = 50) -> tuple[int, int]:

@@ -40,5 +40,5 @@ def test_step_flops_count_real_tokens_only(synthetic_task):
 
 
 def test_a_variant_must_name_field_value_pairs():
-    with pytest.raises(SystemExit, match="is not field=value"):
+    with pytest.raises(SystemExit, match="--variants 'bf16': 'train.precision' is not key=value"):
         distill_step.parse_variants("bf16:train.precision")
