@@ -6,7 +6,9 @@ exactly as a Ray Train worker runs it (:meth:`dfkd_ray.train.step.Distiller.step
 confidences -> ST-amalg -> block loss (Eq. 7) + KD loss, AdamW) on transfer-like texts of about
 ``--words`` random words. Per (variant, batch size):
 
-* ms a step and samples/s over ``--steps`` steps after ``--warmup`` (new texts every step);
+* ms a step and samples/s over ``--steps`` steps after ``--warmup`` (new texts every step), each batch
+  tokenized in a background thread while the step before it runs, as training does
+  (:meth:`~dfkd_ray.train.step.Distiller.encode`);
 * model FLOPs per second: the teachers' forward passes plus the student's forward and backward
   (3 x its forward), counted on real tokens (padding excluded); ST-amalg, the projections and the
   confidence statistics are left out (well under 1% of a step). MFU is that rate over the bf16
@@ -106,9 +108,22 @@ def step_flops(tok, texts: list[str], max_length: int, teacher_cfg, student_cfg)
     return teachers + 3 * student
 
 
+def run_steps(distiller, batches: list[list[str]]) -> None:
+    """One step on each batch, the next batch tokenized meanwhile (a package without
+    ``Distiller.encode`` tokenizes inside each step)."""
+    from dfkd_ray.train.epochs import prefetch
+
+    encode = getattr(distiller, "encode", None)
+    for batch in (batches if encode is None else prefetch((encode(b) for b in batches), size=1)):
+        distiller.step(batch)
+
+
 def count_syncs(distiller, texts: list[str], device: torch.device) -> dict[str, int] | None:
     """Host synchronisations of one step (CUDA only), counted by the Python line that made each."""
-    return host_reads(lambda: distiller.step(texts)) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    batch = distiller.encode(texts) if hasattr(distiller, "encode") else texts
+    return host_reads(lambda: distiller.step(batch))
 
 
 def profile_steps(distiller, batches: list[list[str]], device: torch.device) -> dict:
@@ -118,8 +133,7 @@ def profile_steps(distiller, batches: list[list[str]], device: torch.device) -> 
     sync(device)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
-        for b in batches:
-            distiller.step(b)
+        run_steps(distiller, batches)
         sync(device)
     wall = time.perf_counter() - t0
     events = prof.key_averages()
@@ -177,12 +191,10 @@ def main(argv=None) -> int:
                 batches = [texts[i * b:(i + 1) * b] for i in range(n_batches)]
                 distiller = Distiller(cfg, StepPlan.of(len(texts), cfg, 1), device=device, teachers=teachers,
                                       estimators=estimators)
-                for batch in batches[:args.warmup]:
-                    distiller.step(batch)
+                run_steps(distiller, batches[:args.warmup])
                 sync(device)
                 t0 = time.perf_counter()
-                for batch in batches[args.warmup:-1]:
-                    distiller.step(batch)
+                run_steps(distiller, batches[args.warmup:-1])
                 sync(device)
                 wall = time.perf_counter() - t0
                 flops = sum(step_flops(tok, batch, args.max_length, teacher_cfg, student_cfg)

@@ -21,6 +21,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 # Attention kernels of a stage (dfkd_ray.models.kernels.attention_kernels): without cuDNN, or torch's choice.
 AttentionKernels = Literal["no_cudnn", "any"]
 Precision = Literal["auto", "float32", "bfloat16"]
+MatmulPrecision = Literal["highest", "high"]
 
 
 class _Section(BaseModel):
@@ -439,6 +440,10 @@ class TrainConfig(_Section):
         "float32", description="the student's and ST-amalg's compute in a step: float32, or bfloat16 autocast; auto = "
                                "bfloat16 on CUDA, float32 elsewhere (weights, optimiser state, losses and confidences "
                                "stay float32; teachers run in their own dtype)")
+    matmul_precision: MatmulPrecision = Field(
+        "highest", description="float32 matrix products on CUDA (torch.set_float32_matmul_precision): highest = "
+                               "full float32, high = TensorFloat-32 tensor cores (10-bit mantissa inputs, float32 "
+                               "accumulation), for the teachers and float32 students alike")
     stream_from_generation: bool = Field(
         False, description="train the first epoch on rows as the generator actors make them (jobs/amalgamate.py)")
 

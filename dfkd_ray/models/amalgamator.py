@@ -156,7 +156,8 @@ def _texts(batch) -> list[str]:
 
 def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, object],
                       teachers: Optional[Mapping[str, object]] = None,
-                      teacher_outputs: Optional[Mapping[str, TeacherOutput]] = None) -> dict[str, torch.Tensor]:
+                      teacher_outputs: Optional[Mapping[str, TeacherOutput]] = None,
+                      student_inputs: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """Losses of one batch: teachers (no grad) -> confidences -> ST-amalg -> Eq. 7 + KD -> Eq. 8.
 
     Args:
@@ -167,6 +168,8 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, objec
         teachers: loaded teachers (``Teacher`` or anything returning ``TeacherOutput`` for texts);
             not needed when ``teacher_outputs`` are given.
         teacher_outputs: the teachers' outputs on this batch, already computed.
+        student_inputs: the student's inputs for this batch on its device, already tokenized
+            (:meth:`~dfkd_ray.models.student.Student.host_inputs`); tokenized here if None.
 
     Returns:
         ``loss``, ``block``, ``kd`` (with gradients), the detached diagnostics ``agreement`` and
@@ -191,7 +194,9 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, objec
             raise ValueError(f"teacher {n!r} output has batch size {o.logits.shape[0]} for {len(texts)} texts")
     with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the statistics keep their precision
         conf = [estimators[n](o).to(device) for n, o in zip(names, outs)]  # K x (B, N)
-    losses = model(**net.student.tokenize(texts),
+    if student_inputs is None:
+        student_inputs = net.student.tokenize(texts)
+    losses = model(**student_inputs,
                    teacher_states=[o.block_states.detach().to(device) for o in outs],
                    teacher_logits=[o.logits.detach().to(device) for o in outs], confidences=conf)
     w = losses.pop("kd_weights")  # (B, K)

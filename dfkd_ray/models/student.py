@@ -29,6 +29,7 @@ from torch import nn
 
 from dfkd_ray.config import StudentConfig
 from dfkd_ray.math.blocks import partition_layers, pool_blocks
+from dfkd_ray.models.inputs import encode_texts, to_device
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +201,16 @@ class Student(nn.Module):
     def num_labels(self) -> int:
         return len(self.labels)
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def host_inputs(self, texts: Sequence[str], *, pin: bool = False) -> dict[str, torch.Tensor]:
+        """The student's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``)."""
         if not texts:
             raise ValueError("student: empty batch of texts")
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        keep = ("input_ids", "attention_mask") + (("token_type_ids",) if self._accepts_token_types else ())
-        return {k: v.to(self.device) for k, v in enc.items() if k in keep}
+        return encode_texts(self.tokenizer, texts, max_length=self.max_length, token_types=self._accepts_token_types,
+                            pin=pin)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The student's inputs for ``texts`` on its device."""
+        return to_device(self.host_inputs(texts), self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: Optional[torch.Tensor] = None) -> StudentOutput:

@@ -16,6 +16,7 @@ import torch
 
 from dfkd_ray.labels import ordered_labels
 from dfkd_ray.math.blocks import TeacherOutput, partition_layers, pool_blocks
+from dfkd_ray.models.inputs import encode_texts, to_device
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,14 @@ class Teacher:
     def num_labels(self) -> int:
         return len(self.labels)
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        keep = ("input_ids", "attention_mask") + (("token_type_ids",) if self._accepts_token_types else ())
-        return {k: v.to(self.device) for k, v in enc.items() if k in keep}
+    def host_inputs(self, texts: Sequence[str], *, pin: bool = False) -> dict[str, torch.Tensor]:
+        """This teacher's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``)."""
+        return encode_texts(self.tokenizer, texts, max_length=self.max_length, token_types=self._accepts_token_types,
+                            pin=pin)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """This teacher's inputs for ``texts`` on its device."""
+        return to_device(self.host_inputs(texts), self.device)
 
     @torch.no_grad()
     def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,

@@ -37,6 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dfkd_ray.config import JobConfig
 from dfkd_ray.train.epochs import StepPlan, student_num_blocks
@@ -185,6 +186,18 @@ def _start_position(distiller, init_checkpoint: str | None, main: bool, stream: 
     return 0, 0, 0
 
 
+class _EncodeTexts(NumpyBatchCollateFn):
+    """Ray Data collate function: a batch's ``text`` column -> an encoded batch (``encode``:
+    :meth:`~dfkd_ray.train.step.Distiller.encode`). Ray runs it in its prefetch thread, so the next
+    batch is tokenized while the current step runs."""
+
+    def __init__(self, encode):
+        self.encode = encode
+
+    def __call__(self, batch: dict):
+        return self.encode([str(x) for x in batch["text"]])
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker loop: data shard -> teachers (no grad) -> confidences -> step; report + checkpoint.
 
@@ -220,13 +233,19 @@ def train_loop_per_worker(config: dict) -> dict:
     else:
         shard = ray.train.get_dataset_shard("train")
 
-    def batches(epoch: int, buffer: int = t.shuffle_buffer):
+    def batches(epoch: int, buffer: int = t.shuffle_buffer, encode=None):
+        """The epoch's batches: texts, or with ``encode`` (:meth:`Distiller.encode`) batches tokenized in
+        Ray Data's prefetch thread while the step before runs."""
         if crafted:  # this worker's share of the epoch's requests, as batches of pseudo-samples to craft
             yield from request_batches(requests, cfg, epoch, rank=rank, world_size=plan.world_size)
             return
-        for batch in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=buffer or None,
-                                        local_shuffle_seed=cfg.seed * 1000 + epoch if buffer else None):
+        shuffle = dict(local_shuffle_buffer_size=buffer or None,
+                       local_shuffle_seed=cfg.seed * 1000 + epoch if buffer else None)
+        if encode is not None:
+            yield from shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=_EncodeTexts(encode),
+                                                drop_last=True, **shuffle)
+            return
+        for batch in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True, **shuffle):
             yield [str(x) for x in batch["text"]]
 
     if stream:
@@ -288,8 +307,9 @@ def train_loop_per_worker(config: dict) -> dict:
         return {**metrics, **timing, "steps": distiller.step_count}
 
     scorer = config.get("scorer")
-    for epoch, index, texts in iterate_epochs(batches, plan, start_epoch=start_epoch, skip_batches=skip,
-                                              start_step=distiller.step_count):
+    encode = None if crafted else distiller.encode
+    for epoch, index, texts in iterate_epochs(lambda e: batches(e, encode=encode), plan, start_epoch=start_epoch,
+                                              skip_batches=skip, start_step=distiller.step_count):
         nxt = (epoch, index + 1) if index + 1 < plan.steps_per_epoch else (epoch + 1, 0)
         metrics = step(texts, epoch, index, plan.steps_per_epoch, nxt, distiller.step_count + 1 >= plan.total_steps)
         if scorer is not None and (index + 1 == plan.steps_per_epoch or distiller.step_count >= plan.total_steps):

@@ -127,35 +127,51 @@ def iterate_stream(batches, plan: StepPlan, *, start_step: int = 0, skip_batches
 
 def prefetch(iterable, size: int = 2):
     """Iterate ``iterable`` in a background thread from now on, up to ``size`` items ahead; returns
-    an iterator over the same items (an exception raised there is raised here).
+    an iterator over the same items (an exception raised there is raised here). The thread stops
+    when the returned iterator is closed or dropped before the end.
 
     A streamed epoch starts its generation pipeline this way before the worker builds its models,
-    so the generator actors (an LM, perhaps a vLLM engine) start up meanwhile, not after.
+    so the generator actors (an LM, perhaps a vLLM engine) start up meanwhile, not after; training
+    without Ray tokenizes the next batch this way while the current step runs.
     """
     import queue
     import threading
 
     q: queue.Queue = queue.Queue(maxsize=size)
     end = object()
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def run():
         try:
             for item in iterable:
-                q.put((item, None))
-            q.put((end, None))
+                if not put((item, None)):
+                    return
+            put((end, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((end, e))
+            put((end, e))
 
     threading.Thread(target=run, name="prefetch", daemon=True).start()
 
     def items():
-        while True:
-            item, error = q.get()
-            if error is not None:
-                raise error
-            if item is end:
-                return
-            yield item
+        try:
+            while True:
+                item, error = q.get()
+                if error is not None:
+                    raise error
+                if item is end:
+                    return
+                yield item
+        finally:
+            stop.set()
 
     return items()
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 import math
 import random
 from pathlib import Path
@@ -36,8 +37,9 @@ import torch
 from dfkd_ray.config import JobConfig
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.math.losses import concat_target, kd_loss
+from dfkd_ray.models.inputs import pin_for, to_device
 from dfkd_ray.models.kernels import attention_kernels
-from dfkd_ray.train.epochs import StepPlan, iterate_epochs
+from dfkd_ray.train.epochs import StepPlan, iterate_epochs, prefetch
 
 CHECKPOINT_STATE = "state.json"
 
@@ -56,6 +58,19 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """One batch tokenized for the student and every teacher, as host tensors (pinned for a GPU):
+    :meth:`Distiller.encode` makes it away from the step, :meth:`Distiller.step` copies it over."""
+
+    texts: list[str]
+    student: dict[str, torch.Tensor]  # (B, T_s) each
+    teachers: dict[str, dict[str, torch.Tensor]]  # teacher name -> (B, T_k) each
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
 class Distiller:
@@ -111,6 +126,8 @@ class Distiller:
         self.step_count = 0
         self.label_index = [torch.tensor(self.space.teacher_to_global[n], device=self.device) for n in self.names]
         self.autocast_dtype = autocast_dtype(cfg.train.precision, self.device)
+        torch.set_float32_matmul_precision(cfg.train.matmul_precision)  # process-wide: set by every distiller
+        self.pin = pin_for(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The student's compute precision (``train.precision``): bfloat16 autocast, or nothing."""
@@ -118,18 +135,29 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def losses(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The losses and diagnostics of one batch (no optimiser step): the teachers in their own dtype,
-        then the student (and ST-amalg) under :meth:`autocast`."""
-        from dfkd_ray.models.amalgamator import amalgamation_step
-        from dfkd_ray.models.teacher import run_teachers
-
+    def encode(self, texts: Sequence[str]) -> EncodedBatch:
+        """Tokenize a batch for the student and every teacher, on the host (pinned when training on a
+        GPU). Thread-safe against :meth:`step`: training calls it in Ray Data's prefetch threads, so a
+        batch is tokenized while the previous step runs."""
         texts = [str(t) for t in texts]
-        outs = run_teachers(self.teachers, texts, self.names)
+        return EncodedBatch(texts=texts, student=self.student.host_inputs(texts, pin=self.pin),
+                            teachers={n: self.teachers[n].host_inputs(texts, pin=self.pin) for n in self.names})
+
+    def losses(self, batch: Sequence[str] | EncodedBatch) -> dict[str, torch.Tensor]:
+        """The losses and diagnostics of one batch of texts, or of an :meth:`encode`-d one (no optimiser
+        step): the teachers in their own dtype, then the student (and ST-amalg) under :meth:`autocast`."""
+        from dfkd_ray.models.amalgamator import amalgamation_step
+
+        enc = batch if isinstance(batch, EncodedBatch) else self.encode(batch)
+        with torch.no_grad():
+            outs = {n: self.teachers[n].forward_ids(**to_device(enc.teachers[n], self.teachers[n].device))
+                    for n in self.names}
+        student_inputs = to_device(enc.student, self.device)
         with self.autocast():
             if not self.vanilla:
-                return amalgamation_step(self.model, texts, estimators=self.estimators, teacher_outputs=outs)
-            logits = self.model(**self.student.tokenize(texts)).logits.float()  # (B, C)
+                return amalgamation_step(self.model, enc.texts, estimators=self.estimators, teacher_outputs=outs,
+                                         student_inputs=student_inputs)
+            logits = self.model(**student_inputs).logits.float()  # (B, C)
         target = concat_target([outs[n].logits.to(self.device) for n in self.names], self.label_index,
                                self.space.num_labels, self.cfg.amalgamation.temperature)  # (B, C)
         loss = kd_loss(logits, target, self.cfg.amalgamation.temperature)
@@ -137,14 +165,15 @@ class Distiller:
             agreement = (logits.argmax(-1) == target.argmax(-1)).float().mean()
         return {"loss": loss, "kd": loss.detach(), "agreement": agreement}
 
-    def step(self, texts: Sequence[str]) -> dict[str, float]:
-        """One optimiser step on a batch of texts; returns the batch's metrics as floats.
+    def step(self, batch: Sequence[str] | EncodedBatch) -> dict[str, float]:
+        """One optimiser step on a batch of texts (or an :meth:`encode`-d batch); returns the batch's
+        metrics as floats.
 
         The metrics are read from the device once, after the backward pass; a non-finite loss raises
         there, before the optimiser touches the weights."""
         self.model.train()
         with attention_kernels(self.cfg.train.sdpa, self.device):
-            losses = self.losses(texts)
+            losses = self.losses(batch)
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
@@ -200,7 +229,8 @@ def train_in_process(cfg: JobConfig, texts: Sequence[str], *, device: str | torc
 
     For benchmarks without Ray: the step plan of ``world_size`` workers, each step on their batches
     together (``train.batch_size * world_size`` rows, full batches only), every epoch shuffled with
-    the per-epoch seed of the Ray loop (``seed * 1000 + epoch``). ``on_epoch(epoch, metrics)`` is
+    the per-epoch seed of the Ray loop (``seed * 1000 + epoch``), each batch tokenized in a background
+    thread while the step before it runs. ``on_epoch(epoch, metrics)`` is
     called after each epoch's last step. Returns the distiller and the last step's metrics.
     """
     texts = list(texts)
@@ -211,8 +241,8 @@ def train_in_process(cfg: JobConfig, texts: Sequence[str], *, device: str | torc
     def epoch_batches(epoch: int):
         order = list(range(len(texts)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        for start in range(0, len(order) - size + 1, size):
-            yield [texts[i] for i in order[start:start + size]]
+        batches = ([texts[i] for i in order[start:start + size]] for start in range(0, len(order) - size + 1, size))
+        return prefetch((distiller.encode(b) for b in batches), size=1)  # the next batch tokenized meanwhile
 
     metrics: dict = {}
     for epoch, index, batch in iterate_epochs(epoch_batches, plan):

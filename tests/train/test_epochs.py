@@ -25,3 +25,28 @@ def test_step_plan_and_resumed_iteration(job_dict):
     assert resumed == full[8:]
     with pytest.raises(ValueError, match="no full batch"):  # an empty epoch must not loop forever
         list(iterate_epochs(lambda epoch: iter([]), plan))
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
+    """A loop that stops before the end (the plan's last step) leaves no thread filling a queue."""
+    import itertools
+    import threading
+    import time
+
+    from dfkd_ray.train.epochs import prefetch
+
+    made = []
+
+    def endless():
+        for i in itertools.count():
+            made.append(i)
+            yield i
+
+    it = prefetch(endless(), size=1)
+    assert [next(it), next(it)] == [0, 1]
+    it.close()
+    deadline = time.time() + 5
+    while any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(made) <= 4  # at most the queue's size and one item in hand beyond what was taken

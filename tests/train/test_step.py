@@ -80,13 +80,13 @@ def test_distillation_step_runs_under_its_attention_kernels(job_dict, teachers, 
     monkeypatch.setattr(step, "attention_kernels", kernel_recorder)
     d = Distiller(cfg, StepPlan.of(4, cfg), teachers=teachers)
     teacher_class = type(next(iter(teachers.values())))
-    teacher_call = teacher_class.__call__
+    teacher_forward = teacher_class.forward_ids
 
-    def counting_call(self, *a, **k):
+    def counting_forward_ids(self, *a, **k):
         calls["teacher"] += kernel_recorder.inside
-        return teacher_call(self, *a, **k)
+        return teacher_forward(self, *a, **k)
 
-    monkeypatch.setattr(teacher_class, "__call__", counting_call)  # every teacher's forward
+    monkeypatch.setattr(teacher_class, "forward_ids", counting_forward_ids)  # every teacher's forward
     student_forward = d.model.forward
 
     def counting_forward(*a, **k):
@@ -168,3 +168,57 @@ def test_a_non_finite_loss_stops_the_step_before_the_weights_change(job_dict, te
         d.step(texts)
     assert d.step_count == 0 and not d.optimizer.state
     assert all(torch.equal(before[k], v) for k, v in d.module.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["stratanet", "vanilla"])
+def test_a_step_on_an_encoded_batch_equals_a_step_on_its_texts(job_dict, teachers, method):
+    """Training tokenizes batches away from the step (``Distiller.encode``); the step it then makes is
+    the step on the raw texts: same metrics, same weights after."""
+    job_dict["amalgamation"] = {"method": method, "amalg_dim": 16, "amalg_heads": 2}
+    job_dict["student"]["num_layers"] = 3
+    job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "learning_rate": 1e-3}
+    cfg = validate_config(job_dict)
+    texts = ["the striker scored a late goal", "bake the bread with butter", "the rocket reached orbit",
+             "shares fell on the stock market"]
+    estimators = _estimators(cfg, teachers, texts) if method == "stratanet" else None
+    runs = []
+    for encoded in (False, True):
+        torch.manual_seed(1)
+        d = Distiller(cfg, StepPlan.of(8, cfg), teachers=teachers, estimators=estimators)
+        batch = d.encode(texts) if encoded else texts
+        if encoded:
+            assert len(batch) == 4 and set(batch.teachers) == set(teachers)
+            assert batch.student["input_ids"].device.type == "cpu" and batch.student["input_ids"].shape[0] == 4
+        runs.append((d.step(batch), [p.detach().clone() for p in d.module.parameters()]))
+    (m_text, p_text), (m_enc, p_enc) = runs
+    assert m_text == m_enc
+    assert all(torch.equal(a, b) for a, b in zip(p_text, p_enc))
+
+
+def _estimators(cfg, teachers, texts):
+    from dfkd_ray.transfer.schema import rows_to_table
+
+    rows = [{"sample_id": f"{t}/{c}/{i}", "text": f"{texts[(2 * k + c) % 4]} {i}", "label": 0, "label_name": "x",
+             "teacher": t, "teacher_class": c, "source": "corpus", "source_params": "{}", "confidence": 1.0,
+             "num_tokens": 5, "seed": i, "heldout": True}
+            for k, t in enumerate(teachers) for c in range(2) for i in range(6)]
+    return fit_confidence(cfg, rows_to_table(rows), teachers)
+
+
+def test_matmul_precision_is_set_by_the_distiller_and_checked_where_the_config_loads(job_dict, teachers):
+    from dfkd_ray.config import ConfigError
+
+    job_dict["amalgamation"] = {"method": "vanilla"}
+    job_dict["student"]["num_layers"] = 3
+    before = torch.get_float32_matmul_precision()
+    try:
+        for value in ("high", "highest"):
+            job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "matmul_precision": value}
+            cfg = validate_config(job_dict)
+            Distiller(cfg, StepPlan.of(4, cfg), teachers=teachers)
+            assert torch.get_float32_matmul_precision() == value
+    finally:
+        torch.set_float32_matmul_precision(before)
+    job_dict["train"] = {"matmul_precision": "tf32"}
+    with pytest.raises(ConfigError, match="train.matmul_precision.*'highest' or 'high'"):
+        validate_config(job_dict)
