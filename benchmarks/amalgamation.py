@@ -68,7 +68,7 @@ from dfkd_ray.models.teacher import collect_outputs, load_teachers
 from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
 from dfkd_ray.transfer.sources.corpus import corpus_problems
-from dfkd_ray.transfer.streaming_plan import training_texts
+from dfkd_ray.transfer.streaming_plan import training_source_teachers, training_texts
 
 from harness.diagnostics import (confidence_auroc, profile_distill, save_features, target_accuracy,
                                  transfer_diagnostics)
@@ -95,8 +95,10 @@ def distill(cfg: JobConfig, table, teachers: dict, estimators, device) -> tuple[
         log(f"  {cfg.name} seed {cfg.seed}: epoch {epoch + 1} step {m['step']} loss {m['loss']:.4f} {extra}")
 
     start = time.perf_counter()
-    distiller, last = train_in_process(cfg, training_texts(table, cfg.train.include_heldout), device=device, teachers=teachers,
-                                       estimators=estimators, on_epoch=on_epoch)
+    heldout = cfg.train.include_heldout
+    distiller, last = train_in_process(cfg, training_texts(table, heldout), device=device, teachers=teachers,
+                                       estimators=estimators, on_epoch=on_epoch,
+                                       source_teachers=training_source_teachers(table, heldout))
     distiller.model.eval()
     return distiller.student, {"rows": distiller.plan.rows, "steps": distiller.plan.total_steps,
                                "seconds": round(time.perf_counter() - start, 1),

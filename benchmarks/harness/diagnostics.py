@@ -25,7 +25,7 @@ from dfkd_ray.confidence import fit_confidence
 from dfkd_ray.evaluation import auroc, kd_target_scores
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.models.teacher import collect_outputs
-from dfkd_ray.transfer.streaming_plan import training_texts
+from dfkd_ray.transfer.streaming_plan import training_source_teachers, training_texts
 
 
 TARGET_POWERS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 1000.0)  # kd_confidence_power values the target diagnostic scores
@@ -166,9 +166,11 @@ def profile_distill(cfg: JobConfig, table, teachers: dict, estimators, device, s
     from dfkd_ray.train.step import Distiller
 
     texts = training_texts(table, cfg.train.include_heldout)
+    sources = training_source_teachers(table, cfg.train.include_heldout)
     size = cfg.train.batch_size
-    batches_ = [[texts[(b * size + j) % len(texts)] for j in range(size)] for b in range(steps + 5)]
+    picks = [[(b * size + j) % len(texts) for j in range(size)] for b in range(steps + 5)]
     distiller = Distiller(cfg, StepPlan.of(len(texts), cfg, 1), device=device, teachers=teachers, estimators=estimators)
+    batches_ = [distiller.encode([texts[i] for i in p], [sources[i] for i in p]) for p in picks]
     for b in batches_[:5]:
         distiller.step(b)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -233,6 +233,9 @@ def add_setting_arguments(p: argparse.ArgumentParser, samples_per_class: int | N
     p.add_argument("--epochs", type=float, default=6)
     p.add_argument("--precision", choices=get_args(TRAIN["precision"].annotation), default=TRAIN["precision"].default,
                    help="train.precision of every distillation row (the student's compute)")
+    p.add_argument("--matmul-precision", choices=get_args(TRAIN["matmul_precision"].annotation),
+                   default=TRAIN["matmul_precision"].default,
+                   help="train.matmul_precision of every distillation row (high: TF32 float32 products on CUDA)")
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--teacher-lr", type=float, default=5e-5)
 
@@ -312,7 +315,8 @@ def job_config(settings: Settings, row: str, seed: int, *, steered: dict | None 
             "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
                         "max_length": args.max_length},
             "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-                      "warmup_epochs": min(1.0, args.epochs), "precision": args.precision},
+                      "warmup_epochs": min(1.0, args.epochs), "precision": args.precision,
+                      "matmul_precision": args.matmul_precision},
             "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(work / "runs" / row)}}
     return validate_config(data, source=f"benchmark row {row}")
 

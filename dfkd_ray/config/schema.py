@@ -359,6 +359,10 @@ class AmalgamationConfig(_Section):
     kd_confidence_power: float = Field(
         64.0, ge=0.0, le=1000.0, description="gamma of the KD teacher weights c_k^gamma / sum_j c_j^gamma "
                                              "(0: uniform, 1: proportional)")
+    kd_source_weight: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of each training row's KD teacher weights given to the teacher the "
+                                         "row was made for (its source teacher): (1 - rho) confidence weights + rho "
+                                         "one-hot; 0: StrataNet's confidence weights alone")
     calibration_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="calibration_folds 0 only: share of "
                                                                          "held-out rows that calibrates the transform")
     calibration_folds: Annotated[int, AfterValidator(_folds)] = Field(
@@ -659,6 +663,15 @@ class JobConfig(_Section):
         if tune.dev.path is not None and tune.dev.path == eval.path:
             return ("dev", "path"), ("tune.dev.path is eval.path: the eval file reports the chosen configuration and "
                                      "must not choose it; give a separate labelled development file")
+
+    @rule("amalgamation", "transfer")
+    def _source_weight_needs_source_rows(amalgamation, transfer):
+        if amalgamation.kd_source_weight > 0 and amalgamation.method == "vanilla":
+            return ("kd_source_weight",), ("amalgamation.kd_source_weight weights StrataNet's KD target and "
+                                           "amalgamation.method is vanilla: set kd_source_weight=0, or method=stratanet")
+        if amalgamation.kd_source_weight > 0 and transfer.source == "embedding_guessing":
+            return ("kd_source_weight",), ("transfer.source embedding_guessing crafts pseudo-embeddings, not rows made "
+                                           "for a teacher's class: set amalgamation.kd_source_weight=0")
 
     @rule("train", "transfer")
     def _crafted_batches_are_not_streamed(train, transfer):

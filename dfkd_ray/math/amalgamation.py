@@ -89,6 +89,36 @@ def kd_teacher_weights(confidences: torch.Tensor, power: float, eps: float = 1e-
     return torch.softmax(power * log_c, dim=-1)  # (B, K) wbar_k
 
 
+def with_source_teacher(weights: torch.Tensor, source: torch.Tensor, share: float) -> torch.Tensor:
+    """KD weights that give ``share`` of each row to the teacher the row was made for.
+
+    ``w'_k = (1 - rho) wbar_k + rho [k = k*]``, with ``k*`` the row's source teacher (the teacher
+    whose class request wrote the text) and ``rho = share``. StrataNet weights the teachers by
+    confidence alone; on pseudo-text, where the statistics were fitted, a confidence that picks the
+    wrong teacher labels the text with a class of a teacher it was not written for, and the student
+    learns that mistake. ``rho = 0`` is the paper's target, ``rho = 1`` the source teacher alone.
+    Rows with ``k* < 0`` (no source teacher) keep ``wbar``.
+
+    Args:
+        weights: ``(B, K)`` ``wbar_k`` (:func:`kd_teacher_weights`).
+        source: ``(B,)`` int source-teacher index in ``[0, K)``, or -1.
+        share: ``rho in [0, 1]``.
+
+    Returns:
+        ``(B, K)`` weights; every row still sums to 1.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the source teacher's share of the KD weights must be in [0, 1], got {share}")
+    if source.shape != weights.shape[:1]:
+        raise ValueError(f"source teachers must be (B,) = ({weights.shape[0]},), got shape {tuple(source.shape)}")
+    k = weights.shape[-1]
+    if values_checkable(source) and bool((source >= k).any()):
+        raise ValueError(f"a source-teacher index is >= K = {k}: {source.tolist()}")
+    onehot = torch.nn.functional.one_hot(source.clamp_min(0).long(), k).to(weights.dtype)  # (B, K)
+    mixed = (1.0 - share) * weights + share * onehot  # (B, K)
+    return torch.where((source >= 0).unsqueeze(-1), mixed, weights)
+
+
 def check_teacher_inputs(block_states: Sequence[torch.Tensor], confidences: Sequence[torch.Tensor], *,
                          num_blocks: int | None = None, dims: Sequence[int] | None = None) -> tuple[int, int]:
     """Validate K teachers' ``(B, N, H_k)`` block states and ``(B, N)`` confidences; return ``(B, N)``.

@@ -35,7 +35,7 @@ from torch import nn
 
 from dfkd_ray.config import AmalgamationConfig
 from dfkd_ray.labels import UnionLabelSpace
-from dfkd_ray.math.amalgamation import BlockAmalgamation, kd_teacher_weights
+from dfkd_ray.math.amalgamation import BlockAmalgamation, kd_teacher_weights, with_source_teacher
 from dfkd_ray.math.blocks import TeacherOutput
 from dfkd_ray.math.losses import block_loss, kd_loss, total_loss, union_target
 from dfkd_ray.models.student import Student
@@ -92,7 +92,8 @@ class Amalgamator(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 teacher_states: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
-                confidences: Sequence[torch.Tensor], token_type_ids: Optional[torch.Tensor] = None) -> dict:
+                confidences: Sequence[torch.Tensor], token_type_ids: Optional[torch.Tensor] = None,
+                source_teachers: Optional[torch.Tensor] = None) -> dict:
         """Losses for one batch.
 
         Args:
@@ -100,6 +101,9 @@ class Amalgamator(nn.Module):
             teacher_states: K tensors ``(B, N, H_k)`` (teacher order of ``teacher_names``).
             teacher_logits: K tensors ``(B, C_k)``.
             confidences: K tensors ``(B, N)`` in ``[0, 1]``.
+            source_teachers: ``(B,)`` index of the teacher each row was made for (-1: none); with
+                ``kd_source_weight`` > 0 the KD weights give it that share
+                (:func:`~dfkd_ray.math.amalgamation.with_source_teacher`).
 
         Returns:
             ``loss`` (Eq. 8), ``block`` (Eq. 7), ``kd``; ``kd_weights`` ``(B, K)``, the teacher weights
@@ -131,6 +135,11 @@ class Amalgamator(nn.Module):
         groups = c_last.argmax(-1) if cfg.center_block_loss_within == "confident_teacher" else None  # (B,)
         l_block = block_loss(s.projections, a, center=cfg.center_block_loss, groups=groups)  # Eq. 7
         w = kd_teacher_weights(c_last, cfg.kd_confidence_power)  # (B, K) wbar_k from c_k^N
+        if cfg.kd_source_weight > 0:
+            if source_teachers is None:
+                raise ValueError("amalgamation.kd_source_weight > 0 needs each row's source teacher "
+                                 "(source_teachers); set it to 0 for text that was not made for a teacher")
+            w = with_source_teacher(w, source_teachers, cfg.kd_source_weight)  # (B, K)
         p_t = union_target(teacher_logits, [self.label_index(i) for i in range(k)], w, self.num_labels,
                            cfg.temperature)  # (B, C)
         l_kd = kd_loss(s.logits, p_t, cfg.temperature)
@@ -157,7 +166,8 @@ def _texts(batch) -> list[str]:
 def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, object],
                       teachers: Optional[Mapping[str, object]] = None,
                       teacher_outputs: Optional[Mapping[str, TeacherOutput]] = None,
-                      student_inputs: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+                      student_inputs: Optional[Mapping[str, torch.Tensor]] = None,
+                      source_teachers: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Losses of one batch: teachers (no grad) -> confidences -> ST-amalg -> Eq. 7 + KD -> Eq. 8.
 
     Args:
@@ -170,6 +180,7 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, objec
         teacher_outputs: the teachers' outputs on this batch, already computed.
         student_inputs: the student's inputs for this batch on its device, already tokenized
             (:meth:`~dfkd_ray.models.student.Student.host_inputs`); tokenized here if None.
+        source_teachers: ``(B,)`` index of the teacher each row was made for (:meth:`Amalgamator.forward`).
 
     Returns:
         ``loss``, ``block``, ``kd`` (with gradients), the detached diagnostics ``agreement`` and
@@ -198,7 +209,8 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, objec
         student_inputs = net.student.tokenize(texts)
     losses = model(**student_inputs,
                    teacher_states=[o.block_states.detach().to(device) for o in outs],
-                   teacher_logits=[o.logits.detach().to(device) for o in outs], confidences=conf)
+                   teacher_logits=[o.logits.detach().to(device) for o in outs], confidences=conf,
+                   source_teachers=None if source_teachers is None else source_teachers.to(device, non_blocking=True))
     w = losses.pop("kd_weights")  # (B, K)
     with torch.no_grad():
         for i, n in enumerate(names):

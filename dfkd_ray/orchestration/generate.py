@@ -33,7 +33,7 @@ from dfkd_ray.orchestration.runtime import worker_device
 from dfkd_ray.preflight import claim_output_dir, vllm_engine_problem
 from dfkd_ray.transfer.sources import build_source, get_source_class
 from dfkd_ray.transfer.store import TransferSetStore, read_shard_stats, shard_name, write_shard_file
-from dfkd_ray.transfer.streaming_plan import ReplaySource, training_texts
+from dfkd_ray.transfer.streaming_plan import ReplaySource, training_rows
 from dfkd_ray.transfer.writer import (Part, final_line, finalize_transfer_set, make_shard, open_transfer_set,
                                       plan_transfer_set, regenerate_duplicates)
 
@@ -98,17 +98,19 @@ class GenerationActor:
         return self._texts(batch) if self.stream else self._stats(batch)
 
     def _texts(self, batch: dict) -> dict:
-        texts = []
+        texts, sources = [], []
         for index in map(int, batch["shard"]):
             path = self.directory / shard_name(index)
             if path.is_file():  # written by an earlier attempt: replayed, not generated again
                 table, stats = pq.read_table(path), read_shard_stats(path)
             else:
                 table, stats = self.make(index)
-            texts += training_texts(table, self.cfg.train.include_heldout)
+            rows = training_rows(table, self.cfg.train.include_heldout)
+            texts += rows.column("text").to_pylist()
+            sources += rows.column("teacher").to_pylist()
             print(f"transfer set: shard {index} written, {len(table)} rows ({stats.get('generated', 0)} "
                   f"generated in {stats.get('seconds', 0):.1f} s)", flush=True)
-        return {"text": np.array(texts, dtype=object)}
+        return {"text": np.array(texts, dtype=object), "teacher": np.array(sources, dtype=object)}
 
     def _stats(self, batch: dict) -> dict:
         out = {"shard": [], "rows": [], "stats": []}

@@ -141,14 +141,14 @@ def distill_description(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | Non
 
 
 def training_text(transfer_dir: Path, include_heldout: bool) -> pa.Table:
-    """The ``text`` column of the complete shards in shard order, held-out rows dropped unless
+    """The ``text`` and ``teacher`` columns of the complete shards in shard order, held-out rows dropped unless
     ``include_heldout``: the training dataset, one block (``ray.data.from_arrow``), which Ray Train
     splits into one contiguous range of rows per worker, as ``ray.data.read_parquet`` gave it for a
     set of small shards (it coalesces them into one block). The process that builds the trainer reads
-    it: the set is text only and read once per run, where ``read_parquet`` would first start a pool
+    it: the set is two string columns and read once per run, where ``read_parquet`` would first start a pool
     of footer-reading actors (up to 32 processes in Ray 2.60) and read tasks to learn what the
     manifest already says."""
-    tables = [training_rows(pq.read_table(f, columns=["text", "heldout"]), include_heldout)
+    tables = [training_rows(pq.read_table(f, columns=["text", "teacher", "heldout"]), include_heldout)
               for f in transfer_set_files(transfer_dir)]
     return pa.concat_tables(tables) if tables else training_rows(TRANSFER_SCHEMA.empty_table(), include_heldout)
 
@@ -187,15 +187,15 @@ def _start_position(distiller, init_checkpoint: str | None, main: bool, stream: 
 
 
 class _EncodeTexts(NumpyBatchCollateFn):
-    """Ray Data collate function: a batch's ``text`` column -> an encoded batch (``encode``:
-    :meth:`~dfkd_ray.train.step.Distiller.encode`). Ray runs it in its prefetch thread, so the next
-    batch is tokenized while the current step runs."""
+    """Ray Data collate function: a batch's ``text`` and ``teacher`` columns -> an encoded batch
+    (``encode``: :meth:`~dfkd_ray.train.step.Distiller.encode`). Ray runs it in its prefetch thread, so
+    the next batch is tokenized while the current step runs."""
 
     def __init__(self, encode):
         self.encode = encode
 
     def __call__(self, batch: dict):
-        return self.encode([str(x) for x in batch["text"]])
+        return self.encode([str(x) for x in batch["text"]], [str(x) for x in batch["teacher"]])
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -234,8 +234,8 @@ def train_loop_per_worker(config: dict) -> dict:
         shard = ray.train.get_dataset_shard("train")
 
     def batches(epoch: int, buffer: int = t.shuffle_buffer, encode=None):
-        """The epoch's batches: texts, or with ``encode`` (:meth:`Distiller.encode`) batches tokenized in
-        Ray Data's prefetch thread while the step before runs."""
+        """The epoch's batches: ``(texts, source teachers)``, or with ``encode`` (:meth:`Distiller.encode`)
+        batches tokenized in Ray Data's prefetch thread while the step before runs."""
         if crafted:  # this worker's share of the epoch's requests, as batches of pseudo-samples to craft
             yield from request_batches(requests, cfg, epoch, rank=rank, world_size=plan.world_size)
             return
@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict) -> dict:
                                                 drop_last=True, **shuffle)
             return
         for batch in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True, **shuffle):
-            yield [str(x) for x in batch["text"]]
+            yield [str(x) for x in batch["text"]], [str(x) for x in batch["teacher"]]
 
     if stream:
         # Start the generation pipeline now: its actors start up while this worker loads its models.
@@ -273,11 +273,13 @@ def train_loop_per_worker(config: dict) -> dict:
         else:
             ray.train.report(metrics)
 
-    def step(texts: list[str], epoch: int, index: int, per_epoch: int, nxt: tuple[int, int], last: bool) -> dict:
+    def step(batch, epoch: int, index: int, per_epoch: int, nxt: tuple[int, int], last: bool) -> dict:
         nonlocal seen
-        metrics = distiller.step(texts)
+        if isinstance(batch, tuple):  # (texts, source teachers) of the stream
+            batch = distiller.encode(*batch)
+        metrics = distiller.step(batch)
         timing.setdefault("first_step_at", time.time())
-        seen += len(texts)
+        seen += len(batch)
         n = distiller.step_count
         want_ckpt = n % t.checkpoint_every_steps == 0 or last
         if not (want_ckpt or n % t.report_every_steps == 0):
@@ -295,9 +297,9 @@ def train_loop_per_worker(config: dict) -> dict:
 
     if stream:
         if start_epoch == 0:
-            for index, texts in iterate_stream(streamed, plan, start_step=distiller.step_count, skip_batches=skip,
+            for index, batch in iterate_stream(streamed, plan, start_step=distiller.step_count, skip_batches=skip,
                                                device=device):
-                metrics = step(texts, 0, index, plan.steps_per_epoch, (0, index + 1), False)
+                metrics = step(batch, 0, index, plan.steps_per_epoch, (0, index + 1), False)
         else:  # a rerun whose streamed epoch had finished: the stream replays the shards on disk
             for _ in streamed:
                 pass
@@ -308,10 +310,10 @@ def train_loop_per_worker(config: dict) -> dict:
 
     scorer = config.get("scorer")
     encode = None if crafted else distiller.encode
-    for epoch, index, texts in iterate_epochs(lambda e: batches(e, encode=encode), plan, start_epoch=start_epoch,
+    for epoch, index, batch in iterate_epochs(lambda e: batches(e, encode=encode), plan, start_epoch=start_epoch,
                                               skip_batches=skip, start_step=distiller.step_count):
         nxt = (epoch, index + 1) if index + 1 < plan.steps_per_epoch else (epoch + 1, 0)
-        metrics = step(texts, epoch, index, plan.steps_per_epoch, nxt, distiller.step_count + 1 >= plan.total_steps)
+        metrics = step(batch, epoch, index, plan.steps_per_epoch, nxt, distiller.step_count + 1 >= plan.total_steps)
         if scorer is not None and (index + 1 == plan.steps_per_epoch or distiller.step_count >= plan.total_steps):
             scores = scorer(distiller.student) if rank == 0 else {}
             done = round(epoch + (index + 1) / plan.steps_per_epoch, 4)

@@ -68,6 +68,7 @@ class EncodedBatch:
     texts: list[str]
     student: dict[str, torch.Tensor]  # (B, T_s) each
     teachers: dict[str, dict[str, torch.Tensor]]  # teacher name -> (B, T_k) each
+    source_teachers: Optional[torch.Tensor] = None  # (B,) index of the teacher each row was made for
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -135,13 +136,28 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def encode(self, texts: Sequence[str]) -> EncodedBatch:
+    def encode(self, texts: Sequence[str], source_teachers: Optional[Sequence[str]] = None) -> EncodedBatch:
         """Tokenize a batch for the student and every teacher, on the host (pinned when training on a
         GPU). Thread-safe against :meth:`step`: training calls it in Ray Data's prefetch threads, so a
-        batch is tokenized while the previous step runs."""
+        batch is tokenized while the previous step runs.
+
+        ``source_teachers``: the name of the teacher each row was made for (the transfer set's
+        ``teacher`` column), which ``amalgamation.kd_source_weight`` reads."""
         texts = [str(t) for t in texts]
+        sources = None
+        if source_teachers is not None:
+            sources = [str(n) for n in source_teachers]
+            if len(sources) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(sources)} source teachers")
+            unknown = sorted(set(sources) - set(self.names))
+            if unknown:
+                raise ValueError(f"rows made for teachers {unknown}, which the config does not name "
+                                 f"(teachers: {self.names}): the transfer set belongs to another job")
+            sources = torch.tensor([self.names.index(n) for n in sources], dtype=torch.long)
+            sources = sources.pin_memory() if self.pin else sources
         return EncodedBatch(texts=texts, student=self.student.host_inputs(texts, pin=self.pin),
-                            teachers={n: self.teachers[n].host_inputs(texts, pin=self.pin) for n in self.names})
+                            teachers={n: self.teachers[n].host_inputs(texts, pin=self.pin) for n in self.names},
+                            source_teachers=sources)
 
     def losses(self, batch: Sequence[str] | EncodedBatch) -> dict[str, torch.Tensor]:
         """The losses and diagnostics of one batch of texts, or of an :meth:`encode`-d one (no optimiser
@@ -156,7 +172,7 @@ class Distiller:
         with self.autocast():
             if not self.vanilla:
                 return amalgamation_step(self.model, enc.texts, estimators=self.estimators, teacher_outputs=outs,
-                                         student_inputs=student_inputs)
+                                         student_inputs=student_inputs, source_teachers=enc.source_teachers)
             logits = self.model(**student_inputs).logits.float()  # (B, C)
         target = concat_target([outs[n].logits.to(self.device) for n in self.names], self.label_index,
                                self.space.num_labels, self.cfg.amalgamation.temperature)  # (B, C)
@@ -224,16 +240,22 @@ class Distiller:
 
 def train_in_process(cfg: JobConfig, texts: Sequence[str], *, device: str | torch.device = "cpu",
                      teachers: Optional[dict] = None, estimators: Optional[dict] = None, world_size: int = 1,
-                     on_epoch: Optional[Callable[[int, dict], None]] = None) -> tuple[Distiller, dict]:
+                     on_epoch: Optional[Callable[[int, dict], None]] = None,
+                     source_teachers: Optional[Sequence[str]] = None) -> tuple[Distiller, dict]:
     """Train a student on ``texts`` in this process, as ``world_size`` Ray Train workers would.
 
     For benchmarks without Ray: the step plan of ``world_size`` workers, each step on their batches
     together (``train.batch_size * world_size`` rows, full batches only), every epoch shuffled with
     the per-epoch seed of the Ray loop (``seed * 1000 + epoch``), each batch tokenized in a background
     thread while the step before it runs. ``on_epoch(epoch, metrics)`` is
-    called after each epoch's last step. Returns the distiller and the last step's metrics.
+    called after each epoch's last step. ``source_teachers``: the teacher each text was made for (the
+    transfer set's ``teacher`` column; ``amalgamation.kd_source_weight`` reads it). Returns the
+    distiller and the last step's metrics.
     """
     texts = list(texts)
+    sources = None if source_teachers is None else list(source_teachers)
+    if sources is not None and len(sources) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(sources)} source teachers")
     plan = StepPlan.of(len(texts), cfg, world_size)
     distiller = Distiller(cfg, plan, device=device, teachers=teachers, estimators=estimators)
     size = cfg.train.batch_size * world_size
@@ -241,8 +263,11 @@ def train_in_process(cfg: JobConfig, texts: Sequence[str], *, device: str | torc
     def epoch_batches(epoch: int):
         order = list(range(len(texts)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        batches = ([texts[i] for i in order[start:start + size]] for start in range(0, len(order) - size + 1, size))
-        return prefetch((distiller.encode(b) for b in batches), size=1)  # the next batch tokenized meanwhile
+        starts = range(0, len(order) - size + 1, size)
+        batches = (distiller.encode([texts[i] for i in order[s:s + size]],
+                                    None if sources is None else [sources[i] for i in order[s:s + size]])
+                   for s in starts)
+        return prefetch(batches, size=1)  # the next batch tokenized meanwhile
 
     metrics: dict = {}
     for epoch, index, batch in iterate_epochs(epoch_batches, plan):

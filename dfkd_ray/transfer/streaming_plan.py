@@ -42,16 +42,21 @@ def stream_order(shards: Sequence[Sequence[Request]]) -> list[int]:
 
 
 def training_rows(table: pa.Table, include_heldout: bool) -> pa.Table:
-    """The ``text`` column of the rows of a shard that training reads (held-out rows dropped unless
-    ``include_heldout``)."""
+    """The ``text`` and ``teacher`` (the teacher each row was made for) columns of the rows of a shard
+    that training reads (held-out rows dropped unless ``include_heldout``)."""
     if not include_heldout:
         table = table.filter(pc.invert(table.column("heldout")))
-    return table.select(["text"])
+    return table.select(["text", "teacher"])
 
 
 def training_texts(table: pa.Table, include_heldout: bool) -> list[str]:
     """The texts of a shard that training reads (:func:`training_rows`)."""
     return training_rows(table, include_heldout).column("text").to_pylist()
+
+
+def training_source_teachers(table: pa.Table, include_heldout: bool) -> list[str]:
+    """The teacher each of :func:`training_texts` was made for."""
+    return training_rows(table, include_heldout).column("teacher").to_pylist()
 
 
 class ReplaySource:

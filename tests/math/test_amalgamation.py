@@ -154,3 +154,30 @@ def test_kd_teacher_weights_power_properties():
         kd_teacher_weights(c, -1.0)
     with pytest.raises(ValueError, match=r"\(B, K\)"):
         kd_teacher_weights(c[0], 2.0)
+
+
+def test_with_source_teacher_mixes_the_weights_toward_each_rows_source():
+    """``(1 - rho) wbar + rho onehot(k*)``: rows still sum to 1, rho 0 is the paper's weights, rho 1 the
+    source teacher alone, a row without a source (-1) keeps wbar; equal to a per-row loop."""
+    from dfkd_ray.math.amalgamation import with_source_teacher
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.softmax(torch.randn(6, 3, generator=g), -1)  # (B, K)
+    source = torch.tensor([0, 2, 1, -1, 2, 0])
+    for rho in (0.0, 0.3, 1.0):
+        out = with_source_teacher(w, source, rho)
+        torch.testing.assert_close(out.sum(-1), torch.ones(6))
+        for b in range(6):
+            expected = w[b].clone()
+            if source[b] >= 0:
+                expected = (1 - rho) * w[b]
+                expected[source[b]] += rho
+            torch.testing.assert_close(out[b], expected)
+    torch.testing.assert_close(with_source_teacher(w, source, 0.0), w)
+    assert with_source_teacher(w, source, 1.0)[:3].argmax(-1).tolist() == [0, 2, 1]
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        with_source_teacher(w, source, 1.5)
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        with_source_teacher(w, source[:4], 0.5)
+    with pytest.raises(ValueError, match="K = 3"):
+        with_source_teacher(w, torch.tensor([0, 3, 1, 0, 0, 0]), 0.5)

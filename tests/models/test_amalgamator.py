@@ -281,3 +281,27 @@ def test_step_runs_under_ddp(synthetic_task, teachers, fitted, tmp_path):
         child.kill()
         pytest.fail("the DDP steps did not finish in 240 s")
     assert child.exitcode == 0, f"DDP steps failed (exit {child.exitcode}; 3: non-finite loss); traceback above"
+
+
+def test_kd_source_weight_moves_the_target_to_the_teacher_each_row_was_made_for(synthetic_task, teachers, fitted):
+    """``kd_source_weight`` 1: each row's KD weights are its source teacher's one-hot, so the KD loss is
+    against that teacher's distribution alone; without sources the step refuses, naming the field."""
+    from dfkd_ray.math.amalgamation import with_source_teacher
+
+    cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2, kd_source_weight=1.0)
+    model = build(synthetic_task, teachers, cfg).eval()
+    names = model.teacher_names
+    outs = run_teachers(teachers, TEXTS)
+    conf = [fitted["rmd"][n](outs[n]) for n in names]
+    source = torch.tensor([0, 0, 1, 1])
+    inputs = dict(teacher_states=[outs[n].block_states for n in names], teacher_logits=[outs[n].logits for n in names],
+                  confidences=conf)
+    out = model(**model.student.tokenize(TEXTS), **inputs, source_teachers=source)
+    torch.testing.assert_close(out["kd_weights"], F.one_hot(source, 2).float())
+    half = build(synthetic_task, teachers, cfg.model_copy(update={"kd_source_weight": 0.5})).eval()
+    paper = build(synthetic_task, teachers, cfg.model_copy(update={"kd_source_weight": 0.0})).eval()
+    w0 = paper(**paper.student.tokenize(TEXTS), **inputs)["kd_weights"]
+    w_half = half(**half.student.tokenize(TEXTS), **inputs, source_teachers=source)["kd_weights"]
+    torch.testing.assert_close(w_half, with_source_teacher(w0, source, 0.5))
+    with pytest.raises(ValueError, match="kd_source_weight > 0 needs each row's source teacher"):
+        model(**model.student.tokenize(TEXTS), **inputs)

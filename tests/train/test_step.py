@@ -222,3 +222,41 @@ def test_matmul_precision_is_set_by_the_distiller_and_checked_where_the_config_l
     job_dict["train"] = {"matmul_precision": "tf32"}
     with pytest.raises(ConfigError, match="train.matmul_precision.*'highest' or 'high'"):
         validate_config(job_dict)
+
+
+def test_encoded_batches_carry_each_rows_source_teacher_and_refuse_foreign_ones(job_dict, teachers):
+    """``kd_source_weight`` reads the teacher each row was made for: ``encode`` maps names to teacher
+    indices, refuses a name the config does not have, and a step on bare texts is refused."""
+    job_dict["amalgamation"] = {"amalg_dim": 16, "amalg_heads": 2, "kd_source_weight": 1.0}
+    job_dict["student"]["num_layers"] = 3
+    job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "learning_rate": 1e-3}
+    cfg = validate_config(job_dict)
+    texts = ["the striker scored a late goal", "bake the bread with butter", "the rocket reached orbit",
+             "shares fell on the stock market"]
+    names = [t.name for t in cfg.teachers]
+    d = Distiller(cfg, StepPlan.of(8, cfg), teachers=teachers, estimators=_estimators(cfg, teachers, texts))
+    batch = d.encode(texts, [names[0], names[0], names[1], names[1]])
+    assert batch.source_teachers.tolist() == [0, 0, 1, 1]
+    metrics = d.step(batch)
+    assert [metrics[f"kd_weight/{n}"] for n in names] == [0.5, 0.5]  # one-hot weights, two rows each
+    with pytest.raises(ValueError, match=r"teachers \['gamma'\], which the config does not name"):
+        d.encode(texts, [names[0], "gamma", names[1], names[1]])
+    with pytest.raises(ValueError, match="4 texts but 3 source teachers"):
+        d.encode(texts, names + names[:1])
+    with pytest.raises(ValueError, match="kd_source_weight > 0 needs each row's source teacher"):
+        d.step(texts)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"amalgamation": {"method": "vanilla", "kd_source_weight": 0.5}}, "method is vanilla"),
+    ({"amalgamation": {"method": "stratanet", "kd_source_weight": 0.5}, "transfer": {"source": "embedding_guessing"}},
+     "embedding_guessing crafts pseudo-embeddings"),
+    ({"amalgamation": {"method": "stratanet", "kd_source_weight": 1.5}}, "less than or equal to 1"),
+])
+def test_kd_source_weight_is_checked_where_the_config_loads(job_dict, fields, message):
+    from dfkd_ray.config import ConfigError
+
+    for section, values in fields.items():
+        job_dict[section] = {**job_dict.get(section, {}), **values}
+    with pytest.raises(ConfigError, match=r"amalgamation.kd_source_weight[\s\S]*" + message):
+        validate_config(job_dict)
