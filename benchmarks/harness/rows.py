@@ -101,8 +101,8 @@ ROWS: dict[str, Row] = {
     "stratanet_msp": Row("steered", {**STRATANET, "confidence": "msp"}, "ablation"),
     "stratanet_nost": Row("steered", {**STRATANET, "fusion": "no_st"}, "ablation"),
     "stratanet_trained_st": Row("steered", {**STRATANET, "train_fusion": True}, "ablation"),
-    # the KD target of each row from the teacher it was made for (amalgamation.kd_source_weight 1)
-    "stratanet_source": Row("steered", {**STRATANET, "kd_source_weight": 1.0}, "diagnostic"),
+    # no confidence in the KD target: each row's target from the teacher it was made for (kd_source_weight 1)
+    "stratanet_source": Row("steered", {**STRATANET, "kd_source_weight": 1.0}, "ablation"),
     "stratanet_random": Row("random_words", STRATANET, "diagnostic"),
     "stratanet_corpus": Row("corpus", STRATANET, "diagnostic"),
     "vanilla_real": Row("real", VANILLA, "diagnostic"),

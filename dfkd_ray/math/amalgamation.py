@@ -93,10 +93,10 @@ def with_source_teacher(weights: torch.Tensor, source: torch.Tensor, share: floa
     """KD weights that give ``share`` of each row to the teacher the row was made for.
 
     ``w'_k = (1 - rho) wbar_k + rho [k = k*]``, with ``k*`` the row's source teacher (the teacher
-    whose class request wrote the text) and ``rho = share``. StrataNet weights the teachers by
-    confidence alone; on pseudo-text, where the statistics were fitted, a confidence that picks the
-    wrong teacher labels the text with a class of a teacher it was not written for, and the student
-    learns that mistake. ``rho = 0`` is the paper's target, ``rho = 1`` the source teacher alone.
+    whose class request wrote the text) and ``rho = share``: an ablation of the confidence in
+    StrataNet's KD target (section 5). ``rho = 0`` is the paper's target, ``rho = 1`` the source
+    teacher alone, which trains worse students (``docs/confidence.md``): steered text is often not in
+    its source teacher's domain, and the confidence sends it to the teacher whose domain it is in.
     Rows with ``k* < 0`` (no source teacher) keep ``wbar``.
 
     Args:
