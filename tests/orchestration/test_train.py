@@ -25,3 +25,18 @@ def test_training_text_is_the_complete_sets_training_rows_in_shard_order(tmp_pat
     assert table.column("teacher").to_pylist() == ["t1", "t0", "t1", "t1", "t0"]
     assert training_text(tmp_path / "ts", include_heldout=True).column("text").to_pylist() == [
         f"text {i}" for i in range(8)]
+
+
+def test_each_training_batch_is_encoded_with_its_rows_source_teachers():
+    """Ray Data's collate function hands a batch's texts and source teachers to ``Distiller.encode``
+    (which Ray runs in its prefetch thread)."""
+    import numpy as np
+
+    from dfkd_ray.orchestration.train import _EncodeTexts
+
+    seen = []
+    collate = _EncodeTexts(lambda texts, sources: seen.append((texts, sources)) or "encoded")
+    batch = {"text": np.array(["a b", "c"], dtype=object), "teacher": np.array(["alpha", "beta"], dtype=object),
+             "heldout": np.array([False, False])}
+    assert collate(batch) == "encoded"
+    assert seen == [(["a b", "c"], ["alpha", "beta"])]
