@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
