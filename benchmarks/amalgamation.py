@@ -17,6 +17,9 @@ the spec's test rows and development rows:
     stratanet_msp   the same with maximum-softmax-probability confidence instead of RMD
     stratanet_nost  the same with ``fusion: no_st`` (linear layer over the confidence-weighted sum)
     stratanet_trained_st  the same with ST-amalg trained through the block loss (``train_fusion: true``, the paper's)
+    stratanet_source the same with each row's KD target from the teacher it was made for (``kd_source_weight: 1``)
+    stratanet_mix25, stratanet_mix50   the same with 25% / 50% of the training rows ``--corpus`` documents
+                    (``train.corpus_share``; the student trains more steps over the larger table)
     stratanet_random, stratanet_corpus   diagnostics: StrataNet's machinery on untargeted text
     vanilla_real, stratanet_real   diagnostics: the same training on the spec's train text (no labels:
                     the teachers label it, as for ``corpus``). The gap between these and the steered
@@ -67,8 +70,7 @@ from dfkd_ray.evaluation import evaluate_student, evaluate_teachers
 from dfkd_ray.models.teacher import collect_outputs, load_teachers
 from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
-from dfkd_ray.transfer.sources.corpus import corpus_problems
-from dfkd_ray.transfer.streaming_plan import training_source_teachers, training_texts
+from dfkd_ray.transfer.sources.corpus import corpus_problems, training_table
 
 from harness.diagnostics import (confidence_auroc, profile_distill, save_features, target_accuracy,
                                  transfer_diagnostics)
@@ -95,10 +97,10 @@ def distill(cfg: JobConfig, table, teachers: dict, estimators, device) -> tuple[
         log(f"  {cfg.name} seed {cfg.seed}: epoch {epoch + 1} step {m['step']} loss {m['loss']:.4f} {extra}")
 
     start = time.perf_counter()
-    heldout = cfg.train.include_heldout
-    distiller, last = train_in_process(cfg, training_texts(table, heldout), device=device, teachers=teachers,
+    rows = training_table(table, cfg)  # the transfer set's training rows, train.corpus_share mixed in
+    distiller, last = train_in_process(cfg, rows.column("text").to_pylist(), device=device, teachers=teachers,
                                        estimators=estimators, on_epoch=on_epoch,
-                                       source_teachers=training_source_teachers(table, heldout))
+                                       source_teachers=rows.column("teacher").to_pylist())
     distiller.model.eval()
     return distiller.student, {"rows": distiller.plan.rows, "steps": distiller.plan.total_steps,
                                "seconds": round(time.perf_counter() - start, 1),

@@ -19,7 +19,7 @@ confidences -> ST-amalg -> block loss (Eq. 7) + KD loss, AdamW) on transfer-like
   profiled wall time (the profiler slows the host, so the share is a lower bound).
 
     python benchmarks/distill_step.py --tokenizer ENCODER_DIR --batch-sizes 16,64,256 --out step.json \\
-        --variants "fp32:train.precision=float32;bf16:train.precision=bfloat16" --profile
+        --variants "fp32:train.matmul_precision=highest;tf32:train.matmul_precision=high;bf16:train.precision=bfloat16" --profile
     python benchmarks/distill_step.py --tokenizer ENCODER_DIR --tiny --device cpu          # CPU smoke test
 
 ``ENCODER_DIR`` is any local directory holding a BERT WordPiece tokenizer (e.g. the MiniLM

@@ -36,7 +36,7 @@ from dfkd_ray.models.teacher import load_teachers
 from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
 from dfkd_ray.transfer.store import read_transfer_table
-from dfkd_ray.transfer.streaming_plan import training_source_teachers, training_texts
+from dfkd_ray.transfer.sources.corpus import training_table
 from dfkd_ray.synthetic import labelled_sentences
 from dfkd_ray.transfer.writer import write_transfer_set
 
@@ -71,8 +71,8 @@ def run(demo: Path, out: Path, source: str, seed: int, methods: list[str], extra
             transfer = read_transfer_table(write_transfer_set(cfg, progress=False))
             result["transfer_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
-        texts = training_texts(transfer, cfg.train.include_heldout)
-        sources = training_source_teachers(transfer, cfg.train.include_heldout)
+        rows = training_table(transfer, cfg)
+        texts, sources = rows.column("text").to_pylist(), rows.column("teacher").to_pylist()
         teachers = load_teachers(cfg.teachers, num_blocks=student_num_blocks(cfg))
         estimators = fit_confidence(cfg, transfer, teachers) if method == "stratanet" else None
         distiller, _ = train_in_process(cfg, texts, teachers=teachers, estimators=estimators,

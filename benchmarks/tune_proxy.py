@@ -45,7 +45,7 @@ from dfkd_ray.models.teacher import load_teachers
 from dfkd_ray.train.epochs import student_num_blocks
 from dfkd_ray.train.step import train_in_process
 from dfkd_ray.transfer.store import read_transfer_table
-from dfkd_ray.transfer.streaming_plan import training_source_teachers, training_texts
+from dfkd_ray.transfer.sources.corpus import training_table
 from dfkd_ray.transfer.writer import write_transfer_set
 from dfkd_ray.tuning.proxy import TrialScorer, probe_config
 from dfkd_ray.tuning.results import rank_correlation
@@ -201,9 +201,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         table = read_transfer_table(transfer_set(cfg))
         estimators = fit_confidence(cfg, table, teachers) if cfg.amalgamation.method == "stratanet" else None
-        heldout = cfg.train.include_heldout
-        distiller, _ = train_in_process(cfg, training_texts(table, heldout), device=device, teachers=teachers,
-                                        estimators=estimators, source_teachers=training_source_teachers(table, heldout))
+        rows = training_table(table, cfg)
+        distiller, _ = train_in_process(cfg, rows.column("text").to_pylist(), device=device, teachers=teachers,
+                                        estimators=estimators, source_teachers=rows.column("teacher").to_pylist())
         student = distiller.student
         scores = scorer(student)
         scores["test_accuracy"] = evaluate_student(student, data["test_texts"], data["test_labels"], space, 256)["accuracy"]

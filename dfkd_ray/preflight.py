@@ -143,6 +143,10 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
             from dfkd_ray.transfer.sources.corpus import corpus_problems
 
             problems += corpus_problems(cfg, known)
+        if not problem and getattr(cfg.train, "corpus_share", 0) and known is not None and None not in _corpus_settings(cfg):
+            from dfkd_ray.transfer.sources.corpus import corpus_share_problems
+
+            problems += corpus_share_problems(cfg, known)
     if cfg.transfer.source == "prompt_tuned":
         found, notes = prompt_tuned_checks(cfg)
         problems += found

@@ -25,7 +25,7 @@ from dfkd_ray.confidence import fit_confidence
 from dfkd_ray.evaluation import auroc, kd_target_scores
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.models.teacher import collect_outputs
-from dfkd_ray.transfer.streaming_plan import training_source_teachers, training_texts
+from dfkd_ray.transfer.sources.corpus import training_table
 
 
 TARGET_POWERS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 1000.0)  # kd_confidence_power values the target diagnostic scores
@@ -165,8 +165,8 @@ def profile_distill(cfg: JobConfig, table, teachers: dict, estimators, device, s
     from dfkd_ray.train.epochs import StepPlan
     from dfkd_ray.train.step import Distiller
 
-    texts = training_texts(table, cfg.train.include_heldout)
-    sources = training_source_teachers(table, cfg.train.include_heldout)
+    rows = training_table(table, cfg)
+    texts, sources = rows.column("text").to_pylist(), rows.column("teacher").to_pylist()
     size = cfg.train.batch_size
     picks = [[(b * size + j) % len(texts) for j in range(size)] for b in range(steps + 5)]
     distiller = Distiller(cfg, StepPlan.of(len(texts), cfg, 1), device=device, teachers=teachers, estimators=estimators)

@@ -28,7 +28,7 @@ diagnostics and (StrataNet rows) the confidence diagnostics, ``--save-transfer``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 Role = Literal["method", "baseline", "ablation", "diagnostic"]
@@ -39,11 +39,13 @@ STRATANET = {"method": "stratanet", "confidence": "rmd", "fusion": "st"}
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: the transfer set it trains on, its ``amalgamation`` fields, its role."""
+    """One table row: the transfer set it trains on, its ``amalgamation`` fields, its role, and
+    ``train`` fields where it trains differently from the other rows."""
 
     transfer_set: str
     amalgamation: dict
     role: Role
+    train: dict = field(default_factory=dict)
 
 
 TRANSFER_SETS: dict[str, Callable[[object], dict]] = {}
@@ -103,6 +105,9 @@ ROWS: dict[str, Row] = {
     "stratanet_trained_st": Row("steered", {**STRATANET, "train_fusion": True}, "ablation"),
     # no confidence in the KD target: each row's target from the teacher it was made for (kd_source_weight 1)
     "stratanet_source": Row("steered", {**STRATANET, "kd_source_weight": 1.0}, "ablation"),
+    # the student also trains on general-domain documents (train.corpus_share of its rows), labelled by the KD target
+    "stratanet_mix25": Row("steered", STRATANET, "ablation", {"corpus_share": 0.25}),
+    "stratanet_mix50": Row("steered", STRATANET, "ablation", {"corpus_share": 0.5}),
     "stratanet_random": Row("random_words", STRATANET, "diagnostic"),
     "stratanet_corpus": Row("corpus", STRATANET, "diagnostic"),
     "vanilla_real": Row("real", VANILLA, "diagnostic"),

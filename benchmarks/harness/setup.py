@@ -316,7 +316,7 @@ def job_config(settings: Settings, row: str, seed: int, *, steered: dict | None 
                         "max_length": args.max_length},
             "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                       "warmup_epochs": min(1.0, args.epochs), "precision": args.precision,
-                      "matmul_precision": args.matmul_precision},
+                      "matmul_precision": args.matmul_precision, **ROWS[row].train},
             "ray": {"use_gpu": args.device == "cuda"}, "output": {"dir": str(work / "runs" / row)}}
     return validate_config(data, source=f"benchmark row {row}")
 

@@ -446,11 +446,16 @@ class TrainConfig(_Section):
                                "bfloat16 on CUDA, float32 elsewhere (weights, optimiser state, losses and confidences "
                                "stay float32; teachers run in their own dtype)")
     matmul_precision: MatmulPrecision = Field(
-        "highest", description="float32 matrix products on CUDA (torch.set_float32_matmul_precision): highest = "
-                               "full float32, high = TensorFloat-32 tensor cores (10-bit mantissa inputs, float32 "
-                               "accumulation), for the teachers and float32 students alike")
+        "high", description="float32 matrix products on CUDA (torch.set_float32_matmul_precision): highest = "
+                            "full float32, high = TensorFloat-32 tensor cores (10-bit mantissa inputs, float32 "
+                            "accumulation), for the teachers and float32 students alike; CPUs stay full float32")
     stream_from_generation: bool = Field(
         False, description="train the first epoch on rows as the generator actors make them (jobs/amalgamate.py)")
+    corpus_share: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of the training rows that are documents of transfer.corpus.path, "
+                                         "mixed into the transfer set's rows (unlabelled: each step's KD target "
+                                         "labels them from the teachers, as it labels generated rows; the confidence "
+                                         "statistics are fitted on generated rows only); 0: the transfer set alone")
 
     @rule("warmup_epochs", "epochs")
     def _warmup_within_epochs(warmup, epochs):
@@ -673,6 +678,27 @@ class JobConfig(_Section):
         if amalgamation.kd_source_weight > 0 and transfer.source == "embedding_guessing":
             return ("kd_source_weight",), ("transfer.source embedding_guessing crafts pseudo-embeddings, not rows made "
                                            "for a teacher's class: set amalgamation.kd_source_weight=0")
+
+    @rule("train", "transfer")
+    def _corpus_share_has_documents(train, transfer):
+        if train.corpus_share == 0:
+            return None
+        if transfer.source == "embedding_guessing":
+            return ("corpus_share",), ("transfer.source embedding_guessing trains on crafted pseudo-embeddings, not "
+                                       "text, so there is no text to mix corpus documents into: set train.corpus_share=0")
+        if transfer.source == "corpus":
+            return ("corpus_share",), ("transfer.source corpus already trains on documents of transfer.corpus.path "
+                                       "(the same seeded order, so the mix would repeat them): set "
+                                       "train.corpus_share=0, or a source that writes text")
+        if transfer.corpus.path is None:
+            return ("corpus_share",), (f"train.corpus_share={train.corpus_share} mixes documents of "
+                                       "transfer.corpus.path into training and it is not set: give "
+                                       "transfer.corpus.path (a text file, one document per line), or set "
+                                       "train.corpus_share=0")
+        if train.stream_from_generation:
+            return ("corpus_share",), ("train.stream_from_generation trains its first epoch on the generator's rows "
+                                       "alone, and train.corpus_share mixes corpus documents into every epoch: set "
+                                       "train.corpus_share=0, or train.stream_from_generation=false")
 
     @rule("train", "transfer")
     def _crafted_batches_are_not_streamed(train, transfer):

@@ -23,3 +23,14 @@ def attention_kernels(choice: str, device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def set_matmul_precision(choice: str, device: torch.device) -> bool:
+    """``torch.set_float32_matmul_precision(choice)`` (process-wide) when ``device`` is a GPU; returns
+    whether it was set. ``"high"`` lets CUDA's float32 matrix products use TensorFloat-32 tensor cores
+    (inputs rounded to a 10-bit mantissa, float32 accumulation). On CPUs torch maps the same setting
+    to oneDNN's reduced-precision modes, so CPU runs keep torch's own setting and stay full float32."""
+    if device.type != "cuda":
+        return False
+    torch.set_float32_matmul_precision(choice)
+    return True

@@ -44,6 +44,7 @@ from dfkd_ray.train.epochs import StepPlan, student_num_blocks
 from dfkd_ray.orchestration.runtime import worker_device, worker_print
 from dfkd_ray.stages import fingerprint, mark_done, read_record, stage_done
 from dfkd_ray.transfer.schema import TRANSFER_SCHEMA
+from dfkd_ray.transfer.sources.corpus import mix_corpus_documents
 from dfkd_ray.transfer.store import read_manifest, read_transfer_table, transfer_set_files
 from dfkd_ray.transfer.streaming_plan import training_rows
 
@@ -137,7 +138,16 @@ def distill_description(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | Non
                              if k not in _AMALGAMATION_REPORT_KEYS},
             "student": cfg.student.model_dump(mode="json"),
             "train": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _TRAIN_ONLY_KEYS},
-            "num_train_workers": cfg.ray.num_train_workers}
+            "num_train_workers": cfg.ray.num_train_workers,
+            **({"corpus": file_identity(cfg.transfer.corpus)} if cfg.train.corpus_share > 0 else {})}
+
+
+def file_identity(corpus) -> dict:
+    """What the corpus documents mixed into training depend on: the file (path, size, modification
+    time) and how documents are read from it."""
+    stat = Path(corpus.path).stat()
+    return {"path": str(Path(corpus.path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "min_words": corpus.min_words, "max_words": corpus.max_words, "encoding": corpus.encoding}
 
 
 def training_text(transfer_dir: Path, include_heldout: bool) -> pa.Table:
@@ -151,6 +161,13 @@ def training_text(transfer_dir: Path, include_heldout: bool) -> pa.Table:
     tables = [training_rows(pq.read_table(f, columns=["text", "teacher", "heldout"]), include_heldout)
               for f in transfer_set_files(transfer_dir)]
     return pa.concat_tables(tables) if tables else training_rows(TRANSFER_SCHEMA.empty_table(), include_heldout)
+
+
+def student_training_text(cfg: JobConfig, transfer_dir: Path) -> pa.Table:
+    """What the student trains on: the set's training rows (:func:`training_text`) with
+    ``train.corpus_share`` of them corpus documents, in a seeded order
+    (:func:`~dfkd_ray.transfer.sources.corpus.mix_corpus_documents`)."""
+    return mix_corpus_documents(training_text(transfer_dir, cfg.train.include_heldout), cfg)
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -444,7 +461,7 @@ def run_distill(cfg: JobConfig, transfer_dir: Path, conf_dir: Path | None, *, af
 
         rows = len(crafting_requests(cfg, heldout=False))
     else:
-        text = training_text(transfer_dir, cfg.train.include_heldout)
+        text = student_training_text(cfg, transfer_dir)
         rows = text.num_rows
     if after_stream is None:
         plan = StepPlan.of(rows, cfg, r.num_train_workers)

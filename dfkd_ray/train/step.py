@@ -38,7 +38,7 @@ from dfkd_ray.config import JobConfig
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.math.losses import concat_target, kd_loss
 from dfkd_ray.models.inputs import pin_for, to_device
-from dfkd_ray.models.kernels import attention_kernels
+from dfkd_ray.models.kernels import attention_kernels, set_matmul_precision
 from dfkd_ray.train.epochs import StepPlan, iterate_epochs, prefetch
 
 CHECKPOINT_STATE = "state.json"
@@ -127,7 +127,7 @@ class Distiller:
         self.step_count = 0
         self.label_index = [torch.tensor(self.space.teacher_to_global[n], device=self.device) for n in self.names]
         self.autocast_dtype = autocast_dtype(cfg.train.precision, self.device)
-        torch.set_float32_matmul_precision(cfg.train.matmul_precision)  # process-wide: set by every distiller
+        set_matmul_precision(cfg.train.matmul_precision, self.device)  # process-wide on a GPU: set by every distiller
         self.pin = pin_for(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -142,18 +142,19 @@ class Distiller:
         batch is tokenized while the previous step runs.
 
         ``source_teachers``: the name of the teacher each row was made for (the transfer set's
-        ``teacher`` column), which ``amalgamation.kd_source_weight`` reads."""
+        ``teacher`` column; empty for a row made for no teacher, e.g. a corpus document of
+        ``train.corpus_share``), which ``amalgamation.kd_source_weight`` reads."""
         texts = [str(t) for t in texts]
         sources = None
         if source_teachers is not None:
             sources = [str(n) for n in source_teachers]
             if len(sources) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(sources)} source teachers")
-            unknown = sorted(set(sources) - set(self.names))
+            unknown = sorted(set(sources) - set(self.names) - {""})
             if unknown:
                 raise ValueError(f"rows made for teachers {unknown}, which the config does not name "
                                  f"(teachers: {self.names}): the transfer set belongs to another job")
-            sources = torch.tensor([self.names.index(n) for n in sources], dtype=torch.long)
+            sources = torch.tensor([self.names.index(n) if n else -1 for n in sources], dtype=torch.long)
             sources = sources.pin_memory() if self.pin else sources
         return EncodedBatch(texts=texts, student=self.student.host_inputs(texts, pin=self.pin),
                             teachers={n: self.teachers[n].host_inputs(texts, pin=self.pin) for n in self.names},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dfkd_ray.transfer.schema import rows_to_table
 from dfkd_ray.transfer.store import TransferSetStore
 
@@ -40,3 +42,29 @@ def test_each_training_batch_is_encoded_with_its_rows_source_teachers():
              "heldout": np.array([False, False])}
     assert collate(batch) == "encoded"
     assert seen == [(["a b", "c"], ["alpha", "beta"])]
+
+
+def test_the_trainers_dataset_mixes_in_the_corpus_share_and_its_stage_depends_on_the_corpus(tmp_path, make_row,
+                                                                                           job_dict):
+    """With ``train.corpus_share`` the Ray trainer's dataset is the set's training rows plus corpus
+    documents made for no teacher (empty ``teacher``), and the distill stage's description names the
+    share and the corpus file, so a changed share or file trains again."""
+    from dfkd_ray.config import validate_config
+    from dfkd_ray.orchestration.train import distill_description, student_training_text, training_text
+
+    store = TransferSetStore.open(tmp_path / "ts", fingerprint="f", description={}, num_shards=1)
+    store.write_shard(0, rows_to_table([make_row(i, heldout=i == 0) for i in range(9)]))
+    store.finish({})
+    job_dict["transfer"]["source"] = "random_words"
+    plain = validate_config(job_dict)
+    assert student_training_text(plain, tmp_path / "ts").equals(training_text(tmp_path / "ts", False))
+    job_dict["train"] = {"corpus_share": 0.5}
+    mixed = validate_config(job_dict)
+    table = student_training_text(mixed, tmp_path / "ts")
+    teachers = table.column("teacher").to_pylist()
+    assert table.num_rows == 16 and teachers.count("") == 8 and teachers.count("t") == 8
+
+    before = distill_description(plain, tmp_path / "ts", None)
+    after = distill_description(mixed, tmp_path / "ts", None)
+    assert "corpus" not in before and after["train"]["corpus_share"] == 0.5
+    assert after["corpus"]["path"] == str(Path(job_dict["transfer"]["corpus"]["path"]).resolve())

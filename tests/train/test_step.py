@@ -205,18 +205,27 @@ def _estimators(cfg, teachers, texts):
     return fit_confidence(cfg, rows_to_table(rows), teachers)
 
 
-def test_matmul_precision_is_set_by_the_distiller_and_checked_where_the_config_loads(job_dict, teachers):
+def test_matmul_precision_is_set_on_gpus_only_and_checked_where_the_config_loads(job_dict, teachers):
+    """TF32 (``high``, the default) reaches CUDA's float32 products; a CPU distiller leaves torch's
+    setting alone (torch would map it to oneDNN's reduced-precision modes)."""
     from dfkd_ray.config import ConfigError
+    from dfkd_ray.models.kernels import set_matmul_precision
 
     job_dict["amalgamation"] = {"method": "vanilla"}
     job_dict["student"]["num_layers"] = 3
     before = torch.get_float32_matmul_precision()
     try:
+        torch.set_float32_matmul_precision("highest")
+        job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2}
+        cfg = validate_config(job_dict)
+        assert cfg.train.matmul_precision == "high"
+        Distiller(cfg, StepPlan.of(4, cfg), teachers=teachers)  # on the CPU
+        assert torch.get_float32_matmul_precision() == "highest"
         for value in ("high", "highest"):
-            job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "matmul_precision": value}
-            cfg = validate_config(job_dict)
-            Distiller(cfg, StepPlan.of(4, cfg), teachers=teachers)
+            assert set_matmul_precision(value, torch.device("cuda"))  # what a GPU distiller calls
             assert torch.get_float32_matmul_precision() == value
+        assert not set_matmul_precision("high", torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision(before)
     job_dict["train"] = {"matmul_precision": "tf32"}
@@ -239,6 +248,8 @@ def test_encoded_batches_carry_each_rows_source_teacher_and_refuse_foreign_ones(
     assert batch.source_teachers.tolist() == [0, 0, 1, 1]
     metrics = d.step(batch)
     assert [metrics[f"kd_weight/{n}"] for n in names] == [0.5, 0.5]  # one-hot weights, two rows each
+    # a row made for no teacher (a corpus document of train.corpus_share) keeps its confidence weights
+    assert d.encode(texts, [names[0], "", names[1], ""]).source_teachers.tolist() == [0, -1, 1, -1]
     with pytest.raises(ValueError, match=r"teachers \['gamma'\], which the config does not name"):
         d.encode(texts, [names[0], "gamma", names[1], names[1]])
     with pytest.raises(ValueError, match="4 texts but 3 source teachers"):

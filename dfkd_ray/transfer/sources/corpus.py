@@ -8,6 +8,8 @@ import lzma
 import random
 from pathlib import Path
 
+import pyarrow as pa
+
 from dfkd_ray.config import JobConfig
 from dfkd_ray.labels import normalize_label
 from dfkd_ray.transfer.filters import normalize_text
@@ -110,6 +112,67 @@ def corpus_documents(config) -> tuple[list[str], list[int]]:
     order = list(range(len(documents)))
     random.Random(config.seed).shuffle(order)
     return documents, order
+
+
+def corpus_share_rows(transfer_rows: int, share: float) -> int:
+    """How many corpus documents make ``share`` of the training rows next to ``transfer_rows`` rows."""
+    return round(transfer_rows * share / (1.0 - share))
+
+
+def mix_corpus_documents(rows: pa.Table, config) -> pa.Table:
+    """The training rows (``text``, ``teacher``) with ``train.corpus_share`` of them general-domain
+    documents: ``rows`` (the transfer set's training rows) plus the first documents of the corpus's
+    seeded order (:func:`corpus_documents`), their ``teacher`` empty (made for no teacher), the whole
+    table in a seeded order so that every worker's contiguous range and every batch mixes both.
+
+    The student learns the KD target on text the generator did not write: each step labels every row
+    from the teachers (StrataNet Eq. 4-5 with the confidence statistics fitted on generated rows), so
+    corpus rows need no labels. ``rows`` is returned as it is when the share is 0.
+    """
+    share = config.train.corpus_share
+    if share == 0:
+        return rows
+    wanted = corpus_share_rows(rows.num_rows, share)
+    documents, order = corpus_documents(config)
+    if wanted > len(order):
+        raise ValueError(f"train.corpus_share={share} asks for {wanted} corpus documents next to {rows.num_rows} "
+                         f"transfer rows and {config.transfer.corpus.path} has {len(order)} of >= "
+                         f"{config.transfer.corpus.min_words} words: lower train.corpus_share or give more documents")
+    rows = rows.select(["text", "teacher"])
+    corpus = pa.table({"text": [documents[i] for i in order[:wanted]], "teacher": [""] * wanted}).cast(rows.schema)
+    mixed = pa.concat_tables([rows, corpus])
+    shuffled = list(range(mixed.num_rows))
+    random.Random(config.seed).shuffle(shuffled)
+    return mixed.take(pa.array(shuffled))
+
+
+def training_table(table: pa.Table, config) -> pa.Table:
+    """The rows a student trains on, from a transfer set's ``table``: its training rows
+    (:func:`~dfkd_ray.transfer.streaming_plan.training_rows`) with ``train.corpus_share`` corpus
+    documents mixed in (:func:`mix_corpus_documents`)."""
+    from dfkd_ray.transfer.streaming_plan import training_rows
+
+    return mix_corpus_documents(training_rows(table, config.train.include_heldout), config)
+
+
+def corpus_share_problems(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """``train.corpus_share``'s problems with the corpus file, found before any generation: not text
+    in ``transfer.corpus.encoding``, or fewer documents than the share needs next to the most rows
+    the transfer set can have. Returns ``(field path, message)`` pairs."""
+    c, t = cfg.transfer.corpus, cfg.transfer
+    try:
+        docs = read_documents(c.path, min_words=c.min_words, max_words=c.max_words, encoding=c.encoding)
+    except CorpusEncodingError as e:
+        return [("transfer.corpus.encoding", str(e))]
+    most = _count_requests(teacher_labels, t.samples_per_class, t.class_weights)
+    wanted = corpus_share_rows(most, cfg.train.corpus_share)
+    if wanted <= len(docs):
+        return []
+    fits = len(docs) / (len(docs) + most)
+    return [("train.corpus_share",
+             f"train.corpus_share={cfg.train.corpus_share} asks for up to {wanted} documents next to the transfer "
+             f"set's {most} rows and {c.path} has {len(docs)} of >= {c.min_words} words: set train.corpus_share to "
+             f"{int(fits * 100) / 100} or less, add documents, or lower transfer.corpus.min_words")]
 
 
 class CorpusSource(TransferSource):
