@@ -9,6 +9,7 @@ step's kernels behind the copies instead of waiting for each copy to finish.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping, Sequence
 
 import torch
@@ -21,6 +22,20 @@ def encode_texts(tokenizer, texts: Sequence[str], *, max_length: int, token_type
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     keep = ("input_ids", "attention_mask") + (("token_type_ids",) if token_types else ())
     return {k: (v.pin_memory() if pin else v) for k, v in enc.items() if k in keep}
+
+
+def encoding_key(tokenizer, *, max_length: int, token_types: bool) -> tuple:
+    """Equal for two models exactly when :func:`encode_texts` gives them the same tensors: the same
+    fast tokenizer (its serialised pipeline: normaliser, pre-tokeniser, vocabulary, special-token
+    template), padding and truncation sides, pad id, ``max_length`` and ``token_types``. A batch is
+    then tokenized once for all of them (teachers fine-tuned from one base, and a student from the
+    same base, share it). A slow (Python) tokenizer is only ever equal to itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = (("fast", hashlib.sha256(backend.to_str().encode()).hexdigest()) if backend is not None
+                else ("object", id(tokenizer)))
+    return (identity, type(tokenizer).__name__, getattr(tokenizer, "padding_side", None),
+            getattr(tokenizer, "truncation_side", None), getattr(tokenizer, "pad_token_id", None), int(max_length),
+            bool(token_types))
 
 
 def to_device(inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from dfkd_ray.config import StudentConfig
 from dfkd_ray.math.blocks import partition_layers, pool_blocks
-from dfkd_ray.models.inputs import encode_texts, to_device
+from dfkd_ray.models.inputs import encode_texts, encoding_key, to_device
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,15 @@ class Student(nn.Module):
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def encoding_key(self) -> tuple:
+        """Models with equal keys get the same :meth:`host_inputs` (:func:`~dfkd_ray.models.inputs.encoding_key`)."""
+        key = self.__dict__.get("_encoding_key")
+        if key is None or key[-2] != self.max_length:
+            key = self.__dict__["_encoding_key"] = encoding_key(self.tokenizer, max_length=self.max_length,
+                                                                token_types=self._accepts_token_types)
+        return key
 
     def host_inputs(self, texts: Sequence[str], *, pin: bool = False) -> dict[str, torch.Tensor]:
         """The student's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``)."""

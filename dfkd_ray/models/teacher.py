@@ -16,7 +16,7 @@ import torch
 
 from dfkd_ray.labels import ordered_labels
 from dfkd_ray.math.blocks import TeacherOutput, partition_layers, pool_blocks
-from dfkd_ray.models.inputs import encode_texts, to_device
+from dfkd_ray.models.inputs import encode_texts, encoding_key, to_device
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,14 @@ class Teacher:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def encoding_key(self) -> tuple:
+        """Models with equal keys get the same :meth:`host_inputs` (:func:`~dfkd_ray.models.inputs.encoding_key`)."""
+        if getattr(self, "_encoding_key", None) is None or self._encoding_key[-2] != self.max_length:
+            self._encoding_key = encoding_key(self.tokenizer, max_length=self.max_length,
+                                              token_types=self._accepts_token_types)
+        return self._encoding_key
 
     def host_inputs(self, texts: Sequence[str], *, pin: bool = False) -> dict[str, torch.Tensor]:
         """This teacher's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``)."""

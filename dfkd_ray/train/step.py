@@ -156,9 +156,16 @@ class Distiller:
                                  f"(teachers: {self.names}): the transfer set belongs to another job")
             sources = torch.tensor([self.names.index(n) if n else -1 for n in sources], dtype=torch.long)
             sources = sources.pin_memory() if self.pin else sources
-        return EncodedBatch(texts=texts, student=self.student.host_inputs(texts, pin=self.pin),
-                            teachers={n: self.teachers[n].host_inputs(texts, pin=self.pin) for n in self.names},
-                            source_teachers=sources)
+        encoded: dict[tuple, dict[str, torch.Tensor]] = {}  # one tokenization per distinct encoding
+
+        def inputs(model) -> dict[str, torch.Tensor]:
+            key = model.encoding_key
+            if key not in encoded:
+                encoded[key] = model.host_inputs(texts, pin=self.pin)
+            return encoded[key]
+
+        return EncodedBatch(texts=texts, student=inputs(self.student),
+                            teachers={n: inputs(self.teachers[n]) for n in self.names}, source_teachers=sources)
 
     def losses(self, batch: Sequence[str] | EncodedBatch) -> dict[str, torch.Tensor]:
         """The losses and diagnostics of one batch of texts, or of an :meth:`encode`-d one (no optimiser
@@ -166,10 +173,17 @@ class Distiller:
         from dfkd_ray.models.amalgamator import amalgamation_step
 
         enc = batch if isinstance(batch, EncodedBatch) else self.encode(batch)
+        copies: dict[tuple, dict[str, torch.Tensor]] = {}  # models sharing an encoding share its copy
+
+        def on(inputs: dict, device: torch.device) -> dict[str, torch.Tensor]:
+            key = (id(inputs), device)
+            if key not in copies:
+                copies[key] = to_device(inputs, device)
+            return copies[key]
+
         with torch.no_grad():
-            outs = {n: self.teachers[n].forward_ids(**to_device(enc.teachers[n], self.teachers[n].device))
-                    for n in self.names}
-        student_inputs = to_device(enc.student, self.device)
+            outs = {n: self.teachers[n].forward_ids(**on(enc.teachers[n], self.teachers[n].device)) for n in self.names}
+        student_inputs = on(enc.student, self.device)
         with self.autocast():
             if not self.vanilla:
                 return amalgamation_step(self.model, enc.texts, estimators=self.estimators, teacher_outputs=outs,

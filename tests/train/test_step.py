@@ -271,3 +271,31 @@ def test_kd_source_weight_is_checked_where_the_config_loads(job_dict, fields, me
         job_dict[section] = {**job_dict.get(section, {}), **values}
     with pytest.raises(ConfigError, match=r"amalgamation.kd_source_weight[\s\S]*" + message):
         validate_config(job_dict)
+
+
+def test_a_batch_is_tokenized_once_for_the_models_that_share_an_encoding(job_dict, synthetic_task):
+    """Two teachers from one directory share one tokenization of a batch (and one device copy in
+    the step); a teacher with another tokenizer gets its own; every model's inputs equal its own
+    tokenization."""
+    from dfkd_ray.models.teacher import Teacher
+
+    paths = {"alpha": synthetic_task.teachers["alpha"], "alpha_copy": synthetic_task.teachers["alpha"],
+             "beta": synthetic_task.teachers["beta"]}
+    job_dict["teachers"] = [{"name": n, "path": str(p)} for n, p in paths.items()]
+    job_dict["amalgamation"] = {"method": "vanilla"}
+    job_dict["student"]["num_layers"] = 3
+    job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2}
+    cfg = validate_config(job_dict)
+    teachers = {n: Teacher.from_pretrained(n, p, num_blocks=3) for n, p in paths.items()}
+    d = Distiller(cfg, StepPlan.of(4, cfg), teachers=teachers)
+    texts = ["the striker scored a late goal", "shares fell on the stock market"]
+    batch = d.encode(texts)
+    assert batch.teachers["alpha"] is batch.teachers["alpha_copy"]
+    assert batch.teachers["beta"] is not batch.teachers["alpha"]
+    for name, teacher in teachers.items():
+        own = teacher.host_inputs(texts)
+        assert own.keys() == batch.teachers[name].keys()
+        assert all(torch.equal(own[k], batch.teachers[name][k]) for k in own)
+    own = d.student.host_inputs(texts)
+    assert all(torch.equal(own[k], batch.student[k]) for k in own)
+    assert torch.isfinite(torch.tensor(d.step(batch)["loss"]))
