@@ -152,6 +152,8 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         problems += found
         for note in notes:
             print(f"note: {note}", flush=True)
+    for note in one_class_teacher_notes(known or {}):
+        print(f"note: {note}", flush=True)
     if cfg.transfer.steered.engine == "vllm" and not os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` (RAY_ADDRESS set) the head node may lack vLLM and GPUs by design:
         # the generation actors check there.
@@ -184,6 +186,16 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         if problem:
             problems.append(("output.dir", problem))
     return cfg.model_copy(update={"teachers": teachers}), problems
+
+
+def one_class_teacher_notes(teacher_labels: dict[str, list[str]]) -> list[str]:
+    """What a teacher of one class cannot do, said before any work: its softmax is 1 on every text."""
+    return [f"teacher {name!r} has one class ({labels[0]!r}): its softmax is 1 on every text, so its probabilities "
+            "carry nothing. Steered generation and prompt tuning cannot steer toward its class, and vanilla KD and "
+            f"MSP confidence cannot tell when a text is {labels[0]!r}; only its features can (amalgamation.method "
+            "stratanet with confidence rmd or md). On the benchmark with such a teacher the student stayed below the "
+            "teachers' ensemble; train.corpus_share=0.5 raised it by 4.6-5.4 points (docs/amalgamation.md)"
+            for name, labels in teacher_labels.items() if labels is not None and len(labels) == 1]
 
 
 def _corpus_settings(cfg: JobConfig) -> tuple:

@@ -32,6 +32,25 @@ def test_teacher_needing_remote_code_names_trust_remote_code(job_dict, synthetic
     assert preflight(validate_config(d)).teachers[0].labels
 
 
+def test_a_one_class_teacher_is_named_before_any_work(job_dict, synthetic_task, tmp_path, capsys):
+    """A teacher of one class has a constant softmax: the preflight says what it cannot do, once, and
+    says nothing for teachers of two or more classes."""
+    single = tmp_path / "one_class_teacher"
+    shutil.copytree(synthetic_task.teachers["alpha"], single)
+    config = json.loads((single / "config.json").read_text())
+    config.update(id2label={"0": "sports"}, label2id={"sports": 0}, num_labels=1)
+    (single / "config.json").write_text(json.dumps(config))
+    preflight(validate_config(job_dict))
+    assert "one class" not in capsys.readouterr().out
+    d = copy.deepcopy(job_dict)
+    d["teachers"][0]["path"] = str(single)
+    del d["eval"]  # its cooking rows are no union label now
+    assert preflight(validate_config(d)).teachers[0].labels == ["sports"]
+    notes = [line for line in capsys.readouterr().out.splitlines() if "one class" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: teacher 'alpha' has one class ('sports')")
+    assert "train.corpus_share" in notes[0]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_plan_the_machine_cannot_hold_is_refused_with_numbers(job_dict, stream):
     """64 train workers on 2 cores started 64 processes and made no step."""
