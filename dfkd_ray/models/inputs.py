@@ -10,7 +10,7 @@ step's kernels behind the copies instead of waiting for each copy to finish.
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -46,3 +46,61 @@ def to_device(inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict[
 def pin_for(device: torch.device | str) -> bool:
     """Whether host inputs bound for ``device`` should be page-locked (CUDA devices only)."""
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+# The texts a model's mask forms are compared on: different lengths, so the batch is padded.
+MASK_PROBE_TEXTS = ["a short text", "a longer text that needs more tokens than the first one does"]
+
+
+def prepared_attention_mask(model, attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ``(B, 1, 1, T)`` attention mask a transformers encoder takes as it is, for its attention
+    kernels (``sdpa``: boolean, True = attend; ``eager``: additive, 0 or the dtype's minimum); None for
+    other kernels.
+
+    Given the ``(B, T)`` mask, transformers' mask construction first asks whether any token is padded
+    (``padding_mask.all()`` in ``masking_utils``): a read of the device that waits for every queued
+    kernel, once per model and step. A 4D mask skips the construction, so the host keeps queueing
+    the step while the GPU works."""
+    kernels = getattr(model.config, "_attn_implementation", None)
+    m = attention_mask[:, None, None, :]  # (B, 1, 1, T)
+    if kernels == "sdpa":
+        return m.to(torch.bool)
+    if kernels == "eager":
+        dtype = next(model.parameters()).dtype
+        return (1.0 - m.to(dtype)) * torch.finfo(dtype).min
+    return None
+
+
+def enable_prepared_mask(holder) -> bool:
+    """Set ``holder.prepared_mask`` (a teacher or student: ``model``, ``tokenize``) once, by
+    :func:`takes_prepared_mask` on :data:`MASK_PROBE_TEXTS`; returns it."""
+    if holder.prepared_mask is None:
+        holder.prepared_mask = takes_prepared_mask(holder.model, holder.tokenize(MASK_PROBE_TEXTS))
+    return holder.prepared_mask
+
+
+@torch.no_grad()
+def takes_prepared_mask(model, inputs: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``model`` gives the same logits and hidden states with :func:`prepared_attention_mask` as with the
+    ``(B, T)`` mask on ``inputs`` (a padded batch on the model's device); run once per model, in eval
+    mode (restored after). Architectures that build their masks their own way answer False and keep
+    the ``(B, T)`` mask."""
+    inputs = dict(inputs)
+    mask = inputs.pop("attention_mask")
+    prepared = prepared_attention_mask(model, mask)
+    if prepared is None or bool(mask.all()):
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        plain = model(attention_mask=mask, output_hidden_states=True, **inputs)
+        other = model(attention_mask=prepared, output_hidden_states=True, **inputs)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was_training)
+    tol = 1e-4 if plain.logits.dtype == torch.float32 else 2e-2
+    pairs = [(plain.logits, other.logits)] + list(zip(plain.hidden_states, other.hidden_states))
+    keep = mask.bool()  # (B, T): padded positions' states are never read (pooling masks them)
+    return all(torch.allclose(a[keep].float() if a.ndim == 3 else a.float(), b[keep].float() if b.ndim == 3 else b.float(),
+                              rtol=tol, atol=tol) for a, b in pairs)

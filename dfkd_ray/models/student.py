@@ -29,7 +29,7 @@ from torch import nn
 
 from dfkd_ray.config import StudentConfig
 from dfkd_ray.math.blocks import partition_layers, pool_blocks
-from dfkd_ray.models.inputs import encode_texts, encoding_key, to_device
+from dfkd_ray.models.inputs import enable_prepared_mask, encode_texts, encoding_key, prepared_attention_mask, to_device
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class Student(nn.Module):
         self.amalg_dim = int(amalg_dim)
         self.proj = nn.ModuleList([nn.Linear(self.hidden_size, self.amalg_dim) for _ in range(self.num_blocks)])
         self._accepts_token_types = getattr(cfg, "type_vocab_size", 1) > 1
+        self.prepared_mask: Optional[bool] = None  # set by use_prepared_mask: None = not checked (the (B, T) mask)
 
     @classmethod
     def from_config(cls, cfg: StudentConfig, *, labels: Sequence[str], amalg_dim: int,
@@ -221,11 +222,17 @@ class Student(nn.Module):
         """The student's inputs for ``texts`` on its device."""
         return to_device(self.host_inputs(texts), self.device)
 
+    def use_prepared_mask(self) -> bool:
+        """Pass the encoder a 4D mask from now on where it gives the same outputs (checked once: a host read
+        of the device less per forward; :func:`~dfkd_ray.models.inputs.enable_prepared_mask`)."""
+        return enable_prepared_mask(self)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: Optional[torch.Tensor] = None) -> StudentOutput:
         """``input_ids``, ``attention_mask``: (B, T) -> :class:`StudentOutput`."""
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+        mask = prepared_attention_mask(self.model, attention_mask) if self.prepared_mask else attention_mask
+        out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **extra)
         states = out.hidden_states[1:]  # L_s x (B, T, H_s); [0] is the embedding output
         if len(states) != self.num_layers:
             raise RuntimeError(f"expected {self.num_layers} layer outputs, got {len(states)}")

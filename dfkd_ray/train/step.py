@@ -128,6 +128,8 @@ class Distiller:
         self.label_index = [torch.tensor(self.space.teacher_to_global[n], device=self.device) for n in self.names]
         self.autocast_dtype = autocast_dtype(cfg.train.precision, self.device)
         set_matmul_precision(cfg.train.matmul_precision, self.device)  # process-wide on a GPU: set by every distiller
+        for model in [self.student, *(self.teachers[n] for n in self.names)]:
+            model.use_prepared_mask()  # 4D masks where they give the same outputs: no host read per forward
         self.pin = pin_for(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:

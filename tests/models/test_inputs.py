@@ -24,3 +24,31 @@ def test_models_share_an_encoding_exactly_when_the_tokenizer_and_its_settings_ag
     a, b = (encode_texts(t, texts, max_length=128, token_types=True) for t in (alpha, AutoTokenizer.from_pretrained(
         synthetic_task.teachers["alpha"])))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # equal keys, equal inputs
+
+
+def test_the_prepared_mask_gives_the_same_outputs_and_skips_transformers_host_read(synthetic_task, monkeypatch):
+    """Both fixture teachers (BERT, DistilBERT), with SDPA and with eager attention, answer the same
+    with the 4D mask as with the (B, T) one, and with it transformers never asks the device whether
+    the batch is padded (the host read of its mask construction)."""
+    import transformers.masking_utils as masking
+
+    from dfkd_ray.models.teacher import Teacher
+
+    texts = ["the striker scored a late goal in the final minute", "bake bread"]
+    for name in ("alpha", "beta"):
+        for kernels in ("sdpa", "eager"):
+            teacher = Teacher.from_pretrained(name, synthetic_task.teachers[name], num_blocks=2)
+            teacher.model.set_attn_implementation(kernels)
+            plain = teacher.forward_ids(**teacher.tokenize(texts))
+            assert teacher.use_prepared_mask(), (name, kernels)
+            calls = []
+            real = masking._ignore_bidirectional_mask_sdpa
+            monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+            prepared = teacher.forward_ids(**teacher.tokenize(texts))
+            assert calls == []
+            assert torch.allclose(plain.logits, prepared.logits, atol=1e-5)
+            assert torch.allclose(plain.block_states, prepared.block_states, atol=1e-5)
+            teacher.prepared_mask = False  # the (B, T) mask: transformers builds the mask (and reads the device)
+            teacher.forward_ids(**teacher.tokenize(texts))
+            assert calls or kernels == "eager"
+            monkeypatch.undo()

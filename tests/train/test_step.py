@@ -299,3 +299,26 @@ def test_a_batch_is_tokenized_once_for_the_models_that_share_an_encoding(job_dic
     own = d.student.host_inputs(texts)
     assert all(torch.equal(own[k], batch.student[k]) for k in own)
     assert torch.isfinite(torch.tensor(d.step(batch)["loss"]))
+
+
+def test_the_step_passes_prepared_masks_and_its_losses_equal_those_of_the_plain_masks(job_dict, teachers):
+    """The distiller checks once per model that the 4D mask gives the same outputs and then uses it;
+    the step's losses equal those with the (B, T) masks."""
+    job_dict["amalgamation"] = {"amalg_dim": 16, "amalg_heads": 2}
+    job_dict["student"]["num_layers"] = 3
+    job_dict["train"] = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4}
+    cfg = validate_config(job_dict)
+    texts = ["the striker scored a late goal", "bake the bread", "the rocket reached a stable orbit round the moon",
+             "shares fell"]
+    d = Distiller(cfg, StepPlan.of(8, cfg), teachers=teachers, estimators=_estimators(cfg, teachers, texts))
+    models = [d.student, *teachers.values()]
+    assert all(m.prepared_mask for m in models)
+    d.model.eval()  # no dropout: the two passes must see the same network
+    batch = d.encode(texts)
+    with torch.no_grad():
+        prepared = d.losses(batch)
+        for m in models:
+            m.prepared_mask = False
+        plain = d.losses(batch)
+    for key in ("loss", "kd", "block"):
+        assert torch.allclose(prepared[key], plain[key], atol=1e-5), key
