@@ -148,6 +148,9 @@ class SteeredConfig(_Section):
     min_new_tokens: int = Field(8, ge=0, le=8192, description="EOS is banned before this many new tokens")
     prompt: str = Field("", description="prefix template; '{label}' becomes the target class name")
     keep_prompt: bool = Field(False, description="keep the prompt in the text the teacher scores and the set stores")
+    start_new_word: bool = Field(
+        False, description="the first new token starts a new word: tokens that would continue the prompt's last "
+                           "word ('Category: Plant' -> 'Plantation') are banned at the first step")
     batch_size: int = Field(32, ge=1, le=65536, description="requests decoded together by one engine")
     teacher_chunk_tokens: int = Field(262_144, ge=1, description="padded teacher tokens per forward; bounds memory")
     teacher_batching: Literal["padded", "uniform"] = Field(

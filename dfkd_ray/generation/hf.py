@@ -65,7 +65,8 @@ class SteeredGenerator:
         # to be removed in 5.40); older versions know only ``past_key_values``
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         self.lm_info = LmInfo.from_model(lm, lm_tokenizer, lm_name)
-        self.masks = TokenMasks.of(self.lm_info, config.min_new_tokens, self.device)
+        self.masks = TokenMasks.of(self.lm_info, config.min_new_tokens, self.device,
+                                   start_new_word=config.start_new_word)
         self.scorer = TeacherScorer(self.teachers, self.lm_info, config, self.device)
 
     @classmethod

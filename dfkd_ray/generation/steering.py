@@ -18,7 +18,7 @@ settings as one :class:`~dfkd_ray.config.SteeredConfig` and share, from this mod
   one batched teacher forward per chunk of length-sorted candidate texts, its work counted in one
   :class:`SteeringStats`;
 - :func:`steer_step`: one step up to the draw -- the :class:`TokenMasks` (special tokens, EOS before
-  ``min_new_tokens``), ``lambda_t`` (:func:`~dfkd_ray.math.decoding.control_weights`), the LM's
+  ``min_new_tokens``, the prompt's last word continued with ``start_new_word``), ``lambda_t`` (:func:`~dfkd_ray.math.decoding.control_weights`), the LM's
   top-``m``, the teacher term and :func:`~dfkd_ray.math.decoding.reweight`.
 
 Choices the paper leaves open (fields of ``SteeredConfig``): the teacher scores, and the transfer set
@@ -523,25 +523,36 @@ def teacher_groups(rows: Sequence[SteeredRow], scorer: TeacherScorer) -> dict[st
 @dataclass(frozen=True)
 class TokenMasks:
     """The LM ids a row may not draw, on the device: ``banned`` (:attr:`LmInfo.banned`) at every step,
-    ``eos`` before the row has ``min_new_tokens`` tokens."""
+    ``eos`` before the row has ``min_new_tokens`` tokens, and ``continuations`` (tokens that continue
+    the prompt's last word, :meth:`~dfkd_ray.generation.token_map.LmVocabulary.word_continuations`) at
+    the first step when ``transfer.steered.start_new_word`` is on."""
 
     banned: torch.Tensor  # (n_banned,) int64
     eos: torch.Tensor  # (n_eos,) int64
     min_new_tokens: int
+    continuations: Optional[torch.Tensor] = None  # (n_continuations,) int64, banned at step 0
 
     @classmethod
-    def of(cls, lm: LmInfo, min_new_tokens: int, device: torch.device | str) -> "TokenMasks":
+    def of(cls, lm: LmInfo, min_new_tokens: int, device: torch.device | str, *,
+           start_new_word: bool = False) -> "TokenMasks":
+        continuations = (torch.tensor(lm.vocab.word_continuations(), dtype=torch.long, device=device)
+                         if start_new_word else None)
         return cls(torch.tensor(lm.banned, dtype=torch.long, device=device),
-                   torch.tensor(lm.eos_ids, dtype=torch.long, device=device), int(min_new_tokens))
+                   torch.tensor(lm.eos_ids, dtype=torch.long, device=device), int(min_new_tokens), continuations)
 
     def apply(self, logits: torch.Tensor, steps: torch.Tensor) -> None:
-        """``-inf`` in place on ``(B, V)`` logits: banned ids, and EOS on rows whose ``steps (B,)``
-        (tokens generated so far) is below ``min_new_tokens``. No host-device synchronisation."""
+        """``-inf`` in place on ``(B, V)`` logits: banned ids, EOS on rows whose ``steps (B,)``
+        (tokens generated so far) is below ``min_new_tokens``, and word continuations on rows at
+        step 0. No host-device synchronisation."""
         if len(self.banned):
             logits.index_fill_(1, self.banned, float("-inf"))
         if len(self.eos) and self.min_new_tokens > 0:
             early = (steps < self.min_new_tokens).view(-1, 1)  # (B, 1)
             logits.index_copy_(1, self.eos, torch.where(early, float("-inf"), logits.index_select(1, self.eos)))
+        if self.continuations is not None and len(self.continuations):
+            first = (steps == 0).view(-1, 1)  # (B, 1)
+            logits.index_copy_(1, self.continuations,
+                               torch.where(first, float("-inf"), logits.index_select(1, self.continuations)))
 
 
 @dataclass

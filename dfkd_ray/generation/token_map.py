@@ -131,6 +131,21 @@ class LmVocabulary:
     def byte_level(self) -> bool:
         return self.token_bytes is not None
 
+    def word_continuations(self) -> list[int]:
+        """Ids of tokens that continue the word before them: their text starts with a letter, a digit
+        or a non-ASCII character, with no space (byte-level BPE: no leading ``Ġ``; SentencePiece: no
+        leading ``▁``). After a prompt ending in a word (``Category: Plant``) such a token rewrites that
+        word (``Plantation``)."""
+        if self.token_bytes is not None:
+            return [i for i, b in enumerate(self.token_bytes) if b and (b[0] >= 0x80 or chr(b[0]).isalnum())]
+        out = []
+        for i, tok in enumerate(self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))):
+            if i in self.special_ids or not tok or tok[0] in "\u2581\u0120 ":
+                continue
+            if tok.startswith("##") or tok[0].isalnum() or ord(tok[0]) >= 0x80:
+                out.append(i)
+        return out
+
     def text(self, ids: Sequence[int]) -> str:
         if self.token_bytes is not None:
             return _decode(b"".join(self.token_bytes[i] for i in ids))

@@ -133,7 +133,7 @@ class SteeringCore:
         self.load_teacher = load_teacher
         self.book = RowBook()
         self.scorer = TeacherScorer({}, lm, config, self.device)
-        self.masks = TokenMasks.of(lm, config.min_new_tokens, self.device)
+        self.masks = TokenMasks.of(lm, config.min_new_tokens, self.device, start_new_word=config.start_new_word)
         self.pools: dict[str, _TextPool] = {}
 
     @classmethod

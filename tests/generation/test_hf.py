@@ -296,3 +296,33 @@ def test_bad_requests_fail_before_generation(lm_and_tokenizer, teachers, monkeyp
     for requests, message in cases:
         with pytest.raises(ValueError, match=message):
             gen.generate(requests)
+
+
+def test_start_new_word_never_continues_the_prompts_last_word(lm_and_tokenizer, teachers):
+    """``Category: cooking`` may go on as ``cookingcooking``; with ``start_new_word`` the first new token
+    starts a word (a space or punctuation first), guided or not."""
+    reqs = [GenerationRequest(("alpha", "beta")[i % 2], (i // 2) % 2, seed=100 + i,
+                              control_strength=(0.0, 4.0)[i % 3 == 0]) for i in range(24)]
+    starts = {}
+    for flag in (False, True):
+        gen = make(lm_and_tokenizer, teachers, control_strength=4.0, top_m=10, top_k=10, max_new_tokens=6,
+                   min_new_tokens=2, prompt="Category: {label}", start_new_word=flag)
+        starts[flag] = [r.text[:1] for r in gen.generate(reqs)]
+    assert sum(s.isalnum() for s in starts[False]) > 0
+    assert not any(s.isalnum() for s in starts[True])
+
+
+def test_word_continuations_of_a_byte_level_vocabulary(lm_and_tokenizer):
+    """A token continues the word before it when its text starts with a letter, digit or non-ASCII
+    byte and no space; special tokens, space-led tokens and punctuation never do."""
+    from dfkd_ray.generation.token_map import LmVocabulary
+
+    _, tok = lm_and_tokenizer
+    continuations = set(LmVocabulary(tok).word_continuations())
+    texts = tok.convert_ids_to_tokens(list(range(len(tok))))
+    for token_id, text in enumerate(texts):
+        if token_id in tok.all_special_ids or text[0] in "\u0120\u010a" or text[0] in ".,:;!?'\"()-":
+            assert token_id not in continuations, text
+        elif text[0].isascii() and text[0].isalnum():
+            assert token_id in continuations, text
+    assert len(continuations) > 100 and any(t.startswith("\u0120") for t in texts)

@@ -161,3 +161,17 @@ def test_plan_chunks_covers_every_sequence_within_budget(uniform):
         assert any(same and lengths[s] == 17 and e - s > 30 for s, e, same in chunks)
     padded = sum((e - s) * int(lengths[e - 1]) for s, e, _ in chunks)
     assert padded <= 1.5 * lengths.sum()
+
+
+def test_token_masks_ban_word_continuations_at_the_first_step_only():
+    V = 10
+    masks = TokenMasks(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0,
+                       continuations=torch.tensor([2, 5]))
+    logits = _logits(3, V, seed=7)
+    steps = torch.tensor([0, 1, 0])
+    masked = logits.clone()
+    masks.apply(masked, steps)
+    assert not torch.isfinite(masked[[0, 2]][:, [2, 5]]).any()
+    assert torch.equal(masked[1], logits[1])
+    keep = [i for i in range(V) if i not in (2, 5)]
+    assert torch.equal(masked[:, keep], logits[:, keep])
