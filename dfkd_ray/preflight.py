@@ -191,7 +191,8 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
 def one_class_teacher_notes(teacher_labels: dict[str, list[str]]) -> list[str]:
     """What a teacher of one class cannot do, said before any work: its softmax is 1 on every text."""
     return [f"teacher {name!r} has one class ({labels[0]!r}): its softmax is 1 on every text, so its probabilities "
-            "carry nothing. Steered generation and prompt tuning cannot steer toward its class, and vanilla KD and "
+            "carry nothing. Steered generation and prompt tuning cannot steer toward its class (its rows are the LM's "
+            "unsteered text after the prompt), and vanilla KD and "
             f"MSP confidence cannot tell when a text is {labels[0]!r}; only its features can (amalgamation.method "
             "stratanet with confidence rmd or md). On the benchmark with such a teacher the student stayed below the "
             "teachers' ensemble; train.corpus_share=0.5 raised it by 4.6-5.4 points (docs/amalgamation.md)"
