@@ -261,6 +261,9 @@ def add_row_arguments(p: argparse.ArgumentParser) -> None:
                    help="amalgamation.confidence_transform of the stratanet rows")
     p.add_argument("--stratanet", default="", metavar="KEY=VALUE,...",
                    help="amalgamation fields of the StrataNet rows (after --kd-power), e.g. 'alpha=0.3,train_fusion=false'")
+    p.add_argument("--steered", default="", metavar="KEY=VALUE,...",
+                   help="transfer.steered fields of the steered set (after --control-strength, --prompt, ...), "
+                        "e.g. 'start_new_word=true'")
     p.add_argument("--prompt-tuned", default="", metavar="KEY=VALUE,...",
                    help="transfer.prompt_tuned fields of the prompt-tuned rows, e.g. 'stable_level=5,commander=paraphrase'")
 
@@ -272,12 +275,13 @@ def length_fields(args) -> dict:
 
 
 def steered_section(args, overrides: dict | None = None) -> dict:
-    """``transfer.steered`` of every row, with a ``--sweep`` variant's ``overrides``."""
+    """``transfer.steered`` of every row: the command line's fields, then ``--steered``, then a
+    ``--sweep`` variant's ``overrides``."""
     return {"engine": "hf", "lm_path": str(args.lm), "control_strength": args.control_strength,
             "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
             **length_fields(args), "prompt": args.prompt,
             "lambda_schedule": args.lambda_schedule, "decay_rate": args.decay_rate,
-            "batch_size": args.gen_batch, **(overrides or {})}
+            "batch_size": args.gen_batch, **parse_fields(getattr(args, "steered", ""), "--steered"), **(overrides or {})}
 
 
 def amalgamation_section(args, row: str) -> dict:

@@ -262,7 +262,8 @@ def finish_results(rows: Sequence[SteeredRow], *, lm: LmInfo, config: "SteeredCo
             "lambda_schedule": c.lambda_schedule, "decay_rate": c.decay_rate, "lambda_floor": c.lambda_floor,
             "top_m": c.top_m, "top_k": c.top_k, "top_p": c.top_p, "temperature": c.temperature,
             "max_new_tokens": c.max_new_tokens, "min_new_tokens": c.min_new_tokens, "prompt": r.prompt,
-            "keep_prompt": c.keep_prompt, "lm_tokens": len(r.generated), "stop": r.stop,
+            "keep_prompt": c.keep_prompt, "start_new_word": c.start_new_word, "lm_tokens": len(r.generated),
+            "stop": r.stop,
             "token_map": ("fast" if tmap.fast else "exact") if tmap is not None else "none",
         }
         out.append(GenerationResult(text=texts[i], token_ids=list(r.generated), num_tokens=len(r.generated),

@@ -307,7 +307,9 @@ def test_start_new_word_never_continues_the_prompts_last_word(lm_and_tokenizer, 
     for flag in (False, True):
         gen = make(lm_and_tokenizer, teachers, control_strength=4.0, top_m=10, top_k=10, max_new_tokens=6,
                    min_new_tokens=2, prompt="Category: {label}", start_new_word=flag)
-        starts[flag] = [r.text[:1] for r in gen.generate(reqs)]
+        results = gen.generate(reqs)
+        assert all(r.params["start_new_word"] is flag for r in results)  # recorded with every row
+        starts[flag] = [r.text[:1] for r in results]
     assert sum(s.isalnum() for s in starts[False]) > 0
     assert not any(s.isalnum() for s in starts[True])
 
