@@ -49,16 +49,6 @@ def training_rows(table: pa.Table, include_heldout: bool) -> pa.Table:
     return table.select(["text", "teacher"])
 
 
-def training_texts(table: pa.Table, include_heldout: bool) -> list[str]:
-    """The texts of a shard that training reads (:func:`training_rows`)."""
-    return training_rows(table, include_heldout).column("text").to_pylist()
-
-
-def training_source_teachers(table: pa.Table, include_heldout: bool) -> list[str]:
-    """The teacher each of :func:`training_texts` was made for."""
-    return training_rows(table, include_heldout).column("teacher").to_pylist()
-
-
 class ReplaySource:
     """A transfer source that returns rows made earlier for the same request attempt (same
     ``sample_id`` and seed) and asks ``source`` only for the others.

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dfkd_ray.config import validate_config
 from dfkd_ray.transfer.requests import heldout_part, is_heldout
-from dfkd_ray.transfer.streaming_plan import (ReplaySource, planned_training_rows, stream_order,
-                                              training_source_teachers, training_texts)
+from dfkd_ray.transfer.streaming_plan import ReplaySource, planned_training_rows, stream_order, training_rows
 from dfkd_ray.transfer.writer import make_shard, plan_transfer_set
 
 
@@ -47,11 +46,10 @@ def test_shards_made_with_the_heldout_pass_replayed_equal_shards_made_from_scrat
                 if seed == next(r for r in shard if r.sample_id == sid).seed}
         assert kept and not kept & set(counting.asked)  # first tries kept by the pass were not made again
         retried += stats["generated"] - stats["requests"]
-        assert training_texts(plain, include_heldout=False) == [
-            r["text"] for r in plain.to_pylist() if not r["heldout"]]
-        assert len(training_texts(plain, include_heldout=True)) == plain.num_rows
-        assert training_source_teachers(plain, include_heldout=False) == [
-            r["teacher"] for r in plain.to_pylist() if not r["heldout"]]
+        trained = training_rows(plain, include_heldout=False)
+        assert trained.column("text").to_pylist() == [r["text"] for r in plain.to_pylist() if not r["heldout"]]
+        assert training_rows(plain, include_heldout=True).num_rows == plain.num_rows
+        assert trained.column("teacher").to_pylist() == [r["teacher"] for r in plain.to_pylist() if not r["heldout"]]
     assert retried > 0  # the filters did reject and retry, in both passes alike
 
 
