@@ -19,6 +19,7 @@ mask-aware token means pooled per block exactly as for teachers (:func:`~dfkd_ra
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 
 from dfkd_ray.config import StudentConfig
 from dfkd_ray.math.blocks import partition_layers, pool_blocks
-from dfkd_ray.models.inputs import enable_prepared_mask, encode_texts, encoding_key, prepared_attention_mask, to_device
+from dfkd_ray.models.inputs import encode_texts, encoding_key, prepared_attention_mask, to_device
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class Student(nn.Module):
         self.amalg_dim = int(amalg_dim)
         self.proj = nn.ModuleList([nn.Linear(self.hidden_size, self.amalg_dim) for _ in range(self.num_blocks)])
         self._accepts_token_types = getattr(cfg, "type_vocab_size", 1) > 1
-        self.prepared_mask: Optional[bool] = None  # set by use_prepared_mask: None = not checked (the (B, T) mask)
+        self.prepared_mask: Optional[bool] = None  # set by inputs.enable_prepared_mask: None = not checked (the (B, T) mask)
 
     @classmethod
     def from_config(cls, cfg: StudentConfig, *, labels: Sequence[str], amalg_dim: int,
@@ -202,14 +203,10 @@ class Student(nn.Module):
     def num_labels(self) -> int:
         return len(self.labels)
 
-    @property
+    @functools.cached_property
     def encoding_key(self) -> tuple:
         """Models with equal keys get the same :meth:`host_inputs` (:func:`~dfkd_ray.models.inputs.encoding_key`)."""
-        key = self.__dict__.get("_encoding_key")
-        if key is None or key[-2] != self.max_length:
-            key = self.__dict__["_encoding_key"] = encoding_key(self.tokenizer, max_length=self.max_length,
-                                                                token_types=self._accepts_token_types)
-        return key
+        return encoding_key(self.tokenizer, max_length=self.max_length, token_types=self._accepts_token_types)
 
     def host_inputs(self, texts: Sequence[str], *, pin: bool = False) -> dict[str, torch.Tensor]:
         """The student's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``)."""
@@ -221,11 +218,6 @@ class Student(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The student's inputs for ``texts`` on its device."""
         return to_device(self.host_inputs(texts), self.device)
-
-    def use_prepared_mask(self) -> bool:
-        """Pass the encoder a 4D mask from now on where it gives the same outputs (checked once: a host read
-        of the device less per forward; :func:`~dfkd_ray.models.inputs.enable_prepared_mask`)."""
-        return enable_prepared_mask(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: Optional[torch.Tensor] = None) -> StudentOutput:

@@ -7,6 +7,7 @@ RoBERTa teacher with its own tokenizer all look the same (the adaptor idea of Te
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from dfkd_ray.labels import ordered_labels
 from dfkd_ray.math.blocks import TeacherOutput, partition_layers, pool_blocks
-from dfkd_ray.models.inputs import enable_prepared_mask, encode_texts, encoding_key, prepared_attention_mask, to_device
+from dfkd_ray.models.inputs import encode_texts, encoding_key, prepared_attention_mask, to_device
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Teacher:
     labels: list[str]
     num_blocks: int
     max_length: int = 128
-    prepared_mask: Optional[bool] = None  # set by use_prepared_mask: None = not checked (the (B, T) mask)
+    prepared_mask: Optional[bool] = None  # set by inputs.enable_prepared_mask: None = not checked (the (B, T) mask)
 
     def __post_init__(self) -> None:
         cfg = self.model.config
@@ -91,13 +92,10 @@ class Teacher:
     def num_labels(self) -> int:
         return len(self.labels)
 
-    @property
+    @functools.cached_property
     def encoding_key(self) -> tuple:
         """Models with equal keys get the same :meth:`host_inputs` (:func:`~dfkd_ray.models.inputs.encoding_key`)."""
-        if getattr(self, "_encoding_key", None) is None or self._encoding_key[-2] != self.max_length:
-            self._encoding_key = encoding_key(self.tokenizer, max_length=self.max_length,
-                                              token_types=self._accepts_token_types)
-        return self._encoding_key
+        return encoding_key(self.tokenizer, max_length=self.max_length, token_types=self._accepts_token_types)
 
     def host_inputs(self, texts: Sequence[str], *, pin: bool = False) -> dict[str, torch.Tensor]:
         """This teacher's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``)."""
@@ -107,11 +105,6 @@ class Teacher:
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """This teacher's inputs for ``texts`` on its device."""
         return to_device(self.host_inputs(texts), self.device)
-
-    def use_prepared_mask(self) -> bool:
-        """Pass the model a 4D mask from now on where it gives the same outputs (checked once: a host read
-        of the device less per forward; :func:`~dfkd_ray.models.inputs.enable_prepared_mask`)."""
-        return enable_prepared_mask(self)
 
     @torch.no_grad()
     def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,

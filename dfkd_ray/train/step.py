@@ -37,7 +37,7 @@ import torch
 from dfkd_ray.config import JobConfig
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.math.losses import concat_target, kd_loss
-from dfkd_ray.models.inputs import pin_for, to_device
+from dfkd_ray.models.inputs import enable_prepared_mask, pin_for, to_device
 from dfkd_ray.models.kernels import attention_kernels, set_matmul_precision
 from dfkd_ray.train.epochs import StepPlan, iterate_epochs, prefetch
 
@@ -129,7 +129,7 @@ class Distiller:
         self.autocast_dtype = autocast_dtype(cfg.train.precision, self.device)
         set_matmul_precision(cfg.train.matmul_precision, self.device)  # process-wide on a GPU: set by every distiller
         for model in [self.student, *(self.teachers[n] for n in self.names)]:
-            model.use_prepared_mask()  # 4D masks where they give the same outputs: no host read per forward
+            enable_prepared_mask(model)  # 4D masks where they give the same outputs: no host read per forward
         self.pin = pin_for(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:

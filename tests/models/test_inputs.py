@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dfkd_ray.models.inputs import encode_texts, encoding_key
+from dfkd_ray.models.inputs import enable_prepared_mask, encode_texts, encoding_key
 
 
 def test_models_share_an_encoding_exactly_when_the_tokenizer_and_its_settings_agree(synthetic_task):
@@ -40,7 +40,7 @@ def test_the_prepared_mask_gives_the_same_outputs_and_skips_transformers_host_re
             teacher = Teacher.from_pretrained(name, synthetic_task.teachers[name], num_blocks=2)
             teacher.model.set_attn_implementation(kernels)
             plain = teacher.forward_ids(**teacher.tokenize(texts))
-            assert teacher.use_prepared_mask(), (name, kernels)
+            assert enable_prepared_mask(teacher), (name, kernels)
             calls = []
             real = masking._ignore_bidirectional_mask_sdpa
             monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
