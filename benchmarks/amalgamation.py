@@ -343,9 +343,12 @@ class Bench:
                         if cfg.amalgamation.confidence != "msp":
                             report["auroc"][name] = confidence_auroc(table, self.teachers, estimators_cache[key])
                             log(f"confidence {key}: AUROC per block {report['auroc'][name]}")
+                    if cfg.amalgamation.one_class_confidence != "elimination":  # a target of its own
+                        name += f"/one_class_{cfg.amalgamation.one_class_confidence}"
+                    if name not in report["target"]:
                         report["target"][name] = target_accuracy(cfg, estimators_cache[key], table, self.teachers,
                                                                   self.space, self.test_outputs(), data["test_labels"])
-                        log(f"KD target on the test set {key}: {json.dumps(report['target'][name])}")
+                        log(f"KD target on the test set {name}: {json.dumps(report['target'][name])}")
                     est = estimators_cache[key]
                 if args.profile_distill and "profile" not in report:
                     report["profile"] = profile_distill(cfg, table, self.teachers, est, self.device)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dfkd_ray.config import JobConfig
-from dfkd_ray.confidence import fit_confidence
+from dfkd_ray.confidence import fit_confidence, one_class_rule
 from dfkd_ray.evaluation import auroc, kd_target_scores
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.models.teacher import collect_outputs
@@ -110,7 +110,9 @@ def target_accuracy(cfg: JobConfig, estimators: dict, table, teachers: dict, spa
             fitted = fit_confidence(cfg.model_copy(update={"amalgamation": amalg}), table, teachers)
         else:
             fitted = estimators
-        conf = torch.stack([fitted[n].confidence(*test_outputs[n])[:, -1] for n in names], dim=-1)  # (M, K)
+        conf = one_class_rule([fitted[n].confidence(*test_outputs[n])[:, -1:] for n in names],
+                              [fitted[n].num_classes for n in names], cfg.amalgamation.one_class_confidence)
+        conf = torch.cat(conf, dim=-1)  # (M, K) last block
         scores = score(conf, powers=TARGET_POWERS)
         out[f"{cfg.amalgamation.confidence}/{transform}"] = {
             "selects_own": round(scores["selects_own"], 4),

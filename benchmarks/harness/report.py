@@ -49,8 +49,8 @@ def target_markdown(target: dict) -> str:
             if variant == "oracle":
                 continue
             accs = " | ".join(f"{100 * v['accuracy_by_power'][p]:.2f}" for p in powers)
-            source, _, seed = key.split("/")
-            lines.append(f"| {source} / {variant} / {seed} | {100 * v['selects_own']:.1f}% | {accs} | "
+            source, _, seed, *rule = key.split("/")  # rule: a one_class_confidence other than the default
+            lines.append(f"| {' / '.join([source, variant, seed, *rule])} | {100 * v['selects_own']:.1f}% | {accs} | "
                          f"{100 * t['oracle']:.2f} |")
     return "\n".join(lines)
 
@@ -158,13 +158,13 @@ def target_summary(reports: list[dict]) -> str:
     fits: dict[str, dict] = {}
     for report in reports:
         for key, t in report.get("target", {}).items():
-            source, confidence, seed = key.split("/")
+            source, confidence, seed, *rule = key.split("/")  # rule: a one_class_confidence other than the default
             for variant, v in t.items():
                 if variant == "oracle":
                     continue
-                f = fits.setdefault(f"{source} / {variant}", {"seeds": {}, "oracle": t["oracle"], "pseudo": {}})
+                f = fits.setdefault(" / ".join([source, variant, *rule]), {"seeds": {}, "oracle": t["oracle"], "pseudo": {}})
                 f["seeds"][seed] = v
-                auroc = report.get("auroc", {}).get(key)
+                auroc = report.get("auroc", {}).get(f"{source}/{confidence}/{seed}")
                 if auroc:
                     f["pseudo"][seed] = auroc
     if not fits:

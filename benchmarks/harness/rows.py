@@ -105,6 +105,8 @@ ROWS: dict[str, Row] = {
     "stratanet_trained_st": Row("steered", {**STRATANET, "train_fusion": True}, "ablation"),
     # no confidence in the KD target: each row's target from the teacher it was made for (kd_source_weight 1)
     "stratanet_source": Row("steered", {**STRATANET, "kd_source_weight": 1.0}, "ablation"),
+    # a one-class teacher's confidence from its own statistics instead of by elimination (no effect without one)
+    "stratanet_own_one_class": Row("steered", {**STRATANET, "one_class_confidence": "own"}, "ablation"),
     # the student also trains on general-domain documents (train.corpus_share of its rows), labelled by the KD target
     "stratanet_mix25": Row("steered", STRATANET, "ablation", {"corpus_share": 0.25}),
     "stratanet_mix50": Row("steered", STRATANET, "ablation", {"corpus_share": 0.5}),

@@ -9,11 +9,12 @@ Built by :func:`~dfkd_ray.confidence.fitting.fit_estimator`, saved and loaded by
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
 
 import torch
 
 from dfkd_ray.math.blocks import TeacherOutput
-from dfkd_ray.math.confidence import block_ood_scores, msp_scores, scores_to_confidence
+from dfkd_ray.math.confidence import block_ood_scores, eliminate_one_class, msp_scores, scores_to_confidence
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,3 +105,22 @@ class ConfidenceEstimator:
 
     def to(self, device: torch.device | str) -> "ConfidenceEstimator":
         return replace(self, tensors={k: v.to(device) for k, v in self.tensors.items()})
+
+
+def teacher_confidences(estimators: Mapping[str, ConfidenceEstimator], outputs: Mapping[str, TeacherOutput],
+                        names: Sequence[str], *, one_class: str) -> list[torch.Tensor]:
+    """Every teacher's ``(B, N)`` confidences on one batch, in ``names`` order, as the distillation uses
+    them: each estimator on its teacher's outputs, then ``amalgamation.one_class_confidence``
+    (``elimination``: a one-class teacher's confidence is what the teachers of several classes leave,
+    :func:`~dfkd_ray.math.confidence.eliminate_one_class`; ``own``: its own statistics)."""
+    conf = [estimators[n](outputs[n]) for n in names]  # K x (B, N)
+    return one_class_rule(conf, [estimators[n].num_classes for n in names], one_class)
+
+
+def one_class_rule(confidences: list[torch.Tensor], num_classes: Sequence[int], one_class: str) -> list[torch.Tensor]:
+    """``amalgamation.one_class_confidence`` applied to K teachers' confidences (any ``(B, ...)`` shape)."""
+    if one_class == "elimination":
+        return eliminate_one_class(confidences, list(num_classes))
+    if one_class != "own":
+        raise ValueError(f"unknown one_class_confidence {one_class!r}; choose elimination or own")
+    return list(confidences)

@@ -114,7 +114,7 @@ def fit_estimator(block_states: torch.Tensor, logits: torch.Tensor, labels: Opti
     meta = {"shrinkage": float(cfg.shrinkage), "quantile": float(cfg.confidence_quantile),
             "center": cfg.confidence_center, "center_sd": float(cfg.confidence_center_sd),
             "calibration_repeats": int(repeats), "calibration_fraction": float(cfg.calibration_fraction),
-            "calibration_folds": int(folds), "seed": int(seed), "num_samples": m,
+            "calibration_folds": int(folds), "seed": int(seed), "num_samples": m, "num_classes": int(c),
             "num_background": 0 if background_states is None else int(background_states.shape[0])}
     if contrast:
         meta.update(contrast_sharpness=float(cfg.contrast_sharpness), num_other=int(others.shape[0]))
@@ -241,18 +241,27 @@ def fit_confidence(cfg: JobConfig, table, teachers: dict) -> dict[str, Confidenc
     return fit_estimators(teachers, texts, classes, cfg.amalgamation, seed=cfg.seed)
 
 
-def separation_report(metas: Mapping[str, dict], threshold: float) -> list[str]:
+def separation_report(metas: Mapping[str, dict], threshold: float, *, one_class: str = "own") -> list[str]:
     """The console lines of the confidence stage's label-free separation estimate: one line with each
     teacher's last-block separation (``ConfidenceEstimator.separation``, kept in its fit ``meta``),
-    then a warning for every teacher below ``threshold`` (``amalgamation.separation_warning``). No
-    lines when no teacher has an estimate (transforms other than ``contrast``, or one teacher)."""
+    then a warning for every teacher below ``threshold`` (``amalgamation.separation_warning``). With
+    ``one_class`` ``elimination`` (``amalgamation.one_class_confidence``) a teacher of one class
+    beside teachers of several takes its confidence from them (:func:`~dfkd_ray.math.confidence.eliminate_one_class`):
+    its line says so and its own separation warns of nothing. No lines when no teacher has an estimate
+    (transforms other than ``contrast``, or one teacher)."""
     last = {name: meta["separation"][-1] for name, meta in metas.items() if meta.get("separation")}
     if not last:
         return []
+    classes = {name: meta.get("num_classes") for name, meta in metas.items()}
+    eliminated = set()
+    if one_class == "elimination" and any(c is not None and c >= 2 for c in classes.values()):
+        eliminated = {name for name, c in classes.items() if c == 1}
     lines = ["confidence separation (AUROC of each teacher's held-out pseudo-text against the other teachers', "
-             "out of fit, last block; 0.5 = chance): " + ", ".join(f"{n} {v:.2f}" for n, v in last.items())]
+             "out of fit, last block; 0.5 = chance): " + ", ".join(
+                 f"{n} {v:.2f}" + (" (one class: its confidence is by elimination)" if n in eliminated else "")
+                 for n, v in last.items())]
     for name, value in last.items():
-        if value < threshold:
+        if value < threshold and name not in eliminated:
             lines.append(
                 f"warning: teacher {name!r}'s confidence statistics tell its pseudo-text from the other teachers' "
                 f"only at AUROC {value:.2f} (amalgamation.separation_warning {threshold:.2f}). On real text the KD "

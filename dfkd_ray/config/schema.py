@@ -362,6 +362,11 @@ class AmalgamationConfig(_Section):
     kd_confidence_power: float = Field(
         64.0, ge=0.0, le=1000.0, description="gamma of the KD teacher weights c_k^gamma / sum_j c_j^gamma "
                                              "(0: uniform, 1: proportional)")
+    one_class_confidence: Literal["elimination", "own"] = Field(
+        "elimination", description="a teacher of one class (its softmax is 1 on every text, its rows unsteered): "
+                                   "elimination, 1 - the largest confidence of the teachers of two or more classes "
+                                   "(a text no such teacher claims is its class); own: its own statistics, as every "
+                                   "other teacher")
     kd_source_weight: float = Field(
         0.0, ge=0.0, le=1.0, description="an ablation: share of each training row's KD teacher weights given to the "
                                          "teacher the row was made for (its source teacher), (1 - rho) confidence "

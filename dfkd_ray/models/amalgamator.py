@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_ray.config import AmalgamationConfig
+from dfkd_ray.confidence.estimator import teacher_confidences
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.math.amalgamation import BlockAmalgamation, kd_teacher_weights, with_source_teacher
 from dfkd_ray.math.blocks import TeacherOutput
@@ -204,7 +205,8 @@ def amalgamation_step(model: nn.Module, batch, *, estimators: Mapping[str, objec
         if o.logits.shape[0] != len(texts):
             raise ValueError(f"teacher {n!r} output has batch size {o.logits.shape[0]} for {len(texts)} texts")
     with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the statistics keep their precision
-        conf = [estimators[n](o).to(device) for n, o in zip(names, outs)]  # K x (B, N)
+        conf = [c.to(device) for c in teacher_confidences(estimators, dict(zip(names, outs)), names,
+                                                          one_class=net.cfg.one_class_confidence)]  # K x (B, N)
     if student_inputs is None:
         student_inputs = net.student.tokenize(texts)
     losses = model(**student_inputs,

@@ -126,7 +126,8 @@ def run_confidence(cfg: JobConfig, transfer_dir: Path, *, rows_dir: Path | None 
 def _print_separation(cfg: JobConfig, metas: dict) -> None:
     from dfkd_ray.confidence import separation_report
 
-    for line in separation_report(metas, cfg.amalgamation.separation_warning):
+    for line in separation_report(metas, cfg.amalgamation.separation_warning,
+                                  one_class=cfg.amalgamation.one_class_confidence):
         print(line)
 
 

@@ -49,6 +49,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from dfkd_ray.config import EmbeddingGuessingConfig, JobConfig
+from dfkd_ray.confidence.estimator import teacher_confidences
 from dfkd_ray.labels import UnionLabelSpace
 from dfkd_ray.math.amalgamation import kd_teacher_weights
 from dfkd_ray.math.embedding_guessing import (align, cls_distance_loss, gather_positions, initial_content, input_loss,
@@ -288,7 +289,8 @@ class EmbeddingGuessingDistiller(Distiller):
             if self.vanilla:
                 target = concat_target(logits, self.label_index, self.space.num_labels, a.temperature)  # (B, C)
             else:
-                conf = [self.estimators[n](outs[n][0]) for n in self.names]  # K x (B, N)
+                conf = teacher_confidences(self.estimators, {n: outs[n][0] for n in self.names}, self.names,
+                                           one_class=a.one_class_confidence)  # K x (B, N)
                 weights = kd_teacher_weights(torch.stack([c[:, -1] for c in conf], dim=-1),
                                              a.kd_confidence_power)  # (B, K)
                 target = union_target(logits, self.label_index, weights, self.space.num_labels, a.temperature)

@@ -360,3 +360,13 @@ def test_too_few_heldout_rows_for_the_calibration_folds_fail_before_any_teacher_
     job_dict["amalgamation"] = {"calibration_folds": 9}
     with pytest.raises(ValueError, match=r"need >= 11 per teacher with amalgamation.calibration_folds 9"):
         fit_confidence(validate_config(job_dict), rows_to_table(rows), {"alpha": Untouchable(), "beta": Untouchable()})
+
+
+def test_separation_report_says_a_one_class_teacher_is_by_elimination_and_does_not_warn_of_it():
+    metas = {"wbs": {"separation": [0.9], "num_classes": 3}, "sports": {"separation": [0.77], "num_classes": 1}}
+    lines = separation_report(metas, 0.8, one_class="elimination")
+    assert len(lines) == 1 and "sports 0.77 (one class: its confidence is by elimination)" in lines[0]
+    own = separation_report(metas, 0.8, one_class="own")
+    assert len(own) == 2 and own[1].startswith("warning: teacher 'sports'")
+    only_one_class = {n: {**m, "num_classes": 1} for n, m in metas.items()}  # nobody to eliminate with
+    assert len(separation_report(only_one_class, 0.8, one_class="elimination")) == 2

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from dfkd_ray.math.confidence import (block_ood_scores, calibration_center, contrast_calibration, fit_block_gaussians,
+from dfkd_ray.math.amalgamation import kd_teacher_weights
+from dfkd_ray.math.confidence import (block_ood_scores, calibration_center, contrast_calibration, eliminate_one_class,
+                                      fit_block_gaussians,
                                       fit_gaussians, fold_indices, mahalanobis_sq, msp_scores, robust_scale, scores_to_confidence,
                                       shrink_covariance)
 
@@ -182,3 +184,34 @@ def test_robust_scale_is_the_iqr_of_a_gaussian_with_fallbacks():
     torch.testing.assert_close(robust_scale(tied, torch.zeros(1, dtype=torch.float64)), tied.std(1, unbiased=False))
     flat = torch.full((1, 4), 5.0, dtype=torch.float64)  # no spread at all: floored, never 0
     assert robust_scale(flat, torch.tensor([5.0], dtype=torch.float64)).item() == pytest.approx(5e-6)
+
+
+# ---------------------------------------------------------------------- teachers of one class
+
+
+def test_one_class_teacher_gets_what_the_multi_class_teachers_leave():
+    g = torch.Generator().manual_seed(0)
+    c3, c4, c1 = torch.rand(5, 2, generator=g), torch.rand(5, 2, generator=g), torch.rand(5, 2, generator=g)
+    out = eliminate_one_class([c3, c1, c4], [3, 1, 4])
+    assert out[0] is c3 and out[2] is c4  # teachers of several classes keep their confidences
+    torch.testing.assert_close(out[1], 1 - torch.maximum(c3, c4))
+    # with one other teacher, the KD weights at a high power pick the one-class teacher where that one is below 1/2
+    w = kd_teacher_weights(torch.stack([c3[:, -1], eliminate_one_class([c3, c1], [3, 1])[1][:, -1]], -1), 64.0)
+    assert torch.equal(w.argmax(-1) == 1, c3[:, -1] < 0.5)
+
+
+def test_several_one_class_teachers_share_the_remainder_by_their_own_confidence():
+    many = torch.tensor([[0.2], [0.9], [0.5]])
+    a, b = torch.tensor([[0.6], [0.1], [0.0]]), torch.tensor([[0.3], [0.4], [0.0]])
+    out = eliminate_one_class([many, a, b], [2, 1, 1])
+    torch.testing.assert_close(out[1], torch.tensor([[0.8], [0.025], [0.5]]))  # the larger own gets all of 1 - max
+    torch.testing.assert_close(out[2], torch.tensor([[0.4], [0.1], [0.5]]))  # 0 / 0 counts as 1
+    assert all(((o >= 0) & (o <= 1)).all() for o in out)
+
+
+def test_elimination_changes_nothing_without_both_kinds_of_teacher():
+    a, b = torch.rand(4, 3), torch.rand(4, 3)
+    assert eliminate_one_class([a, b], [2, 5]) == [a, b]
+    assert eliminate_one_class([a, b], [1, 1]) == [a, b]
+    with pytest.raises(ValueError, match="class counts of 1"):
+        eliminate_one_class([a, b], [2])

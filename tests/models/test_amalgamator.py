@@ -305,3 +305,31 @@ def test_kd_source_weight_moves_the_target_to_the_teacher_each_row_was_made_for(
     torch.testing.assert_close(w_half, with_source_teacher(w0, source, 0.5))
     with pytest.raises(ValueError, match="kd_source_weight > 0 needs each row's source teacher"):
         model(**model.student.tokenize(TEXTS), **inputs)
+
+
+def test_a_one_class_teacher_takes_its_kd_weight_by_elimination(synthetic_task, teachers, heldout, tmp_path):
+    """A teacher fine-tuned on one class (a copy of beta with a one-label head: its softmax is 1 on every
+    text) gets ``1 - c_alpha`` as its confidence in the step (``one_class_confidence: elimination``) and
+    its own statistics with ``own``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dfkd_ray.models.teacher import Teacher
+
+    solo_dir = tmp_path / "solo"
+    src = synthetic_task.teachers["beta"]
+    AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, id2label={0: "space"}, label2id={"space": 0},
+                                                       problem_type=None,
+                                                       ignore_mismatched_sizes=True).save_pretrained(solo_dir)
+    AutoTokenizer.from_pretrained(src).save_pretrained(solo_dir)
+    pair = {"alpha": teachers["alpha"], "solo": Teacher.from_pretrained("solo", solo_dir, num_blocks=3)}
+    texts, classes = heldout
+    ests = fit_estimators(pair, {"alpha": texts["alpha"], "solo": texts["beta"]},
+                          {"alpha": classes["alpha"], "solo": [0] * len(texts["beta"])}, AmalgamationConfig(), seed=0)
+    assert ests["solo"].num_classes == 1
+    outs = run_teachers(pair, TEXTS)
+    c_alpha, c_solo = ests["alpha"](outs["alpha"])[:, -1], ests["solo"](outs["solo"])[:, -1]  # (B,)
+    for rule, c in (("elimination", 1 - c_alpha), ("own", c_solo)):
+        cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2, one_class_confidence=rule)
+        losses = amalgamation_step(build(synthetic_task, pair, cfg), TEXTS, teacher_outputs=outs, estimators=ests)
+        w = kd_teacher_weights(torch.stack([c_alpha, c], -1), cfg.kd_confidence_power)  # (B, 2)
+        torch.testing.assert_close(losses["kd_weight/solo"], w[:, 1].mean())
