@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from dfkd_ray.config import AmalgamationConfig
-from dfkd_ray.confidence import ConfidenceEstimator, fit_estimator
+from dfkd_ray.confidence import ConfidenceEstimator, fit_estimator, one_class_rule
 from dfkd_ray.evaluation import kd_target_scores
 from dfkd_ray.labels import UnionLabelSpace
 
@@ -86,13 +87,16 @@ def fit(meta: dict, feats: dict, space: UnionLabelSpace, cfg: AmalgamationConfig
 
 
 def score(meta: dict, feats: dict, space: UnionLabelSpace, estimators: dict, split: str, power: float,
-          temperature: float) -> dict:
-    """The KD target as a classifier on ``split`` (:func:`kd_target_scores`): accuracy and the share
-    whose top KD weight is the teacher that knows the true class."""
+          temperature: float, one_class: str = "elimination") -> dict:
+    """The KD target as a classifier on ``split`` (:func:`kd_target_scores`), with the job's
+    ``one_class_confidence`` rule: accuracy and the share whose top KD weight is the teacher that knows
+    the true class."""
     index = [torch.tensor(space.teacher_to_global[n]) for n in space.teachers]
     logits = [meta[f"{n}.{split}_logits"].float() for n in space.teachers]
-    conf = torch.stack([estimators[n].confidence(feats[n][split], logits[k])[:, -1]
-                        for k, n in enumerate(space.teachers)], -1)  # (M, K) last-block c_k
+    conf = one_class_rule([estimators[n].confidence(feats[n][split], logits[k])[:, -1:]
+                           for k, n in enumerate(space.teachers)],
+                          [estimators[n].num_classes for n in space.teachers], one_class)
+    conf = torch.cat(conf, -1)  # (M, K) last-block c_k
     s = kd_target_scores(logits, index, meta[f"{split}_label"], conf, powers=(power,), num_labels=space.num_labels,
                          temperature=temperature)
     return {"accuracy": s["accuracy_by_power"][str(power)], "selects_own": s["selects_own"]}
@@ -108,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", default="1,4", help="calibration_repeats values")
     p.add_argument("--backgrounds", default="all_teachers")
     p.add_argument("--seeds", default="0,1,2,3,4,5", help="fold-split seeds (the job uses its seed)")
+    p.add_argument("--one-class", default="elimination", help="one_class_confidence rules, comma-separated "
+                                                               "(elimination,own; the same where no teacher has one class)")
+    p.add_argument("--transforms", default="contrast", help="confidence_transform values, comma-separated")
     p.add_argument("--power", type=float, default=64.0, help="kd_confidence_power (the config's default)")
     p.add_argument("--temperature", type=float, default=0.75, help="amalgamation.temperature (amalgamation.py's default)")
     args = p.parse_args(argv)
@@ -123,33 +130,42 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     meta, feats, space = load_features(args.features)
     results = []
-    print("| rmd_background | centre | calibration_repeats | dev: target accuracy (mean, min) | dev: selects own "
-          "| test: target accuracy (mean, min) | test: selects own |\n|---|---|---|---|---|---|---|", flush=True)
-    for background in backgrounds:
-        for spec, center in centers:
-            for rep in repeats:
-                runs = []
-                for seed in seeds:
-                    cfg = AmalgamationConfig(rmd_background=background, calibration_repeats=rep, **center)
-                    est = fit(meta, feats, space, cfg, seed=seed)
-                    runs.append({split: score(meta, feats, space, est, split, args.power, args.temperature)
-                                 for split in ("dev", "test")})
-                row = {"rmd_background": background, "center": spec, "calibration_repeats": rep, "seeds": seeds,
-                       "runs": runs}
-                cells = []
-                for split in ("dev", "test"):
-                    acc = [r[split]["accuracy"] for r in runs]
-                    sel = [r[split]["selects_own"] for r in runs]
-                    row[split] = {"accuracy_mean": sum(acc) / len(acc), "accuracy_min": min(acc),
-                                  "selects_own_mean": sum(sel) / len(sel)}
-                    cells += [f"{100 * row[split]['accuracy_mean']:.2f} ({100 * min(acc):.2f})",
-                              f"{100 * row[split]['selects_own_mean']:.1f}%"]
-                results.append(row)
-                print(f"| {background} | {spec} | {rep} | " + " | ".join(cells) + " |", flush=True)
+    rules, transforms = args.one_class.split(","), args.transforms.split(",")
+    fields = AmalgamationConfig.model_fields
+    for flag, values, field in (("--one-class", rules, "one_class_confidence"), ("--transforms", transforms,
+                                                                                  "confidence_transform")):
+        allowed = get_args(fields[field].annotation)
+        if any(v not in allowed for v in values):
+            p.error(f"{flag} takes {','.join(allowed)} (got {','.join(values)})")
+    print("| transform | one-class rule | rmd_background | centre | calibration_repeats | dev: target accuracy (mean, min) "
+          "| dev: selects own | test: target accuracy (mean, min) | test: selects own |\n"
+          "|---|---|---|---|---|---|---|---|---|", flush=True)
+    grid = [(t, r, b, c, rep) for t in transforms for r in rules for b in backgrounds for c in centers for rep in repeats]
+    for transform, rule, background, (spec, center), rep in grid:
+        runs = []
+        for seed in seeds:
+            cfg = AmalgamationConfig(rmd_background=background, calibration_repeats=rep, confidence_transform=transform,
+                                     one_class_confidence=rule, **center)
+            est = fit(meta, feats, space, cfg, seed=seed)
+            runs.append({split: score(meta, feats, space, est, split, args.power, args.temperature, rule)
+                         for split in ("dev", "test")})
+        row = {"transform": transform, "one_class_confidence": rule, "rmd_background": background,
+               "center": spec, "calibration_repeats": rep, "seeds": seeds, "runs": runs}
+        cells = []
+        for split in ("dev", "test"):
+            acc = [r[split]["accuracy"] for r in runs]
+            sel = [r[split]["selects_own"] for r in runs]
+            row[split] = {"accuracy_mean": sum(acc) / len(acc), "accuracy_min": min(acc),
+                          "selects_own_mean": sum(sel) / len(sel)}
+            cells += [f"{100 * row[split]['accuracy_mean']:.2f} ({100 * min(acc):.2f})",
+                      f"{100 * row[split]['selects_own_mean']:.1f}%"]
+        results.append(row)
+        print(f"| {transform} | {rule} | {background} | {spec} | {rep} | " + " | ".join(cells) + " |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"features": str(args.features), "power": args.power, "variants": results}, indent=1))
     best = max(results, key=lambda r: r["dev"]["accuracy_mean"])
-    print(f"best on the development rows: rmd_background {best['rmd_background']}, centre {best['center']}, "
+    print(f"best on the development rows: {best['transform']}, one-class rule {best['one_class_confidence']}, "
+          f"rmd_background {best['rmd_background']}, centre {best['center']}, "
           f"calibration_repeats {best['calibration_repeats']} (dev {100 * best['dev']['accuracy_mean']:.2f}%, "
           f"test {100 * best['test']['accuracy_mean']:.2f}%)")
     return 0

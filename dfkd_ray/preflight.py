@@ -193,9 +193,10 @@ def one_class_teacher_notes(teacher_labels: dict[str, list[str]]) -> list[str]:
     return [f"teacher {name!r} has one class ({labels[0]!r}): its softmax is 1 on every text, so its probabilities "
             "carry nothing. Steered generation and prompt tuning cannot steer toward its class (its rows are the LM's "
             "unsteered text after the prompt), and vanilla KD and "
-            f"MSP confidence cannot tell when a text is {labels[0]!r}; only its features can (amalgamation.method "
-            "stratanet with confidence rmd or md). On the benchmark with such a teacher the student stayed below the "
-            "teachers' ensemble; train.corpus_share=0.5 raised it by 4.6-5.4 points (docs/amalgamation.md)"
+            f"MSP confidence cannot tell when a text is {labels[0]!r}; only the confidence stage can (amalgamation.method "
+            "stratanet: its own statistics times what the teachers of several classes leave unclaimed, "
+            "amalgamation.one_class_confidence). train.corpus_share=0.5 also helped on the benchmark with such a "
+            "teacher (docs/confidence.md, docs/amalgamation.md)"
             for name, labels in teacher_labels.items() if labels is not None and len(labels) == 1]
 
 

@@ -111,8 +111,8 @@ def teacher_confidences(estimators: Mapping[str, ConfidenceEstimator], outputs: 
                         names: Sequence[str], *, one_class: str) -> list[torch.Tensor]:
     """Every teacher's ``(B, N)`` confidences on one batch, in ``names`` order, as the distillation uses
     them: each estimator on its teacher's outputs, then ``amalgamation.one_class_confidence``
-    (``elimination``: a one-class teacher's confidence is what the teachers of several classes leave,
-    :func:`~dfkd_ray.math.confidence.eliminate_one_class`; ``own``: its own statistics)."""
+    (``elimination``: a one-class teacher's confidence times what the teachers of several classes leave
+    unclaimed, :func:`~dfkd_ray.math.confidence.eliminate_one_class`; ``own``: its own statistics)."""
     conf = [estimators[n](outputs[n]) for n in names]  # K x (B, N)
     return one_class_rule(conf, [estimators[n].num_classes for n in names], one_class)
 

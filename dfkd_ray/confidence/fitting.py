@@ -245,9 +245,9 @@ def separation_report(metas: Mapping[str, dict], threshold: float, *, one_class:
     """The console lines of the confidence stage's label-free separation estimate: one line with each
     teacher's last-block separation (``ConfidenceEstimator.separation``, kept in its fit ``meta``),
     then a warning for every teacher below ``threshold`` (``amalgamation.separation_warning``). With
-    ``one_class`` ``elimination`` (``amalgamation.one_class_confidence``) a teacher of one class
-    beside teachers of several takes its confidence from them (:func:`~dfkd_ray.math.confidence.eliminate_one_class`):
-    its line says so and its own separation warns of nothing. No lines when no teacher has an estimate
+    ``one_class`` ``elimination`` (``amalgamation.one_class_confidence``) the line marks a teacher of one
+    class beside teachers of several: its confidence is also scaled by what they leave unclaimed
+    (:func:`~dfkd_ray.math.confidence.eliminate_one_class`). No lines when no teacher has an estimate
     (transforms other than ``contrast``, or one teacher)."""
     last = {name: meta["separation"][-1] for name, meta in metas.items() if meta.get("separation")}
     if not last:
@@ -258,10 +258,10 @@ def separation_report(metas: Mapping[str, dict], threshold: float, *, one_class:
         eliminated = {name for name, c in classes.items() if c == 1}
     lines = ["confidence separation (AUROC of each teacher's held-out pseudo-text against the other teachers', "
              "out of fit, last block; 0.5 = chance): " + ", ".join(
-                 f"{n} {v:.2f}" + (" (one class: its confidence is by elimination)" if n in eliminated else "")
+                 f"{n} {v:.2f}" + (" (one class: times what the others leave unclaimed)" if n in eliminated else "")
                  for n, v in last.items())]
     for name, value in last.items():
-        if value < threshold and name not in eliminated:
+        if value < threshold:
             lines.append(
                 f"warning: teacher {name!r}'s confidence statistics tell its pseudo-text from the other teachers' "
                 f"only at AUROC {value:.2f} (amalgamation.separation_warning {threshold:.2f}). On real text the KD "

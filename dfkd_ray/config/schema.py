@@ -364,9 +364,9 @@ class AmalgamationConfig(_Section):
                                              "(0: uniform, 1: proportional)")
     one_class_confidence: Literal["elimination", "own"] = Field(
         "elimination", description="a teacher of one class (its softmax is 1 on every text, its rows unsteered): "
-                                   "elimination, 1 - the largest confidence of the teachers of two or more classes "
-                                   "(a text no such teacher claims is its class); own: its own statistics, as every "
-                                   "other teacher")
+                                   "elimination, its own confidence times 1 - the largest confidence of the teachers "
+                                   "of two or more classes (its class is what they do not claim); own: its own "
+                                   "statistics alone, as every other teacher")
     kd_source_weight: float = Field(
         0.0, ge=0.0, le=1.0, description="an ablation: share of each training row's KD teacher weights given to the "
                                          "teacher the row was made for (its source teacher), (1 - rho) confidence "

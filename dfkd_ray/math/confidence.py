@@ -272,17 +272,15 @@ def scores_to_confidence(scores: torch.Tensor, calib_scores: torch.Tensor, cente
 
 
 def eliminate_one_class(confidences: list[torch.Tensor], num_classes: list[int]) -> list[torch.Tensor]:
-    """Confidences of one-class teachers by elimination: a text that no teacher of two or more classes
-    claims belongs to a teacher of one class.
+    """Confidences of one-class teachers by elimination: a text of a one-class teacher's class is one
+    its own statistics accept and no teacher of two or more classes claims.
 
     A teacher fine-tuned on one class has a softmax of 1 on every text (its cross-entropy and its
     gradient are 0), so its weights are its base encoder's and its steered text is the LM's unsteered
-    text after the prompt: its own statistics describe generic pseudo-text, not its class. Its
-    confidence becomes ``c_k^b = (1 - max_{j: C_j >= 2} c_j^b) * c_k^b / max_{i: C_i = 1} c_i^b``: one
-    minus the largest confidence of the teachers that can tell classes apart, shared among the
-    one-class teachers in proportion to their own confidences (a single one-class teacher gets the
-    first factor alone; ``0 / 0`` counts as 1). Unchanged when every teacher, or no teacher, has one
-    class.
+    text after the prompt: its own statistics describe generic pseudo-text more than its class. Its
+    confidence becomes ``c_k^b <- c_k^b * (1 - max_{j: C_j >= 2} c_j^b)``: its own confidence, times
+    one minus the largest confidence of the teachers that can tell classes apart. Unchanged when every
+    teacher, or no teacher, has one class.
 
     Args:
         confidences: K tensors ``(B, N)`` ``c_k^b`` in ``[0, 1]``, teacher order.
@@ -297,11 +295,8 @@ def eliminate_one_class(confidences: list[torch.Tensor], num_classes: list[int])
     many = [k for k, c in enumerate(num_classes) if c >= 2]
     if not one or not many:
         return list(confidences)
-    claimed = torch.stack([confidences[k] for k in many], dim=0).amax(dim=0)  # (B, N) max_j c_j^b
-    own = torch.stack([confidences[k] for k in one], dim=0)  # (K_1, B, N)
-    top = own.amax(dim=0, keepdim=True)  # (1, B, N)
-    share = torch.where(top > 0, own / top.clamp_min(1e-12), torch.ones_like(own))  # (K_1, B, N)
+    unclaimed = 1.0 - torch.stack([confidences[k] for k in many], dim=0).amax(dim=0)  # (B, N) 1 - max_j c_j^b
     out = list(confidences)
-    for i, k in enumerate(one):
-        out[k] = (1.0 - claimed) * share[i]  # (B, N)
+    for k in one:
+        out[k] = confidences[k] * unclaimed  # (B, N)
     return out

@@ -362,11 +362,11 @@ def test_too_few_heldout_rows_for_the_calibration_folds_fail_before_any_teacher_
         fit_confidence(validate_config(job_dict), rows_to_table(rows), {"alpha": Untouchable(), "beta": Untouchable()})
 
 
-def test_separation_report_says_a_one_class_teacher_is_by_elimination_and_does_not_warn_of_it():
+def test_separation_report_marks_a_one_class_teacher_whose_confidence_is_scaled_by_elimination():
     metas = {"wbs": {"separation": [0.9], "num_classes": 3}, "sports": {"separation": [0.77], "num_classes": 1}}
     lines = separation_report(metas, 0.8, one_class="elimination")
-    assert len(lines) == 1 and "sports 0.77 (one class: its confidence is by elimination)" in lines[0]
-    own = separation_report(metas, 0.8, one_class="own")
-    assert len(own) == 2 and own[1].startswith("warning: teacher 'sports'")
+    assert "sports 0.77 (one class: times what the others leave unclaimed)" in lines[0] and "wbs 0.90," in lines[0]
+    assert len(lines) == 2 and lines[1].startswith("warning: teacher 'sports'")  # its own statistics still count
+    assert "unclaimed" not in separation_report(metas, 0.8, one_class="own")[0]
     only_one_class = {n: {**m, "num_classes": 1} for n, m in metas.items()}  # nobody to eliminate with
-    assert len(separation_report(only_one_class, 0.8, one_class="elimination")) == 2
+    assert "unclaimed" not in separation_report(only_one_class, 0.8, one_class="elimination")[0]

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from dfkd_ray.math.amalgamation import kd_teacher_weights
 from dfkd_ray.math.confidence import (block_ood_scores, calibration_center, contrast_calibration, eliminate_one_class,
                                       fit_block_gaussians,
                                       fit_gaussians, fold_indices, mahalanobis_sq, msp_scores, robust_scale, scores_to_confidence,
@@ -189,24 +188,25 @@ def test_robust_scale_is_the_iqr_of_a_gaussian_with_fallbacks():
 # ---------------------------------------------------------------------- teachers of one class
 
 
-def test_one_class_teacher_gets_what_the_multi_class_teachers_leave():
+def test_one_class_teacher_keeps_what_the_multi_class_teachers_do_not_claim():
     g = torch.Generator().manual_seed(0)
     c3, c4, c1 = torch.rand(5, 2, generator=g), torch.rand(5, 2, generator=g), torch.rand(5, 2, generator=g)
     out = eliminate_one_class([c3, c1, c4], [3, 1, 4])
     assert out[0] is c3 and out[2] is c4  # teachers of several classes keep their confidences
-    torch.testing.assert_close(out[1], 1 - torch.maximum(c3, c4))
-    # with one other teacher, the KD weights at a high power pick the one-class teacher where that one is below 1/2
-    w = kd_teacher_weights(torch.stack([c3[:, -1], eliminate_one_class([c3, c1], [3, 1])[1][:, -1]], -1), 64.0)
-    assert torch.equal(w.argmax(-1) == 1, c3[:, -1] < 0.5)
+    torch.testing.assert_close(out[1], c1 * (1 - torch.maximum(c3, c4)))
+    assert ((out[1] >= 0) & (out[1] <= c1)).all()  # never above its own confidence
+    # a text that a multi-class teacher claims fully is never the one-class teacher's, whatever its own statistics
+    assert eliminate_one_class([torch.ones(1, 1), torch.ones(1, 1)], [2, 1])[1].item() == 0.0
 
 
-def test_several_one_class_teachers_share_the_remainder_by_their_own_confidence():
+def test_several_one_class_teachers_each_keep_their_own_share():
     many = torch.tensor([[0.2], [0.9], [0.5]])
-    a, b = torch.tensor([[0.6], [0.1], [0.0]]), torch.tensor([[0.3], [0.4], [0.0]])
+    a, b = torch.tensor([[0.6], [0.1], [0.0]]), torch.tensor([[0.3], [0.4], [1.0]])
     out = eliminate_one_class([many, a, b], [2, 1, 1])
-    torch.testing.assert_close(out[1], torch.tensor([[0.8], [0.025], [0.5]]))  # the larger own gets all of 1 - max
-    torch.testing.assert_close(out[2], torch.tensor([[0.4], [0.1], [0.5]]))  # 0 / 0 counts as 1
-    assert all(((o >= 0) & (o <= 1)).all() for o in out)
+    torch.testing.assert_close(out[1], torch.tensor([[0.48], [0.01], [0.0]]))
+    torch.testing.assert_close(out[2], torch.tensor([[0.24], [0.04], [0.5]]))
+    # the one-class teachers keep their order on every row: their own statistics tell them apart
+    assert torch.equal(out[1] > out[2], a > b)
 
 
 def test_elimination_changes_nothing_without_both_kinds_of_teacher():

@@ -309,8 +309,8 @@ def test_kd_source_weight_moves_the_target_to_the_teacher_each_row_was_made_for(
 
 def test_a_one_class_teacher_takes_its_kd_weight_by_elimination(synthetic_task, teachers, heldout, tmp_path):
     """A teacher fine-tuned on one class (a copy of beta with a one-label head: its softmax is 1 on every
-    text) gets ``1 - c_alpha`` as its confidence in the step (``one_class_confidence: elimination``) and
-    its own statistics with ``own``."""
+    text) gets ``c_solo (1 - c_alpha)`` as its confidence in the step (``one_class_confidence:
+    elimination``) and its own statistics alone with ``own``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from dfkd_ray.models.teacher import Teacher
@@ -328,7 +328,7 @@ def test_a_one_class_teacher_takes_its_kd_weight_by_elimination(synthetic_task, 
     assert ests["solo"].num_classes == 1
     outs = run_teachers(pair, TEXTS)
     c_alpha, c_solo = ests["alpha"](outs["alpha"])[:, -1], ests["solo"](outs["solo"])[:, -1]  # (B,)
-    for rule, c in (("elimination", 1 - c_alpha), ("own", c_solo)):
+    for rule, c in (("elimination", c_solo * (1 - c_alpha)), ("own", c_solo)):
         cfg = AmalgamationConfig(amalg_dim=16, amalg_heads=2, one_class_confidence=rule)
         losses = amalgamation_step(build(synthetic_task, pair, cfg), TEXTS, teacher_outputs=outs, estimators=ests)
         w = kd_teacher_weights(torch.stack([c_alpha, c], -1), cfg.kd_confidence_power)  # (B, 2)
