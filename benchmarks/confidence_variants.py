@@ -14,9 +14,14 @@ choice with ``amalgamation.py`` rows. CPU only, about a second per fit::
     python benchmarks/confidence_variants.py --features DIR --out variants.json \\
         --centers quantile:0.995,moments:4,moments:5.5,moments:6 --repeats 1,4 --seeds 0,1,2,3,4,5
 
-A variant is an ``rmd_background`` x calibration centre (``quantile:Q`` = ``confidence_center:
-quantile`` with ``confidence_quantile: Q``; ``moments:Z`` = ``confidence_center: moments`` with
-``confidence_center_sd: Z``) x ``calibration_repeats``.
+A variant is a ``confidence_transform`` (``--transforms``) x ``one_class_confidence`` rule
+(``--one-class``; the rules differ only where a teacher has one class) x ``rmd_background`` x
+calibration centre (``quantile:Q`` = ``confidence_center: quantile`` with ``confidence_quantile: Q``;
+``moments:Z`` = ``confidence_center: moments`` with ``confidence_center_sd: Z``) x
+``calibration_repeats``. The one-class rules on a split with a one-class teacher::
+
+    python benchmarks/confidence_variants.py --features DIR --out variants.json --centers quantile:0.995 \
+        --repeats 1 --one-class elimination,own --transforms contrast,logistic,ecdf
 """
 
 from __future__ import annotations
