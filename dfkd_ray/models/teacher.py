@@ -109,8 +109,11 @@ class Teacher:
     @torch.no_grad()
     def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                     with_blocks: bool = True, **extra) -> TeacherOutput:
-        """The contract on already-tokenized inputs. ``input_ids``, ``attention_mask``: (B, T)."""
-        mask = prepared_attention_mask(self.model, attention_mask) if self.prepared_mask else attention_mask
+        """The contract on already-tokenized inputs. ``input_ids``: (B, T); ``attention_mask``: (B, T), or a
+        mask already prepared for the attention kernels (the teacher scorer's; taken as it is, and only
+        with ``with_blocks=False``: block pooling reads the (B, T) mask)."""
+        prepare = self.prepared_mask and attention_mask.ndim == 2
+        mask = prepared_attention_mask(self.model, attention_mask) if prepare else attention_mask
         out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=with_blocks, **extra)
         logits = out.logits.float()  # (B, C_k)
         if with_blocks:

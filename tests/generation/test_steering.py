@@ -135,6 +135,12 @@ def test_prepared_4d_mask_is_used_only_where_the_teacher_reads_it_the_same(teach
     two = t.forward_ids(x, a, with_blocks=False).logits
     four = t.forward_ids(x, attention_mask_4d(a), with_blocks=False).logits
     torch.testing.assert_close(four, two)
+    # a teacher that prepares its own masks (a distiller enabled them) takes the scorer's prepared one as it is
+    t.prepared_mask = True
+    try:
+        torch.testing.assert_close(t.forward_ids(x, attention_mask_4d(a), with_blocks=False).logits, two)
+    finally:
+        t.prepared_mask = None
     # A model that rejects a prepared mask, and one that reads it differently, keep the 2D mask.
     def rejects_4d(input_ids, attention_mask, **kw):
         if attention_mask.dim() != 2:
