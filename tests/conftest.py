@@ -46,6 +46,34 @@ def seeded_single_thread():
 
 
 @pytest.fixture(scope="session")
+def once_per_run(tmp_path_factory, request):
+    """``(name, make) -> dict``: ``make(directory)``'s result (JSON), made once for the whole run. Under
+    ``pytest -n`` (pytest-xdist) a module or session fixture runs in every test process that gets one of
+    its tests; through this the first process to take the lock makes the result under the run's temp
+    dir, and the others wait for it and read it. A result whose making failed is made again."""
+    import json
+    import shutil
+
+    from filelock import FileLock
+
+    def made_once(name: str, make) -> dict:
+        if not hasattr(request.config, "workerinput"):  # one process: nothing to share
+            return make(tmp_path_factory.mktemp(name))
+        root = tmp_path_factory.getbasetemp().parent / name
+        with FileLock(f"{root}.lock"):
+            record = root / "result.json"
+            if record.is_file():
+                return json.loads(record.read_text())
+            shutil.rmtree(root, ignore_errors=True)  # a process that failed making it
+            root.mkdir(parents=True)
+            result = make(root)
+            record.write_text(json.dumps(result))
+            return result
+
+    return made_once
+
+
+@pytest.fixture(scope="session")
 def synthetic_task(tmp_path_factory, request):
     """Two teachers (alpha: BERT/WordPiece/2 layers on sports+cooking; beta: DistilBERT/byte-BPE/3 layers
     on space+finance), a tiny GPT-2 LM on all four topics, a student encoder, a corpus and an eval CSV.

@@ -147,19 +147,25 @@ class SubmittedSmoke:
 
 
 @pytest.fixture(scope="session")
-def submitted_smoke(synthetic_task, tmp_path_factory, ray_local) -> SubmittedSmoke:
+def submitted_smoke(synthetic_task, once_per_run, ray_local) -> SubmittedSmoke:
     """The smoke preset, every stage as the README's command runs it, submitted to a local head whose
     ``DFKD_RAY_HOME`` holds the demo an earlier submission built; first the same submission with a
     misspelt key, which must be refused before Ray. The head is stopped before the fixture returns.
     The session's own Ray (``ray_local``) runs beside the head all along: a job must talk to the
-    cluster it was submitted to, never to whichever Ray it finds on the machine."""
-    root = tmp_path_factory.mktemp("submit")
-    home = root / "home"
-    (home / ".cache").mkdir(parents=True)
-    (home / ".cache" / "demo").symlink_to(synthetic_task.root)
-    out = root / "runs" / "smoke"
-    with ray_head(root) as (address, env):
-        refused_status, refused = _submit(address, env, home, f"output.dir={out}", "transfer.smaples_per_class=3")
-        refused_left_output = out.exists()
-        status, console = _submit(address, env, home, f"output.dir={out}")
-    return SubmittedSmoke(home, out, status, console, refused_status, refused, refused_left_output)
+    cluster it was submitted to, never to whichever Ray it finds on the machine. Submitted once per run,
+    whichever test processes ask for it."""
+
+    def submit(root: Path) -> dict:
+        home = root / "home"
+        (home / ".cache").mkdir(parents=True)
+        (home / ".cache" / "demo").symlink_to(synthetic_task.root)
+        out = root / "runs" / "smoke"
+        with ray_head(root) as (address, env):
+            refused_status, refused = _submit(address, env, home, f"output.dir={out}", "transfer.smaples_per_class=3")
+            refused_left_output = out.exists()
+            status, console = _submit(address, env, home, f"output.dir={out}")
+        return {"home": str(home), "out": str(out), "status": status, "console": console,
+                "refused_status": refused_status, "refused_console": refused, "refused_left_output": refused_left_output}
+
+    made = once_per_run("submitted_smoke", submit)
+    return SubmittedSmoke(**{**made, "home": Path(made["home"]), "out": Path(made["out"])})
