@@ -47,26 +47,28 @@ from dfkd_ray.train.step import train_in_process
 from dfkd_ray.transfer.store import read_transfer_table
 from dfkd_ray.transfer.sources.corpus import training_table
 from dfkd_ray.transfer.writer import write_transfer_set
-from dfkd_ray.tuning.proxy import TrialScorer, probe_config
+from dfkd_ray.tuning.proxy import TrialScorer, probe_config, proxy_from_probabilities, union_probabilities
 from dfkd_ray.tuning.results import rank_correlation
 from dfkd_ray.tuning.space import generation_fingerprint, set_dotted
 
-from harness.setup import Settings, add_setting_arguments, finetune_teachers, label_space, length_fields, read_data
+from harness.setup import (Settings, add_row_arguments, add_setting_arguments, amalgamation_section, finetune_teachers,
+                           label_space, read_data, steered_section)
 from harness.spec import SpecError, load_spec
 
 SPEC = Path(__file__).resolve().parent / "specs" / "agnews.yaml"
 
 CONFIGS = ("lam0:transfer.steered.control_strength=0;"
            "lam8:transfer.steered.control_strength=8;"
-           "lam32:;"
-           "lam64:transfer.steered.control_strength=64;"
+           "lam32:transfer.steered.control_strength=32;"
+           "lam64:;"
            "gamma0:amalgamation.kd_confidence_power=0;"
            "gamma1:amalgamation.kd_confidence_power=1;"
            "gamma1000:amalgamation.kd_confidence_power=1000;"
            "alpha0:amalgamation.alpha=0;"
            "alpha3:amalgamation.alpha=3;"
            "vanilla:amalgamation.method=vanilla")
-"""The default configurations: ``name:dotted.key=value,...`` over the base config, ';' between them."""
+"""The default configurations: ``name:dotted.key=value,...`` over the base config (lambda 64, the AG
+News job's), ';' between them."""
 
 
 def log(msg: str) -> None:
@@ -102,11 +104,8 @@ def base_config(settings: Settings) -> dict:
                       "max_length": args.max_length} for n in spec.teachers],
         "transfer": {"source": "steered", "samples_per_class": args.samples_per_class, "shard_size": args.shard_size,
                      "dedup": "near", "heldout_fraction": args.heldout_fraction, "min_confidence": args.min_confidence,
-                     "steered": {"engine": "hf", "lm_path": str(args.lm), "control_strength": 32.0,
-                                 "top_m": args.top_m, "top_k": min(args.top_m, 50), "top_p": 0.9,
-                                 **length_fields(args),
-                                 "prompt": "Category: {label}", "batch_size": args.gen_batch}},
-        "amalgamation": {"method": "stratanet", "amalg_dim": 256, "temperature": 0.75},
+                     "steered": steered_section(args)},
+        "amalgamation": amalgamation_section(args, "stratanet"),
         "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
                     "max_length": args.max_length},
         "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
@@ -141,7 +140,16 @@ def parse_args(argv=None) -> tuple[Settings, dict[str, dict]]:
     p.add_argument("--configs", default=CONFIGS, help="name:dotted.key=value,...;... (default: 10 configurations)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_setting_arguments(p, spec.samples_per_class)
+    add_row_arguments(p)
     p.add_argument("--probe-samples", type=int, default=250, help="tune.proxy_samples_per_class")
+    p.add_argument("--train", default="", metavar="NAME,...",
+                   help="train and score only these configurations (default: all); the probe sets still cover all")
+    p.add_argument("--probes-from", type=Path, default=None,
+                   help="probe sets made by an earlier run (its WORK/transfer; default: this run's WORK/transfer)")
+    p.add_argument("--probes-only", action="store_true",
+                   help="fine-tune the teachers and make the probe sets, then stop (for processes that share them)")
+    p.add_argument("--save-predictions", type=Path, default=None,
+                   help="write each configuration's class probabilities on every probe set here (safetensors)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--tiny", action="store_true", help="CPU dry run: 300 test rows, tiny sets and budgets")
     args = p.parse_args(argv)
@@ -152,6 +160,9 @@ def parse_args(argv=None) -> tuple[Settings, dict[str, dict]]:
     settings = Settings(args, spec, args.work)
     configs = parse_configs(args.configs)
     base = base_config(settings)
+    unknown = sorted(set(filter(None, args.train.split(","))) - set(configs))
+    if unknown:
+        p.error(f"--train: {unknown} are not among the configurations {sorted(configs)}")
     for name, fields in configs.items():  # bad keys or values fail here, before any model is trained
         try:
             config_of(base, fields, name)
@@ -193,11 +204,15 @@ def main(argv=None) -> int:
         write_transfer_set(cfg, directory, device=str(device), progress=False)
         return directory
 
-    probe = probe_config(validate_config(base))
-    probe_dir = transfer_set(probe)
-    log(f"probe set: {read_transfer_table(probe_dir).num_rows} texts -> {probe_dir}")
-    scorer = TrialScorer(validate_config(base), str(probe_dir))
+    probe_dir = make_probe_sets(cfgs, validate_config(base), args.probes_from or args.work / "transfer", device)
+    if args.probes_only:
+        return 0
+    probes = {name: read_transfer_table(directory) for name, directory in probe_dir.items()}
+    scorer = TrialScorer(validate_config(base), str(probe_dir["base"]))
+    chosen = set(filter(None, args.train.split(","))) or set(cfgs)
     for name, cfg in cfgs.items():
+        if name not in chosen:
+            continue
         start = time.perf_counter()
         table = read_transfer_table(transfer_set(cfg))
         estimators = fit_confidence(cfg, table, teachers) if cfg.amalgamation.method == "stratanet" else None
@@ -206,6 +221,10 @@ def main(argv=None) -> int:
                                         estimators=estimators, source_teachers=rows.column("teacher").to_pylist())
         student = distiller.student
         scores = scorer(student)
+        union = {name: union_probabilities(student, t.column("text").to_pylist(), space, 256) for name, t in probes.items()}
+        scores.update(probe_scores(union, probes))
+        if args.save_predictions is not None:
+            save_predictions(args.save_predictions, name, union, probes)
         scores["test_accuracy"] = evaluate_student(student, data["test_texts"], data["test_labels"], space, 256)["accuracy"]
         scores["dev_accuracy"] = evaluate_student(student, data["dev_texts"], data["dev_labels"], space, 256)["accuracy"]
         report["configs"][name] = {"fields": configs[name], **{k: round(v, 4) for k, v in scores.items()},
@@ -220,13 +239,63 @@ def main(argv=None) -> int:
     return 0
 
 
+def make_probe_sets(cfgs: dict[str, JobConfig], base: JobConfig, directory: Path, device) -> dict[str, Path]:
+    """The sweep's probe set (``base``: the base configuration's generation settings) and one probe set
+    per other generation setting among ``cfgs``, named after the first configuration with it; each
+    under ``directory``/<fingerprint>, made there unless an earlier run made it."""
+    made: dict[str, Path] = {}
+    for name, cfg in {"base": base, **cfgs}.items():
+        probe = probe_config(cfg)
+        path = directory / generation_fingerprint(probe)
+        if path not in made.values():
+            write_transfer_set(probe, path, device=str(device), progress=False)
+            made[name] = path
+            log(f"probe set {name} (lambda {cfg.transfer.steered.control_strength:g}): "
+                f"{read_transfer_table(path).num_rows} texts -> {path}")
+    return made
+
+
+def probe_scores(union: dict[str, torch.Tensor], probes: dict) -> dict[str, float]:
+    """Per probe set P: ``proxy@P``, ``proxy_soft@P`` and ``proxy_conf@P`` (the agreement with each
+    text's class weighted by its teacher's probability of that class, the set's ``confidence``
+    column); and ``proxy@pooled`` / ``proxy_soft@pooled``: their means over the probe sets."""
+    out: dict[str, float] = {}
+    for name, probs in union.items():
+        labels = probes[name].column("label").to_pylist()
+        for key, value in proxy_from_probabilities(probs, labels).items():
+            out[f"{key}@{name}"] = value
+        target = torch.tensor(labels)
+        weight = torch.tensor(probes[name].column("confidence").to_pylist())  # (M,)
+        hits = (probs.argmax(-1) == target).float()  # (M,)
+        out[f"proxy_conf@{name}"] = float(torch.stack([(hits * weight)[target == g].sum() / weight[target == g].sum()
+                                                       for g in target.unique()]).mean())
+    for key in ("proxy", "proxy_soft"):
+        out[f"{key}@pooled"] = sum(out[f"{key}@{n}"] for n in union) / len(union)
+    return out
+
+
+def save_predictions(directory: Path, config: str, union: dict[str, torch.Tensor], probes: dict) -> None:
+    """``directory/<config>.safetensors``: the student's union-label probabilities on each probe set
+    (one tensor per set); ``directory/probes.json``: each set's labels and teacher confidences."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({name: probs.contiguous() for name, probs in union.items()}, str(directory / f"{config}.safetensors"))
+    (directory / "probes.json").write_text(json.dumps(
+        {name: {"label": t.column("label").to_pylist(), "confidence": t.column("confidence").to_pylist(),
+                "teacher": t.column("teacher").to_pylist()} for name, t in probes.items()}))
+
+
 def summary(rows: dict[str, dict]) -> dict:
-    """Per ranking (the proxy, the soft proxy, development accuracy): Spearman's rank correlation with
-    test accuracy, the configuration it picks, that pick's test accuracy and its gap to the best."""
+    """Per ranking (each proxy, development accuracy): Spearman's rank correlation with test
+    accuracy, the configuration it picks, that pick's test accuracy and its gap to the best."""
     test = [r["test_accuracy"] for r in rows.values()]
     best = max(test)
     out = {}
-    for proxy in ("proxy", "proxy_soft", "dev_accuracy"):
+    rankings = sorted({k for r in rows.values() for k in r if k.startswith("proxy")}) + ["dev_accuracy"]
+    for proxy in rankings:
+        if not all(proxy in r for r in rows.values()):
+            continue
         values = [r[proxy] for r in rows.values()]
         pick = max(rows, key=lambda n: rows[n][proxy])
         out[proxy] = {"spearman": round(rank_correlation(values, test), 4), "pick": pick,

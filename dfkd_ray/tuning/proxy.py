@@ -72,17 +72,27 @@ def class_balanced(hits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(torch.stack([hits[labels == g].float().mean() for g in present]).mean())
 
 
-def proxy_scores(student, probe: Probe, space: UnionLabelSpace, batch_size: int = 64) -> dict[str, float]:
-    """``proxy`` (class-balanced agreement with the probe's classes) and ``proxy_soft`` (the same over
-    the student's probability of the class) of a student: a
-    :class:`~dfkd_ray.models.student.Student` or an
-    :class:`~dfkd_ray.evaluation.ExportedStudent` (anything with ``labels`` and ``predict``)."""
+def union_probabilities(student, texts: list[str], space: UnionLabelSpace, batch_size: int = 64) -> torch.Tensor:
+    """The student's class probabilities on ``texts`` over the union label ids, (M, C_union): a
+    :class:`~dfkd_ray.models.student.Student` or an :class:`~dfkd_ray.evaluation.ExportedStudent`
+    (anything with ``labels`` and ``predict``)."""
     to_union = torch.tensor([space.global_id(n) for n in student.labels])  # student output -> union id
-    probs, _ = student.predict(probe.texts, batch_size=batch_size)  # (M, C) over the student's outputs
-    union = torch.zeros(probs.shape[0], space.num_labels).index_add_(1, to_union, probs.float())  # (M, C_union)
-    labels = torch.tensor(probe.labels)  # (M,)
-    return {"proxy": class_balanced(union.argmax(-1) == labels, labels),
-            "proxy_soft": class_balanced(union.gather(1, labels[:, None]).squeeze(1), labels)}
+    probs, _ = student.predict(texts, batch_size=batch_size)  # (M, C) over the student's outputs
+    return torch.zeros(probs.shape[0], space.num_labels).index_add_(1, to_union, probs.float())  # (M, C_union)
+
+
+def proxy_from_probabilities(union: torch.Tensor, labels: list[int]) -> dict[str, float]:
+    """``proxy`` (class-balanced agreement with the probe's classes) and ``proxy_soft`` (the same over
+    the probability of the class) from a student's probabilities ``union`` (M, C_union) on the probe
+    texts, whose classes are ``labels`` (M union ids)."""
+    target = torch.tensor(labels)  # (M,)
+    return {"proxy": class_balanced(union.argmax(-1) == target, target),
+            "proxy_soft": class_balanced(union.gather(1, target[:, None]).squeeze(1), target)}
+
+
+def proxy_scores(student, probe: Probe, space: UnionLabelSpace, batch_size: int = 64) -> dict[str, float]:
+    """``proxy`` and ``proxy_soft`` (:func:`proxy_from_probabilities`) of a student on the probe set."""
+    return proxy_from_probabilities(union_probabilities(student, probe.texts, space, batch_size), probe.labels)
 
 
 def read_labelled(labelled: EvalConfig, space: UnionLabelSpace) -> tuple[list[str], list[int]]:

@@ -43,3 +43,23 @@ def test_a_configuration_in_two_parts_is_refused(tmp_path):
     b = part(tmp_path, "b.json", {"x": (0.3, 0.5, 0.5)})
     with pytest.raises(SystemExit, match=r"\['x'\] appear in more than one file"):
         tune_proxy.main(["--report", str(a), str(b), "--out", str(tmp_path / "m.json")])
+
+
+def test_probe_scores_per_set_weighted_and_pooled():
+    """Each probe set's proxies, the confidence-weighted one and their mean over the sets, by hand."""
+    import pyarrow as pa
+    import torch
+
+    # set a: 4 texts of labels 0, 0, 1, 1; the student is right on texts 0 and 2
+    a = pa.table({"label": [0, 0, 1, 1], "confidence": [1.0, 0.5, 0.8, 0.2]})
+    probs_a = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4]])
+    # set b: 2 texts, both right
+    b = pa.table({"label": [0, 1], "confidence": [0.5, 0.5]})
+    probs_b = torch.tensor([[0.8, 0.2], [0.1, 0.9]])
+    scores = tune_proxy.probe_scores({"a": probs_a, "b": probs_b}, {"a": a, "b": b})
+    assert scores["proxy@a"] == pytest.approx(0.5) and scores["proxy@b"] == pytest.approx(1.0)
+    assert scores["proxy_soft@a"] == pytest.approx(((0.9 + 0.3) / 2 + (0.6 + 0.4) / 2) / 2)
+    # weighted by confidence within each label: label 0 -> 1.0 / 1.5, label 1 -> 0.8 / 1.0
+    assert scores["proxy_conf@a"] == pytest.approx((1.0 / 1.5 + 0.8 / 1.0) / 2)
+    assert scores["proxy@pooled"] == pytest.approx(0.75)
+    assert scores["proxy_soft@pooled"] == pytest.approx((scores["proxy_soft@a"] + scores["proxy_soft@b"]) / 2)
