@@ -28,30 +28,35 @@ def finished_trials(out: Path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def sweep(smoke_overrides, tmp_path_factory):
+def sweep(smoke_overrides, once_per_run):
     """The smoke sweep, SIGKILLed once its two short trials (run first, side by side) have finished,
-    then rerun to the end. Returns the output directory, the trials finished before the kill, the
-    summary and both consoles."""
-    out = tmp_path_factory.mktemp("smoke_tune")
-    command = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(SMOKE_TUNE),
-               *smoke_overrides(out), *FAST]
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    log = out.parent / f"{out.name}-first.log"
-    with log.open("w") as console:
-        first = subprocess.Popen(command, env=env, stdout=console, stderr=subprocess.STDOUT, cwd=ROOT,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 500
-        while len(finished_trials(out)) < 2 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        first.wait()
-    before = finished_trials(out)
-    assert before, log.read_text()[-3000:]
-    rerun = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                           timeout=540)
-    assert rerun.returncode == 0, rerun.stdout[-3000:]
-    summary = json.loads((out / "tune" / "summary.json").read_text())
-    return out, before, summary, log.read_text(), rerun.stdout
+    then rerun to the end (once per run, whichever test processes ask). Returns the output directory,
+    the trials finished before the kill, the summary and both consoles."""
+
+    def run_sweep(root: Path) -> dict:
+        out = root / "smoke_tune"
+        command = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(SMOKE_TUNE),
+                   *smoke_overrides(out), *FAST]
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+        log = root / "first.log"
+        with log.open("w") as console:
+            first = subprocess.Popen(command, env=env, stdout=console, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     start_new_session=True)
+            deadline = time.monotonic() + 500
+            while len(finished_trials(out)) < 2 and first.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            first.wait()
+        before = finished_trials(out)
+        assert before, log.read_text()[-3000:]
+        rerun = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                               timeout=540)
+        assert rerun.returncode == 0, rerun.stdout[-3000:]
+        return {"out": str(out), "before": before, "summary": json.loads((out / "tune" / "summary.json").read_text()),
+                "first": log.read_text(), "rerun": rerun.stdout}
+
+    made = once_per_run("smoke_sweep", run_sweep)
+    return Path(made["out"]), made["before"], made["summary"], made["first"], made["rerun"]
 
 
 def test_sweep_resumes_after_a_kill_and_keeps_finished_trials(sweep, ray_internal_lines):
@@ -68,17 +73,20 @@ def test_sweep_resumes_after_a_kill_and_keeps_finished_trials(sweep, ray_interna
         assert (out / "tune" / name).is_file()
 
 
-def test_proxy_ranks_the_bad_configuration_below_the_good_one(sweep):
+@pytest.mark.parametrize("proxy", ["proxy_soft", "proxy"])
+def test_proxy_ranks_the_bad_configuration_below_the_good_one(sweep, proxy):
     _, _, summary, _, _ = sweep
-    proxy = {(t["params"]["transfer.steered.control_strength"], t["params"]["train.epochs"]): t["scores"]["proxy"]
+    score = {(t["params"]["transfer.steered.control_strength"], t["params"]["train.epochs"]): t["scores"][proxy]
              for t in summary["trials"]}
-    assert proxy[(0.0, 1)] < proxy[(8.0, 8)], proxy  # lambda 0 and one epoch, against lambda 8 and eight
+    assert score[(0.0, 1)] < score[(8.0, 8)], score  # lambda 0 and one epoch, against lambda 8 and eight
 
 
 def test_best_yaml_is_a_job_of_the_best_trial(sweep):
     from dfkd_ray.config import load_config
 
     out, _, summary, _, _ = sweep
+    assert summary["metric"] == "proxy_soft"  # no labelled development file
+    assert summary["best"]["scores"]["proxy_soft"] == max(t["scores"]["proxy_soft"] for t in summary["trials"])
     best = load_config(summary["best_yaml"])
     assert best.output.dir == out / "best" and not best.tune.search_space
     for key, value in summary["best"]["params"].items():

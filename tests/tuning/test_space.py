@@ -36,9 +36,18 @@ def test_bad_tune_section_names_the_field(sweep_dict, tune, field, words):
     assert words in problems[field], problems[field]
 
 
-def test_proxy_needs_a_language_model(sweep_dict):
+def test_without_labels_trials_are_ranked_by_the_soft_proxy(sweep_dict):
+    assert validate_config(sweep_dict).tune.ranked_by() == "proxy_soft"
+    sweep_dict["tune"]["metric"] = "proxy"  # the argmax form stays available
+    assert validate_config(sweep_dict).tune.ranked_by() == "proxy"
+
+
+@pytest.mark.parametrize("metric", [None, "proxy"])
+def test_proxy_needs_a_language_model(sweep_dict, metric):
     sweep_dict["transfer"] = {"source": "random_words"}
+    sweep_dict["tune"]["metric"] = metric
     assert "transfer.steered.lm_path" in problems_of(sweep_dict)["tune.metric"]
+    sweep_dict["tune"]["metric"] = None
     sweep_dict["tune"]["dev"] = {"path": "/data/dev.csv"}  # ranked by dev_accuracy: no probe set needed
     assert validate_config(sweep_dict).tune.ranked_by() == "dev_accuracy"
 
