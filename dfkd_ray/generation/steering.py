@@ -48,6 +48,7 @@ import torch
 from dfkd_ray.generation.streams import covered
 from dfkd_ray.generation.token_map import LmVocabulary, TeacherInputs, TeacherRows, TeacherTokenMap, to_device
 from dfkd_ray.math.decoding import control_weights, reweight, select_top_m
+from dfkd_ray.models.inputs import enable_prepared_mask
 from dfkd_ray.models.kernels import attention_kernels
 
 if TYPE_CHECKING:
@@ -384,36 +385,6 @@ def plan_chunks(lengths: np.ndarray, budget: int, *, uniform: bool = False, slac
     return chunks
 
 
-def attention_mask_4d(mask: torch.Tensor) -> torch.Tensor:
-    """``(n, W)`` padding mask -> ``(n, 1, 1, W)`` boolean (True: attend), a mask transformers takes as prepared."""
-    return mask[:, None, None, :].bool()
-
-
-def accepts_4d_mask(teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int = 8) -> bool:
-    """Whether ``teacher``'s model reads a prepared 4D mask as it reads the 2D padding mask.
-
-    transformers turns a 2D mask into the 4D one its attention takes, and first asks whether any
-    position is padded at all: a ``.all()`` that waits for the GPU to finish everything queued, once
-    per forward. A prepared mask skips that question, so one part's teacher forwards can be queued
-    while another part's run (see :func:`~dfkd_ray.generation.streams.interleave`). Checked once per
-    teacher on the first rows of a padded chunk, on the last hidden states of real tokens (which
-    change when padding is attended, even where a saturated classifier's logits barely do) and on
-    the logits; a model that rejects a prepared mask or reads it differently keeps the 2D one.
-    """
-    x, a = input_ids[:rows], attention_mask[:rows]
-    real = a.bool()  # (n, W)
-    try:
-        ref = teacher.model(input_ids=x, attention_mask=a, output_hidden_states=True)
-        got = teacher.model(input_ids=x, attention_mask=attention_mask_4d(a), output_hidden_states=True)
-        h_ref, h_got = ref.hidden_states[-1][real].float(), got.hidden_states[-1][real].float()  # (tokens, H)
-        scale = float(h_ref.abs().max()) or 1.0
-        return (h_got.shape == h_ref.shape and got.logits.shape == ref.logits.shape
-                and bool(torch.allclose(h_got, h_ref, rtol=2e-2, atol=2e-2 * scale))
-                and bool(torch.allclose(got.logits.float(), ref.logits.float(), rtol=2e-2, atol=2e-2)))
-    except Exception:  # noqa: BLE001 - a model that cannot take a prepared mask keeps the 2D one
-        return False
-
-
 class TeacherScorer:
     """The teacher term of Eq. 1: ``log P_teacher(c | x_<t, x)`` for every row's candidates.
 
@@ -439,7 +410,6 @@ class TeacherScorer:
         self.device = torch.device(device)
         self.maps: dict[str, TeacherTokenMap] = {}
         self.stats = SteeringStats()
-        self.mask_4d: dict[str, bool] = {}  # teacher -> takes a prepared 4D mask (CUDA only; see accepts_4d_mask)
 
     def token_map(self, teacher: str) -> TeacherTokenMap:
         """The (LM, teacher) token map, built on first use."""
@@ -496,10 +466,10 @@ class TeacherScorer:
                 x = inputs.input_ids[:, :width][idx_d]  # (n, width), contiguous
                 a = None if same else inputs.attention_mask[:, :width][idx_d]  # no padding: no mask
                 if a is not None and cuda:
-                    if teacher.name not in self.mask_4d:
-                        self.mask_4d[teacher.name] = accepts_4d_mask(teacher, x, a)
-                    if self.mask_4d[teacher.name]:
-                        a = attention_mask_4d(a)  # no host-device wait inside the forward
+                    # Once per teacher: a 4D mask where the teacher reads it as the (n, W) one. transformers
+                    # asks of a (n, W) mask whether any token is padded, a read that waits for the GPU once
+                    # per forward; with a 4D mask one part's forwards queue while another's run (streams.interleave).
+                    enable_prepared_mask(teacher)
                 with self.stats.timing(self.device):  # CUDA events: no synchronisation inside the loop
                     logits = teacher.forward_ids(x, a, with_blocks=False).logits  # (n, C) float32
                 out[idx_d] = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[idx_d].view(-1, 1)).squeeze(1)

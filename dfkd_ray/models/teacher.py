@@ -109,10 +109,10 @@ class Teacher:
     @torch.no_grad()
     def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                     with_blocks: bool = True, **extra) -> TeacherOutput:
-        """The contract on already-tokenized inputs. ``input_ids``: (B, T); ``attention_mask``: (B, T), or a
-        mask already prepared for the attention kernels (the teacher scorer's; taken as it is, and only
-        with ``with_blocks=False``: block pooling reads the (B, T) mask)."""
-        prepare = self.prepared_mask and attention_mask.ndim == 2
+        """The contract on already-tokenized inputs. ``input_ids``: (B, T); ``attention_mask``: (B, T), or None
+        where no token is padded (only with ``with_blocks=False``: block pooling reads the mask). With
+        :attr:`prepared_mask` on, the model gets the mask prepared for its attention kernels."""
+        prepare = self.prepared_mask and attention_mask is not None
         mask = prepared_attention_mask(self.model, attention_mask) if prepare else attention_mask
         out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=with_blocks, **extra)
         logits = out.logits.float()  # (B, C_k)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd_ray.generation.steering import (LmInfo, RowControls, SteeringStats, TokenMasks, accepts_4d_mask,
-                                          attention_mask_4d, plan_chunks, steer_step)
+from dfkd_ray.generation.steering import (LmInfo, RowControls, SteeringStats, TeacherScorer, TokenMasks, plan_chunks,
+                                          steer_step)
 from dfkd_ray.math.decoding import row_uniforms, sample_candidates, sample_top_k
 
 
@@ -125,32 +125,29 @@ def test_stats_count_forwards_and_host_timed_seconds():
     assert stats.teacher_forwards == 1
 
 
-def test_prepared_4d_mask_is_used_only_where_the_teacher_reads_it_the_same(teachers):
+@pytest.mark.parametrize("budget", [16, 4096])  # unpadded chunks (equal lengths) / one padded chunk
+def test_scorer_gives_the_same_log_probs_with_the_teachers_prepared_masks(teachers, budget):
+    """A teacher with prepared masks on (as a distiller or, on CUDA, the scorer turns them on) scores
+    padded chunks with its 4D mask and unpadded ones with none, as it does with the (n, W) masks."""
+    from dfkd_ray.config import SteeredConfig
+    from dfkd_ray.generation.token_map import TeacherInputs
+    from dfkd_ray.models.inputs import enable_prepared_mask
+
     t = teachers["alpha"]
-    enc = t.tokenizer(["the market fell", "a much longer sentence about the match and the goal"],
-                      padding=True, return_tensors="pt")
-    x, a = enc["input_ids"], enc["attention_mask"]
-    assert not bool(a.all())  # a padded chunk
-    assert accepts_4d_mask(t, x, a)
-    two = t.forward_ids(x, a, with_blocks=False).logits
-    four = t.forward_ids(x, attention_mask_4d(a), with_blocks=False).logits
-    torch.testing.assert_close(four, two)
-    # a teacher that prepares its own masks (a distiller enabled them) takes the scorer's prepared one as it is
-    t.prepared_mask = True
+    texts = ["the market fell", "the match ended", "a much longer sentence about the match and the goal"]
+    enc = t.tokenizer(texts, padding=True, return_tensors="pt")
+    inputs = TeacherInputs(enc["input_ids"], enc["attention_mask"], enc["attention_mask"].sum(1).numpy())
+    targets = torch.tensor([0, 1, 0])
+    config = SteeredConfig(lm_path="unused", teacher_chunk_tokens=budget)
+    plan = plan_chunks(np.sort(inputs.lengths), budget, uniform=config.teacher_batching == "uniform")
+    assert any(same for *_, same in plan) == (budget == 16) and any(not same for *_, same in plan) == (budget == 4096)
+    scorer = TeacherScorer({"alpha": t}, None, config, "cpu")
+    plain = scorer.score(t, inputs, targets)
+    assert enable_prepared_mask(t)
     try:
-        torch.testing.assert_close(t.forward_ids(x, attention_mask_4d(a), with_blocks=False).logits, two)
+        torch.testing.assert_close(scorer.score(t, inputs, targets), plain)
     finally:
         t.prepared_mask = None
-    # A model that rejects a prepared mask, and one that reads it differently, keep the 2D mask.
-    def rejects_4d(input_ids, attention_mask, **kw):
-        if attention_mask.dim() != 2:
-            raise ValueError("attention_mask must be 2D")
-        return t.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
-    assert not accepts_4d_mask(SimpleNamespace(model=rejects_4d), x, a)
-
-    def ignores_4d(input_ids, attention_mask, **kw):
-        return t.model(input_ids=input_ids, attention_mask=None if attention_mask.dim() == 4 else attention_mask, **kw)
-    assert not accepts_4d_mask(SimpleNamespace(model=ignores_4d), x, a)
 
 
 @pytest.mark.parametrize("uniform", [True, False])
