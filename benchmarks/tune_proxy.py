@@ -5,8 +5,8 @@ The setting is the AG News benchmark's, read from its spec (``benchmarks/specs/a
 harness ``benchmarks/amalgamation.py`` runs (:mod:`harness.setup`): the spec's teachers (two MiniLM
 teachers fine-tuned on disjoint halves of the AG News labels), its student depth (3 layers), its
 test rows (7,600) and development rows. Every configuration is a job config with some fields
-changed (lambda, KD power, alpha, the method); configurations whose generation settings are equal
-share one transfer set. Each is trained in this process exactly as one Ray Train worker trains it
+changed (lambda, KD power, alpha, the method, the prompt-tuned source and its stable level);
+configurations whose generation settings are equal share one transfer set. Each is trained in this process exactly as one Ray Train worker trains it
 (``train_in_process``) and scored by the sweep's own trial scorer
 (:class:`dfkd_ray.tuning.proxy.TrialScorer`, on the sweep's probe set, made by
 :func:`dfkd_ray.tuning.proxy.probe_config`) and on the test set. No Ray.
@@ -17,7 +17,7 @@ picks against the best one.
 
 GPU (repository root; fixtures and data wherever they are)::
 
-    python benchmarks/tune_proxy.py --lm LM_DIR --base MINILM_DIR --agnews AGNEWS_DIR --work /tmp/tune-proxy \
+    python benchmarks/tune_proxy.py --lm LM_DIR --base MINILM_DIR --agnews AGNEWS_DIR --corpus CORPUS --work /tmp/tune-proxy \
         --out tune_proxy.json [--teachers-from /tmp/agnews/teachers]
 
 Configurations can run as separate processes on one GPU (``--configs`` split, the first process's
@@ -51,8 +51,9 @@ from dfkd_ray.tuning.proxy import TrialScorer, probe_config, proxy_from_probabil
 from dfkd_ray.tuning.results import rank_correlation
 from dfkd_ray.tuning.space import generation_fingerprint, set_dotted
 
+from harness.rows import TRANSFER_SETS
 from harness.setup import (Settings, add_row_arguments, add_setting_arguments, amalgamation_section, finetune_teachers,
-                           label_space, read_data, steered_section)
+                           label_space, make_transfer_set, read_data, steered_section)
 from harness.spec import SpecError, load_spec
 
 SPEC = Path(__file__).resolve().parent / "specs" / "agnews.yaml"
@@ -66,9 +67,12 @@ CONFIGS = ("lam0:transfer.steered.control_strength=0;"
            "gamma1000:amalgamation.kd_confidence_power=1000;"
            "alpha0:amalgamation.alpha=0;"
            "alpha3:amalgamation.alpha=3;"
-           "vanilla:amalgamation.method=vanilla")
+           "vanilla:amalgamation.method=vanilla;"
+           "stable1:transfer.source=prompt_tuned,transfer.prompt_tuned.stable_level=1;"
+           "stable5:transfer.source=prompt_tuned,transfer.prompt_tuned.stable_level=5")
 """The default configurations: ``name:dotted.key=value,...`` over the base config (lambda 64, the AG
-News job's), ';' between them."""
+News job's), ';' between them. The ``stable`` ones are DFKD-T3 transfer sets (prompts tuned per
+teacher class, then ``--corpus`` documents rewritten) at two Gumbel-softmax stable levels."""
 
 
 def log(msg: str) -> None:
@@ -104,7 +108,9 @@ def base_config(settings: Settings) -> dict:
                       "max_length": args.max_length} for n in spec.teachers],
         "transfer": {"source": "steered", "samples_per_class": args.samples_per_class, "shard_size": args.shard_size,
                      "dedup": "near", "heldout_fraction": args.heldout_fraction, "min_confidence": args.min_confidence,
-                     "steered": steered_section(args)},
+                     "steered": steered_section(args),
+                     "prompt_tuned": TRANSFER_SETS["prompt_tuned"](settings)["prompt_tuned"],
+                     **({"corpus": {"path": str(args.corpus)}} if args.corpus else {})},  # what prompt-tuned sets rewrite
         "amalgamation": amalgamation_section(args, "stratanet"),
         "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
                     "max_length": args.max_length},
@@ -116,7 +122,10 @@ def base_config(settings: Settings) -> dict:
 
 
 def config_of(base: dict, fields: dict, name: str) -> JobConfig:
+    """The base config with ``fields`` set, writing under its own ``output.dir`` (prompt-tuned sets keep
+    their tuned prompts there)."""
     data = json.loads(json.dumps(base))
+    data["output"]["dir"] = str(Path(data["output"]["dir"]) / name)
     for key, value in fields.items():
         set_dotted(data, key, value)
     return validate_config(data, source=f"configuration {name}")
@@ -133,6 +142,8 @@ def parse_args(argv=None) -> tuple[Settings, dict[str, dict]]:
     p.add_argument("--base", type=Path, required=True, help="MiniLM fixture: teachers and the student start here")
     p.add_argument("--agnews", type=Path, required=True,
                    help=f"AG News directory: the data files of benchmarks/specs/{SPEC.name} are relative to it")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="general-domain text file, one document per line: the source texts of prompt-tuned configurations")
     p.add_argument("--teachers-from", type=Path, default=None,
                    help="teachers fine-tuned by an earlier run (" + ", ".join(f"<dir>/{n}" for n in spec.teachers) + ")")
     p.add_argument("--work", type=Path, default=Path("/tmp/tune-proxy"))
@@ -201,7 +212,7 @@ def main(argv=None) -> int:
 
     def transfer_set(cfg: JobConfig) -> Path:
         directory = args.work / "transfer" / generation_fingerprint(cfg)
-        write_transfer_set(cfg, directory, device=str(device), progress=False)
+        make_transfer_set(cfg, directory, device)  # a prompt-tuned set's prompts are tuned first
         return directory
 
     probe_dir = make_probe_sets(cfgs, validate_config(base), args.probes_from or args.work / "transfer", device)

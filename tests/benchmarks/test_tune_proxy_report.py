@@ -63,3 +63,17 @@ def test_probe_scores_per_set_weighted_and_pooled():
     assert scores["proxy_conf@a"] == pytest.approx((1.0 / 1.5 + 0.8 / 1.0) / 2)
     assert scores["proxy@pooled"] == pytest.approx(0.75)
     assert scores["proxy_soft@pooled"] == pytest.approx((scores["proxy_soft@a"] + scores["proxy_soft@b"]) / 2)
+
+
+def test_a_prompt_tuned_configuration_without_a_corpus_is_refused_before_any_model(tmp_path, capsys):
+    common = ["--lm", str(tmp_path), "--base", str(tmp_path), "--agnews", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        tune_proxy.parse_args([*common, "--configs", "base:;stable1:transfer.source=prompt_tuned"])
+    err = capsys.readouterr().err
+    assert "configuration stable1" in err and "needs transfer.corpus.path" in err  # --corpus gives it
+    with pytest.raises(SystemExit):
+        tune_proxy.parse_args([*common, "--configs", "base:", "--train", "base,other"])
+    assert "--train: ['other'] are not among the configurations" in capsys.readouterr().err
+    settings, configs = tune_proxy.parse_args([*common, "--corpus", str(tmp_path / "c.txt"),
+                                               "--configs", "base:;stable1:transfer.source=prompt_tuned"])
+    assert set(configs) == {"base", "stable1"}
