@@ -6,8 +6,8 @@ harness ``benchmarks/amalgamation.py`` runs (:mod:`harness.setup`): the spec's t
 teachers fine-tuned on disjoint halves of the AG News labels), its student depth (3 layers), its
 test rows (7,600) and development rows. Every configuration is a job config with some fields
 changed (lambda, KD power, alpha, the method, the prompt-tuned source and its stable level);
-configurations whose generation settings are equal share one transfer set. Each is trained in this process exactly as one Ray Train worker trains it
-(``train_in_process``) and scored by the sweep's own trial scorer
+configurations whose generation settings are equal share one transfer set. Each is trained in this
+process exactly as one Ray Train worker trains it (``train_in_process``) and scored by the sweep's own trial scorer
 (:class:`dfkd_ray.tuning.proxy.TrialScorer`, on the sweep's probe set, made by
 :func:`dfkd_ray.tuning.proxy.probe_config`) and on the test set. No Ray.
 
@@ -17,8 +17,8 @@ picks against the best one.
 
 GPU (repository root; fixtures and data wherever they are)::
 
-    python benchmarks/tune_proxy.py --lm LM_DIR --base MINILM_DIR --agnews AGNEWS_DIR --corpus CORPUS --work /tmp/tune-proxy \
-        --out tune_proxy.json [--teachers-from /tmp/agnews/teachers]
+    python benchmarks/tune_proxy.py --lm LM_DIR --base MINILM_DIR --agnews AGNEWS_DIR --corpus CORPUS \
+        --work /tmp/tune-proxy --out tune_proxy.json [--teachers-from /tmp/agnews/teachers]
 
 Configurations can run as separate processes on one GPU (``--configs`` split, the first process's
 teachers shared through ``--teachers-from``); ``--report A.json B.json ... --out merged.json``
@@ -110,7 +110,8 @@ def base_config(settings: Settings) -> dict:
                      "dedup": "near", "heldout_fraction": args.heldout_fraction, "min_confidence": args.min_confidence,
                      "steered": steered_section(args),
                      "prompt_tuned": TRANSFER_SETS["prompt_tuned"](settings)["prompt_tuned"],
-                     **({"corpus": {"path": str(args.corpus)}} if args.corpus else {})},  # what prompt-tuned sets rewrite
+                     # the documents prompt-tuned sets rewrite
+                     **({"corpus": {"path": str(args.corpus)}} if args.corpus else {})},
         "amalgamation": amalgamation_section(args, "stratanet"),
         "student": {"path": str(args.base), **spec.student.model_dump(exclude_none=True),
                     "max_length": args.max_length},
@@ -143,12 +144,12 @@ def parse_args(argv=None) -> tuple[Settings, dict[str, dict]]:
     p.add_argument("--agnews", type=Path, required=True,
                    help=f"AG News directory: the data files of benchmarks/specs/{SPEC.name} are relative to it")
     p.add_argument("--corpus", type=Path, default=None,
-                   help="general-domain text file, one document per line: the source texts of prompt-tuned configurations")
+                   help="general-domain text file, one document per line: what prompt-tuned configurations rewrite")
     p.add_argument("--teachers-from", type=Path, default=None,
                    help="teachers fine-tuned by an earlier run (" + ", ".join(f"<dir>/{n}" for n in spec.teachers) + ")")
     p.add_argument("--work", type=Path, default=Path("/tmp/tune-proxy"))
     p.add_argument("--out", type=Path, default=Path("tune_proxy.json"))
-    p.add_argument("--configs", default=CONFIGS, help="name:dotted.key=value,...;... (default: 10 configurations)")
+    p.add_argument("--configs", default=CONFIGS, help="name:dotted.key=value,...;... (default: 12 configurations)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_setting_arguments(p, spec.samples_per_class)
     add_row_arguments(p)
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
                                         estimators=estimators, source_teachers=rows.column("teacher").to_pylist())
         student = distiller.student
         scores = scorer(student)
-        union = {name: union_probabilities(student, t.column("text").to_pylist(), space, 256) for name, t in probes.items()}
+        union = {probe: union_probabilities(student, t.column("text").to_pylist(), space, 256)
+                 for probe, t in probes.items()}
         scores.update(probe_scores(union, probes))
         if args.save_predictions is not None:
             save_predictions(args.save_predictions, name, union, probes)

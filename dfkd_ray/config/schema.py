@@ -529,7 +529,7 @@ UNSEARCHABLE = {"name": "names the job", "output": "is where the sweep writes", 
 
 TUNE_METRICS = {"proxy_soft": "the data-free proxy: the student's mean probability of each probe text's class "
                               "(no labels; docs/tuning.md)",
-                "proxy": "the data-free proxy's argmax form: the share of probe texts the student assigns to their class",
+                "proxy": "the data-free proxy's argmax form: the share of probe texts assigned to their class",
                 "dev_accuracy": "the student's accuracy on tune.dev, a labelled development file"}
 """What a trial reports at the end of every epoch, and so what ``tune.metric`` may rank by (higher is better)."""
 
@@ -601,10 +601,12 @@ class TuneConfig(_Section):
     @rule("metric", "dev")
     def _dev_for_dev_accuracy(metric, dev):
         if metric == "dev_accuracy" and dev.path is None:
-            return f"metric dev_accuracy needs a labelled development file: set tune.dev.path, or metric: {DATA_FREE_METRIC}"
+            return ("metric dev_accuracy needs a labelled development file: set tune.dev.path, or metric: "
+                    f"{DATA_FREE_METRIC}")
 
     def ranked_by(self) -> str:
-        """The metric trials are ranked by: ``metric``, else dev_accuracy with a dev file, else :data:`DATA_FREE_METRIC`."""
+        """The metric trials are ranked by: ``metric``, else dev_accuracy with a dev file, else
+        :data:`DATA_FREE_METRIC`."""
         return self.metric or ("dev_accuracy" if self.dev.path is not None else DATA_FREE_METRIC)
 
 

@@ -165,7 +165,8 @@ def submitted_smoke(synthetic_task, once_per_run, ray_local) -> SubmittedSmoke:
             refused_left_output = out.exists()
             status, console = _submit(address, env, home, f"output.dir={out}")
         return {"home": str(home), "out": str(out), "status": status, "console": console,
-                "refused_status": refused_status, "refused_console": refused, "refused_left_output": refused_left_output}
+                "refused_status": refused_status, "refused_console": refused,
+                "refused_left_output": refused_left_output}
 
     made = once_per_run("submitted_smoke", submit)
     return SubmittedSmoke(**{**made, "home": Path(made["home"]), "out": Path(made["out"])})

@@ -37,7 +37,8 @@ def sweep(smoke_overrides, once_per_run):
         out = root / "smoke_tune"
         command = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(SMOKE_TUNE),
                    *smoke_overrides(out), *FAST]
-        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+               "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
         log = root / "first.log"
         with log.open("w") as console:
             first = subprocess.Popen(command, env=env, stdout=console, stderr=subprocess.STDOUT, cwd=ROOT,
