@@ -12,7 +12,8 @@ confidences -> ST-amalg -> block loss (Eq. 7) + KD loss, AdamW) on transfer-like
 * model FLOPs per second: the teachers' forward passes plus the student's forward and backward
   (3 x its forward), counted on real tokens (padding excluded); ST-amalg, the projections and the
   confidence statistics are left out (well under 1% of a step). MFU is that rate over the bf16
-  matmul rate measured in the same run (8192^3 products);
+  matmul rate measured in the same run (8192^3 products; on a CPU the float32 rate of 2048^3
+  products, since CPUs without bf16 matrix units multiply bf16 a hundred times slower);
 * host synchronisations a step and the Python line that made each (CUDA:
   ``torch.cuda.set_sync_debug_mode``), and with ``--profile`` a
   torch.profiler table of the largest batch, the GPU's kernel time a step and its share of the
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     variants = parse_variants(args.variants)
-    peak = matmul_rate(device, 2048 if args.tiny or device.type == "cpu" else 8192)
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_rate(device, 2048 if args.tiny or device.type == "cpu" else 8192, peak_dtype)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
                 del distiller
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    print(f"\nbf16 matmul rate (same run): {peak / 1e12:.1f} TFLOP/s on {device}"
+    print(f"\n{str(peak_dtype).removeprefix('torch.')} matmul rate (same run): {peak / 1e12:.1f} TFLOP/s on {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
     print("| variant | batch | ms/step | samples/s | model TFLOP/s | MFU | syncs/step | GPU kernel ms/step |")
     print("|---|---|---|---|---|---|---|---|")
