@@ -123,7 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--corpus", type=Path, help="general-domain text file, one document per line (corpus rows)")
     p.add_argument("--work", type=Path, default=Path("/tmp/amalgamation-bench"))
     p.add_argument("--out", type=Path, default=Path("amalgamation.json"))
-    p.add_argument("--rows", default="", help=f"comma-separated subset of {list(ROWS)} (default: the spec's rows)")
+    p.add_argument("--rows", default="", help=f"comma-separated subset of {list(ROWS)} (default: the spec's rows); "
+                   "none: only the teachers, the judge and --sweep")
     p.add_argument("--seeds", default="0", help="distillation seeds, e.g. 0,1,2 (transfer sets use seed 0)")
     p.add_argument("--transfer-from", type=Path, default=None,
                    help="reuse transfer sets made by an earlier run (<dir>/<set>.parquet), instead of generating")
@@ -159,7 +160,7 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.samples_per_class is None:
         args.samples_per_class = spec.samples_per_class
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()] or list(spec.rows)
+    rows = [] if args.rows.strip() == "none" else [r.strip() for r in args.rows.split(",") if r.strip()] or list(spec.rows)
     bad = [r for r in rows if r not in ROWS]
     if bad:
         p.error(f"--rows: unknown {bad}; choose from {list(ROWS)}")

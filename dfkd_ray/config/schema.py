@@ -141,6 +141,9 @@ class SteeredConfig(_Section):
     lambda_floor: float = Field(0.25, ge=0.0, le=1.0, description="lambda_schedule decay never goes below this "
                                                                   "share of lambda")
     top_m: int = Field(50, ge=1, le=1_000_000, description="candidates the teacher scores per step")
+    candidate_mass: float = Field(
+        1.0, gt=0.0, le=1.0, description="the teacher scores only the top-m candidates within the LM's nucleus of "
+                                         "this probability mass (at least one); 1: all top_m (the paper's)")
     top_k: int = Field(50, ge=1, description="sampled from the reweighted top-m; must be <= top_m")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus threshold after reweighting")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="sampling temperature after reweighting")

@@ -47,7 +47,7 @@ import torch
 
 from dfkd_ray.generation.streams import covered
 from dfkd_ray.generation.token_map import LmVocabulary, TeacherInputs, TeacherRows, TeacherTokenMap, to_device
-from dfkd_ray.math.decoding import control_weights, reweight, select_top_m
+from dfkd_ray.math.decoding import control_weights, lm_nucleus, reweight, select_top_m
 from dfkd_ray.models.inputs import enable_prepared_mask
 from dfkd_ray.models.kernels import attention_kernels
 
@@ -261,7 +261,7 @@ def finish_results(rows: Sequence[SteeredRow], *, lm: LmInfo, config: "SteeredCo
         record = {
             "engine": engine, "lm": lm.name, "control_strength": r.strength,
             "lambda_schedule": c.lambda_schedule, "decay_rate": c.decay_rate, "lambda_floor": c.lambda_floor,
-            "top_m": c.top_m, "top_k": c.top_k, "top_p": c.top_p, "temperature": c.temperature,
+            "top_m": c.top_m, "candidate_mass": c.candidate_mass, "top_k": c.top_k, "top_p": c.top_p, "temperature": c.temperature,
             "max_new_tokens": c.max_new_tokens, "min_new_tokens": c.min_new_tokens, "prompt": r.prompt,
             "keep_prompt": c.keep_prompt, "start_new_word": c.start_new_word, "lm_tokens": len(r.generated),
             "stop": r.stop,
@@ -419,17 +419,21 @@ class TeacherScorer:
                                                  mode=self.config.token_map)
         return self.maps[teacher]
 
-    def logprobs(self, groups: dict, cand: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def logprobs(self, groups: dict, cand: torch.Tensor, lam: torch.Tensor, targets: torch.Tensor,
+                 scored: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, m)`` ``log P_teacher(target | text + candidate)``; 0 for unguided or saturated rows.
 
         Args:
             groups: teacher name -> ``(members (n,) batch rows, TeacherRows of those rows in that order)``.
             cand: ``(B, m)`` candidate LM ids; lam: ``(B,)`` ``lambda_t``; targets: ``(B,)`` class ids.
+            scored: ``(B, m)`` bool, the candidates to score (``candidate_mass``); None: all. The others
+                get 0 and are never forwarded.
         """
         B, m = cand.shape
         out = torch.zeros(B, m, dtype=torch.float32, device=self.device)
         cand_np = cand.cpu().numpy()
         lam_np = lam.cpu().numpy()
+        scored_np = None if scored is None else scored.cpu().numpy()
         for name, (members, state) in groups.items():
             live = (lam_np[members] > 0) & ~state.saturated()
             if not live.any():
@@ -445,7 +449,13 @@ class TeacherScorer:
             self.stats.tokenizer_seconds += time.perf_counter() - t0
             rows_d = to_device(rows, self.device)
             tgt = targets[rows_d].repeat_interleave(m)  # (n*m,)
-            lp = self.score(self.teachers[name], inputs, tgt)  # (n*m,)
+            if scored_np is None:
+                lp = self.score(self.teachers[name], inputs, tgt)  # (n*m,)
+            else:  # the LM's nucleus only: forward K <= n*m pairs, the rest stay 0
+                keep = np.flatnonzero(scored_np[rows].reshape(-1))  # (K,) flat (row, candidate) positions
+                keep_d = to_device(keep, self.device)
+                lp = torch.zeros(len(rows) * m, dtype=torch.float32, device=self.device)
+                lp[keep_d] = self.score(self.teachers[name], inputs.take(keep), tgt[keep_d])  # (K,)
             out[rows_d] = lp.view(len(rows), m)
         return out
 
@@ -564,6 +574,10 @@ def steer_step(logits: torch.Tensor, steps: torch.Tensor, controls: RowControls,
             teacher-side (see :meth:`TeacherScorer.logprobs`); rows of no group get no teacher term.
         top_m: candidates per row (``m >= V`` keeps the whole vocabulary).
 
+    With ``transfer.steered.candidate_mass`` below 1, a guided row's teacher scores only the
+    candidates within the LM's nucleus of that mass (:func:`~dfkd_ray.math.decoding.lm_nucleus`); the
+    others get ``-inf``, so they are never drawn.
+
     Returns:
         None when no row is guided (the masked logits are the step: plain top-k sampling is Eq. 1
         with ``lambda = 0``); else ``scores (B, m)`` and ``cand (B, m)`` LM ids, ordered by (LM
@@ -577,8 +591,14 @@ def steer_step(logits: torch.Tensor, steps: torch.Tensor, controls: RowControls,
                           floor=c.lambda_floor)  # (B,) lambda_t
     logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     values, cand = select_top_m(logprobs, min(top_m, logprobs.shape[-1]))  # (B, m)
-    tlp = scorer.logprobs(groups, cand, lam, controls.targets)  # (B, m) log P_teacher(c | x_<=t)
-    return reweight(values, tlp, lam), cand  # (B, m) Eq. 1
+    if c.candidate_mass >= 1.0:
+        tlp = scorer.logprobs(groups, cand, lam, controls.targets)  # (B, m) log P_teacher(c | x_<=t)
+        return reweight(values, tlp, lam), cand  # (B, m) Eq. 1
+    # Guided rows (lambda_t > 0) score and draw only the LM's nucleus of mass candidate_mass.
+    scored = lm_nucleus(values, c.candidate_mass) | (lam <= 0).view(-1, 1)  # (B, m)
+    tlp = scorer.logprobs(groups, cand, lam, controls.targets, scored)  # (B, m)
+    scores = reweight(values, tlp, lam)  # (B, m) Eq. 1
+    return scores.masked_fill(~scored, float("-inf")), cand
 
 
 def candidate_logits(scores: torch.Tensor, cand: torch.Tensor, vocab_size: int) -> torch.Tensor:

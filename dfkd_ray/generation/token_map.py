@@ -511,6 +511,11 @@ class TeacherInputs:
     attention_mask: torch.Tensor  # (N, L)
     lengths: np.ndarray  # (N,) real tokens per sequence, special tokens included
 
+    def take(self, index: np.ndarray) -> "TeacherInputs":
+        """The inputs at flat positions ``index`` ``(K,)`` (candidates the teacher scores), in that order."""
+        index_d = to_device(np.asarray(index, dtype=np.int64), self.input_ids.device)
+        return TeacherInputs(self.input_ids[index_d], self.attention_mask[index_d], self.lengths[index])
+
 
 class TeacherRows:
     """Incremental text state of ``n`` rows under one teacher's tokenizer (see the module docstring)."""

@@ -116,6 +116,31 @@ def select_top_m(logprobs: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Te
     return values, ids
 
 
+def lm_nucleus(lm_logprobs: torch.Tensor, mass: float) -> torch.Tensor:
+    """Which candidates lie in the LM's nucleus of probability ``mass``: the teacher scores only these.
+
+    Eq. 1 scores a fixed ``m`` candidates at every step. Where the LM is sure of the next token (a
+    word's continuation, a name) most of the ``m`` carry almost no LM probability, yet each costs a
+    teacher forward. Keeping, per row, the smallest set of best candidates whose LM probability
+    reaches ``mass`` (at most ``m``, always the first) spends the teacher's work where the LM hesitates.
+
+    Args:
+        lm_logprobs: ``(B, m)`` ``log p_LM`` of the candidates over the whole vocabulary, ordered by
+            log-prob descending (as :func:`select_top_m` returns them).
+        mass: in ``(0, 1]``; ``1`` keeps every candidate (the paper's fixed ``m``).
+
+    Returns:
+        ``(B, m)`` bool; column 0 is always True.
+    """
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    if mass >= 1.0:
+        return torch.ones(lm_logprobs.shape, dtype=torch.bool, device=lm_logprobs.device)
+    probs = _real(lm_logprobs).exp()  # (B, m)
+    before = probs.cumsum(-1) - probs  # LM mass of the better-ranked candidates
+    return before < mass
+
+
 def reweight(lm_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, lam: Scalar) -> torch.Tensor:
     """StrataNet Eq. 1 on the candidates: ``log p_LM(x | x_<t) + lambda_t * log P_teacher(c | x_<=t)``.
 

@@ -64,6 +64,8 @@ def transfer_description(cfg: JobConfig, teacher_labels: dict[str, list[str]]) -
         transfer["steered"].pop(key, None)
     if transfer["corpus"]["encoding"] == "utf-8":  # how every set was read before the setting existed
         del transfer["corpus"]["encoding"]
+    if transfer["steered"]["candidate_mass"] == 1.0:  # how every set was steered before the setting existed
+        del transfer["steered"]["candidate_mass"]
     for source in _LATER_SOURCES:  # their settings decide nothing for another source's set
         if cfg.transfer.source != source:
             transfer.pop(source, None)

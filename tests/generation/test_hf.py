@@ -71,7 +71,9 @@ def plain_sampling(gen: SteeredGenerator, req: GenerationRequest) -> list[int]:
 
 @torch.inference_mode()
 def score_every_token(gen: SteeredGenerator, req: GenerationRequest) -> list[int]:
-    """Reference for m = V: every vocabulary token's full text through ``Teacher.__call__``, one request alone."""
+    """Reference: each of the LM's top-m tokens (best first, lowest id first on ties; with
+    ``candidate_mass`` < 1 only those within the LM's nucleus of that mass) scored by its full text
+    through ``Teacher.__call__``, every other token ``-inf``; one request alone."""
     p = gen.config
     teacher = gen.teachers[req.teacher]
     ids = prompt_ids(gen, req)
@@ -83,8 +85,15 @@ def score_every_token(gen: SteeredGenerator, req: GenerationRequest) -> list[int
         if t < p.min_new_tokens:
             logits[:, gen.lm_info.eos_ids] = float("-inf")
         lp = torch.log_softmax(logits, -1)  # (1, V)
-        texts = [gen.lm_info.vocab.text(out + [v]) for v in range(V)]
-        tlp = torch.log_softmax(teacher(texts, with_blocks=False).logits, -1)[:, req.target].view(1, V)
+        cand, total = [], 0.0
+        for v in sorted(range(V), key=lambda v: (-float(lp[0, v]), v))[:p.top_m]:
+            if total >= p.candidate_mass:
+                break
+            cand.append(v)
+            total += float(lp[0, v].exp())
+        texts = [gen.lm_info.vocab.text(out + [v]) for v in cand]
+        tlp = torch.full((1, V), float("-inf"), dtype=lp.dtype)
+        tlp[0, cand] = torch.log_softmax(teacher(texts, with_blocks=False).logits, -1)[:, req.target].to(lp.dtype)
         lam = control_weights(torch.tensor([t]), torch.tensor([p.control_strength]), p.lambda_schedule,
                               decay_rate=p.decay_rate, floor=p.lambda_floor)
         x = int(sample_candidates(reweight(lp, tlp, lam), torch.arange(V).view(1, V), u[t:t + 1], top_k=p.top_k,
@@ -121,6 +130,23 @@ def test_m_equal_to_vocabulary_matches_scoring_every_token(lm_and_tokenizer, tea
     for res, req in zip(gen.generate(reqs), reqs):
         assert len(res.token_ids) >= 2
         assert res.token_ids == score_every_token(gen, req)
+
+
+def test_candidate_mass_matches_scoring_only_the_lms_nucleus_and_forwards_fewer_candidates(lm_and_tokenizer,
+                                                                                           teachers64):
+    """``candidate_mass`` < 1 writes what the slow reference writes when only the LM's nucleus is
+    reweighted and drawn, and the teacher scores fewer candidates than with every top-m one."""
+    common = dict(control_strength=6.0, top_m=60, top_k=40, top_p=0.9, max_new_tokens=8, min_new_tokens=2,
+                  dtype="float64", teacher_chunk_tokens=2048)
+    reqs = [GenerationRequest("alpha", 0, seed=5), GenerationRequest("beta", 1, seed=6, prompt="Category: {label}")]
+    gen = make(lm_and_tokenizer, teachers64, candidate_mass=0.9, **common)
+    for res, req in zip(gen.generate(reqs), reqs):
+        assert len(res.token_ids) >= 2 and res.params["candidate_mass"] == 0.9
+        assert res.token_ids == score_every_token(gen, req)
+    nucleus = gen.stats.teacher_sequences / gen.stats.steps
+    full = make(lm_and_tokenizer, teachers64, **common)
+    full.generate(reqs)
+    assert nucleus < 0.9 * full.stats.teacher_sequences / full.stats.steps  # 0.79 on the demo LM
 
 
 def test_steering_moves_the_teachers_prediction(lm_and_tokenizer, teachers):

@@ -22,7 +22,8 @@ def test_config_rejects_bad_steered_settings(job_dict, synthetic_task):
                              ({"token_map": "fast"}, "token_map"), ({"sdpa": "cudnn"}, "sdpa"),
                              ({"decode_parts": 0}, "decode_parts"), ({"teacher_batching": "packed"}, "teacher_batching"),
                              ({"lambda_schedule": "linear"}, "lambda_schedule"), ({"decay_rate": 0.0}, "decay_rate"),
-                             ({"dtype": "int8"}, "dtype")]:  # engine: vllm in tests/generation/test_vllm.py
+                             ({"dtype": "int8"}, "dtype"), ({"candidate_mass": 0.0}, "candidate_mass"),
+                             ({"candidate_mass": 1.5}, "candidate_mass")]:  # engine: vllm in tests/generation/test_vllm.py
         with pytest.raises(ConfigError, match=message):
             validate_config(with_steered(**steered))
 
@@ -43,6 +44,9 @@ def test_kernel_and_schedule_settings_leave_the_transfer_set_fingerprint_alone(j
     assert fingerprint(sdpa="any") == base
     assert fingerprint(decode_parts=4) == base
     assert fingerprint(top_m=60) != base  # content settings still count
+    # candidate_mass: its default is how every set was steered before the field existed; another value counts
+    assert "candidate_mass" not in base["transfer"]["steered"] and fingerprint(candidate_mass=1.0) == base
+    assert fingerprint(candidate_mass=0.95)["transfer"]["steered"]["candidate_mass"] == 0.95
 
 
 def test_steered_source_writes_a_transfer_set(job_dict, synthetic_task, tmp_path):

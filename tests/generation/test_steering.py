@@ -27,12 +27,13 @@ def _scorer(teacher_logprobs: torch.Tensor, schedule: str = "constant", **schedu
     """Stands in for a TeacherScorer: the config's schedule, fixed teacher log-probs, the lambdas it was given."""
     seen = {}
 
-    def logprobs(groups, cand, lam, targets):
-        seen.update(cand=cand, lam=lam, targets=targets)
-        return teacher_logprobs
+    def logprobs(groups, cand, lam, targets, scored=None):
+        seen.update(cand=cand, lam=lam, targets=targets, scored=scored)
+        return teacher_logprobs if scored is None else teacher_logprobs.masked_fill(~scored, 0.0)
 
     config = SimpleNamespace(lambda_schedule=schedule, decay_rate=schedule_args.get("decay_rate", 0.97),
-                             lambda_floor=schedule_args.get("lambda_floor", 0.25))
+                             lambda_floor=schedule_args.get("lambda_floor", 0.25),
+                             candidate_mass=schedule_args.get("candidate_mass", 1.0))
     return SimpleNamespace(config=config, logprobs=logprobs, seen=seen)
 
 
@@ -73,6 +74,31 @@ def test_steer_step_is_eq1_on_the_top_m_with_the_scheduled_lambda():
     assert torch.equal(cand, top.indices[:, :m])
     assert torch.allclose(scores, top.values[:, :m] + lam.view(-1, 1) * teacher)
     assert torch.equal(scores[1], top.values[1, :m])  # lambda_t = 0: exactly the LM's log-probabilities
+
+
+def test_candidate_mass_scores_and_draws_only_the_lms_nucleus_of_guided_rows():
+    """Guided rows keep Eq. 1 on the candidates within the LM's nucleus and -inf on the rest (never
+    drawn); a row with lambda_t = 0 keeps all its top-m LM log-probabilities."""
+    B, V, m, mass = 4, 40, 12, 0.6
+    logits = _logits(B, V, seed=5)
+    teacher = torch.log_softmax(_logits(B, m, seed=6), -1)
+    scorer = _scorer(teacher, candidate_mass=mass)
+    controls = RowControls(torch.tensor([8.0, 0.0, 2.0, 4.0]), torch.tensor([1, 0, 1, 0]))
+    steps = torch.zeros(B, dtype=torch.long)
+    scores, cand = steer_step(logits.clone(), steps, controls, {"teacher": None}, masks=NO_MASKS, scorer=scorer, top_m=m)
+    top = torch.sort(torch.log_softmax(logits, -1), dim=-1, descending=True, stable=True)
+    values = top.values[:, :m]
+    for b in range(B):  # slow reference: walk each row's candidates until the LM's mass is reached
+        total, nucleus = 0.0, []
+        for j in range(m):
+            nucleus.append(total < mass)
+            total += float(values[b, j].exp())
+        nucleus = torch.tensor(nucleus) | (controls.strength[b] == 0)
+        assert torch.equal(scorer.seen["scored"][b], nucleus)
+        assert torch.equal(torch.isfinite(scores[b]), nucleus)
+        expected = values[b] + controls.strength[b] * teacher[b]
+        assert torch.allclose(scores[b][nucleus], expected[nucleus])
+    assert 1 <= int(scorer.seen["scored"][0].sum()) < m  # the cut is real on this row
 
 
 def test_token_masks_ban_special_ids_always_and_eos_only_early():

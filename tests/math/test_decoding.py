@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfkd_ray.math.decoding import (control_weights, reweight, row_uniforms, sample_candidates, sample_top_k,
-                                    select_top_m)
+from dfkd_ray.math.decoding import (control_weights, lm_nucleus, reweight, row_uniforms, sample_candidates,
+                                    sample_top_k, select_top_m)
 
 
 def _logits(B: int, V: int, seed: int, *, quantize: bool = False) -> torch.Tensor:
@@ -43,6 +43,26 @@ def test_select_top_m_breaks_ties_at_the_cut_by_lowest_id():
     vals, ids = select_top_m(x, 3)
     assert ids.tolist() == [[4, 1, 2]]
     assert vals.tolist() == [[2.0, 1.0, 1.0]]
+
+
+@pytest.mark.parametrize("mass", [0.05, 0.5, 0.9, 0.999])
+def test_lm_nucleus_is_the_smallest_prefix_reaching_the_mass(mass):
+    """The kept candidates are a prefix of each row, start with the best one, and are the fewest
+    whose LM probability reaches ``mass`` (all ``m`` when the top-m hold less); a larger mass keeps more."""
+    lp = torch.log_softmax(_logits(32, 300, seed=7), -1)
+    values, _ = select_top_m(lp, 40)  # (32, 40)
+    keep = lm_nucleus(values, mass)  # (32, 40)
+    probs = values.exp()
+    n = keep.sum(-1)
+    assert keep[:, 0].all() and torch.equal(keep, torch.arange(40) < n.view(-1, 1))  # a prefix
+    reached = torch.stack([probs[b, :n[b]].sum() for b in range(32)])
+    assert bool(((reached >= mass - 1e-6) | (n == 40)).all())  # enough mass, or the whole top-m
+    short = torch.stack([probs[b, :n[b] - 1].sum() for b in range(32)])
+    assert bool((short < mass).all())  # one fewer would not be
+    assert bool((lm_nucleus(values, min(1.0, mass + 0.05)).sum(-1) >= n).all())
+    assert lm_nucleus(values, 1.0).all()
+    with pytest.raises(ValueError, match="mass"):
+        lm_nucleus(values, 0.0)
 
 
 def test_reweight_is_eq1_and_drops_the_teacher_at_lambda_zero():
