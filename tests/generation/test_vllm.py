@@ -239,16 +239,19 @@ def _core_like(gen: SteeredGenerator, config: SteeredConfig) -> SteeringCore:
     return SteeringCore(gen.lm_info, config, "cpu", load_teacher=lambda name: gen.teachers[name])
 
 
-@pytest.mark.parametrize("keep_prompt", [False, True])
-def test_apply_gives_the_hf_engines_reweighted_logits(lm_and_tokenizer, teachers, monkeypatch, keep_prompt):
+@pytest.mark.parametrize("keep_prompt,candidate_mass", [(False, 1.0), (True, 1.0), (False, 0.5)])
+def test_apply_gives_the_hf_engines_reweighted_logits(lm_and_tokenizer, teachers, monkeypatch, keep_prompt,
+                                                      candidate_mass):
     """Run the HF engine's real decoding loop on made-up LM logits, recording each step's Eq. 1 scores;
     replay the same logits through the adapter's core, its rows scattered over vLLM-style slots
     (shuffled adds, plain requests in between, removals, condensing moves, swaps, a preempted row
-    re-added with its tokens). Every steered row's output must equal the HF scores as logits."""
+    re-added with its tokens). Every steered row's output must equal the HF scores as logits (with
+    ``candidate_mass`` < 1: ``-inf`` outside the LM's nucleus, as the HF engine draws)."""
     lm, tok = lm_and_tokenizer
     V = lm.config.vocab_size
     params = SteeredConfig(control_strength=6.0, lambda_schedule="decay", decay_rate=0.8, lambda_floor=0.3, top_m=12,
-                           top_k=6, max_new_tokens=9, min_new_tokens=3, keep_prompt=keep_prompt, batch_size=64)
+                           top_k=6, max_new_tokens=9, min_new_tokens=3, keep_prompt=keep_prompt, batch_size=64,
+                           candidate_mass=candidate_mass)
     gen = SteeredGenerator(copy.deepcopy(lm), tok, teachers, params)
     prompts = ["", "Category: {label}", "the", None]
     reqs = [GenerationRequest(("alpha", "beta")[i % 2], (i // 2) % 2, seed=100 + i, prompt=prompts[i % 4],
@@ -342,6 +345,8 @@ def test_apply_gives_the_hf_engines_reweighted_logits(lm_and_tokenizer, teachers
             fake.reset()
         core.update_state(update)
     assert checked >= 30
+    # with candidate_mass < 1 the cut was real: some candidates were never scored (none otherwise)
+    assert any(bool(torch.isinf(s).any()) for s in log["scores"]) == (candidate_mass < 1)
 
 
 def test_per_row_m_banned_ids_and_min_new_tokens(lm_and_tokenizer, teachers):
