@@ -160,7 +160,9 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.samples_per_class is None:
         args.samples_per_class = spec.samples_per_class
-    rows = [] if args.rows.strip() == "none" else [r.strip() for r in args.rows.split(",") if r.strip()] or list(spec.rows)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] or list(spec.rows)
+    if rows == ["none"]:  # the teachers, the judge and --sweep only
+        rows = []
     bad = [r for r in rows if r not in ROWS]
     if bad:
         p.error(f"--rows: unknown {bad}; choose from {list(ROWS)}")

@@ -261,7 +261,8 @@ def finish_results(rows: Sequence[SteeredRow], *, lm: LmInfo, config: "SteeredCo
         record = {
             "engine": engine, "lm": lm.name, "control_strength": r.strength,
             "lambda_schedule": c.lambda_schedule, "decay_rate": c.decay_rate, "lambda_floor": c.lambda_floor,
-            "top_m": c.top_m, "candidate_mass": c.candidate_mass, "top_k": c.top_k, "top_p": c.top_p, "temperature": c.temperature,
+            "top_m": c.top_m, "candidate_mass": c.candidate_mass, "top_k": c.top_k, "top_p": c.top_p,
+            "temperature": c.temperature,
             "max_new_tokens": c.max_new_tokens, "min_new_tokens": c.min_new_tokens, "prompt": r.prompt,
             "keep_prompt": c.keep_prompt, "start_new_word": c.start_new_word, "lm_tokens": len(r.generated),
             "stop": r.stop,

@@ -23,7 +23,7 @@ def test_config_rejects_bad_steered_settings(job_dict, synthetic_task):
                              ({"decode_parts": 0}, "decode_parts"), ({"teacher_batching": "packed"}, "teacher_batching"),
                              ({"lambda_schedule": "linear"}, "lambda_schedule"), ({"decay_rate": 0.0}, "decay_rate"),
                              ({"dtype": "int8"}, "dtype"), ({"candidate_mass": 0.0}, "candidate_mass"),
-                             ({"candidate_mass": 1.5}, "candidate_mass")]:  # engine: vllm in tests/generation/test_vllm.py
+                             ({"candidate_mass": 1.5}, "candidate_mass")]:  # engine vllm: tests/generation/test_vllm.py
         with pytest.raises(ConfigError, match=message):
             validate_config(with_steered(**steered))
 

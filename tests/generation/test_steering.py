@@ -85,7 +85,8 @@ def test_candidate_mass_scores_and_draws_only_the_lms_nucleus_of_guided_rows():
     scorer = _scorer(teacher, candidate_mass=mass)
     controls = RowControls(torch.tensor([8.0, 0.0, 2.0, 4.0]), torch.tensor([1, 0, 1, 0]))
     steps = torch.zeros(B, dtype=torch.long)
-    scores, cand = steer_step(logits.clone(), steps, controls, {"teacher": None}, masks=NO_MASKS, scorer=scorer, top_m=m)
+    scores, cand = steer_step(logits.clone(), steps, controls, {"teacher": None}, masks=NO_MASKS, scorer=scorer,
+                              top_m=m)
     top = torch.sort(torch.log_softmax(logits, -1), dim=-1, descending=True, stable=True)
     values = top.values[:, :m]
     for b in range(B):  # slow reference: walk each row's candidates until the LM's mass is reached
