@@ -592,14 +592,12 @@ def steer_step(logits: torch.Tensor, steps: torch.Tensor, controls: RowControls,
                           floor=c.lambda_floor)  # (B,) lambda_t
     logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     values, cand = select_top_m(logprobs, min(top_m, logprobs.shape[-1]))  # (B, m)
-    if c.candidate_mass >= 1.0:
-        tlp = scorer.logprobs(groups, cand, lam, controls.targets)  # (B, m) log P_teacher(c | x_<=t)
-        return reweight(values, tlp, lam), cand  # (B, m) Eq. 1
-    # Guided rows (lambda_t > 0) score and draw only the LM's nucleus of mass candidate_mass.
-    scored = lm_nucleus(values, c.candidate_mass) | (lam <= 0).view(-1, 1)  # (B, m)
-    tlp = scorer.logprobs(groups, cand, lam, controls.targets, scored)  # (B, m)
+    # candidate_mass < 1: guided rows (lambda_t > 0) score and draw only the LM's nucleus of that mass
+    scored = (lm_nucleus(values, c.candidate_mass) | (lam <= 0).view(-1, 1)  # (B, m)
+              if c.candidate_mass < 1.0 else None)
+    tlp = scorer.logprobs(groups, cand, lam, controls.targets, scored)  # (B, m) log P_teacher(c | x_<=t)
     scores = reweight(values, tlp, lam)  # (B, m) Eq. 1
-    return scores.masked_fill(~scored, float("-inf")), cand
+    return (scores if scored is None else scores.masked_fill(~scored, float("-inf"))), cand
 
 
 def candidate_logits(scores: torch.Tensor, cand: torch.Tensor, vocab_size: int) -> torch.Tensor:
