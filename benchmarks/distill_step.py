@@ -14,10 +14,13 @@ confidences -> ST-amalg -> block loss (Eq. 7) + KD loss, AdamW) on transfer-like
   confidence statistics are left out (well under 1% of a step). MFU is that rate over the bf16
   matmul rate measured in the same run (8192^3 products; on a CPU the float32 rate of 2048^3
   products, since CPUs without bf16 matrix units multiply bf16 a hundred times slower);
+* the same number of steps again on batches tokenized beforehand: the step alone, without the
+  tokenization it overlaps (when this is much faster, tokenization bounds the step);
 * host synchronisations a step and the Python line that made each (CUDA:
   ``torch.cuda.set_sync_debug_mode``), and with ``--profile`` a
   torch.profiler table of the largest batch, the GPU's kernel time a step and its share of the
-  profiled wall time (the profiler slows the host, so the share is a lower bound).
+  profiled wall time (the profiler slows the host, so the share is a lower bound), and the Python
+  functions that take the host's time over those steps (``cProfile``, batches tokenized beforehand).
 
     python benchmarks/distill_step.py --tokenizer ENCODER_DIR --batch-sizes 16,64,256 --out step.json \\
         --variants "fp32:train.matmul_precision=highest;tf32:train.matmul_precision=high;bf16:train.precision=bfloat16" --profile
@@ -109,6 +112,14 @@ def step_flops(tok, texts: list[str], max_length: int, teacher_cfg, student_cfg)
     return teachers + 3 * student
 
 
+def compile_counters() -> dict[str, int]:
+    """torch.compile's counters of this process so far (e.g. ``cudagraph_skips``: compiled graphs that
+    ``reduce-overhead`` could not replay as CUDA graphs)."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["inductor"])
+
+
 def run_steps(distiller, batches: list[list[str]]) -> None:
     """One step on each batch, the next batch tokenized meanwhile (a package without
     ``Distiller.encode`` tokenizes inside each step)."""
@@ -125,6 +136,24 @@ def count_syncs(distiller, texts: list[str], device: torch.device) -> dict[str, 
         return None
     batch = distiller.encode(texts) if hasattr(distiller, "encode") else texts
     return host_reads(lambda: distiller.step(batch))
+
+
+def host_profile(distiller, batches: list[list[str]], device: torch.device, rows: int = 25) -> str:
+    """The Python functions that take the host's time over steps on ``batches`` (tokenized beforehand),
+    by their own time (``cProfile``)."""
+    import cProfile
+    import io
+    import pstats
+
+    encoded = [distiller.encode(b) for b in batches]
+    sync(device)
+    with cProfile.Profile() as prof:
+        for batch in encoded:
+            distiller.step(batch)
+        sync(device)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
 
 
 def profile_steps(distiller, batches: list[list[str]], device: torch.device) -> dict:
@@ -193,36 +222,50 @@ def main(argv=None) -> int:
                 batches = [texts[i * b:(i + 1) * b] for i in range(n_batches)]
                 distiller = Distiller(cfg, StepPlan.of(len(texts), cfg, 1), device=device, teachers=teachers,
                                       estimators=estimators)
-                run_steps(distiller, batches[:args.warmup])
+                t0 = time.perf_counter()
+                run_steps(distiller, batches[:args.warmup])  # with train.compile, the compilation happens here
                 sync(device)
+                warmup = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 run_steps(distiller, batches[args.warmup:-1])
                 sync(device)
                 wall = time.perf_counter() - t0
+                encoded = [distiller.encode(batch) for batch in batches[args.warmup:-1]]  # tokenized beforehand
+                sync(device)
+                t0 = time.perf_counter()
+                for batch in encoded:
+                    distiller.step(batch)
+                sync(device)
+                step_only = time.perf_counter() - t0
                 flops = sum(step_flops(tok, batch, args.max_length, teacher_cfg, student_cfg)
                             for batch in batches[args.warmup:-1])
                 sites = count_syncs(distiller, batches[-1], device)
                 row = {"variant": name, "fields": fields, "batch": b, "ms_per_step": 1e3 * wall / args.steps,
-                       "samples_per_s": b * args.steps / wall, "tflops": flops / wall / 1e12,
+                       "warmup_s": warmup, "step_only_ms": 1e3 * step_only / args.steps,
+                       "cudagraph_skips": compile_counters().get("cudagraph_skips", 0), "samples_per_s": b * args.steps / wall, "tflops": flops / wall / 1e12,
                        "mfu": flops / wall / peak, "syncs_per_step": None if sites is None else sum(sites.values()),
                        "sync_sites": sites}
                 if args.profile and b == max(sizes):
                     row["profile"] = profile_steps(distiller, batches[args.warmup:args.warmup + 10], device)
+                    row["profile"]["host"] = host_profile(distiller, batches[args.warmup:args.warmup + 5], device)
                 rows.append(row)
                 print(f"{name:>10} B={b:<4} {row['ms_per_step']:8.1f} ms/step {row['samples_per_s']:8.1f} samples/s "
-                      f"{row['tflops']:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f}%  syncs/step {row['syncs_per_step']}",
+                      f"{row['tflops']:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f}%  syncs/step {row['syncs_per_step']}  "
+                      f"warmup {warmup:.1f} s  tokenized beforehand {row['step_only_ms']:.1f} ms/step",
                       flush=True)
                 del distiller
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     print(f"\n{str(peak_dtype).removeprefix('torch.')} matmul rate (same run): {peak / 1e12:.1f} TFLOP/s on {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
-    print("| variant | batch | ms/step | samples/s | model TFLOP/s | MFU | syncs/step | GPU kernel ms/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | batch | ms/step | samples/s | model TFLOP/s | MFU | syncs/step | GPU kernel ms/step | warmup s "
+          "| ms/step, tokenized beforehand |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gpu = r.get("profile", {}).get("gpu_ms_per_step")
         print(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | {r['tflops']:.2f} "
-              f"| {100 * r['mfu']:.1f}% | {r['syncs_per_step']} | {'-' if gpu is None else f'{gpu:.1f}'} |")
+              f"| {100 * r['mfu']:.1f}% | {r['syncs_per_step']} | {'-' if gpu is None else f'{gpu:.1f}'} "
+              f"| {r['warmup_s']:.1f} | {r['step_only_ms']:.1f} |")
     for r in rows:
         if r["sync_sites"] and r["batch"] == max(sizes):
             print(f"\nhost reads of one step, {r['variant']}, batch {r['batch']}: " +
@@ -230,7 +273,7 @@ def main(argv=None) -> int:
     for r in rows:
         if "profile" in r:
             print(f"\nprofile: {r['variant']}, batch {r['batch']}, {r['profile']['steps']} steps in "
-                  f"{r['profile']['wall_s']:.2f} s\n{r['profile']['table']}")
+                  f"{r['profile']['wall_s']:.2f} s\n{r['profile']['table']}\nhost, 5 steps:\n{r['profile']['host']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

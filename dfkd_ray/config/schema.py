@@ -22,6 +22,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 AttentionKernels = Literal["no_cudnn", "any"]
 Precision = Literal["auto", "float32", "bfloat16"]
 MatmulPrecision = Literal["highest", "high"]
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 
 class _Section(BaseModel):
@@ -460,6 +461,13 @@ class TrainConfig(_Section):
         "high", description="float32 matrix products on CUDA (torch.set_float32_matmul_precision): highest = "
                             "full float32, high = TensorFloat-32 tensor cores (10-bit mantissa inputs, float32 "
                             "accumulation), for the teachers and float32 students alike; CPUs stay full float32")
+    compile: CompileMode = Field(
+        "none", description="torch.compile the student's and the teachers' models for distillation (the mode: "
+                            "default fuses kernels; reduce-overhead also replays CUDA graphs, one per input shape); "
+                            "none: eager PyTorch. The first steps of each new input shape pay the compilation")
+    pad_to_multiple_of: int = Field(
+        1, ge=1, le=512, description="pad each training batch's token length up to a multiple of this (1: to the "
+                                     "batch's longest text); bounds the input shapes a compiled step sees")
     stream_from_generation: bool = Field(
         False, description="train the first epoch on rows as the generator actors make them (jobs/amalgamate.py)")
     corpus_share: float = Field(
@@ -720,6 +728,25 @@ class JobConfig(_Section):
             return ("corpus_share",), ("train.stream_from_generation trains its first epoch on the generator's rows "
                                        "alone, and train.corpus_share mixes corpus documents into every epoch: set "
                                        "train.corpus_share=0, or train.stream_from_generation=false")
+
+    @rule("train", "transfer")
+    def _compiled_steps_read_text(train, transfer):
+        if train.compile != "none" and transfer.source == "embedding_guessing":
+            return ("compile",), ("train.compile compiles the models of a step on tokenized text, and transfer.source "
+                                  "embedding_guessing crafts pseudo-embeddings inside each step (run eagerly): set "
+                                  "train.compile: none")
+
+    @rule("train", "teachers", "student")
+    def _padding_within_max_length(train, teachers, student):
+        m = train.pad_to_multiple_of
+        lengths = {"student.max_length": student.max_length,
+                   **{f"teachers[{i}].max_length": t.max_length for i, t in enumerate(teachers)}}
+        off = {k: v for k, v in lengths.items() if v % m}
+        if off:
+            return ("pad_to_multiple_of",), (
+                f"train.pad_to_multiple_of ({m}) must divide every max_length a batch is truncated to, or padding "
+                f"would run past it: {', '.join(f'{k} is {v}' for k, v in off.items())}; pick a divisor of them "
+                "(e.g. 8 or 32 for 128), or 1")
 
     @rule("train", "transfer")
     def _crafted_batches_are_not_streamed(train, transfer):

@@ -16,10 +16,13 @@ import torch
 
 
 def encode_texts(tokenizer, texts: Sequence[str], *, max_length: int, token_types: bool,
-                 pin: bool = False) -> dict[str, torch.Tensor]:
+                 pin: bool = False, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Padded, truncated ``(B, T)`` host tensors: ``input_ids``, ``attention_mask`` and, where the model
-    takes them (``token_types``), ``token_type_ids``; page-locked when ``pin`` (a CUDA model's inputs)."""
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    takes them (``token_types``), ``token_type_ids``; page-locked when ``pin`` (a CUDA model's inputs).
+    ``T`` is the longest text's length, rounded up to a multiple of ``pad_to_multiple_of``."""
+    multiple = pad_to_multiple_of if pad_to_multiple_of > 1 else None
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                    pad_to_multiple_of=multiple)
     keep = ("input_ids", "attention_mask") + (("token_type_ids",) if token_types else ())
     return {k: (v.pin_memory() if pin else v) for k, v in enc.items() if k in keep}
 

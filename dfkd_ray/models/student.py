@@ -208,12 +208,14 @@ class Student(nn.Module):
         """Models with equal keys get the same :meth:`host_inputs` (:func:`~dfkd_ray.models.inputs.encoding_key`)."""
         return encoding_key(self.tokenizer, max_length=self.max_length, token_types=self._accepts_token_types)
 
-    def host_inputs(self, texts: Sequence[str], *, pin: bool = False) -> dict[str, torch.Tensor]:
-        """The student's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``)."""
+    def host_inputs(self, texts: Sequence[str], *, pin: bool = False,
+                    pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+        """The student's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``; ``T`` rounded up to a
+        multiple of ``pad_to_multiple_of``)."""
         if not texts:
             raise ValueError("student: empty batch of texts")
         return encode_texts(self.tokenizer, texts, max_length=self.max_length, token_types=self._accepts_token_types,
-                            pin=pin)
+                            pin=pin, pad_to_multiple_of=pad_to_multiple_of)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The student's inputs for ``texts`` on its device."""

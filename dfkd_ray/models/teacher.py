@@ -7,6 +7,7 @@ RoBERTa teacher with its own tokenizer all look the same (the adaptor idea of Te
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -84,6 +85,11 @@ class Teacher:
         return cls(name=name, model=model, tokenizer=tokenizer, labels=labels, num_blocks=num_blocks,
                    max_length=max_length)
 
+    def compiled(self, mode: str) -> "Teacher":
+        """The same teacher with its model under ``torch.compile(mode=mode)``: a view sharing the weights,
+        so this one stays eager (generation and scoring elsewhere keep their own shapes)."""
+        return dataclasses.replace(self, model=torch.compile(self.model, mode=mode))
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -97,10 +103,12 @@ class Teacher:
         """Models with equal keys get the same :meth:`host_inputs` (:func:`~dfkd_ray.models.inputs.encoding_key`)."""
         return encoding_key(self.tokenizer, max_length=self.max_length, token_types=self._accepts_token_types)
 
-    def host_inputs(self, texts: Sequence[str], *, pin: bool = False) -> dict[str, torch.Tensor]:
-        """This teacher's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``)."""
+    def host_inputs(self, texts: Sequence[str], *, pin: bool = False,
+                    pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+        """This teacher's ``(B, T)`` inputs for ``texts`` on the host (pinned if ``pin``; ``T`` rounded up to a
+        multiple of ``pad_to_multiple_of``)."""
         return encode_texts(self.tokenizer, texts, max_length=self.max_length, token_types=self._accepts_token_types,
-                            pin=pin)
+                            pin=pin, pad_to_multiple_of=pad_to_multiple_of)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """This teacher's inputs for ``texts`` on its device."""

@@ -16,6 +16,11 @@ precision every recorded quality number was trained in. A step reads the GPU's r
 backward pass (its metrics and the finite-loss check), so the host queues the whole forward and
 backward pass without waiting.
 
+Compilation (``train.compile``): the student's and the teachers' models run under ``torch.compile``
+in the given mode; the confidence statistics, ST-amalg and the losses stay eager.
+``train.pad_to_multiple_of`` rounds each batch's token length up, so a compiled step meets a few
+input shapes instead of one per longest text.
+
 Optimiser: AdamW (weight decay on weights, not on biases and norms; fused on CUDA), linear warmup over
 ``train.warmup_epochs`` then linear decay to 0, gradient clipping at ``train.grad_clip``; defaults
 are StrataNet's appendix (lr 2e-5, batch 16, 10 epochs, 2 warmup epochs). The appendix does not
@@ -130,6 +135,11 @@ class Distiller:
         set_matmul_precision(cfg.train.matmul_precision, self.device)  # process-wide on a GPU: set by every distiller
         for model in [self.student, *(self.teachers[n] for n in self.names)]:
             enable_prepared_mask(model)  # 4D masks where they give the same outputs: no host read per forward
+        if cfg.train.compile != "none":  # after the eager mask probe
+            # the student in place (its state_dict keys, checkpoints and export unchanged); the teachers as
+            # compiled views of the same weights, so a caller's teachers stay eager
+            self.student.model.compile(mode=cfg.train.compile)
+            self.teachers = {**self.teachers, **{n: self.teachers[n].compiled(cfg.train.compile) for n in self.names}}
         self.pin = pin_for(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -159,11 +169,12 @@ class Distiller:
             sources = torch.tensor([self.names.index(n) if n else -1 for n in sources], dtype=torch.long)
             sources = sources.pin_memory() if self.pin else sources
         encoded: dict[tuple, dict[str, torch.Tensor]] = {}  # one tokenization per distinct encoding
+        multiple = self.cfg.train.pad_to_multiple_of
 
         def inputs(model) -> dict[str, torch.Tensor]:
             key = model.encoding_key
             if key not in encoded:
-                encoded[key] = model.host_inputs(texts, pin=self.pin)
+                encoded[key] = model.host_inputs(texts, pin=self.pin, pad_to_multiple_of=multiple)
             return encoded[key]
 
         return EncodedBatch(texts=texts, student=inputs(self.student),
