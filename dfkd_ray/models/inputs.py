@@ -9,9 +9,13 @@ step's kernels behind the copies instead of waiting for each copy to finish.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import threading
+import weakref
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -19,12 +23,58 @@ def encode_texts(tokenizer, texts: Sequence[str], *, max_length: int, token_type
                  pin: bool = False, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Padded, truncated ``(B, T)`` host tensors: ``input_ids``, ``attention_mask`` and, where the model
     takes them (``token_types``), ``token_type_ids``; page-locked when ``pin`` (a CUDA model's inputs).
-    ``T`` is the longest text's length, rounded up to a multiple of ``pad_to_multiple_of``."""
-    multiple = pad_to_multiple_of if pad_to_multiple_of > 1 else None
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                    pad_to_multiple_of=multiple)
+    ``T`` is the longest text's length, rounded up to a multiple of ``pad_to_multiple_of``.
+
+    A fast tokenizer's batch goes straight to its Rust pipeline (:func:`padded_pipeline`: the padding
+    and truncation ``tokenizer(..., padding=True, truncation=True)`` would set), which encodes without
+    holding Python's global lock; only the ids are then read into arrays. Training tokenizes in a
+    thread beside the step, and the step's host work needs that lock for every operation it queues, so
+    the shorter the tokenizer holds it, the less the step waits. The tensors are those of
+    ``tokenizer(...)`` (a test checks this); slow (Python) tokenizers take that call."""
     keep = ("input_ids", "attention_mask") + (("token_type_ids",) if token_types else ())
-    return {k: (v.pin_memory() if pin else v) for k, v in enc.items() if k in keep}
+    pipeline = padded_pipeline(tokenizer, max_length, pad_to_multiple_of)
+    if pipeline is None:
+        multiple = pad_to_multiple_of if pad_to_multiple_of > 1 else None
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                        pad_to_multiple_of=multiple)
+        return {k: (v.pin_memory() if pin else v) for k, v in enc.items() if k in keep}
+    encodings = pipeline.encode_batch(list(texts))
+    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    returned = getattr(tokenizer, "model_input_names", keep)  # what tokenizer(...) returns besides the ids
+    out = {}
+    for key in (k for k in keep if k == "input_ids" or k in returned):
+        values = torch.from_numpy(np.array([getattr(e, fields[key]) for e in encodings], dtype=np.int64))  # (B, T)
+        out[key] = values.pin_memory() if pin else values
+    return out
+
+
+_PIPELINES: "weakref.WeakKeyDictionary[object, dict[tuple, object]]" = weakref.WeakKeyDictionary()
+_PIPELINES_LOCK = threading.Lock()
+
+
+def padded_pipeline(tokenizer, max_length: int, pad_to_multiple_of: int = 1):
+    """A copy of a fast tokenizer's Rust pipeline with the truncation and padding that
+    ``tokenizer(texts, padding=True, truncation=True, max_length=max_length)`` sets (longest-first
+    truncation on the tokenizer's side, padding to the longest text with its pad token, id and type id on
+    its side), made once per tokenizer and setting; None for a slow tokenizer. The tokenizer itself is
+    left as it was."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    padding = dict(direction=getattr(tokenizer, "padding_side", "right"), pad_id=tokenizer.pad_token_id,
+                   pad_type_id=getattr(tokenizer, "pad_token_type_id", 0), pad_token=tokenizer.pad_token,
+                   pad_to_multiple_of=pad_to_multiple_of if pad_to_multiple_of > 1 else None)
+    truncation = dict(max_length=int(max_length), stride=0, strategy="longest_first",
+                      direction=getattr(tokenizer, "truncation_side", "right"))
+    key = (*sorted(padding.items()), *sorted(truncation.items()))  # the tokenizer's sides may change
+    with _PIPELINES_LOCK:
+        made = _PIPELINES.setdefault(tokenizer, {})  # dropped with the tokenizer
+        if key not in made:
+            pipeline = copy.deepcopy(backend)
+            pipeline.enable_truncation(**truncation)
+            pipeline.enable_padding(**padding)
+            made[key] = pipeline
+        return made[key]
 
 
 def encoding_key(tokenizer, *, max_length: int, token_types: bool) -> tuple:

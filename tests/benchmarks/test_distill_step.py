@@ -26,6 +26,7 @@ def test_tiny_run_measures_every_variant_and_batch(synthetic_task, tmp_path):
     assert rows[2]["fields"] == {"train.precision": "bfloat16"}
     for r in rows:
         assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 and r["syncs_per_step"] is None  # no CUDA here
+        assert r["warmup_s"] > 0 and r["step_only_ms"] > 0 and r["cudagraph_skips"] == 0
 
 
 def test_step_flops_count_real_tokens_only(synthetic_task):

@@ -1,7 +1,9 @@
-"""Which models share a tokenization of a batch (:func:`dfkd_ray.models.inputs.encoding_key`)."""
+"""Tokenized model inputs: which models share a tokenization of a batch (:func:`dfkd_ray.models.inputs.encoding_key`),
+and the fast path through a tokenizer's Rust pipeline."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dfkd_ray.models.inputs import enable_prepared_mask, encode_texts, encoding_key
@@ -52,3 +54,25 @@ def test_the_prepared_mask_gives_the_same_outputs_and_skips_transformers_host_re
             teacher.forward_ids(**teacher.tokenize(texts))
             assert calls or kernels == "eager"
             monkeypatch.undo()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("multiple", [1, 8])
+@pytest.mark.parametrize("token_types", [True, False])
+def test_encoded_tensors_are_those_of_the_tokenizer_call(synthetic_task, side, multiple, token_types):
+    """The fast path through the tokenizer's Rust pipeline gives exactly ``tokenizer(...)``'s tensors:
+    truncation (a text longer than ``max_length``), padding side, a multiple, an empty text, token types;
+    and changing the tokenizer's sides afterwards is followed."""
+    from transformers import AutoTokenizer
+
+    texts = ["the striker scored", "a much longer text about bread " * 30, "", "Ünïcödé text, émojis 🙂  and spaces"]
+    tok = AutoTokenizer.from_pretrained(synthetic_task.teachers["alpha"])
+    for padding_side in ("right", side):  # the second setting after a first call with the default sides
+        tok.padding_side = tok.truncation_side = padding_side
+        ours = encode_texts(tok, texts, max_length=24, token_types=token_types, pad_to_multiple_of=multiple)
+        theirs = tok(texts, padding=True, truncation=True, max_length=24, return_tensors="pt",
+                     pad_to_multiple_of=multiple if multiple > 1 else None)
+        wanted = {"input_ids", "attention_mask"} | ({"token_type_ids"} if token_types else set())
+        assert set(ours) == wanted & set(theirs)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), padding_side
+        assert ours["input_ids"].shape[1] % multiple == 0 and ours["input_ids"].shape[1] <= 24
