@@ -56,10 +56,10 @@ def padded_pipeline(tokenizer, max_length: int, pad_to_multiple_of: int = 1):
     """A copy of a fast tokenizer's Rust pipeline with the truncation and padding that
     ``tokenizer(texts, padding=True, truncation=True, max_length=max_length)`` sets (longest-first
     truncation on the tokenizer's side, padding to the longest text with its pad token, id and type id on
-    its side), made once per tokenizer and setting; None for a slow tokenizer. The tokenizer itself is
-    left as it was."""
+    its side), made once per tokenizer and setting; None for a slow tokenizer, or one without a pad token
+    (``tokenizer(...)`` then says so). The tokenizer itself is left as it was."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if backend is None or tokenizer.pad_token is None:
         return None
     padding = dict(direction=getattr(tokenizer, "padding_side", "right"), pad_id=tokenizer.pad_token_id,
                    pad_type_id=getattr(tokenizer, "pad_token_type_id", 0), pad_token=tokenizer.pad_token,

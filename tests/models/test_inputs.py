@@ -76,3 +76,12 @@ def test_encoded_tensors_are_those_of_the_tokenizer_call(synthetic_task, side, m
         assert set(ours) == wanted & set(theirs)
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), padding_side
         assert ours["input_ids"].shape[1] % multiple == 0 and ours["input_ids"].shape[1] <= 24
+
+
+def test_a_tokenizer_without_a_pad_token_is_refused_as_the_tokenizer_refuses_it(synthetic_task):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(synthetic_task.teachers["alpha"])
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="does not have a padding token"):
+        encode_texts(tok, ["the striker scored", "bread"], max_length=16, token_types=False)
