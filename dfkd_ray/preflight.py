@@ -160,6 +160,10 @@ def _inspect(cfg: JobConfig) -> tuple[JobConfig, list[tuple[str, str]]]:
         problem = vllm_engine_problem()
         if problem:
             problems.append(("transfer.steered.engine", problem))
+    if getattr(cfg.train, "compile", "none") != "none" and not os.environ.get("RAY_ADDRESS"):
+        problem = compile_problem(cfg.train.compile, cfg.ray.use_gpu)  # a cluster's workers are checked by torch
+        if problem:
+            problems.append(("train.compile", problem))
     if cfg.transfer.class_weights and known is not None:
         names = sorted({n for labels in known.values() for n in labels})
         normalized = {normalize_label(n) for n in names}
@@ -662,6 +666,22 @@ def vllm_engine_problem() -> str:
     if not torch.cuda.is_available():
         return ("transfer.steered.engine=vllm needs a CUDA GPU and none is visible here: run on a GPU node with "
                 f"vLLM installed ({VLLM_INSTALL}), or set transfer.steered.engine=hf")
+    return ""
+
+
+def compile_problem(mode: str, use_gpu: bool) -> str:
+    """Why ``train.compile`` cannot compile on this machine, or '' when it can: torch.compile builds
+    C code, the launchers of its Triton kernels on a GPU (a C compiler: ``$CC``, ``cc``, ``gcc``,
+    ``clang``) and its CPU kernels themselves (a C++ compiler: ``$CXX``, ``g++``, ``clang++``, ``c++``)."""
+    import shutil
+
+    need = [("C", "CC", ("cc", "gcc", "clang"))] + ([] if use_gpu else [("C++", "CXX", ("g++", "clang++", "c++"))])
+    for language, variable, names in need:
+        given = os.environ.get(variable)
+        if not (shutil.which(given) if given else any(shutil.which(n) for n in names)):
+            where = f"${variable} ({given}) is not on PATH" if given else f"none of {', '.join(names)} is on PATH"
+            return (f"train.compile={mode} needs a {language} compiler to build the compiled step's kernels and "
+                    f"{where}: install one (e.g. gcc) or set train.compile=none")
     return ""
 
 

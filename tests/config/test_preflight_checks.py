@@ -118,3 +118,30 @@ def test_too_few_held_out_requests_are_refused_before_generation(job_dict, synth
     d["amalgamation"]["method"] = "stratanet"
     d["transfer"]["samples_per_class"] = 32
     preflight(validate_config(d))
+
+
+def test_compiling_without_a_compiler_is_refused_before_ray_starts(job_dict, monkeypatch):
+    """torch.compile builds C code (C++ kernels on a CPU, Triton's launchers on a GPU): without a
+    compiler the preflight names ``train.compile`` and the fix; joining a cluster, torch checks there."""
+    from dfkd_ray.preflight import compile_problem
+
+    d = copy.deepcopy(job_dict)
+    d["train"] = {"compile": "default"}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError) as err:
+        preflight(validate_config(d))
+    message = dict(err.value.problems)["train.compile"]
+    assert "needs a C compiler" in message and "set train.compile=none" in message, message
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in ("gcc", "g++") else None)
+    assert compile_problem("default", use_gpu=False) == ""
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert "needs a C++ compiler" in compile_problem("default", use_gpu=False)  # a CPU compiles C++ kernels
+    assert compile_problem("default", use_gpu=True) == ""
+    monkeypatch.setenv("CC", "/opt/missing-cc")
+    assert "$CC (/opt/missing-cc) is not on PATH" in compile_problem("default", use_gpu=True)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    preflight(validate_config(d))
