@@ -138,6 +138,18 @@ def count_syncs(distiller, texts: list[str], device: torch.device) -> dict[str, 
     return host_reads(lambda: distiller.step(batch))
 
 
+def encoded_steps(distiller, batches: list[list[str]], device: torch.device) -> float:
+    """Seconds of one step on each of ``batches``, all tokenized before the clock starts: the step
+    alone, without the tokenization that overlaps it in training."""
+    encoded = [distiller.encode(b) for b in batches]
+    sync(device)
+    t0 = time.perf_counter()
+    for batch in encoded:
+        distiller.step(batch)
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def host_profile(distiller, batches: list[list[str]], device: torch.device, rows: int = 25) -> str:
     """The Python functions that take the host's time over steps on ``batches`` (tokenized beforehand),
     by their own time (``cProfile``)."""
@@ -145,12 +157,8 @@ def host_profile(distiller, batches: list[list[str]], device: torch.device, rows
     import io
     import pstats
 
-    encoded = [distiller.encode(b) for b in batches]
-    sync(device)
     with cProfile.Profile() as prof:
-        for batch in encoded:
-            distiller.step(batch)
-        sync(device)
+        encoded_steps(distiller, batches, device)
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
     return text.getvalue()
@@ -230,19 +238,14 @@ def main(argv=None) -> int:
                 run_steps(distiller, batches[args.warmup:-1])
                 sync(device)
                 wall = time.perf_counter() - t0
-                encoded = [distiller.encode(batch) for batch in batches[args.warmup:-1]]  # tokenized beforehand
-                sync(device)
-                t0 = time.perf_counter()
-                for batch in encoded:
-                    distiller.step(batch)
-                sync(device)
-                step_only = time.perf_counter() - t0
+                step_only = encoded_steps(distiller, batches[args.warmup:-1], device)
                 flops = sum(step_flops(tok, batch, args.max_length, teacher_cfg, student_cfg)
                             for batch in batches[args.warmup:-1])
                 sites = count_syncs(distiller, batches[-1], device)
                 row = {"variant": name, "fields": fields, "batch": b, "ms_per_step": 1e3 * wall / args.steps,
                        "warmup_s": warmup, "step_only_ms": 1e3 * step_only / args.steps,
-                       "cudagraph_skips": compile_counters().get("cudagraph_skips", 0), "samples_per_s": b * args.steps / wall, "tflops": flops / wall / 1e12,
+                       "cudagraph_skips": compile_counters().get("cudagraph_skips", 0),
+                       "samples_per_s": b * args.steps / wall, "tflops": flops / wall / 1e12,
                        "mfu": flops / wall / peak, "syncs_per_step": None if sites is None else sum(sites.values()),
                        "sync_sites": sites}
                 if args.profile and b == max(sizes):
@@ -250,8 +253,8 @@ def main(argv=None) -> int:
                     row["profile"]["host"] = host_profile(distiller, batches[args.warmup:args.warmup + 5], device)
                 rows.append(row)
                 print(f"{name:>10} B={b:<4} {row['ms_per_step']:8.1f} ms/step {row['samples_per_s']:8.1f} samples/s "
-                      f"{row['tflops']:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f}%  syncs/step {row['syncs_per_step']}  "
-                      f"warmup {warmup:.1f} s  tokenized beforehand {row['step_only_ms']:.1f} ms/step",
+                      f"{row['tflops']:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f}%  "
+                      f"syncs/step {row['syncs_per_step']}  warmup {warmup:.1f} s  tokenized beforehand {row['step_only_ms']:.1f} ms/step",
                       flush=True)
                 del distiller
                 if device.type == "cuda":

@@ -65,7 +65,8 @@ def test_encoded_tensors_are_those_of_the_tokenizer_call(synthetic_task, side, m
     and changing the tokenizer's sides afterwards is followed."""
     from transformers import AutoTokenizer
 
-    texts = ["the striker scored", "a much longer text about bread " * 30, "", "Ünïcödé text, émojis 🙂  and spaces"]
+    texts = ["the striker scored", "a much longer text about bread " * 30, "",
+             "Ünïcödé text, émojis 🙂  and spaces"]
     tok = AutoTokenizer.from_pretrained(synthetic_task.teachers["alpha"])
     for padding_side in ("right", side):  # the second setting after a first call with the default sides
         tok.padding_side = tok.truncation_side = padding_side
