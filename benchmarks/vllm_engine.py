@@ -12,6 +12,10 @@ KV cache from the free memory it finds); the Hugging Face engine then reuses thi
 GPU node with the extra installed (``pip install -e '.[vllm]'``), from the repository root:
     python benchmarks/vllm_engine.py --lm /models/gpt2 --teacher agnews=/models/bert-agnews \\
         --teacher yelp=/models/roberta-yelp --per-class 32 --out vllm_engine.json
+``--shapes gpt2-small`` runs the same comparison at the shapes of ``benchmarks/generation.py``: a
+GPT-2-small-shaped LM (12 x 768) and BERT-base-shaped teachers (12 x 768) with random weights, built
+under ``--work`` with the tokenizers and label sets of ``--lm`` and ``--teacher`` (speed does not depend
+on the weights; the hit rate of a random teacher means nothing there).
 ``--help`` works without vLLM; ``--device cpu --engines hf`` is a CPU smoke run of the HF half.
 Imports torch, transformers, vLLM (when run) and dfkd_ray's config, models and generation modules only.
 """
@@ -51,10 +55,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                     help="vLLM's share of GPU memory; leave room for the teachers and the HF engine")
     ap.add_argument("--engines", default="vllm,hf", help="which engines to run, in this order (vllm first)")
+    ap.add_argument("--shapes", choices=("given", "gpt2-small"), default="given",
+                    help="given: the models as they are; gpt2-small: random GPT-2-small / BERT-base models "
+                         "with their tokenizers and labels (built under --work)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vllm-engine-bench"), help="where --shapes builds models")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the HF half only (--engines hf)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return ap.parse_args(argv)
+
+
+def random_shapes(lm: str, teachers: dict[str, str], work: Path, seed: int = 0) -> tuple[str, dict[str, str]]:
+    """A GPT-2-small-shaped LM and BERT-base-shaped teachers with random weights, saved under ``work``
+    with the tokenizers (and the teachers' label sets) of the given directories; their paths."""
+    from transformers import (AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config,
+                              GPT2LMHeadModel)
+
+    torch.manual_seed(seed)
+    lm_tok = AutoTokenizer.from_pretrained(lm)
+    out_lm = work / "lm"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(lm_tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                               bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id)).save_pretrained(out_lm)
+    lm_tok.save_pretrained(out_lm)
+    out_teachers = {}
+    for name, path in teachers.items():
+        tok, cfg = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+        out = out_teachers[name] = work / "teachers" / name
+        BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=768, num_hidden_layers=12,
+                                                 num_attention_heads=12, intermediate_size=3072,
+                                                 max_position_embeddings=512, id2label=cfg.id2label,
+                                                 label2id=cfg.label2id)).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out_lm), {n: str(p) for n, p in out_teachers.items()}
 
 
 def requests_for(teachers: dict, per_class: int, seed: int) -> list[GenerationRequest]:
@@ -83,12 +115,17 @@ def measure(gen, reqs: list[GenerationRequest], device: torch.device) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    specs = {}
+    paths = {}
     for item in args.teacher:
         name, _, path = item.partition("=")
         if not name or not path:
             raise SystemExit(f"--teacher wants NAME=DIR, got {item!r}")
-        specs[name] = {"path": path, "max_length": args.max_length, "dtype": "auto", "trust_remote_code": False}
+        paths[name] = path
+    lm = str(args.lm)
+    if args.shapes == "gpt2-small":
+        lm, paths = random_shapes(lm, paths, args.work, args.seed)
+    specs = {name: {"path": path, "max_length": args.max_length, "dtype": "auto", "trust_remote_code": False}
+             for name, path in paths.items()}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -97,10 +134,10 @@ def main(argv=None) -> dict:
     base = dict(top_m=args.top_m, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                 max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, prompt=args.prompt,
                 batch_size=args.batch_size)
-    report = {"lm": str(args.lm), "teachers": specs, "params": base, "per_class": args.per_class,
+    report = {"lm": lm, "shapes": args.shapes, "teachers": specs, "params": base, "per_class": args.per_class,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "python": platform.python_version(), "runs": []}
-    config = SteeredConfig(lm_path=args.lm, **base)
+    config = SteeredConfig(lm_path=lm, **base)
     teacher_configs = [TeacherConfig(name=n, **s) for n, s in specs.items()]
     teachers = None
     gens = {}

@@ -10,8 +10,10 @@ bundle's ``manifest.json`` (sha256 of the whole tar and of every part), so one f
         --files lm=LM_DIR --files base=ENCODER_DIR --files agnews=AGNEWS_DIR
 
 The wheels are those of ``packages.txt`` (exact versions, ``pip download --no-deps`` each, for
-CPython ``--python`` on manylinux x86-64). Ray's wheel is rewritten without ``ray/jars/`` (Java
-only, 41% of the wheel): its other members are copied byte for byte, so nothing is recompressed.
+CPython ``--python`` on manylinux x86-64), or of another list given as ``--packages`` (``packages-vllm.txt``:
+vLLM and what it imports beyond such an image). Ray's wheel is rewritten without ``ray/jars/`` (Java
+only, 41% of the wheel), vLLM's without the kernels a dense LM on a Hopper GPU does not load
+(:data:`DROPPED`): their other members are copied byte for byte, so nothing is recompressed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ RAY_DROPPED = ("ray/jars/",)
 """Members left out of Ray's wheel: the Java workers' jar. The dashboard's browser bundle
 (``ray/dashboard/client/build/``, 2.4 MiB compressed) stays: the dashboard refuses to start without
 that directory, and the job server (``ray job submit``) runs inside the dashboard."""
+
+VLLM_DROPPED = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/_moe_C_stable_libtorch.abi3.so", "vllm/vllm-rs",
+                *(f"vllm/third_party/deep_gemm/_C.cpython-{v}-" for v in ("310", "311", "313", "314")))
+"""Members left out of vLLM 0.26.0's wheel (288.7 -> about 108 MiB): FlashAttention 2's kernels (123.5
+MiB; on compute capability 9, H100 and H200, vLLM runs FlashAttention 3, and it imports either build
+only if present: ``vllm/vllm_flash_attn/flash_attn_interface.py``), the mixture-of-experts kernels
+(39.0 MiB; imported under ``contextlib.suppress(ImportError)`` in ``vllm/platforms/cuda.py``, used by
+MoE models only), the Rust front end of ``vllm serve`` (14.9 MiB; ``LLM`` does not start it) and
+DeepGEMM's extension built for other Pythons. A dense decoder-only LM on a Hopper GPU needs none."""
+
+DROPPED = {"ray": RAY_DROPPED, "vllm": VLLM_DROPPED}
+"""Per project (normalized name): the members its wheel travels without."""
 
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
@@ -152,7 +166,7 @@ def copy_zip(src: Path, dst: Path, keep, replace: dict[str, bytes]) -> int:
     return len(central)
 
 
-def slim_wheel(src: Path, dst: Path, dropped: tuple[str, ...] = RAY_DROPPED) -> dict:
+def slim_wheel(src: Path, dst: Path, dropped: tuple[str, ...]) -> dict:
     """``src`` without the members under ``dropped`` (and their RECORD lines) written to ``dst``,
     which keeps the wheel's file name; returns what was dropped."""
     with zipfile.ZipFile(src) as z:
@@ -277,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.wheel_dir or args.out / f"wheels-cp{args.python.replace('.', '')}"
         found = download_wheels(pins, cache, args.python)
         for pin, wheel in found.items():
-            if normalize(pin.name) == "ray":
+            dropped = DROPPED.get(normalize(pin.name))
+            if dropped:
                 slim = cache / "slim" / wheel.name
-                stats = slim_wheel(wheel, slim)
+                stats = slim_wheel(wheel, slim, dropped)
                 print(f"{wheel.name}: {stats['bytes_before'] / 2**20:.1f} MiB -> {stats['bytes_after'] / 2**20:.1f} "
-                      f"MiB without {', '.join(RAY_DROPPED)} ({stats['members']} members)")
+                      f"MiB without {', '.join(dropped)} ({stats['members']} members)")
                 wheel = slim
             wheels.append((wheel, pin.only_if_older))
     if not wheels and not files:

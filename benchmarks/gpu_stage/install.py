@@ -33,11 +33,17 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 INSTALLED = "installed.json"
 ENV_FILE = "env.sh"
-CHECK_IMPORTS = ("ray", "ray.data", "ray.train.torch", "pydantic", "jsonschema", "tensorboardX", "datasketch",
-                 "ray._private.prometheus_exporter")
-"""Modules a job imports; checked after a bundle with wheels is installed. The last is what the dashboard
-agent, which every Ray node starts (with or without a dashboard), imports first: without it (opencensus
-needs ``google.rpc``) no local Ray starts."""
+CHECK_IMPORTS = {
+    "ray": ("ray", "ray.data", "ray.train.torch", "pydantic", "jsonschema", "tensorboardX", "datasketch",
+            "ray._private.prometheus_exporter"),
+    "vllm": ("vllm", "vllm.entrypoints.llm", "vllm.v1.sample.logits_processor", "vllm.v1.worker.gpu_model_runner",
+             "pydantic"),
+}
+"""Per project a bundle's wheels hold: the modules a job imports, checked after the bundle is installed.
+Ray's last is what the dashboard agent, which every Ray node starts (with or without a dashboard),
+imports first: without it (opencensus needs ``google.rpc``) no local Ray starts. vLLM's are the
+offline engine and what its engine process imports for a dense LM on a GPU (``vllm.LLM`` imports
+more of its modules only once it runs)."""
 
 
 class StageError(Exception):
@@ -182,18 +188,25 @@ def write_env(root: Path) -> Path:
     return path
 
 
-def check_imports(root: Path) -> bool:
-    """Import the job's modules from ``root/site`` in a fresh interpreter; print their versions and
-    whether Ray's dashboard (the job server of ``ray job submit``) can start."""
+def modules_to_check(manifest: dict) -> tuple[str, ...]:
+    """The :data:`CHECK_IMPORTS` of the projects whose wheels ``manifest`` lists, in that order."""
+    projects = {re.sub(r"[-_.]+", "_", w["file"].split("-")[0]).lower() for w in manifest["wheels"]}
+    return tuple(m for project, modules in CHECK_IMPORTS.items() if project in projects for m in modules)
+
+
+def check_imports(root: Path, modules: tuple[str, ...]) -> bool:
+    """Import ``modules`` from ``root/site`` in a fresh interpreter; print their versions and, where
+    Ray is among them, whether Ray's dashboard (the job server of ``ray job submit``) can start."""
     code = ("import importlib, sys\n"
-            f"for m in {CHECK_IMPORTS!r}:\n"
+            f"for m in {modules!r}:\n"
             "    mod = importlib.import_module(m)\n"
-            "    print(f'  {m:<16} {getattr(mod, \"__version__\", \"\")}  {getattr(mod, \"__file__\", \"\")}')\n"
-            "try:\n"
-            "    import ray.dashboard.optional_deps\n"
-            "    print('  ray job submit: the dashboard can start')\n"
-            "except ImportError as e:\n"
-            "    print(f'  ray job submit: unavailable ({e})')\n")
+            "    print(f'  {m:<16} {getattr(mod, \"__version__\", \"\")}  {getattr(mod, \"__file__\", \"\")}')\n")
+    if "ray" in modules:
+        code += ("try:\n"
+                 "    import ray.dashboard.optional_deps\n"
+                 "    print('  ray job submit: the dashboard can start')\n"
+                 "except ImportError as e:\n"
+                 "    print(f'  ray job submit: unavailable ({e})')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "site"), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
 
@@ -226,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bundle {bundle}: all parts here; joining, checking sha256, installing")
                 install_bundle(manifest, root)
                 print(f"bundle {bundle}: installed (site {root / 'site'}, files {root / 'files'})")
-                if manifest["wheels"] and not check_imports(root):
+                modules = modules_to_check(manifest)
+                if modules and not check_imports(root, modules):
                     raise StageError(f"bundle {bundle}: installed, but the job's modules do not import (above)", 4)
         need = [b for b in args.need.split(",") if b]
         absent = [b for b in need if not is_installed(root, b)]
