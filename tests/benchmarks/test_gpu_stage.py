@@ -121,6 +121,27 @@ def test_a_slimmed_wheel_keeps_the_other_members_their_bytes_and_modes(tmp_path)
         assert "jars" not in z.read("pkg-1.0.dist-info/RECORD").decode()
 
 
+def test_each_bundle_checks_the_modules_of_the_projects_it_carries():
+    def manifest(*files):
+        return {"wheels": [{"file": f, "only_if_older": False} for f in files]}
+
+    ray = manifest("ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl", "pydantic-2.14.4-py3-none-any.whl")
+    vllm = manifest("vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl", "pyzmq-27.3.0-cp312-abi3-manylinux_2_28_x86_64.whl")
+    assert install.modules_to_check(ray) == install.CHECK_IMPORTS["ray"]
+    assert install.modules_to_check(vllm) == install.CHECK_IMPORTS["vllm"]
+    assert install.modules_to_check(manifest()) == ()  # files only: nothing to import
+
+
+def test_the_vllm_list_pins_the_release_built_for_the_nodes_torch_and_drops_only_optional_kernels():
+    pins = {build.normalize(p.name): p for p in build.read_packages(STAGE / "packages-vllm.txt")}
+    assert pins["vllm"].version == "0.26.0"  # the newest vLLM whose wheel pins torch==2.11.0
+    assert len(pins) == len(build.read_packages(STAGE / "packages-vllm.txt"))  # one version of each
+    dropped = build.DROPPED["vllm"]
+    for kept in ("vllm/_C_stable_libtorch.abi3.so", "vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so",
+                 "vllm/third_party/deep_gemm/_C.cpython-312-x86_64-linux-gnu.so"):
+        assert not kept.startswith(dropped)
+
+
 RAY_PIPELINE = """
 import json, sys
 import numpy as np
