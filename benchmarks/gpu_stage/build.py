@@ -43,13 +43,15 @@ RAY_DROPPED = ("ray/jars/",)
 that directory, and the job server (``ray job submit``) runs inside the dashboard."""
 
 VLLM_DROPPED = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/_moe_C_stable_libtorch.abi3.so", "vllm/vllm-rs",
-                *(f"vllm/third_party/deep_gemm/_C.cpython-{v}-" for v in ("310", "311", "313", "314")))
-"""Members left out of vLLM 0.26.0's wheel (288.7 -> about 108 MiB): FlashAttention 2's kernels (123.5
+                "vllm/third_party/deep_gemm/", "vllm/third_party/fmha_sm100/")
+"""Members left out of vLLM 0.26.0's wheel (289.6 -> about 102 MiB): FlashAttention 2's kernels (123.5
 MiB; on compute capability 9, H100 and H200, vLLM runs FlashAttention 3, and it imports either build
 only if present: ``vllm/vllm_flash_attn/flash_attn_interface.py``), the mixture-of-experts kernels
 (39.0 MiB; imported under ``contextlib.suppress(ImportError)`` in ``vllm/platforms/cuda.py``, used by
-MoE models only), the Rust front end of ``vllm serve`` (14.9 MiB; ``LLM`` does not start it) and
-DeepGEMM's extension built for other Pythons. A dense decoder-only LM on a Hopper GPU needs none."""
+MoE models only), the Rust front end of ``vllm serve`` (14.9 MiB; ``LLM`` does not start it), the
+vendored DeepGEMM (6.0 MiB; FP8 matrix products, looked up only when a model asks and missed
+gracefully: ``vllm/utils/deep_gemm.py``) and a Blackwell-only attention kernel (3.8 MiB). A dense
+decoder-only LM on a Hopper GPU needs none of them."""
 
 DROPPED = {"ray": RAY_DROPPED, "vllm": VLLM_DROPPED}
 """Per project (normalized name): the members its wheel travels without."""
