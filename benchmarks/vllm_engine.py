@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="given: the models as they are; gpt2-small: random GPT-2-small / BERT-base models "
                          "with their tokenizers and labels (built under --work)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/vllm-engine-bench"), help="where --shapes builds models")
+    ap.add_argument("--profile", action="store_true",
+                    help="vLLM's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and a host profile "
+                         "(cProfile) of each vLLM run: where the host's time goes, the steering processor's "
+                         "share; the samples/s of such a run are not the engine's default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the HF half only (--engines hf)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -95,14 +100,42 @@ def requests_for(teachers: dict, per_class: int, seed: int) -> list[GenerationRe
             for c in range(len(t.labels)) for i in range(per_class)]
 
 
-def measure(gen, reqs: list[GenerationRequest], device: torch.device) -> dict:
+PROFILED = ("apply", "steer_step", "forward_ids", "update_state", "generate")
+"""Functions whose cumulative time a profiled run reports by name (the steering processor's calls,
+the teachers' forwards, vLLM's batch updates, the whole ``generate``)."""
+
+
+def host_profile(prof, rows: int = 30) -> dict:
+    """The profile's top functions by cumulative time (text) and the cumulative seconds of :data:`PROFILED`."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text).sort_stats("cumulative")
+    stats.print_stats(rows)
+    named = {}
+    for (file, _, func), (_, _, _, cumulative, _) in stats.stats.items():
+        if func in PROFILED and ("dfkd_ray" in file or "vllm" in file):
+            key = f"{Path(file).name}:{func}"
+            named[key] = round(named.get(key, 0.0) + cumulative, 3)
+    return {"cumulative_s": dict(sorted(named.items(), key=lambda kv: -kv[1])), "top": text.getvalue()}
+
+
+def measure(gen, reqs: list[GenerationRequest], device: torch.device, profile: bool = False) -> dict:
+    import cProfile
+
     gen.generate(reqs[:: max(1, len(reqs) // 16)])  # warm-up: teachers loaded, token maps built, kernels compiled
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
+    if prof is not None:
+        prof.enable()
     results = gen.generate(reqs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if prof is not None:
+        prof.disable()
     seconds = time.perf_counter() - t0
     hits = [r.teacher_prediction == q.target for r, q in zip(results, reqs)]
     tokens = sum(r.num_tokens for r in results)
@@ -110,7 +143,8 @@ def measure(gen, reqs: list[GenerationRequest], device: torch.device) -> dict:
             "lm_tokens_per_s": tokens / seconds, "mean_tokens": tokens / len(reqs),
             "class_hit_rate": sum(hits) / len(hits),
             "mean_teacher_confidence": sum(r.teacher_confidence for r in results) / len(results),
-            "eos_share": sum(r.stop_reason == "eos" for r in results) / len(results)}
+            "eos_share": sum(r.stop_reason == "eos" for r in results) / len(results),
+            **({"host_profile": host_profile(prof)} if prof is not None else {})}
 
 
 def main(argv=None) -> dict:
@@ -142,6 +176,8 @@ def main(argv=None) -> dict:
     teachers = None
     gens = {}
     if "vllm" in engines:
+        if args.profile:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine loop in this process, seen by cProfile
         import vllm
 
         from dfkd_ray.generation.vllm import VllmSteeredGenerator
@@ -162,9 +198,13 @@ def main(argv=None) -> dict:
     for lam in strengths:
         lam_reqs = [GenerationRequest(q.teacher, q.target, q.seed, control_strength=lam) for q in reqs]
         for engine in engines:
-            row = {"engine": engine, "control_strength": lam, **measure(gens[engine], lam_reqs, device)}
+            row = {"engine": engine, "control_strength": lam,
+                   **measure(gens[engine], lam_reqs, device, profile=args.profile and engine == "vllm")}
             report["runs"].append(row)
-            print(json.dumps(row), flush=True)
+            prof = row.get("host_profile")
+            print(json.dumps({k: v for k, v in row.items() if k != "host_profile"}), flush=True)
+            if prof:
+                print(prof["top"], "\n", json.dumps(prof["cumulative_s"]), flush=True)
 
     print(f"\n{'engine':<6} {'lambda':>6} {'hit rate':>9} {'conf':>6} {'samples/s':>10} {'tokens/s':>10} {'tokens':>7}")
     for r in report["runs"]:
