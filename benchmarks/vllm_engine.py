@@ -15,7 +15,8 @@ GPU node with the extra installed (``pip install -e '.[vllm]'``), from the repos
 ``--shapes gpt2-small`` runs the same comparison at the shapes of ``benchmarks/generation.py``: a
 GPT-2-small-shaped LM (12 x 768) and BERT-base-shaped teachers (12 x 768) with random weights, built
 under ``--work`` with the tokenizers and label sets of ``--lm`` and ``--teacher`` (speed does not depend
-on the weights; the hit rate of a random teacher means nothing there).
+on the weights; the hit rate is then a random teacher's belief: it compares the engines' steering, not
+the text).
 ``--help`` works without vLLM; ``--device cpu --engines hf`` is a CPU smoke run of the HF half.
 Imports torch, transformers, vLLM (when run) and dfkd_ray's config, models and generation modules only.
 """
@@ -79,8 +80,9 @@ def random_shapes(lm: str, teachers: dict[str, str], work: Path, seed: int = 0) 
     torch.manual_seed(seed)
     lm_tok = AutoTokenizer.from_pretrained(lm)
     out_lm = work / "lm"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(lm_tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                               bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id)).save_pretrained(out_lm)
+    lm_cfg = GPT2Config(vocab_size=len(lm_tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                        bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id)
+    GPT2LMHeadModel(lm_cfg).save_pretrained(out_lm)
     lm_tok.save_pretrained(out_lm)
     out_teachers = {}
     for name, path in teachers.items():

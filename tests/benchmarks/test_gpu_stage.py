@@ -126,7 +126,8 @@ def test_each_bundle_checks_the_modules_of_the_projects_it_carries():
         return {"wheels": [{"file": f, "only_if_older": False} for f in files]}
 
     ray = manifest("ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl", "pydantic-2.14.4-py3-none-any.whl")
-    vllm = manifest("vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl", "pyzmq-27.3.0-cp312-abi3-manylinux_2_28_x86_64.whl")
+    vllm = manifest("vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl",
+                    "pyzmq-27.3.0-cp312-abi3-manylinux_2_28_x86_64.whl")
     assert install.modules_to_check(ray) == install.CHECK_IMPORTS["ray"]
     assert install.modules_to_check(vllm) == install.CHECK_IMPORTS["vllm"]
     assert install.modules_to_check(manifest()) == ()  # files only: nothing to import
