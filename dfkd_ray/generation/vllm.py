@@ -314,6 +314,19 @@ def __getattr__(name: str):
 # ---------------------------------------------------------------------- the generator
 
 
+def llm_arguments(config: "SteeredConfig", teachers: Sequence["TeacherConfig"],
+                  engine_kwargs: Optional[dict] = None) -> dict:
+    """The ``vllm.LLM`` arguments of the steered engine: the LM, the processor's class path, the
+    settings it reads, the LM's dtype (``auto``: bfloat16), ``max_num_seqs`` = ``batch_size``, 60% of
+    GPU memory (the teachers load after vLLM has sized its KV cache); ``engine_kwargs`` override."""
+    dtype = str(lm_dtype(config.dtype, torch.device("cuda"))).removeprefix("torch.")  # vLLM runs on CUDA
+    kwargs = dict(model=str(config.lm_path), logits_processors=[PROCESSOR],
+                  additional_config={SETTINGS_KEY: engine_settings(config, teachers)}, dtype=dtype, seed=0,
+                  max_num_seqs=config.batch_size, gpu_memory_utilization=0.6)
+    kwargs.update(engine_kwargs or {})
+    return kwargs
+
+
 class VllmSteeredGenerator:
     """Teacher-reweighted top-m decoding with vLLM; the interface of the Hugging Face ``SteeredGenerator``.
 
@@ -346,12 +359,8 @@ class VllmSteeredGenerator:
         except ImportError as e:
             raise ImportError(f"transfer.steered.engine=vllm needs vLLM: {INSTALL_HINT}") from e
 
-        dtype = str(lm_dtype(config.dtype, torch.device("cuda"))).removeprefix("torch.")  # vLLM runs on CUDA
-        kwargs = dict(model=str(config.lm_path), logits_processors=[PROCESSOR],
-                      additional_config={SETTINGS_KEY: engine_settings(config, teachers)}, dtype=dtype, seed=0,
-                      max_num_seqs=config.batch_size, gpu_memory_utilization=0.6)
-        kwargs.update(engine_kwargs or {})
-        self.llm = vllm.LLM(**kwargs)  # before any teacher of ours touches the GPU
+        # built before any teacher of ours touches the GPU: vLLM sizes its KV cache from the free memory
+        self.llm = vllm.LLM(**llm_arguments(config, teachers, engine_kwargs))
 
         self.lm_info = LmInfo.from_dir(config.lm_path)
         if loaded_teachers is None:

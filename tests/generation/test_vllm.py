@@ -541,7 +541,7 @@ def test_importing_the_adapter_does_not_import_vllm():
 # ---------------------------------------------------------------------- the real vLLM, where installed
 
 
-def test_adapter_is_a_vllm_logits_processor_and_passes_its_validation():
+def test_adapter_is_a_vllm_logits_processor_and_passes_its_validation(synthetic_task):
     pytest.importorskip("vllm", reason="vLLM is not installed (GPU nodes only: pip install -e '.[vllm]')")
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import LogitsProcessor, validate_logits_processors_parameters
@@ -561,6 +561,26 @@ def test_adapter_is_a_vllm_logits_processor_and_passes_its_validation():
         errors = (ValueError,)
     with pytest.raises(errors, match="target"):
         validate_logits_processors_parameters([PROCESSOR], bad)
+
+    # The engine's arguments are vLLM's own (EngineArgs takes every one), the per-request ones too.
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from dfkd_ray.config import SteeredConfig, TeacherConfig
+    from dfkd_ray.generation.vllm import VllmSteeredGenerator, llm_arguments
+
+    steered = SteeredConfig(lm_path=synthetic_task.lm, batch_size=7)  # EngineArgs reads the LM's directory
+    arguments = llm_arguments(steered, [TeacherConfig(name="alpha", path="t")], {"enforce_eager": True})
+    assert set(arguments) <= {f.name for f in dataclasses.fields(EngineArgs)}
+    engine = EngineArgs(**arguments)
+    assert engine.max_num_seqs == 7 and engine.logits_processors == [PROCESSOR] and engine.enforce_eager
+    row = types.SimpleNamespace(request=types.SimpleNamespace(teacher="alpha", target=1, seed=3), strength=4.0)
+    owner = types.SimpleNamespace(config=steered, lm_info=types.SimpleNamespace(eos_ids=[0]))
+    params = VllmSteeredGenerator.sampling_params(owner, row)
+    assert params.extra_args == SteerArgs("alpha", 1, 4.0, steered.top_m).to_extra_args()
+    assert (params.max_tokens, params.min_tokens, params.stop_token_ids) == (steered.max_new_tokens,
+                                                                             steered.min_new_tokens, [0])
 
     # vLLM's own update objects drive the bookkeeping (its enum members, its dataclass).
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
