@@ -39,14 +39,17 @@ def encode_texts(tokenizer, texts: Sequence[str], *, max_length: int, token_type
                         pad_to_multiple_of=multiple)
         return {k: (v.pin_memory() if pin else v) for k, v in enc.items() if k in keep}
     encodings = pipeline.encode_batch(list(texts))
-    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
     returned = getattr(tokenizer, "model_input_names", keep)  # what tokenizer(...) returns besides the ids
     out = {}
     for key in (k for k in keep if k == "input_ids" or k in returned):
-        values = torch.from_numpy(np.array([getattr(e, fields[key]) for e in encodings], dtype=np.int64))  # (B, T)
+        values = torch.from_numpy(np.array([getattr(e, _ENCODING_FIELDS[key]) for e in encodings],
+                                           dtype=np.int64))  # (B, T)
         out[key] = values.pin_memory() if pin else values
     return out
 
+
+_ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+"""Model input name -> the attribute of a ``tokenizers.Encoding`` that holds it."""
 
 _PIPELINES: "weakref.WeakKeyDictionary[object, dict[tuple, object]]" = weakref.WeakKeyDictionary()
 _PIPELINES_LOCK = threading.Lock()
